@@ -1,0 +1,167 @@
+"""Apply a plan: stream tensors into the model, all-or-nothing; freeze what was loaded.
+
+How all-or-nothing is guaranteed
+--------------------------------
+Everything that can be checked from metadata (keys, shapes, dtypes, strictness)
+is checked before the first assignment. Tensors are then streamed one at a time:
+read (checksum verified by the reader), converted, checked (a cast that would
+overflow is refused), and only then assigned. Just before a variable is assigned,
+its current value is appended to an *undo journal* — an unnamed temporary file on
+disk, not memory — so that the model never has two copies in RAM. If anything
+fails after the first assignment (a corrupt tensor met halfway, a refused cast,
+an interrupt), every variable already assigned is restored from the journal, bit
+for bit, and the original error is raised. Peak memory stays near the model plus
+two tensors (the one read and the old value being journaled).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from regraft.entries import TargetVariable
+from regraft.errors import LoadError
+from regraft.naming import dtype_of
+from regraft.plan import CAST, Assignment, Plan
+from regraft.sources.base import Source
+from regraft.targets import assign, read_value
+
+__all__ = ["apply_plan", "convert", "freeze_loaded", "AppliedTensor"]
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class AppliedTensor:
+    """What was done to one written variable: the cast error, if cast."""
+
+    key: str
+    max_cast_error: float | None = None
+
+
+def convert(value: np.ndarray, target: TargetVariable, source_key: str) -> tuple[np.ndarray, float | None]:
+    """Convert a source tensor to the target's dtype, refusing lossy overflow.
+
+    Returns the converted array and, for a cast, the largest absolute rounding error.
+
+    Raises:
+        LoadError: the cast would turn finite values into inf, or integers out of range.
+
+    Example:
+        >>> import numpy as np
+        >>> convert(np.array([1.0, 70000.0], "float32"), t16, "w")  # doctest: +SKIP
+        LoadError: ... 70000 does not fit float16 ...
+    """
+    want = dtype_of(target.dtype)
+    if value.dtype == want:
+        return value, None
+    if np.issubdtype(want, np.integer):
+        info = np.iinfo(want)
+        wide = value.astype(np.float64) if value.dtype.kind == "V" else value
+        if value.size and (np.min(wide) < info.min or np.max(wide) > info.max):
+            bad = np.min(wide) if np.min(wide) < info.min else np.max(wide)
+            raise _cast_refused(source_key, value.dtype, target, float(bad))
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = value.astype(want)
+    source64 = value.astype(np.float64) if value.dtype.kind != "c" else value
+    out64 = out.astype(np.float64) if out.dtype.kind != "c" else out
+    overflow = np.isinf(out64) & np.isfinite(source64)
+    if overflow.any():
+        raise _cast_refused(source_key, value.dtype, target, float(np.abs(source64[overflow]).max()))
+    error = float(np.max(np.abs(out64 - source64))) if value.size else 0.0
+    return np.ascontiguousarray(out), error
+
+
+def _cast_refused(source_key: str, dtype: Any, target: TargetVariable, bad: float) -> LoadError:
+    return LoadError(
+        f"Tensor '{source_key}' ({np.dtype(dtype).name}) cannot be cast to {target.dtype} for variable "
+        f"'{target.key}': the value {bad:g} does not fit {target.dtype}.",
+        hint=f"Build that variable as {np.dtype(dtype).name}, or rescale the checkpoint before loading.",
+    )
+
+
+def apply_plan(plan: Plan, source: Source, progress: Progress | None = None) -> dict[str, AppliedTensor]:
+    """Write every ``loaded``/``cast`` assignment of ``plan`` into the model, all-or-nothing.
+
+    Args:
+        plan: a plan whose strict checks have already passed.
+        source: the opened checkpoint the plan was made from.
+        progress: called as ``progress(done, total, key)`` after each tensor.
+
+    Returns:
+        What was done per written target key.
+
+    Raises:
+        RegraftError: anything that stopped the load; the model is then unchanged.
+    """
+    writes = [a for a in plan.assignments if a.writes]
+    done: dict[str, AppliedTensor] = {}
+    with tempfile.TemporaryFile(prefix="regraft-undo-") as journal:
+        undo: list[tuple[Assignment, int, tuple[int, ...], np.dtype]] = []
+        try:
+            for i, a in enumerate(writes):
+                entry = a.source
+                if entry is None:  # a written assignment always has a source
+                    continue
+                value = source.read(entry.key)
+                if tuple(value.shape) != tuple(a.target.shape):
+                    raise LoadError(
+                        f"Tensor '{entry.key}' in {plan.source_path} has shape {value.shape} on disk, "
+                        f"but its index says {entry.shape}.",
+                        hint="The checkpoint is inconsistent; save it again.",
+                    )
+                value, error = convert(value, a.target, entry.key) if a.status == CAST else (value, None)
+                old = read_value(a.target)
+                undo.append((a, journal.tell(), old.shape, old.dtype))
+                journal.write(_bytes_of(old))
+                del old
+                assign(a.target, value)
+                done[a.target.key] = AppliedTensor(a.target.key, error)
+                del value
+                if progress is not None:
+                    progress(i + 1, len(writes), a.target.key)
+        except BaseException:
+            _roll_back(journal, undo)
+            raise
+    return done
+
+
+def _roll_back(journal: Any, undo: list[tuple[Assignment, int, tuple[int, ...], np.dtype]]) -> None:
+    """Restore every variable already assigned, last first, from the undo journal."""
+    for a, offset, shape, dtype in reversed(undo):
+        journal.seek(offset)
+        old = np.empty(shape, dtype)
+        if old.nbytes:
+            journal.readinto(_bytes_of(old))
+        assign(a.target, old)
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    """A writable byte view of a C-contiguous array (works for bfloat16 too)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
+
+
+def freeze_loaded(plan: Plan) -> list[str]:
+    """Set ``trainable=False`` on every layer whose own variables were all loaded unchanged.
+
+    Returns the frozen layers' paths. Layers with any variable cast, mismatched or
+    missing stay trainable.
+    """
+    by_layer: dict[int, list[Assignment]] = {}
+    layers: dict[int, Any] = {}
+    for a in plan.assignments:
+        layer = a.target.layer_object
+        if layer is None:
+            continue
+        by_layer.setdefault(id(layer), []).append(a)
+        layers[id(layer)] = layer
+    frozen = []
+    for layer_id, assignments in by_layer.items():
+        if all(a.status == "loaded" for a in assignments):
+            layers[layer_id].trainable = False
+            frozen.append(assignments[0].target.layer)
+    return frozen
+

@@ -1,0 +1,1 @@
+"""The ``regraft`` command line: one module per command, wired in :mod:`regraft.cli.main`."""

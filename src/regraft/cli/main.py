@@ -1,0 +1,97 @@
+"""``regraft`` — load a TensorFlow/Keras checkpoint into a model whose architecture changed.
+
+Commands print data on stdout (``--json`` for programs) and diagnostics on
+stderr. A user error prints ``Error:``/``Hint:`` and exits 2, never a traceback
+(set ``REGRAFT_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from regraft.cli import commands
+from regraft.cli.output import fail
+from regraft.errors import RegraftError
+
+__all__ = ["main", "build_parser"]
+
+_EPILOG = """examples:
+  regraft inspect ckpts/run7
+  regraft diff ckpts/run7 --model models.py:build_new
+  regraft load ckpts/run7 --model models.py:build_new --out new.weights.h5 --rename map.yaml
+  regraft demo
+"""
+
+
+def _add_match_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="TF checkpoint prefix, its folder, or a Keras .weights.h5 / .h5 file")
+    p.add_argument("--model", required=True, metavar="SPEC",
+                   help="FILE.py:CALLABLE or package.module:CALLABLE returning the built new model")
+    p.add_argument("--rename", metavar="YAML",
+                   help="YAML mapping of old checkpoint keys (or 'scope/' prefixes) to new model keys")
+    p.add_argument("--root", help="the saved object that holds the model (default: chosen automatically)")
+    p.add_argument("--allow-missing", action="append", nargs="?", const="*", default=[], metavar="PATTERN",
+                   help="model variables (glob) that may stay fresh; alone: all of them. Repeatable")
+    p.add_argument("--allow-unused", action="append", nargs="?", const="*", default=[], metavar="PATTERN",
+                   help="checkpoint tensors (glob) that may go unused; alone: all of them. Repeatable")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    from regraft import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="regraft", description=__doc__.split("\n\n")[0].split("— ", 1)[1],
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"regraft {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="list a checkpoint's tensors (metadata only, no tensor data read)",
+                       description="List every tensor of a checkpoint: key, shape, dtype, kind. Reads no tensor data.")
+    p.add_argument("checkpoint", help="TF checkpoint prefix, its folder, or a Keras .weights.h5 / .h5 file")
+    p.add_argument("--all", action="store_true", help="also list optimizer slots and bookkeeping one by one")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=commands.inspect)
+
+    p = sub.add_parser("diff", help="show what a load would do; loads nothing",
+                       description="Match the checkpoint against the new model and print the plan: what each "
+                       "variable would get, what stays fresh, what goes unused. Nothing is loaded or written.")
+    _add_match_options(p)
+    p.set_defaults(run=commands.diff)
+
+    p = sub.add_parser("load", help="load a checkpoint into the new model and save the new model's weights",
+                       description="Load the checkpoint into the model built by --model (strict unless told "
+                       "otherwise) and write the model's weights to --out: a .weights.h5 file by extension, "
+                       "otherwise a TF checkpoint prefix. Written to a temporary name, then renamed into place.")
+    _add_match_options(p)
+    p.add_argument("--out", required=True, help="where to write the loaded model's weights")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="load what matches and report the rest instead of refusing")
+    p.add_argument("--freeze", action="store_true",
+                   help="mark layers loaded unchanged as non-trainable (saved with the weights only if the format keeps it)")
+    p.set_defaults(run=commands.load)
+
+    p = sub.add_parser("demo", help="run the built-in examples: three classic model changes",
+                       description="Build three classic situations (inserted layer, more filters, renamed layer), "
+                       "save each original model, load it into the modified one and print what regraft did.")
+    p.set_defaults(run=commands.demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``regraft`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except RegraftError as exc:
+        return fail(exc)
+    except KeyboardInterrupt:
+        print("Interrupted; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Shared CLI output: data on stdout (text or JSON), diagnostics on stderr, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from regraft.errors import RegraftError
+
+__all__ = ["emit", "fail", "info", "progress_printer"]
+
+
+def emit(data: Any, text: str, as_json: bool) -> None:
+    """Print ``data`` as JSON or ``text`` for people, on stdout."""
+    if as_json:
+        json.dump(data, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(text)
+
+
+def info(message: str) -> None:
+    """A diagnostic line on stderr."""
+    print(message, file=sys.stderr)
+
+
+def fail(error: BaseException) -> int:
+    """Print a user error as ``Error:``/``Hint:`` lines on stderr and return exit code 2.
+
+    Set ``REGRAFT_DEBUG=1`` to get the traceback too.
+    """
+    if os.environ.get("REGRAFT_DEBUG"):
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
+    message = error.message if isinstance(error, RegraftError) else str(error)
+    print(f"Error: {message}", file=sys.stderr)
+    hint = getattr(error, "hint", "")
+    if hint:
+        print(f"Hint: {hint}", file=sys.stderr)
+    return 2
+
+
+def progress_printer(enabled: bool):
+    """A ``progress(done, total, key)`` callback that redraws one stderr line, or ``None``."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int, key: str) -> None:
+        end = "\n" if done == total else ""
+        sys.stderr.write(f"\r\033[Kloading {done}/{total} {key[:60]}{end}")
+        sys.stderr.flush()
+
+    return show

@@ -1,0 +1,140 @@
+"""LoadReport: what happened to every tensor, as a table for people and a dict for programs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from regraft.apply import AppliedTensor
+from regraft.plan import CAST, LOADED, MISSING, SHAPE_MISMATCH, Plan, _shape
+
+__all__ = ["LoadReport"]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """The outcome of a load (or, with ``applied=False``, of a dry run such as ``diff``).
+
+    Attributes:
+        plan: the plan that was applied.
+        applied: whether tensors were written to the model.
+        cast_errors: the largest rounding error of each cast variable.
+        frozen: paths of layers set to ``trainable=False``.
+    """
+
+    plan: Plan
+    applied: bool
+    cast_errors: dict[str, float] = field(default_factory=dict)
+    frozen: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, plan: Plan, applied: dict[str, AppliedTensor] | None, frozen: list[str] = ()) -> "LoadReport":  # type: ignore[assignment]
+        errors = {k: t.max_cast_error for k, t in (applied or {}).items() if t.max_cast_error is not None}
+        return cls(plan, applied is not None, errors, tuple(frozen))
+
+    def counts(self) -> dict[str, int]:
+        """Number of target variables per status, plus unused/outside/optimizer tensors."""
+        out = {s: 0 for s in (LOADED, CAST, SHAPE_MISMATCH, MISSING)}
+        for a in self.plan.assignments:
+            out[a.status] += 1
+        out["unused"] = len(self.plan.unused)
+        out["outside_root"] = len(self.plan.outside)
+        out["optimizer_and_bookkeeping"] = len(self.plan.optimizer)
+        return out
+
+    def parameter_share(self) -> float:
+        """Share of the model's parameters (elements) that take a checkpoint value."""
+        total = sum(a.target.size for a in self.plan.assignments)
+        loaded = sum(a.target.size for a in self.plan.assignments if a.writes)
+        return loaded / total if total else 1.0
+
+    def summary(self) -> str:
+        """One line: counts and share of parameters loaded."""
+        c = self.counts()
+        verb = "loaded" if self.applied else "would load"
+        parts = [f"{c[LOADED]} {verb}"]
+        if c[CAST]:
+            parts.append(f"{c[CAST]} cast")
+        parts.append(f"{c[SHAPE_MISMATCH]} shape-mismatch")
+        parts.append(f"{c[MISSING]} missing")
+        parts.append(f"{c['unused']} unused")
+        line = ", ".join(parts) + f" — {self.parameter_share():.1%} of parameters from the checkpoint"
+        if c["optimizer_and_bookkeeping"]:
+            line += f"; {c['optimizer_and_bookkeeping']} optimizer/bookkeeping tensors not loaded"
+        if self.frozen:
+            line += f"; {len(self.frozen)} layers frozen"
+        return line
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per target variable, in model order."""
+        out = []
+        for a in self.plan.assignments:
+            row: dict[str, Any] = {
+                "status": a.status,
+                "target": a.target.key,
+                "source": a.source.key if a.source else None,
+                "target_shape": list(a.target.shape),
+                "source_shape": list(a.source.shape) if a.source else None,
+                "target_dtype": a.target.dtype,
+                "source_dtype": a.source.dtype if a.source else None,
+                "stage": a.stage or None,
+                "reason": a.reason,
+            }
+            if a.allowed:
+                row["allowed_by"] = a.allowed
+            if a.target.key in self.cast_errors:
+                row["max_cast_error"] = self.cast_errors[a.target.key]
+            out.append(row)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole report as plain data (what ``--json`` prints)."""
+        p = self.plan
+        return {
+            "source": p.source_path,
+            "format": p.source_format,
+            "root": p.root,
+            "applied": self.applied,
+            "summary": self.summary(),
+            "counts": self.counts(),
+            "parameter_share": self.parameter_share(),
+            "variables": self.rows(),
+            "unused": [
+                {"source": e.key, "shape": list(e.shape), "dtype": e.dtype, "allowed_by": allowed}
+                for e, allowed in p.unused
+            ],
+            "outside_root": [e.key for e in p.outside],
+            "optimizer_and_bookkeeping": [{"source": e.key, "kind": e.kind, "slot_of": e.slot_of} for e in p.optimizer],
+            "renames": [{"from": old, "to": new, "used": n} for old, new, n in p.renames_used],
+            "frozen": list(self.frozen),
+        }
+
+    def table(self) -> str:
+        """A plain-text table: status, target, source, shapes, dtype; then unused tensors."""
+        header = ("STATUS", "VARIABLE", "FROM", "SHAPE", "DTYPE")
+        lines = []
+        for a in self.plan.assignments:
+            shape = _shape(a.target.shape)
+            if a.source is not None and a.source.shape != a.target.shape:
+                shape = f"{_shape(a.source.shape)} -> {shape}"
+            dtype = a.target.dtype
+            if a.source is not None and a.source.dtype != a.target.dtype:
+                dtype = f"{a.source.dtype} -> {dtype}"
+                if a.target.key in self.cast_errors:
+                    dtype += f" (max err {self.cast_errors[a.target.key]:.3g})"
+            source = a.source.key if a.source else "-"
+            status = a.status + (" (allowed)" if a.allowed else "")
+            lines.append((status, a.target.key, source, shape, dtype))
+        for entry, allowed in self.plan.unused:
+            lines.append(("unused" + (" (allowed)" if allowed else ""), "-", entry.key, _shape(entry.shape), entry.dtype))
+        widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
+        text = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *lines]]
+        return "\n".join(text)
+
+    def __str__(self) -> str:
+        where = f" (object '{self.plan.root}')" if self.plan.root else ""
+        head = f"{self.plan.source_path} [{self.plan.source_format}]{where}"
+        tail = [self.summary()]
+        if self.frozen:
+            tail.append("frozen: " + ", ".join(self.frozen))
+        return "\n".join([head, self.table(), *tail])

@@ -1,0 +1,54 @@
+"""Checkpoint formats. :func:`open_source` detects the format from the files themselves."""
+
+from __future__ import annotations
+
+import os
+
+from regraft.errors import SourceError, UnsupportedFormatError
+from regraft.sources import keras_h5, tf_checkpoint
+from regraft.sources.base import Source
+
+__all__ = ["Source", "open_source"]
+
+
+def open_source(path: str | os.PathLike[str]) -> Source:
+    """Open a checkpoint lazily, detecting its format from its contents.
+
+    Args:
+        path: a TF checkpoint prefix, its ``.index`` file, a folder holding a
+            ``checkpoint`` state file, a Keras ``.weights.h5`` or Keras 2 ``.h5`` file.
+
+    Raises:
+        SourceError: the path does not exist or holds no checkpoint.
+        UnsupportedFormatError: the file exists but is in no format regraft reads.
+        CorruptCheckpointError: the file is damaged.
+    """
+    path = os.fspath(path)
+    if keras_h5.looks_like(path):
+        return keras_h5.KerasH5(path)
+    if tf_checkpoint.looks_like(path):
+        return tf_checkpoint.TFCheckpoint(path)
+    if not os.path.exists(path) and not os.path.exists(path + ".index"):
+        parent = os.path.dirname(path) or "."
+        raise SourceError(
+            f"{path} does not exist.",
+            hint=f"Check the path; {parent} is where it was looked for."
+            if os.path.isdir(parent)
+            else f"The folder {parent} does not exist either.",
+        )
+    if os.path.isdir(path):
+        listing = sorted(os.listdir(path))
+        shown = ", ".join(listing[:6]) + (" …" if len(listing) > 6 else "") if listing else "nothing"
+        raise SourceError(
+            f"{path} is a folder but holds no checkpoint (found: {shown}).",
+            hint="Pass a checkpoint prefix (dir/ckpt-3), a folder with a 'checkpoint' state file, or a .weights.h5 file.",
+        )
+    if path.endswith(".keras"):
+        raise UnsupportedFormatError(
+            f"{path} is a whole-model .keras archive; regraft reads weights files.",
+            hint="Extract its weights: keras.saving.load_model(path).save_weights('old.weights.h5').",
+        )
+    raise UnsupportedFormatError(
+        f"{path} is neither a TensorFlow checkpoint nor an HDF5 Keras weights file.",
+        hint="Pass a checkpoint prefix (dir/ckpt-3) or a file written by model.save_weights().",
+    )

@@ -1,0 +1,128 @@
+"""Keras weight files in HDF5: Keras 3 ``.weights.h5`` and Keras 2 (tf-keras) ``.h5``.
+
+Keras 3 writes ``<path>/vars/<i>`` datasets, ``<path>`` being the attribute path
+from the model with class-name counters for list items (``layers/dense_1``), and
+stores the layer's own name as the ``name`` attribute of each ``vars`` group.
+Keras 2 writes one group per layer (root attribute ``layer_names``) whose
+``weight_names`` attribute lists datasets named like ``dense/kernel:0``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
+from regraft.errors import CorruptCheckpointError, SourceError, UnsupportedFormatError
+from regraft.sources.base import Source
+
+__all__ = ["KerasH5", "looks_like"]
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def looks_like(path: str) -> bool:
+    """True when ``path`` is an HDF5 file (by its signature, not its name)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(8) == _HDF5_SIGNATURE
+
+
+class KerasH5(Source):
+    """A Keras HDF5 weights file, opened read-only; datasets are read on demand."""
+
+    def __init__(self, path: str) -> None:
+        import h5py
+
+        try:
+            self._file = h5py.File(path, "r")
+        except OSError as exc:
+            raise CorruptCheckpointError(
+                f"{path} has an HDF5 signature but h5py cannot open it ({exc}).",
+                hint="The file is damaged or still being written; save it again.",
+            ) from None
+        self.files = (path,)
+        try:
+            if "layer_names" in self._file.attrs:
+                self.format, self.namespace = "keras2-h5", "name"
+                entries = self._keras2_entries()
+            elif "layers" in self._file or "vars" in self._file:
+                self.format, self.namespace = "keras-h5", "h5"
+                entries = self._keras3_entries()
+            else:
+                top = ", ".join(sorted(self._file.keys())[:6]) or "nothing"
+                raise UnsupportedFormatError(
+                    f"{path} is an HDF5 file but not Keras weights: its top level holds {top}, "
+                    "not the 'layers'/'vars' groups of model.save_weights() nor Keras 2's 'layer_names'.",
+                    hint="Pass a file written by model.save_weights('x.weights.h5') or a TensorFlow checkpoint.",
+                )
+        except Exception:
+            self._file.close()
+            raise
+        super().__init__(path, entries)
+
+    def read(self, key: str) -> np.ndarray:
+        """Read one dataset by canonical key into a fresh array."""
+        dataset = self._file[self._dataset_path[key]]
+        try:
+            return np.array(dataset[()], copy=True)
+        except OSError as exc:
+            raise CorruptCheckpointError(
+                f"Cannot read tensor '{key}' from {self.path}: {exc}.",
+                hint="The file is damaged; save the weights again.",
+            ) from None
+
+    def close(self) -> None:
+        """Close the HDF5 file."""
+        self._file.close()
+
+    def _keras3_entries(self) -> list[SourceEntry]:
+        import h5py
+
+        out = []
+        self._dataset_path = {}
+        found: list[tuple[str, h5py.Dataset]] = []
+        self._file.visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+        for name, dataset in found:
+            layer, marker, index = name.rpartition("/vars/")
+            if not marker:
+                layer, marker, index = ("", "vars/", name[len("vars/") :]) if name.startswith("vars/") else ("", "", "")
+            if not marker or not index.isdigit():
+                continue
+            vars_group = self._file[f"{layer}/vars" if layer else "vars"]
+            layer_name = vars_group.attrs.get("name")
+            layer_name = layer_name.decode() if isinstance(layer_name, bytes) else layer_name
+            shape = tuple(int(d) for d in dataset.shape)
+            kind = WEIGHT
+            if layer == "optimizer" or layer.startswith("optimizer/"):
+                kind = BOOKKEEPING if shape == () else OPTIMIZER_SLOT
+            self._dataset_path[name] = name
+            out.append(SourceEntry(name, shape, _dtype_name(dataset), kind, layer, None, int(index), layer_name))
+        order = {WEIGHT: 0, OPTIMIZER_SLOT: 1, BOOKKEEPING: 2}
+        return sorted(out, key=lambda e: (order[e.kind], e.layer, e.index or 0))
+
+    def _keras2_entries(self) -> list[SourceEntry]:
+        out = []
+        self._dataset_path = {}
+        for layer_name in _strings(self._file.attrs["layer_names"]):
+            group = self._file[layer_name]
+            for index, weight_name in enumerate(_strings(group.attrs.get("weight_names", []))):
+                dataset = group[weight_name]
+                key = weight_name[:-2] if weight_name.endswith(":0") else weight_name
+                parent, _, role = key.rpartition("/")
+                self._dataset_path[key] = dataset.name
+                shape = tuple(int(d) for d in dataset.shape)
+                out.append(SourceEntry(key, shape, _dtype_name(dataset), WEIGHT, parent, role, index, layer_name))
+        return out
+
+
+def _strings(values: object) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]  # type: ignore[union-attr]
+
+
+def _dtype_name(dataset: object) -> str:
+    dtype = dataset.dtype  # type: ignore[attr-defined]
+    # Keras stores bfloat16 as an opaque/void type or via ml_dtypes; keep the name it reports.
+    return dtype.name if dtype.kind != "V" else str(dataset.attrs.get("dtype", dtype.name))  # type: ignore[attr-defined]

@@ -1,0 +1,259 @@
+"""TensorFlow checkpoints: TF2 object-based, tf-keras ``save_weights``, TF1 name-based.
+
+All three are tensor bundles (``PREFIX.index`` + ``PREFIX.data-*``), read by
+:class:`regraft.sources._bundle.Bundle` without importing TensorFlow. What differs
+is how keys are made:
+
+* object-based checkpoints carry ``_CHECKPOINTABLE_OBJECT_GRAPH``; every variable
+  is addressed by its path through that graph. A variable reachable several ways
+  (the model *and* the optimizer's ``_trainable_variables``) gets one canonical
+  key — the first path breadth-first that does not pass through an optimizer —
+  and the others as aliases;
+* tf-keras models number their layers (``layer_with_weights-N``);
+* TF1 checkpoints key tensors by variable name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import deque
+
+import numpy as np
+
+from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
+from regraft.errors import SourceError
+from regraft.sources._bundle import Bundle
+from regraft.sources._proto import parse_object_graph
+from regraft.sources.base import Source
+
+__all__ = ["TFCheckpoint", "resolve_prefix", "looks_like"]
+
+GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+_OPTIMIZER_EDGES = {"optimizer", "_optimizer"}
+_OPTIMIZER_MARKERS = {"_iterations", "iter", "_momentums", "_velocities"}
+_OPTIMIZER_OWN_LISTS = {"_variables", "_trainable_variables", "_index_dict"}
+_DATA_FILE = re.compile(r"^(?P<prefix>.*)\.data-\d{5}-of-\d{5}$")
+_TF1_SLOT_SUFFIX = re.compile(r"/(Adam|Adam_1|Momentum|RMSProp|RMSProp_1|Adagrad|Adadelta|Adadelta_1|Ftrl|Ftrl_1)$")
+
+
+def looks_like(path: str) -> bool:
+    """True when ``path`` names a tensor bundle (prefix, .index, .data-* or a folder of one)."""
+    try:
+        resolve_prefix(path)
+    except SourceError:
+        return False
+    return True
+
+
+def resolve_prefix(path: str) -> str:
+    """Turn what a user typed into a checkpoint prefix.
+
+    Accepts a prefix (``dir/ckpt-3``), its ``.index`` or ``.data-*`` file, or a
+    folder holding a ``checkpoint`` state file (its latest checkpoint is taken)
+    or exactly one ``*.index`` file.
+
+    Raises:
+        SourceError: when no checkpoint is found there; the message says what was found.
+    """
+    if path.endswith(".index") and os.path.isfile(path):
+        return path[: -len(".index")]
+    match = _DATA_FILE.match(path)
+    if match and os.path.isfile(path):
+        return match.group("prefix")
+    if os.path.isfile(path + ".index"):
+        return path
+    if os.path.isdir(path):
+        state = os.path.join(path, "checkpoint")
+        if os.path.isfile(state):
+            latest = _latest_from_state(state)
+            prefix = latest if os.path.isabs(latest) else os.path.join(path, latest)
+            if not os.path.isfile(prefix + ".index"):
+                raise SourceError(
+                    f"{state} names '{latest}' as the latest checkpoint, but {prefix}.index does not exist.",
+                    hint="Pass the prefix of a checkpoint that exists (e.g. dir/ckpt-3) or fix the state file.",
+                )
+            return prefix
+        indexes = sorted(f for f in os.listdir(path) if f.endswith(".index"))
+        if len(indexes) == 1:
+            return os.path.join(path, indexes[0][: -len(".index")])
+        if len(indexes) > 1:
+            names = ", ".join(i[: -len(".index")] for i in indexes[:5])
+            raise SourceError(
+                f"{path} holds {len(indexes)} checkpoints ({names}) and no 'checkpoint' state file saying which is latest.",
+                hint="Pass one prefix, e.g. " + os.path.join(path, indexes[-1][: -len(".index")]) + ".",
+            )
+    raise SourceError(f"{path} is not a TensorFlow checkpoint (no {os.path.basename(path)}.index found).")
+
+
+def _latest_from_state(state: str) -> str:
+    with open(state, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = re.match(r'\s*model_checkpoint_path:\s*"(.*)"\s*$', line)
+            if m:
+                return m.group(1)
+    raise SourceError(
+        f"{state} has no model_checkpoint_path line.",
+        hint="Pass the checkpoint prefix itself (e.g. dir/ckpt-3).",
+    )
+
+
+class TFCheckpoint(Source):
+    """A TensorFlow tensor-bundle checkpoint, in any of its three key styles."""
+
+    def __init__(self, path: str) -> None:
+        prefix = resolve_prefix(path)
+        self.prefix = prefix
+        self.bundle = Bundle(prefix)
+        self.files = (prefix + ".index",) + tuple(
+            f"{prefix}.data-{i:05d}-of-{self.bundle.header.num_shards:05d}" for i in range(self.bundle.header.num_shards)
+        )
+        self._bundle_key: dict[str, str] = {}
+        if GRAPH_KEY in self.bundle.entries:
+            graph = parse_object_graph(self.bundle.read_string(GRAPH_KEY)[0])
+            entries = self._object_entries(graph)
+        else:
+            self.format, self.namespace = "tf1-names", "name"
+            entries = self._name_entries()
+        super().__init__(path, entries)
+
+    def read(self, key: str) -> np.ndarray:
+        """Read the tensor with canonical ``key`` (checksum verified)."""
+        return self.bundle.read(self._bundle_key[key])
+
+    # -- TF1 name-based ------------------------------------------------------------
+
+    def _name_entries(self) -> list[SourceEntry]:
+        keys = set(self.bundle.entries)
+        out = []
+        for key, b in self.bundle.entries.items():
+            parent, _, role = key.rpartition("/")
+            kind, slot_of = WEIGHT, None
+            if _TF1_SLOT_SUFFIX.search(key) and parent in keys:
+                kind, slot_of = OPTIMIZER_SLOT, parent
+            elif key == "global_step" or key.endswith("_power"):
+                kind = BOOKKEEPING
+            self._bundle_key[key] = key
+            out.append(SourceEntry(key, b.shape, _dtype_name(b.dtype), kind, parent, role, None, None, (), slot_of))
+        return _with_layer_indices(out)
+
+    # -- TF2 object graph ------------------------------------------------------------
+
+    def _object_entries(self, nodes: list) -> list[SourceEntry]:
+        optimizer_nodes = _optimizer_nodes(nodes)
+        paths = _paths(nodes, skip=optimizer_nodes)  # canonical: not through an optimizer
+        all_paths = _paths(nodes, skip=set(), every=True)
+        slot_owner = _slot_owners(nodes, optimizer_nodes)
+        keras2 = any(c.local_name.startswith("layer_with_weights-") for n in nodes for c in n.children)
+        self.format, self.namespace = ("tf-keras", "keras2") if keras2 else ("tf-object", "object")
+
+        out = []
+        for node_id, node in enumerate(nodes):
+            for attr in node.attributes:
+                if attr.checkpoint_key not in self.bundle.entries:
+                    continue
+                node_paths = all_paths.get(node_id, [])
+                canonical = paths.get(node_id, node_paths[:1] or [attr.checkpoint_key])[0]
+                if attr.name != "VARIABLE_VALUE":
+                    canonical = f"{canonical}/{attr.name}"
+                b = self.bundle.entries[attr.checkpoint_key]
+                if node_id in paths:
+                    kind, slot_of = WEIGHT, None
+                    if "/" not in canonical:
+                        kind = BOOKKEEPING  # save_counter and other root scalars
+                elif node_id in slot_owner:
+                    owner = slot_owner[node_id]
+                    kind, slot_of = OPTIMIZER_SLOT, (paths.get(owner) or [None])[0]
+                else:
+                    kind, slot_of = (BOOKKEEPING if b.shape == () else OPTIMIZER_SLOT), None
+                layer, _, role = canonical.rpartition("/")
+                aliases = tuple(p for p in node_paths if p != canonical)
+                self._bundle_key[canonical] = attr.checkpoint_key
+                out.append(
+                    SourceEntry(canonical, b.shape, _dtype_name(b.dtype), kind, layer, role.lstrip("_"), None, None, aliases, slot_of)
+                )
+        return _with_layer_indices(out)
+
+
+def _dtype_name(dtype: object) -> str:
+    return np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+
+
+def _with_layer_indices(entries: list[SourceEntry]) -> list[SourceEntry]:
+    """Number each layer's weights in order of appearance and sort weights first."""
+    counters: dict[str, int] = {}
+    out = []
+    for e in entries:
+        index = None
+        if e.kind == WEIGHT:
+            index = counters.get(e.layer, 0)
+            counters[e.layer] = index + 1
+        out.append(
+            SourceEntry(e.key, e.shape, e.dtype, e.kind, e.layer, e.role, index, e.layer_name, e.aliases, e.slot_of)
+        )
+    order = {WEIGHT: 0, OPTIMIZER_SLOT: 1, BOOKKEEPING: 2}
+    return sorted(out, key=lambda e: (order[e.kind], e.key))
+
+
+def _optimizer_nodes(nodes: list) -> set[int]:
+    """Nodes that are optimizers: reached by an edge named 'optimizer' or holding an optimizer's counters."""
+    found = set()
+    for node_id, node in enumerate(nodes):
+        names = {c.local_name for c in node.children}
+        if names & _OPTIMIZER_MARKERS or node.slot_variables:
+            found.add(node_id)
+        for child in node.children:
+            if child.local_name in _OPTIMIZER_EDGES:
+                found.add(child.node_id)
+    return found
+
+
+def _paths(nodes: list, skip: set[int], every: bool = False) -> dict[int, list[str]]:
+    """Breadth-first paths from the root (node 0) to every node, not entering ``skip``.
+
+    With ``every`` all paths are kept (up to 16 a node, for aliases); otherwise the first.
+    """
+    found: dict[int, list[str]] = {0: [""]}
+    queue = deque([(0, "")])
+    expanded: set[int] = set()
+    while queue:
+        node_id, path = queue.popleft()
+        if node_id in expanded:
+            continue
+        expanded.add(node_id)
+        for child in nodes[node_id].children:
+            if child.node_id in skip or child.node_id == 0 or child.local_name == "root":
+                continue
+            child_path = f"{path}/{child.local_name}" if path else child.local_name
+            known = found.setdefault(child.node_id, [])
+            if not known or (every and len(known) < 16):
+                known.append(child_path)
+            queue.append((child.node_id, child_path))
+    found.pop(0)
+    return found
+
+
+def _slot_owners(nodes: list, optimizer_nodes: set[int]) -> dict[int, int]:
+    """Map slot-variable node → the weight node it belongs to.
+
+    Legacy optimizers record ``slot_variables`` in the graph; Keras 3 optimizers keep
+    per-variable lists (``_momentums/i``) parallel to ``_trainable_variables/i``.
+    """
+    owners: dict[int, int] = {}
+    for node in nodes:
+        for slot in node.slot_variables:
+            owners[slot.slot_variable_node_id] = slot.original_variable_node_id
+    for opt in optimizer_nodes:
+        children = {c.local_name: c.node_id for c in nodes[opt].children}
+        if "_trainable_variables" not in children:
+            continue
+        weights = [c.node_id for c in nodes[children["_trainable_variables"]].children]
+        for name, list_node in children.items():
+            if name in _OPTIMIZER_OWN_LISTS or name.startswith("_iterations") or name.startswith("_learning_rate"):
+                continue
+            slots = [c.node_id for c in nodes[list_node].children]
+            if len(slots) == len(weights):
+                for slot, weight in zip(slots, weights):
+                    owners.setdefault(slot, weight)
+    return owners

@@ -1,0 +1,306 @@
+"""Describe a built Keras 3 model as :class:`TargetVariable` records, and assign to it.
+
+This is the only module that knows Keras' and TensorFlow's internals on the
+target side. Keys are computed by asking the frameworks themselves:
+
+* ``object`` keys walk ``_trackable_children("checkpoint")`` breadth-first from
+  the model, exactly as ``tf.train.Checkpoint`` does when it saves;
+* ``h5`` keys run Keras' own weights walk (``saving_lib._save_state``) against a
+  recording store, so they equal the paths ``model.save_weights`` would write;
+* ``keras2`` keys reproduce tf-keras' ``layer_with_weights-N`` numbering;
+* ``name`` keys are Keras variable paths (``dense_1/kernel``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from regraft.entries import TargetVariable
+from regraft.errors import TargetError
+
+__all__ = ["describe", "assign", "read_value", "save_weights"]
+
+
+def _keras():
+    import keras  # imported lazily: TensorFlow's import takes seconds
+
+    return keras
+
+
+def describe(model: Any) -> list[TargetVariable]:
+    """List every variable of ``model`` with its keys in all namespaces.
+
+    Args:
+        model: a built Keras 3 model (functional, Sequential, subclassed, nested).
+
+    Returns:
+        One record per distinct variable, in ``model.weights`` order.
+
+    Raises:
+        TargetError: when ``model`` is not a Keras model or is not built yet.
+
+    Example:
+        >>> [t.key for t in describe(model)]        # doctest: +SKIP
+        ['dense1/kernel', 'dense1/bias']
+    """
+    keras = _keras()
+    if not isinstance(model, keras.Model) and not isinstance(model, keras.layers.Layer):
+        raise TargetError(
+            f"Expected a Keras model. Received: an object of type {type(model).__name__}.",
+            hint="Pass the keras.Model you want to load into.",
+        )
+    if not model.built or (not model.weights and _has_unbuilt_layers(model)):
+        raise TargetError(
+            f"Model '{model.name}' is not built, so it has no variables to load into yet.",
+            hint="Build it first: call it once on an example batch (model(x)) or call "
+            "model.build(input_shape).",
+        )
+    variables = _unique(model.weights)
+    owners = _owners(model)
+    readable = _readable_keys(model)
+    object_keys = _object_keys(model)
+    h5_keys = _h5_keys(model)
+    keras2_keys = _keras2_keys(model)
+    used: dict[str, int] = {}
+    out = []
+    for variable in variables:
+        layer, layer_path, index = owners.get(id(variable), (None, "", 0))
+        key = _unique_key(readable.get(id(variable), variable.path), used)
+        layer_path = key.rpartition("/")[0] if id(variable) in readable else layer_path
+        keys = {"name": variable.path}
+        for namespace, table in (("object", object_keys), ("h5", h5_keys), ("keras2", keras2_keys)):
+            if id(variable) in table:
+                keys[namespace] = table[id(variable)]
+        out.append(
+            TargetVariable(
+                key=key,
+                shape=tuple(int(d) for d in variable.shape),
+                dtype=np.dtype(variable.dtype).name,
+                layer=layer_path,
+                layer_class=type(layer).__name__ if layer is not None else "",
+                role=variable.name,
+                index=index,
+                trainable=bool(variable.trainable),
+                keys=keys,
+                variable=variable,
+                layer_object=layer,
+            )
+        )
+    return out
+
+
+def read_value(target: TargetVariable) -> np.ndarray:
+    """Return a copy of the variable's current value as a numpy array."""
+    return np.array(target.variable.numpy(), copy=True)
+
+
+def assign(target: TargetVariable, value: np.ndarray) -> None:
+    """Assign ``value`` (already of the variable's shape and dtype) to the variable."""
+    target.variable.assign(value)
+
+
+def _unique(variables: list[Any]) -> list[Any]:
+    seen: set[int] = set()
+    out = []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
+
+
+def _unique_key(path: str, used: dict[str, int]) -> str:
+    if path not in used:
+        used[path] = 1
+        return path
+    used[path] += 1
+    return f"{path}#{used[path]}"
+
+
+def _has_unbuilt_layers(model: Any) -> bool:
+    return any(not layer.built for layer in getattr(model, "_flatten_layers", lambda: [])())
+
+
+def _owners(model: Any) -> dict[int, tuple[Any, str, int]]:
+    """Map each variable id to (owning layer, layer path, index inside that layer).
+
+    The owner is the innermost layer whose own (non-nested) variables include it.
+    """
+    out: dict[int, tuple[Any, str, int]] = {}
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        own = list(layer._trainable_variables) + list(layer._non_trainable_variables)
+        path = layer.path if hasattr(layer, "path") else layer.name
+        for index, variable in enumerate(own):
+            out.setdefault(id(variable), (layer, path, index))
+    # Variables whose owner was not found keep the variable path's parent.
+    for variable in model.weights:
+        if id(variable) not in out:
+            out[id(variable)] = (None, variable.path.rsplit("/", 1)[0], 0)
+    return out
+
+
+def _readable_keys(model: Any) -> dict[int, str]:
+    """Stable, readable keys: layer names inside functional models, attribute names elsewhere.
+
+    ``dense2/kernel`` for ``self.dense2`` of a subclassed model, ``d1/kernel`` for
+    a functional layer named ``d1``, ``blocks/0/kernel`` for an item of a list
+    attribute. Unlike ``variable.path`` these do not depend on how many layers were
+    created before in the process. The model's own name is not part of the key.
+    """
+    keras = _keras()
+    out: dict[int, str] = {}
+    seen: set[int] = set()
+
+    def children(layer: Any) -> list[tuple[str, Any]]:
+        if isinstance(layer, keras.Sequential) or type(layer).__name__ == "Functional" or (
+            isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False)
+        ):
+            return [(child.name, child) for child in layer.layers]
+        found: list[tuple[str, Any]] = []
+        attributes = sorted(vars(layer).items(), key=lambda kv: kv[0].startswith("_"))
+        for name, value in attributes:
+            if isinstance(value, keras.layers.Layer):
+                found.append((name, value))
+            elif isinstance(value, (list, tuple)):
+                found.extend((f"{name}/{i}", v) for i, v in enumerate(value) if isinstance(v, keras.layers.Layer))
+            elif isinstance(value, dict):
+                found.extend((f"{name}/{k}", v) for k, v in value.items() if isinstance(v, keras.layers.Layer))
+        return found
+
+    def visit(layer: Any, prefix: str) -> None:
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        own = list(layer._trainable_variables) + list(layer._non_trainable_variables)
+        for variable in own:
+            out.setdefault(id(variable), f"{prefix}{variable.name}")
+        for name, child in children(layer):
+            visit(child, f"{prefix}{name}/")
+
+    visit(model, "")
+    return out
+
+
+def _object_keys(model: Any) -> dict[int, str]:
+    """Breadth-first object-graph paths, the way tf.train.Checkpoint names them."""
+    keras = _keras()
+    out: dict[int, str] = {}
+    seen = {id(model)}
+    queue: deque[tuple[Any, str]] = deque([(model, "")])
+    while queue:
+        obj, path = queue.popleft()
+        try:
+            children = obj._trackable_children(save_type="checkpoint")
+        except Exception:  # an object TF cannot walk has no checkpoint path
+            continue
+        for name, child in children.items():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            child_path = f"{path}/{name}" if path else name
+            if isinstance(child, keras.Variable):
+                out[id(child)] = child_path
+            else:
+                queue.append((child, child_path))
+    return out
+
+
+def _h5_keys(model: Any) -> dict[int, str]:
+    """Paths Keras' own weights saver would give each variable in a .weights.h5 file."""
+    try:
+        from keras.src.saving import saving_lib
+    except ImportError:  # pragma: no cover - depends on the Keras version installed
+        return {}
+
+    out: dict[int, str] = {}
+
+    class _Vars(dict):
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            self.path = path
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            out.setdefault(id(value), f"{self.path}/vars/{name}" if self.path else f"vars/{name}")
+
+    class _Recorder(saving_lib.H5IOStore):
+        def __init__(self) -> None:  # no file: only records paths
+            pass
+
+        def __bool__(self) -> bool:
+            return True
+
+        def make(self, path: str, metadata: Any = None) -> _Vars:
+            return _Vars(path)
+
+        def get(self, path: str) -> _Vars:
+            return _Vars(path)
+
+    try:
+        saving_lib._save_state(model, _Recorder(), None, "", set())
+    except Exception:  # Keras internals changed: h5 keys are then unknown, matching falls back
+        return {}
+    return out
+
+
+def _keras2_keys(model: Any) -> dict[int, str]:
+    """tf-keras ``save_weights`` paths: ``layer_with_weights-N/<role>`` for layered models."""
+    keras = _keras()
+    out: dict[int, str] = {}
+
+    def visit(container: Any, prefix: str) -> None:
+        layers = getattr(container, "layers", None)
+        if layers is None:
+            return
+        numbered = 0
+        for layer in layers:
+            if not layer.weights:
+                continue
+            path = f"{prefix}layer_with_weights-{numbered}"
+            numbered += 1
+            if isinstance(layer, keras.Model) or getattr(layer, "layers", None):
+                visit(layer, path + "/")
+            else:
+                for variable in layer.weights:
+                    out.setdefault(id(variable), f"{path}/{variable.name}")
+
+    if isinstance(model, (keras.Sequential,)) or model.__class__.__name__ == "Functional":
+        visit(model, "")
+    return out
+
+
+def save_weights(model: Any, out: str) -> list[str]:
+    """Write the model's weights to ``out`` atomically; returns the files written.
+
+    ``*.weights.h5`` is written with Keras' ``save_weights``; anything else is a TF
+    checkpoint prefix written with ``tf.train.Checkpoint(model=model).write``.
+    Files are written under a temporary name in the same folder, then renamed
+    into place, so a failure leaves no half-written output.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise TargetError(f"Output folder {folder} does not exist.", hint="Create it first, or choose another --out.")
+    staging = tempfile.mkdtemp(prefix=".regraft-out-", dir=folder)
+    try:
+        if out.endswith(".weights.h5"):
+            staged = os.path.join(staging, "model.weights.h5")
+            model.save_weights(staged)
+            os.replace(staged, out)
+            return [out]
+        import tensorflow as tf
+
+        base = os.path.basename(out)
+        tf.train.Checkpoint(model=model).write(os.path.join(staging, base))
+        written = []
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+            written.append(os.path.join(folder, name))
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
