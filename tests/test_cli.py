@@ -1,0 +1,178 @@
+"""The command line, run in-process through ``regraft.cli.main.main``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+from regraft.cli.main import main  # noqa: E402
+from regraft.demo import build_inserted_new, build_inserted_old  # noqa: E402
+
+MODELS_PY = '''
+import keras
+
+def build():
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(3, name="d1")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2, name="d2")(x))
+
+def not_a_model():
+    return 42
+
+def broken():
+    raise RuntimeError("boom")
+'''
+
+
+@pytest.fixture
+def models_py(tmp_path):
+    path = tmp_path / "models.py"
+    path.write_text(MODELS_PY)
+    return str(path)
+
+
+@pytest.fixture
+def inserted_ckpt(tmp_path):
+    """Checkpoint of the demo's original model (dense1 -> dense2) and the model itself."""
+    old = build_inserted_old()
+    prefix = tf.train.Checkpoint(model=old).save(str(tmp_path / "old" / "ckpt"))
+    return prefix, old
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_lists_weights_and_json(capsys, inserted_ckpt):
+    prefix, old = inserted_ckpt
+    code, out, err = run(capsys, "inspect", prefix)
+    assert code == 0
+    assert "model/dense1/_kernel  (32, 64)" in out
+    assert "4 weights (2,762 parameters), 0 optimizer slots, 1 bookkeeping" in out
+    code, out, _ = run(capsys, "inspect", prefix, "--json", "--all")
+    data = json.loads(out)
+    assert data["format"] == "tf-object"
+    assert data["objects"] == ["model"]
+    keys = {e["key"]: e for e in data["entries"]}
+    assert keys["model/dense2/bias"]["shape"] == [10]
+    assert keys["save_counter"]["kind"] == "bookkeeping"
+
+
+@pytest.mark.parametrize(
+    "argv, message, hint",
+    [
+        (["inspect", "{tmp}/nope"], "Error: {tmp}/nope does not exist.", "Hint: Check the path"),
+        (["inspect", "{tmp}"], "Error: {tmp} is a folder but holds no checkpoint", "Hint: Pass a checkpoint prefix"),
+        (["diff", "{ckpt}", "--model", "nocolon"], "is not of the form FILE.py:CALLABLE", "Hint: For example"),
+        (["diff", "{ckpt}", "--model", "{tmp}/missing.py:build"], "Model file {tmp}/missing.py does not exist.", "Hint:"),
+        (["diff", "{ckpt}", "--model", "{models}:nothing"], "has no attribute 'nothing'", "Callables it defines: broken, build, not_a_model"),
+        (["diff", "{ckpt}", "--model", "{models}:not_a_model"], "returned int, not a keras.Model.", "Hint:"),
+        (["diff", "{ckpt}", "--model", "{models}:broken"], "raised RuntimeError: boom", "REGRAFT_DEBUG=1"),
+        (["diff", "{ckpt}", "--model", "no_such_module_xyz:build"], "Cannot import module 'no_such_module_xyz'", "PYTHONPATH"),
+    ],
+)
+def test_user_errors_exit_2_without_traceback(capsys, tmp_path, models_py, inserted_ckpt, argv, message, hint):
+    (tmp_path / "unrelated.txt").write_text("x")
+    fill = dict(tmp=str(tmp_path), ckpt=inserted_ckpt[0], models=models_py)
+    code, out, err = run(capsys, *[a.format(**fill) for a in argv])
+    assert code == 2
+    assert out == ""
+    assert message.format(**fill) in err
+    assert hint in err
+    assert "Traceback" not in err
+
+
+def test_diff_reports_plan_and_loads_nothing(capsys, inserted_ckpt):
+    prefix, _ = inserted_ckpt
+    code, out, _ = run(capsys, "diff", prefix, "--model", "regraft.demo:build_inserted_new", "--json")
+    assert code == 0
+    data = json.loads(out)
+    status = {row["target"]: row["status"] for row in data["variables"]}
+    assert status == {
+        "dense1/kernel": "loaded", "dense1/bias": "loaded",
+        "dense2/kernel": "shape-mismatch", "dense2/bias": "shape-mismatch",
+        "dense3/kernel": "missing", "dense3/bias": "missing",
+    }
+    assert data["applied"] is False
+    assert any("missing from the checkpoint (2): dense3/{bias,kernel}" in p for p in data["strict_problems"])
+
+
+def test_load_strict_refusal_writes_nothing(capsys, tmp_path, inserted_ckpt):
+    prefix, _ = inserted_ckpt
+    out_path = tmp_path / "new.weights.h5"
+    code, out, err = run(capsys, "load", prefix, "--model", "regraft.demo:build_inserted_new", "--out", str(out_path))
+    assert code == 2
+    assert "Error: Refusing to load" in err
+    assert "shape mismatch: tensor 'model/dense2/_kernel' has shape (64, 10); variable 'dense2/kernel' needs (64, 128)" in err
+    assert not out_path.exists()
+    assert os.listdir(tmp_path) == ["old"]  # no temporary files left behind either
+
+
+@pytest.mark.parametrize("out_name", ["new.weights.h5", "newckpt/ckpt"])
+def test_load_writes_output_with_checkpoint_values(capsys, tmp_path, inserted_ckpt, out_name):
+    prefix, old = inserted_ckpt
+    out_path = tmp_path / out_name
+    out_path.parent.mkdir(exist_ok=True)
+    code, out, err = run(
+        capsys, "load", prefix, "--model", "regraft.demo:build_inserted_new", "--out", str(out_path),
+        "--allow-missing", "dense2/*", "--allow-missing", "dense3/*", "--json",
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["counts"]["loaded"] == 2
+    reloaded = build_inserted_new()
+    if out_name.endswith(".h5"):
+        reloaded.load_weights(str(out_path))
+    else:
+        tf.train.Checkpoint(model=reloaded).read(str(out_path)).assert_existing_objects_matched()
+    for name in ("kernel", "bias"):
+        expected = getattr(old.dense1, name).numpy()
+        assert np.array_equal(getattr(reloaded.dense1, name).numpy().view(np.uint8), expected.view(np.uint8))
+    assert not [f for f in os.listdir(out_path.parent) if f.startswith(".regraft-out-")]
+
+
+def test_file_model_spec(capsys, tmp_path, models_py):
+    import keras
+
+    spec = f"{models_py}:build"
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("m", models_py)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    old = module.build()
+    weights = tmp_path / "old.weights.h5"
+    old.save_weights(str(weights))
+    code, out, err = run(capsys, "diff", str(weights), "--model", spec)
+    assert code == 0, err
+    assert "4 would load, 0 shape-mismatch, 0 missing, 0 unused — 100.0% of parameters" in out
+    assert isinstance(old, keras.Model)
+
+
+def test_demo_runs_and_explains_the_tutorial_bug(capsys):
+    code, out, err = run(capsys, "demo")
+    assert code == 0
+    assert "=== (a) inserted layer" in out and "=== (b) more filters" in out and "=== (c) renamed layer" in out
+    # (a): the inserted layer is refused strictly, and the tutorial's dense2 -> dense3 copy cannot work.
+    assert "missing from the checkpoint (2): dense3/{bias,kernel}" in out
+    assert "shape mismatch: tensor 'model/dense2/_kernel' has shape (64, 10); variable 'dense3/kernel' needs (128, 10)" in out
+    # (c): a renamed layer loads fully, because keys are positions, not names.
+    assert "4 loaded, 0 shape-mismatch, 0 missing, 0 unused — 100.0% of parameters" in out
+
+
+def test_help_explains_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("inspect", "diff", "load", "demo"):
+        assert command in out
