@@ -24,12 +24,10 @@ import numpy as np
 from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
 from regraft.errors import SourceError
 from regraft.sources._bundle import Bundle
-from regraft.sources._proto import parse_object_graph
 from regraft.sources.base import Source
 
 __all__ = ["TFCheckpoint", "resolve_prefix", "looks_like"]
 
-GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 _OPTIMIZER_EDGES = {"optimizer", "_optimizer"}
 _OPTIMIZER_MARKERS = {"_iterations", "iter", "_momentums", "_velocities"}
@@ -110,8 +108,8 @@ class TFCheckpoint(Source):
             f"{prefix}.data-{i:05d}-of-{self.bundle.header.num_shards:05d}" for i in range(self.bundle.header.num_shards)
         )
         self._bundle_key: dict[str, str] = {}
-        if GRAPH_KEY in self.bundle.entries:
-            graph = parse_object_graph(self.bundle.read_string(GRAPH_KEY)[0])
+        graph = self.bundle.object_graph()
+        if graph is not None:
             entries = self._object_entries(graph)
         else:
             self.format, self.namespace = "tf1-names", "name"
@@ -154,7 +152,10 @@ class TFCheckpoint(Source):
                 if attr.checkpoint_key not in self.bundle.entries:
                     continue
                 node_paths = all_paths.get(node_id, [])
-                canonical = paths.get(node_id, node_paths[:1] or [attr.checkpoint_key])[0]
+                # A node reached by no child edge (a legacy optimizer's slot) keeps its
+                # checkpoint key minus the "/.ATTRIBUTES/<name>" tail, like every other key.
+                fallback = attr.checkpoint_key.rsplit("/.ATTRIBUTES/", 1)[0]
+                canonical = paths.get(node_id, node_paths[:1] or [fallback])[0]
                 if attr.name != "VARIABLE_VALUE":
                     canonical = f"{canonical}/{attr.name}"
                 b = self.bundle.entries[attr.checkpoint_key]

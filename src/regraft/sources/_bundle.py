@@ -1,0 +1,658 @@
+"""A pure-Python reader of TensorFlow tensor-bundle (V2) checkpoints.
+
+A checkpoint ``PREFIX`` is ``PREFIX.index`` plus ``PREFIX.data-0000i-of-0000N``.
+The index is a LevelDB-style SSTable (tensorflow/core/lib/io/table_builder.cc)
+mapping each tensor name to a ``BundleEntryProto`` (dtype, shape, shard, offset,
+size, masked CRC-32C); the empty key maps to the ``BundleHeaderProto``. The data
+files hold raw little-endian tensor bytes. TensorFlow is never imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from regraft.errors import CorruptCheckpointError, SourceError, UnsupportedFormatError
+from regraft.sources._crc32c import crc32c, mask
+from regraft.sources._proto import (
+    BundleEntryProto,
+    BundleHeader,
+    DecodeError,
+    ObjectNode,
+    decode_varint,
+    parse_bundle_entry,
+    parse_bundle_header,
+    parse_object_graph,
+)
+
+__all__ = ["OBJECT_GRAPH_KEY", "Bundle", "BundleEntry", "data_file_path"]
+
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+"""Key of the scalar string tensor holding the serialized TrackableObjectGraph."""
+
+DAMAGED_HINT = "The checkpoint is damaged; re-save it or restore the file from a backup."
+
+_TABLE_MAGIC = 0xDB4775248B80FB57
+_FOOTER_SIZE = 48  # two BlockHandles padded to 2 * 20 bytes, then the 8-byte magic
+_BLOCK_TRAILER_SIZE = 5  # 1 byte compression type + 4 bytes masked CRC-32C
+_SNAPPY_COMPRESSION = 1
+_SLICE_KEY_PREFIX = b"\x00"  # keys of the slices of partitioned variables
+_FILE_SUFFIX = re.compile(r"\.(index|data-\d{5}-of-\d{5})$")
+_DT_BFLOAT16 = 14
+_UINT32_MAX = 0xFFFFFFFF
+_READ_CHUNK = 1 << 30  # a single read() syscall is capped near 2 GiB on Linux
+_MAX_ELEMENTS = (1 << 63) // 16  # numpy's limit on array bytes, for the widest dtype
+
+# tensorflow/core/framework/types.proto DataType -> numpy type (bfloat16 is lazy).
+_NUMPY_DTYPES: dict[int, type[np.generic]] = {
+    1: np.float32,
+    2: np.float64,
+    3: np.int32,
+    4: np.uint8,
+    5: np.int16,
+    6: np.int8,
+    8: np.complex64,
+    9: np.int64,
+    10: np.bool_,
+    17: np.uint16,
+    18: np.complex128,
+    19: np.float16,
+    22: np.uint32,
+    23: np.uint64,
+}
+_DTYPE_NAMES = (
+    "invalid", "float", "double", "int32", "uint8", "int16", "int8", "string", "complex64",
+    "int64", "bool", "qint8", "quint8", "qint32", "bfloat16", "qint16", "quint16", "uint16",
+    "complex128", "half", "resource", "variant", "uint32", "uint64", "float8_e5m2",
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2fnuz", "int4",
+    "uint4", "int2", "uint2", "float4_e2m1fn",
+)  # fmt: skip
+
+EntryDType = np.dtype | str
+"""A numpy dtype, ``"string"``, or the TF name of a dtype regraft cannot read."""
+
+
+@dataclass(frozen=True)
+class BundleEntry:
+    """Where and how one tensor is stored in a bundle.
+
+    Attributes:
+        key: the tensor's checkpoint key, e.g. ``"dense/kernel/.ATTRIBUTES/VARIABLE_VALUE"``.
+        dtype: a numpy dtype; ``"string"`` for DT_STRING; for any other dtype
+            (e.g. ``"resource"``, ``"variant"``, or ``"bfloat16"`` when ml_dtypes
+            is not installed) its TensorFlow name.
+        shape: dimension sizes, ``()`` for a scalar.
+        shard_id: index of the data file holding the bytes.
+        offset: byte offset in that data file.
+        size: number of bytes stored.
+        crc32c: masked CRC-32C of the stored bytes.
+        sliced: True for a partitioned variable stored as several slices.
+    """
+
+    key: str
+    dtype: EntryDType
+    shape: tuple[int, ...]
+    shard_id: int
+    offset: int
+    size: int
+    crc32c: int
+    sliced: bool
+
+
+def data_file_path(prefix: str, shard_id: int, num_shards: int) -> str:
+    """Returns the path of one data shard, ``PREFIX.data-0000i-of-0000N``."""
+    return f"{prefix}.data-{shard_id:05d}-of-{num_shards:05d}"
+
+
+def _bfloat16_dtype() -> np.dtype | str:
+    """Returns ml_dtypes' bfloat16, or ``"bfloat16"`` if ml_dtypes is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return "bfloat16"
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _entry_dtype(enum: int) -> EntryDType:
+    """Maps a ``tensorflow.DataType`` enum value to a :data:`EntryDType`."""
+    if enum in _NUMPY_DTYPES:
+        return np.dtype(_NUMPY_DTYPES[enum])
+    if enum == _DT_BFLOAT16:
+        return _bfloat16_dtype()
+    if 0 <= enum < len(_DTYPE_NAMES):
+        return _DTYPE_NAMES[enum]
+    return f"DataType({enum})"
+
+
+def _prefix_hint(prefix: str) -> str:
+    """Returns the hint for a prefix whose ``.index`` file is missing."""
+    suffix = _FILE_SUFFIX.search(prefix)
+    if suffix:
+        return f"Pass the checkpoint prefix without the file suffix: {prefix[: suffix.start()]}"
+    return "Pass the checkpoint prefix (the path without '.index'), e.g. ckpt/model-1000."
+
+
+# --- the SSTable index ------------------------------------------------------------
+
+
+def _read_block(index: bytes, offset: int, size: int, path: str, what: str) -> bytes:
+    """Returns one verified, uncompressed SSTable block.
+
+    Args:
+        index: the whole index file.
+        offset: the block's offset, from its BlockHandle.
+        size: the block's size without its 5-byte trailer.
+        path: index file path, for messages.
+        what: ``"index"``, ``"metaindex"`` or ``"data"``, for messages.
+
+    Raises:
+        CorruptCheckpointError: the block runs past the file or fails its checksum.
+        UnsupportedFormatError: the block is compressed.
+    """
+    end = offset + size + _BLOCK_TRAILER_SIZE
+    if end > len(index) - _FOOTER_SIZE:
+        raise CorruptCheckpointError(
+            f"{path}: {what} block at offset {offset} of {size} bytes runs past the "
+            f"end of the file's blocks (byte {len(index) - _FOOTER_SIZE}); the file is truncated "
+            "or garbled",
+            hint=DAMAGED_HINT,
+        )
+    (stored,) = struct.unpack_from("<I", index, offset + size + 1)
+    actual = mask(crc32c(memoryview(index)[offset : offset + size + 1]))
+    if stored != actual:
+        raise CorruptCheckpointError(
+            f"{path}: {what} block at offset {offset} has checksum {actual:#010x}, "
+            f"expected {stored:#010x}",
+            hint=DAMAGED_HINT,
+        )
+    compression = index[offset + size]
+    if compression != 0:
+        name = "snappy" if compression == _SNAPPY_COMPRESSION else f"type-{compression}"
+        raise UnsupportedFormatError(
+            f"{path}: {what} block at offset {offset} is {name}-compressed; regraft reads "
+            "only uncompressed indexes, which is what TensorFlow writes",
+            hint="Re-save the checkpoint with TensorFlow's tf.train.Checkpoint or tf.compat.v1.train.Saver.",
+        )
+    return index[offset : offset + size]
+
+
+def _block_entries(block: bytes) -> list[tuple[bytes, bytes]]:
+    """Decodes the prefix-compressed ``(key, value)`` entries of one block.
+
+    Raises:
+        DecodeError: the block's layout is inconsistent.
+    """
+    if len(block) < 4:
+        raise DecodeError(f"block of {len(block)} bytes has no restart count")
+    (num_restarts,) = struct.unpack_from("<I", block, len(block) - 4)
+    limit = len(block) - 4 * (num_restarts + 1)
+    if limit < 0:
+        raise DecodeError(f"block of {len(block)} bytes claims {num_restarts} restart points")
+    entries = []
+    key = b""
+    pos = 0
+    while pos < limit:
+        shared, pos = decode_varint(block, pos, limit)
+        non_shared, pos = decode_varint(block, pos, limit)
+        value_size, pos = decode_varint(block, pos, limit)
+        value_pos = pos + non_shared
+        if shared > len(key) or value_pos + value_size > limit:
+            raise DecodeError(f"entry at block byte {pos} overruns its block")
+        key = key[:shared] + block[pos:value_pos]
+        pos = value_pos + value_size
+        entries.append((key, block[value_pos:pos]))
+    return entries
+
+
+def _block_handle(buf: bytes, pos: int = 0) -> tuple[int, int, int]:
+    """Decodes a BlockHandle.
+
+    Returns:
+        ``(offset, size, position after the handle)``.
+    """
+    offset, pos = decode_varint(buf, pos)
+    size, pos = decode_varint(buf, pos)
+    return offset, size, pos
+
+
+def _read_table(index: bytes, path: str) -> list[tuple[bytes, bytes]]:
+    """Returns all ``(key, value)`` entries of an SSTable, in file order.
+
+    Raises:
+        CorruptCheckpointError: the table is truncated, garbled or fails a checksum.
+        UnsupportedFormatError: the table is compressed.
+    """
+    if len(index) < _FOOTER_SIZE:
+        raise CorruptCheckpointError(
+            f"{path} is {len(index)} bytes, shorter than the {_FOOTER_SIZE}-byte footer "
+            "of a checkpoint index",
+            hint=DAMAGED_HINT,
+        )
+    footer = index[-_FOOTER_SIZE:]
+    (magic,) = struct.unpack_from("<Q", footer, _FOOTER_SIZE - 8)
+    if magic != _TABLE_MAGIC:
+        raise CorruptCheckpointError(
+            f"{path} ends with {magic:#018x}, expected the table magic number "
+            f"{_TABLE_MAGIC:#018x}; it is not a checkpoint index or it is truncated",
+            hint=DAMAGED_HINT,
+        )
+    try:
+        meta_offset, meta_size, pos = _block_handle(footer)
+        _block_entries(_read_block(index, meta_offset, meta_size, path, "metaindex"))  # verify only
+        index_offset, index_size, _ = _block_handle(footer, pos)
+        index_block = _read_block(index, index_offset, index_size, path, "index")
+        entries = []
+        for _, handle in _block_entries(index_block):
+            offset, size, _ = _block_handle(handle)
+            entries.extend(_block_entries(_read_block(index, offset, size, path, "data")))
+    except DecodeError as exc:
+        raise CorruptCheckpointError(f"{path} has a garbled table: {exc}", hint=DAMAGED_HINT) from None
+    return entries
+
+
+# --- the bundle ---------------------------------------------------------------------
+
+
+class Bundle:
+    """A TensorFlow V2 checkpoint (tensor bundle), read without TensorFlow.
+
+    The index is read and validated on construction; tensor bytes are read
+    (and checksummed) only by :meth:`read` and :meth:`read_string`.
+
+    Attributes:
+        prefix: the checkpoint prefix, e.g. ``"ckpt/model-1000"``.
+        index_path: ``prefix + ".index"``.
+        header: the bundle header (number of shards, endianness, version).
+        entries: one :class:`BundleEntry` per tensor, in key order. Slices of
+            partitioned variables are not listed separately (as in TensorFlow).
+    """
+
+    def __init__(self, prefix: str | os.PathLike[str]) -> None:
+        """Reads and validates ``prefix.index`` and checks the data files exist.
+
+        Args:
+            prefix: the checkpoint prefix (path without ``.index``).
+
+        Raises:
+            SourceError: the index or a data file is missing or unreadable.
+            CorruptCheckpointError: the index is truncated, garbled or fails a checksum.
+            UnsupportedFormatError: the index is compressed or the data big-endian.
+        """
+        self.prefix = os.fspath(prefix)
+        self.index_path = self.prefix + ".index"
+        table = _read_table(self._read_index_file(), self.index_path)
+        self.header = self._parse_header(table)
+        self.entries = self._parse_entries(table[1:])
+        self._check_data_files()
+
+    def __repr__(self) -> str:
+        return f"Bundle({self.prefix!r}, {len(self.entries)} tensors, {self.header.num_shards} shards)"
+
+    def data_path(self, shard_id: int) -> str:
+        """Returns the path of data shard ``shard_id``."""
+        return data_file_path(self.prefix, shard_id, self.header.num_shards)
+
+    # --- reading tensors ------------------------------------------------------
+
+    def read(self, key: str) -> np.ndarray:
+        """Reads one numeric tensor, verifying its checksum.
+
+        Args:
+            key: a key of :attr:`entries`.
+
+        Returns:
+            A new writable, C-contiguous array of the entry's dtype and shape.
+
+        Raises:
+            SourceError: no such key, or the data file cannot be opened.
+            UnsupportedFormatError: a string, resource/variant, or partitioned tensor.
+            CorruptCheckpointError: the data is truncated or fails its checksum.
+        """
+        entry, dtype = self._numeric_entry(key)
+        expected = _num_elements(entry.shape) * dtype.itemsize
+        if entry.size != expected:
+            raise CorruptCheckpointError(
+                f"{self.index_path}: tensor {key!r} of shape {list(entry.shape)} and dtype "
+                f"{dtype.name} should take {expected} bytes, but its entry says {entry.size}",
+                hint=DAMAGED_HINT,
+            )
+        with self._open_data(entry) as f:
+            array = np.empty(entry.shape, dtype)
+            raw = array.reshape(-1).view(np.uint8).data  # no buffer export for bfloat16 itself
+            self._fill(entry, f, raw)
+        self._check_crc(entry, mask(crc32c(raw)))
+        return array
+
+    def read_string(self, key: str) -> list[bytes]:
+        """Reads one DT_STRING tensor, verifying its checksums.
+
+        On disk a string tensor of n elements is: n varint64 lengths, the
+        masked CRC-32C of the lengths (each as a little-endian uint32, or
+        uint64 if it does not fit), then the n strings' bytes back to back.
+        The entry's checksum covers those lengths (as uint32/uint64), the
+        4 checksum bytes, and the string bytes.
+
+        Args:
+            key: a key of :attr:`entries` whose dtype is ``"string"``.
+
+        Returns:
+            The elements in row-major order (``entries[key].shape`` gives the shape).
+
+        Raises:
+            SourceError: no such key, or the data file cannot be opened.
+            UnsupportedFormatError: the tensor is not a string tensor, or is partitioned.
+            CorruptCheckpointError: the data is truncated, garbled or fails a checksum.
+        """
+        entry = self._entry(key)
+        if entry.dtype != "string":
+            raise UnsupportedFormatError(
+                f"{self.index_path}: tensor {key!r} has dtype {_dtype_name(entry.dtype)}, "
+                "not string",
+                hint="Read numeric tensors with Bundle.read.",
+            )
+        self._check_not_sliced(entry)
+        with self._open_data(entry) as f:
+            buf = bytearray(entry.size)
+            self._fill(entry, f, memoryview(buf))
+        try:
+            strings, crc = _decode_strings(buf, _num_elements(entry.shape))
+        except DecodeError as exc:
+            raise CorruptCheckpointError(
+                f"{self.data_path(entry.shard_id)}: string tensor {key!r} is garbled: {exc}",
+                hint=DAMAGED_HINT,
+            ) from None
+        self._check_crc(entry, mask(crc))
+        return strings
+
+    def object_graph(self) -> list[ObjectNode] | None:
+        """Reads and parses the TrackableObjectGraph of a TF2 checkpoint.
+
+        Returns:
+            The graph's nodes (node 0 is the saved root object), or None for a
+            checkpoint without ``_CHECKPOINTABLE_OBJECT_GRAPH`` (e.g. a TF1 Saver's).
+
+        Raises:
+            CorruptCheckpointError: the graph tensor is damaged or not a valid graph.
+        """
+        if OBJECT_GRAPH_KEY not in self.entries:
+            return None
+        try:
+            return parse_object_graph(b"".join(self.read_string(OBJECT_GRAPH_KEY)))
+        except DecodeError as exc:
+            raise CorruptCheckpointError(
+                f"{self.data_path(self.entries[OBJECT_GRAPH_KEY].shard_id)}: tensor "
+                f"{OBJECT_GRAPH_KEY!r} is not a valid TrackableObjectGraph: {exc}",
+                hint=DAMAGED_HINT,
+            ) from None
+
+    # --- index parsing ----------------------------------------------------------
+
+    def _read_index_file(self) -> bytes:
+        """Returns the bytes of the index file."""
+        try:
+            with open(self.index_path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise SourceError(
+                f"expected a TensorFlow checkpoint index at {self.index_path}, found no such file",
+                hint=_prefix_hint(self.prefix),
+            ) from None
+        except OSError as exc:
+            raise SourceError(
+                f"cannot read checkpoint index {self.index_path}: {exc.strerror or exc}",
+                hint="Check the file's permissions and that it is a regular file.",
+            ) from None
+
+    def _parse_header(self, table: list[tuple[bytes, bytes]]) -> BundleHeader:
+        """Parses and checks the header, which must be the first (empty-key) entry."""
+        if not table or table[0][0] != b"":
+            found = f"first key {table[0][0]!r}" if table else "no entries"
+            raise CorruptCheckpointError(
+                f"{self.index_path}: expected a bundle header under the empty key, found {found}",
+                hint=DAMAGED_HINT,
+            )
+        try:
+            header = parse_bundle_header(table[0][1])
+        except DecodeError as exc:
+            raise CorruptCheckpointError(
+                f"{self.index_path}: the bundle header is garbled: {exc}", hint=DAMAGED_HINT
+            ) from None
+        if header.num_shards < 1:
+            raise CorruptCheckpointError(
+                f"{self.index_path}: the bundle header says {header.num_shards} data shards, "
+                "expected at least 1",
+                hint=DAMAGED_HINT,
+            )
+        if header.endianness != 0:
+            raise UnsupportedFormatError(
+                f"{self.index_path}: the checkpoint was written on a big-endian machine; "
+                "regraft reads only little-endian checkpoints",
+                hint="Re-save the checkpoint on a little-endian (x86 or ARM) machine.",
+            )
+        return header
+
+    def _parse_entries(self, table: list[tuple[bytes, bytes]]) -> dict[str, BundleEntry]:
+        """Parses the tensor entries, skipping slice keys of partitioned variables."""
+        entries: dict[str, BundleEntry] = {}
+        previous = b""
+        for raw_key, value in table:
+            if raw_key <= previous:
+                raise CorruptCheckpointError(
+                    f"{self.index_path}: key {raw_key!r} follows {previous!r}; expected "
+                    "strictly increasing keys",
+                    hint=DAMAGED_HINT,
+                )
+            previous = raw_key
+            if raw_key.startswith(_SLICE_KEY_PREFIX):
+                continue
+            key = raw_key.decode("utf-8", errors="backslashreplace")
+            entries[key] = self._make_entry(key, value)
+        return entries
+
+    def _make_entry(self, key: str, value: bytes) -> BundleEntry:
+        """Parses and checks one BundleEntryProto."""
+        try:
+            proto = parse_bundle_entry(value)
+        except DecodeError as exc:
+            raise CorruptCheckpointError(
+                f"{self.index_path}: the entry of tensor {key!r} is garbled: {exc}", hint=DAMAGED_HINT
+            ) from None
+        problem = self._entry_problem(proto)
+        if problem:
+            raise CorruptCheckpointError(
+                f"{self.index_path}: the entry of tensor {key!r} is invalid: {problem}",
+                hint=DAMAGED_HINT,
+            )
+        return BundleEntry(
+            key=key,
+            dtype=_entry_dtype(proto.dtype),
+            shape=proto.shape,
+            shard_id=proto.shard_id,
+            offset=proto.offset,
+            size=proto.size,
+            crc32c=proto.crc32c,
+            sliced=proto.num_slices > 0,
+        )
+
+    def _entry_problem(self, proto: BundleEntryProto) -> str:
+        """Returns what is wrong with an entry's fields, or ``""``."""
+        if proto.unknown_rank or any(d < 0 for d in proto.shape):
+            return f"shape {list(proto.shape)} (unknown_rank={proto.unknown_rank}) is not fully defined"
+        if not 0 <= proto.shard_id < self.header.num_shards:
+            return f"shard {proto.shard_id}, expected 0 to {self.header.num_shards - 1}"
+        if proto.offset < 0 or proto.size < 0:
+            return f"offset {proto.offset} and size {proto.size} must not be negative"
+        if math.prod(d for d in proto.shape if d) > _MAX_ELEMENTS:
+            return f"shape {list(proto.shape)} has more elements than any array can hold"
+        return ""
+
+    def _check_data_files(self) -> None:
+        """Raises SourceError unless every data shard file exists."""
+        paths = (self.data_path(i) for i in range(self.header.num_shards))
+        missing = [path for path in paths if not os.path.isfile(path)]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise SourceError(
+                f"{self.index_path} expects {self.header.num_shards} data file(s), but "
+                f"{missing[0]} does not exist{more}",
+                hint="Copy every PREFIX.data-*-of-* file together with the .index file.",
+            )
+
+    # --- tensor reading helpers -------------------------------------------------
+
+    def _entry(self, key: str) -> BundleEntry:
+        """Returns the entry of ``key`` or raises SourceError naming the key."""
+        try:
+            return self.entries[key]
+        except KeyError:
+            raise SourceError(
+                f"{self.index_path} has no tensor {key!r} (it has {len(self.entries)} tensors)",
+                hint="Check the key against the checkpoint's tensor list (Bundle.entries).",
+            ) from None
+
+    def _numeric_entry(self, key: str) -> tuple[BundleEntry, np.dtype]:
+        """Returns the entry of ``key`` and its dtype, checking :meth:`read` can read it."""
+        entry = self._entry(key)
+        if not isinstance(entry.dtype, np.dtype):
+            if entry.dtype == "string":
+                hint = "Read string tensors with Bundle.read_string."
+            elif entry.dtype == "bfloat16":
+                hint = "Install the ml_dtypes package (pip install ml_dtypes) to read bfloat16 tensors."
+            else:
+                hint = "Skip this tensor; it holds no numeric weights regraft can transfer."
+            raise UnsupportedFormatError(
+                f"{self.index_path}: tensor {key!r} has dtype {entry.dtype}, which regraft cannot "
+                "read as a numeric array",
+                hint=hint,
+            )
+        self._check_not_sliced(entry)
+        return entry, entry.dtype
+
+    def _check_not_sliced(self, entry: BundleEntry) -> None:
+        """Raises UnsupportedFormatError for a partitioned variable."""
+        if entry.sliced:
+            raise UnsupportedFormatError(
+                f"{self.index_path}: tensor {entry.key!r} is a partitioned variable stored as "
+                "slices; partitioned variables are not supported",
+                hint="Restore it in TensorFlow and re-save it unpartitioned.",
+            )
+
+    @contextlib.contextmanager
+    def _open_data(self, entry: BundleEntry) -> Iterator[io.FileIO]:
+        """Opens the entry's data file positioned at its offset, checking its length.
+
+        Raises:
+            SourceError: the data file cannot be opened or read (also while the
+                caller reads it).
+            CorruptCheckpointError: the file ends before the entry's last byte.
+        """
+        path = self.data_path(entry.shard_id)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                available = max(os.fstat(f.fileno()).st_size - entry.offset, 0)
+                if available < entry.size:
+                    raise self._truncated(entry, available)
+                f.seek(entry.offset)
+                yield f
+        except OSError as exc:
+            raise SourceError(
+                f"cannot read checkpoint data file {path} (tensor {entry.key!r}): "
+                f"{exc.strerror or exc}",
+                hint="Check that the file exists and is readable.",
+            ) from None
+
+    def _fill(self, entry: BundleEntry, f: io.FileIO, out: memoryview) -> None:
+        """Reads exactly ``entry.size`` bytes from ``f`` into ``out``."""
+        got = _readinto_fully(f, out)
+        if got != entry.size:
+            raise self._truncated(entry, got)
+
+    def _truncated(self, entry: BundleEntry, found: int) -> CorruptCheckpointError:
+        """Returns the error for a data file that ends inside the entry's bytes."""
+        return CorruptCheckpointError(
+            f"{self.data_path(entry.shard_id)}: tensor {entry.key!r} needs {entry.size} bytes "
+            f"at offset {entry.offset}, found only {found}; the data file is truncated",
+            hint=DAMAGED_HINT,
+        )
+
+    def _check_crc(self, entry: BundleEntry, actual: int) -> None:
+        """Raises CorruptCheckpointError if ``actual`` differs from the entry's checksum."""
+        if actual != entry.crc32c:
+            raise CorruptCheckpointError(
+                f"{self.data_path(entry.shard_id)}: tensor {entry.key!r} has checksum "
+                f"{actual:#010x}, expected {entry.crc32c:#010x}; its data is corrupted",
+                hint=DAMAGED_HINT,
+            )
+
+
+def _dtype_name(dtype: EntryDType) -> str:
+    """Returns a display name for an entry dtype."""
+    return dtype if isinstance(dtype, str) else dtype.name
+
+
+def _num_elements(shape: tuple[int, ...]) -> int:
+    """Returns the number of elements of a shape (1 for a scalar)."""
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _readinto_fully(f: io.FileIO, out: memoryview) -> int:
+    """Reads until ``out`` is full or the file ends; returns the bytes read."""
+    out = out.cast("B")
+    total = 0
+    while total < len(out):
+        got = f.readinto(out[total : total + _READ_CHUNK])
+        if not got:
+            break
+        total += got
+    return total
+
+
+def _decode_strings(buf: bytearray, count: int) -> tuple[list[bytes], int]:
+    """Decodes a bundle's string-tensor layout and checks the length checksum.
+
+    Args:
+        buf: the tensor's stored bytes.
+        count: number of elements.
+
+    Returns:
+        ``(strings, crc)`` where ``crc`` is the unmasked CRC-32C TensorFlow
+        computes over the tensor (to compare with the entry's checksum).
+
+    Raises:
+        DecodeError: the lengths' checksum fails or the sizes do not add up.
+    """
+    lengths = []
+    crc = 0
+    pos = 0
+    for _ in range(count):
+        length, pos = decode_varint(buf, pos)
+        lengths.append(length)
+        crc = crc32c(struct.pack("<I" if length <= _UINT32_MAX else "<Q", length), crc)
+    if pos + 4 > len(buf):
+        raise DecodeError(f"the lengths' checksum at byte {pos} is cut off at byte {len(buf)}")
+    (stored,) = struct.unpack_from("<I", buf, pos)
+    if stored != mask(crc):
+        raise DecodeError(f"the string lengths have checksum {mask(crc):#010x}, expected {stored:#010x}")
+    start = pos + 4
+    if start + sum(lengths) != len(buf):
+        raise DecodeError(
+            f"{count} strings of {sum(lengths)} bytes after {start} bytes of lengths and "
+            f"checksum do not fill the tensor's {len(buf)} bytes"
+        )
+    strings = []
+    pos = start
+    for length in lengths:
+        strings.append(bytes(buf[pos : pos + length]))
+        pos += length
+    return strings, crc32c(memoryview(buf)[start - 4 :], crc)
