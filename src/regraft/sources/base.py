@@ -44,6 +44,14 @@ class Source:
         tops = {e.key.split("/", 1)[0] for e in self._entries.values() if "/" in e.key and e.kind == "weight"}
         return sorted(tops)
 
+    def layers(self) -> dict[str, tuple[str | None, str | None]]:
+        """Layer keys the format records, with (Keras name, class in snake case) where known.
+
+        Includes weightless layers (pooling, activation), which alignment uses as
+        landmarks. Layers that hold weights are implied by the entries anyway.
+        """
+        return {}
+
     def read(self, key: str) -> np.ndarray:
         """Read one tensor (a fresh, writable array) by canonical key."""
         raise NotImplementedError

@@ -10,6 +10,7 @@ Keras 2 writes one group per layer (root attribute ``layer_names``) whose
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -67,12 +68,21 @@ class KerasH5(Source):
         """Read one dataset by canonical key into a fresh array."""
         dataset = self._file[self._dataset_path[key]]
         try:
-            return np.array(dataset[()], copy=True)
+            array = np.array(dataset[()], copy=True)
+            if array.dtype.kind == "V":  # Keras stores bfloat16 as opaque bytes with a 'dtype' attribute
+                from regraft.naming import dtype_of
+
+                array = array.view(dtype_of(_dtype_name(dataset)))
+            return array
         except OSError as exc:
             raise CorruptCheckpointError(
                 f"Cannot read tensor '{key}' from {self.path}: {exc}.",
                 hint="The file is damaged; save the weights again.",
             ) from None
+
+    def layers(self) -> dict[str, tuple[str | None, str | None]]:
+        """Every saved layer (weightless ones too), with its Keras name and, for list items, its class."""
+        return dict(self._layers)
 
     def close(self) -> None:
         """Close the HDF5 file."""
@@ -84,7 +94,24 @@ class KerasH5(Source):
         out = []
         self._dataset_path = {}
         found: list[tuple[str, h5py.Dataset]] = []
-        self._file.visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+        groups: list[str] = []
+
+        def visit(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset):
+                found.append((name, obj))
+            elif name == "vars" or name.endswith("/vars"):
+                groups.append(name)
+
+        self._file.visititems(visit)
+        self._layers = {}
+        for name in groups:
+            layer = name[: -len("vars")].rstrip("/")
+            if layer == "optimizer" or layer.startswith("optimizer/") or not layer:
+                continue
+            layer_name = self._file[name].attrs.get("name")
+            parent, _, segment = layer.rpartition("/")
+            kind = re.sub(r"_\d+$", "", segment) if parent.rpartition("/")[2] == "layers" else None
+            self._layers[layer] = (layer_name.decode() if isinstance(layer_name, bytes) else layer_name, kind)
         for name, dataset in found:
             layer, marker, index = name.rpartition("/vars/")
             if not marker:

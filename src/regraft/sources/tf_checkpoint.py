@@ -116,6 +116,10 @@ class TFCheckpoint(Source):
             entries = self._name_entries()
         super().__init__(path, entries)
 
+    def layers(self) -> dict[str, tuple[str | None, str | None]]:
+        """Weightless list items of the object graph (names and classes are not recorded)."""
+        return dict(getattr(self, "_landmarks", {}))
+
     def read(self, key: str) -> np.ndarray:
         """Read the tensor with canonical ``key`` (checksum verified)."""
         return self.bundle.read(self._bundle_key[key])
@@ -144,6 +148,13 @@ class TFCheckpoint(Source):
         all_paths = _paths(nodes, skip=set(), every=True)
         slot_owner = _slot_owners(nodes, optimizer_nodes)
         keras2 = any(c.local_name.startswith("layer_with_weights-") for n in nodes for c in n.children)
+        # Weightless items of layer lists (pooling, activation, input): empty nodes reached by a numbered edge.
+        self._landmarks = {
+            path: (None, None)
+            for node_id, found in paths.items()
+            for path in found[:1]
+            if not nodes[node_id].children and not nodes[node_id].attributes and path.rpartition("/")[2].isdigit()
+        }
         self.format, self.namespace = ("tf-keras", "keras2") if keras2 else ("tf-object", "object")
 
         out = []

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from regraft.entries import TargetVariable
+from regraft.entries import NAMESPACES, TargetVariable
 from regraft.errors import TargetError
 
-__all__ = ["describe", "assign", "read_value", "save_weights"]
+__all__ = ["describe", "describe_with_layers", "assign", "read_value", "save_weights"]
 
 
 def _keras():
@@ -30,11 +30,14 @@ def _keras():
     return keras
 
 
-def describe(model: Any) -> list[TargetVariable]:
-    """List every variable of ``model`` with its keys in all namespaces.
+def describe(model: Any, namespaces: tuple[str, ...] = NAMESPACES) -> list[TargetVariable]:
+    """List every variable of ``model`` with its keys in the given namespaces.
 
     Args:
         model: a built Keras 3 model (functional, Sequential, subclassed, nested).
+        namespaces: which key namespaces to compute (``name`` is always there).
+            Computing only the one a source speaks keeps planning fast: the
+            ``h5`` walk is the slow one.
 
     Returns:
         One record per distinct variable, in ``model.weights`` order.
@@ -46,24 +49,28 @@ def describe(model: Any) -> list[TargetVariable]:
         >>> [t.key for t in describe(model)]        # doctest: +SKIP
         ['dense1/kernel', 'dense1/bias']
     """
-    keras = _keras()
-    if not isinstance(model, keras.Model) and not isinstance(model, keras.layers.Layer):
-        raise TargetError(
-            f"Expected a Keras model. Received: an object of type {type(model).__name__}.",
-            hint="Pass the keras.Model you want to load into.",
-        )
-    if not model.built or (not model.weights and _has_unbuilt_layers(model)):
-        raise TargetError(
-            f"Model '{model.name}' is not built, so it has no variables to load into yet.",
-            hint="Build it first: call it once on an example batch (model(x)) or call "
-            "model.build(input_shape).",
-        )
+    return describe_with_layers(model, namespaces)[0]
+
+
+def describe_with_layers(
+    model: Any, namespaces: tuple[str, ...] = NAMESPACES
+) -> tuple[list[TargetVariable], dict[str, dict[str, tuple[str | None, str | None]]]]:
+    """:func:`describe`, plus every layer's key per namespace with (Keras name, class in snake case).
+
+    Weightless layers are included: alignment uses them as landmarks.
+    """
+    _check_model(model)
     variables = _unique(model.weights)
     owners = _owners(model)
     readable = _readable_keys(model)
-    object_keys = _object_keys(model)
-    h5_keys = _h5_keys(model)
-    keras2_keys = _keras2_keys(model)
+    tables: dict[str, dict[int, str]] = {}
+    layers: dict[str, dict[str, tuple[str | None, str | None]]] = {}
+    if "object" in namespaces:
+        tables["object"], layers["object"] = _object_walk(model)
+    if "h5" in namespaces:
+        tables["h5"], layers["h5"] = _h5_walk(model)
+    if "keras2" in namespaces:
+        tables["keras2"] = _keras2_keys(model)
     used: dict[str, int] = {}
     out = []
     for variable in variables:
@@ -71,7 +78,7 @@ def describe(model: Any) -> list[TargetVariable]:
         key = _unique_key(readable.get(id(variable), variable.path), used)
         layer_path = key.rpartition("/")[0] if id(variable) in readable else layer_path
         keys = {"name": variable.path}
-        for namespace, table in (("object", object_keys), ("h5", h5_keys), ("keras2", keras2_keys)):
+        for namespace, table in tables.items():
             if id(variable) in table:
                 keys[namespace] = table[id(variable)]
         out.append(
@@ -89,7 +96,22 @@ def describe(model: Any) -> list[TargetVariable]:
                 layer_object=layer,
             )
         )
-    return out
+    return out, layers
+
+
+def _check_model(model: Any) -> None:
+    keras = _keras()
+    if not isinstance(model, keras.Model) and not isinstance(model, keras.layers.Layer):
+        raise TargetError(
+            f"Expected a Keras model. Received: an object of type {type(model).__name__}.",
+            hint="Pass the keras.Model you want to load into.",
+        )
+    if not model.built or (not model.weights and _has_unbuilt_layers(model)):
+        raise TargetError(
+            f"Model '{model.name}' is not built, so it has no variables to load into yet.",
+            hint="Build it first: call it once on an example batch (model(x)) or call "
+            "model.build(input_shape).",
+        )
 
 
 def read_value(target: TargetVariable) -> np.ndarray:
@@ -184,10 +206,20 @@ def _readable_keys(model: Any) -> dict[int, str]:
     return out
 
 
-def _object_keys(model: Any) -> dict[int, str]:
-    """Breadth-first object-graph paths, the way tf.train.Checkpoint names them."""
+def _snake(layer: Any) -> str:
+    from keras.src.utils.naming import to_snake_case
+
+    return to_snake_case(type(layer).__name__)
+
+
+def _object_walk(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None, str | None]]]:
+    """Breadth-first object-graph paths, the way tf.train.Checkpoint names them.
+
+    Returns (variable id → path, layer path → (name, kind)).
+    """
     keras = _keras()
-    out: dict[int, str] = {}
+    variables: dict[int, str] = {}
+    layers: dict[str, tuple[str | None, str | None]] = {}
     seen = {id(model)}
     queue: deque[tuple[Any, str]] = deque([(model, "")])
     while queue:
@@ -202,20 +234,26 @@ def _object_keys(model: Any) -> dict[int, str]:
             seen.add(id(child))
             child_path = f"{path}/{name}" if path else name
             if isinstance(child, keras.Variable):
-                out[id(child)] = child_path
-            else:
-                queue.append((child, child_path))
-    return out
+                variables[id(child)] = child_path
+                continue
+            if isinstance(child, keras.layers.Layer):
+                layers[child_path] = (child.name, _snake(child))
+            queue.append((child, child_path))
+    return variables, layers
 
 
-def _h5_keys(model: Any) -> dict[int, str]:
-    """Paths Keras' own weights saver would give each variable in a .weights.h5 file."""
+def _h5_walk(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None, str | None]]]:
+    """Paths Keras' own weights saver would write, from its walk run against a recorder.
+
+    Returns (variable id → path, layer path → (name, kind)).
+    """
     try:
         from keras.src.saving import saving_lib
     except ImportError:  # pragma: no cover - depends on the Keras version installed
-        return {}
+        return {}, {}
 
     out: dict[int, str] = {}
+    layer_names: dict[str, str | None] = {}
 
     class _Vars(dict):
         def __init__(self, path: str) -> None:
@@ -233,6 +271,7 @@ def _h5_keys(model: Any) -> dict[int, str]:
             return True
 
         def make(self, path: str, metadata: Any = None) -> _Vars:
+            layer_names[path] = (metadata or {}).get("name")
             return _Vars(path)
 
         def get(self, path: str) -> _Vars:
@@ -241,8 +280,9 @@ def _h5_keys(model: Any) -> dict[int, str]:
     try:
         saving_lib._save_state(model, _Recorder(), None, "", set())
     except Exception:  # Keras internals changed: h5 keys are then unknown, matching falls back
-        return {}
-    return out
+        return {}, {}
+    kinds = {layer.name: _snake(layer) for layer in model._flatten_layers(include_self=False, recursive=True)}
+    return out, {path: (name, kinds.get(name)) for path, name in layer_names.items() if path}
 
 
 def _keras2_keys(model: Any) -> dict[int, str]:
