@@ -17,17 +17,18 @@ two tensors (the one read and the old value being journaled).
 from __future__ import annotations
 
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
 from regraft.entries import TargetVariable
-from regraft.errors import LoadError
+from regraft.errors import CorruptCheckpointError, LoadError
 from regraft.naming import dtype_of
 from regraft.plan import CAST, Assignment, Plan
 from regraft.sources.base import Source
-from regraft.targets import assign, read_value
+from regraft.targets import assign, read_value, restore_tensor
 
 __all__ = ["apply_plan", "convert", "freeze_loaded", "AppliedTensor"]
 
@@ -97,23 +98,18 @@ def apply_plan(plan: Plan, source: Source, progress: Progress | None = None) -> 
     Raises:
         RegraftError: anything that stopped the load; the model is then unchanged.
     """
-    writes = [a for a in plan.assignments if a.writes]
+    writes = [a for a in plan.assignments if a.writes and a.source is not None]
     done: dict[str, AppliedTensor] = {}
-    with tempfile.TemporaryFile(prefix="regraft-undo-") as journal:
+    # Reading the next tensor (I/O and checksum, outside the GIL) overlaps with
+    # journaling and assigning the current one; at most one read is ahead.
+    with tempfile.TemporaryFile(prefix="regraft-undo-", buffering=0) as journal, ThreadPoolExecutor(1) as reader:
         undo: list[tuple[Assignment, int, tuple[int, ...], np.dtype]] = []
+        ahead: Future | None = reader.submit(_fetch, writes[0], source, plan) if writes else None
         try:
             for i, a in enumerate(writes):
-                entry = a.source
-                if entry is None:  # a written assignment always has a source
-                    continue
-                value = source.read(entry.key)
-                if tuple(value.shape) != tuple(a.target.shape):
-                    raise LoadError(
-                        f"Tensor '{entry.key}' in {plan.source_path} has shape {value.shape} on disk, "
-                        f"but its index says {entry.shape}.",
-                        hint="The checkpoint is inconsistent; save it again.",
-                    )
-                value, error = convert(value, a.target, entry.key) if a.status == CAST else (value, None)
+                assert ahead is not None
+                value, error = ahead.result()
+                ahead = reader.submit(_fetch, writes[i + 1], source, plan) if i + 1 < len(writes) else None
                 old = read_value(a.target)
                 undo.append((a, journal.tell(), old.shape, old.dtype))
                 journal.write(_bytes_of(old))
@@ -124,9 +120,44 @@ def apply_plan(plan: Plan, source: Source, progress: Progress | None = None) -> 
                 if progress is not None:
                     progress(i + 1, len(writes), a.target.key)
         except BaseException:
+            if ahead is not None:
+                ahead.cancel()
             _roll_back(journal, undo)
             raise
     return done
+
+
+def _fetch(a: Assignment, source: Source, plan: Plan) -> tuple[Any, float | None]:
+    """Read (and for a cast, convert) the tensor an assignment needs; checks its shape.
+
+    Uncast tensors of a TF checkpoint are read by TensorFlow straight into a
+    tensor the variable can adopt without a copy; everything else goes through
+    regraft's reader and numpy.
+    """
+    entry = a.source
+    if entry is None:  # a written assignment always has a source
+        raise LoadError(f"Variable '{a.target.key}' has no source to load.")
+    location = source.native_location(entry.key) if a.status != CAST else None
+    if location is not None:
+        try:
+            value = restore_tensor(*location, a.target.dtype)
+        except Exception as exc:
+            source.read(entry.key)  # regraft's reader says precisely what is wrong, if it can tell
+            raise CorruptCheckpointError(
+                f"TensorFlow could not read tensor '{entry.key}' from {plan.source_path}: {exc}",
+                hint="The checkpoint is damaged; save it again or restore it from a backup.",
+            ) from None
+        error = None
+    else:
+        value = source.read(entry.key)
+        value, error = convert(value, a.target, entry.key) if a.status == CAST else (value, None)
+    if tuple(value.shape) != tuple(a.target.shape):
+        raise LoadError(
+            f"Tensor '{entry.key}' in {plan.source_path} has shape {tuple(value.shape)} on disk, "
+            f"but its index says {entry.shape}.",
+            hint="The checkpoint is inconsistent; save it again.",
+        )
+    return value, error
 
 
 def _roll_back(journal: Any, undo: list[tuple[Assignment, int, tuple[int, ...], np.dtype]]) -> None:

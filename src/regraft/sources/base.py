@@ -52,6 +52,10 @@ class Source:
         """
         return {}
 
+    def native_location(self, key: str) -> tuple[str, str] | None:
+        """``(checkpoint prefix, tensor name)`` when the backend can read this tensor itself, else ``None``."""
+        return None
+
     def read(self, key: str) -> np.ndarray:
         """Read one tensor (a fresh, writable array) by canonical key."""
         raise NotImplementedError

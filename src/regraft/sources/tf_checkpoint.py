@@ -120,6 +120,11 @@ class TFCheckpoint(Source):
         """Weightless list items of the object graph (names and classes are not recorded)."""
         return dict(getattr(self, "_landmarks", {}))
 
+    def native_location(self, key: str) -> tuple[str, str] | None:
+        """TensorFlow reads bundles natively: ``(prefix, tensor name in the bundle)``."""
+        entry = self.bundle.entries[self._bundle_key[key]]
+        return None if entry.sliced else (self.prefix, entry.key)
+
     def read(self, key: str) -> np.ndarray:
         """Read the tensor with canonical ``key`` (checksum verified)."""
         return self.bundle.read(self._bundle_key[key])

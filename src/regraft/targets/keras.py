@@ -21,7 +21,7 @@ import numpy as np
 from regraft.entries import NAMESPACES, TargetVariable
 from regraft.errors import TargetError
 
-__all__ = ["describe", "describe_with_layers", "assign", "read_value", "save_weights"]
+__all__ = ["describe", "describe_with_layers", "assign", "read_value", "restore_tensor", "save_weights"]
 
 
 def _keras():
@@ -115,13 +115,27 @@ def _check_model(model: Any) -> None:
 
 
 def read_value(target: TargetVariable) -> np.ndarray:
-    """Return a copy of the variable's current value as a numpy array."""
-    return np.array(target.variable.numpy(), copy=True)
+    """The variable's current value as a numpy array (a snapshot, or a view valid until the next assign)."""
+    return np.asarray(target.variable.numpy())
 
 
-def assign(target: TargetVariable, value: np.ndarray) -> None:
-    """Assign ``value`` (already of the variable's shape and dtype) to the variable."""
+def assign(target: TargetVariable, value: Any) -> None:
+    """Assign ``value`` (a numpy array or tensor of the variable's shape and dtype) to the variable.
+
+    A tensor read by :func:`restore_tensor` is adopted by the variable without a copy.
+    """
     target.variable.assign(value)
+
+
+def restore_tensor(prefix: str, name: str, dtype: str) -> Any:
+    """Read one tensor of a TF checkpoint with TensorFlow's own reader (checksum verified).
+
+    TensorFlow reads the bytes straight into a tensor buffer, which ``assign``
+    then hands to the variable: one copy from the file, none in memory.
+    """
+    import tensorflow as tf
+
+    return tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""], dtypes=[tf.as_dtype(dtype)])[0]
 
 
 def _unique(variables: list[Any]) -> list[Any]:
