@@ -6,7 +6,7 @@ Example:
     >>> print(report)                                             # doctest: +SKIP
 """
 
-from regraft.api import diff, load, open, plan_load
+from regraft.api import diff, load, open, plan
 from regraft.entries import SourceEntry, TargetVariable
 from regraft.errors import (
     CorruptCheckpointError,
@@ -26,7 +26,7 @@ __all__ = [
     "open",
     "load",
     "diff",
-    "plan_load",
+    "plan",
     "LoadReport",
     "Plan",
     "Assignment",

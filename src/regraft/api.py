@@ -1,22 +1,24 @@
-"""The public functions: open a checkpoint, preview a load, load."""
+"""The public functions: open a checkpoint, plan a load, preview it, load."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Iterable, Mapping
 
-from regraft.apply import Progress, apply_plan, freeze_loaded
+from regraft.apply import Progress
 from regraft.errors import LoadError
-from regraft.matching import make_plan, read_renames
+from regraft.matching import make_plan
 from regraft.plan import Plan
 from regraft.report import LoadReport
+from regraft.rules import parse_rules
 from regraft.sources import Source, open_source
-from regraft.targets import describe
+from regraft.targets import describe_with_layers
 
-__all__ = ["open", "plan_load", "diff", "load"]
+__all__ = ["open", "plan", "diff", "load"]
 
 PathLike = str | os.PathLike[str]
-Rename = Mapping[str, str] | PathLike | None
+Rules = Mapping[str, Any] | list[Any] | PathLike | None
 
 
 def open(path: PathLike) -> Source:  # noqa: A001 - the public verb is regraft.open
@@ -29,40 +31,71 @@ def open(path: PathLike) -> Source:  # noqa: A001 - the public verb is regraft.o
     return open_source(path)
 
 
-def plan_load(
+def plan(
     model: Any,
-    source: Source,
+    source: PathLike | Source,
     *,
-    rename: Rename = None,
+    rules: Rules = None,
+    rename: Mapping[str, str] | PathLike | None = None,
     allow_missing: Iterable[str] = (),
     allow_unused: Iterable[str] = (),
     root: str | None = None,
 ) -> Plan:
-    """Decide what a load would do, from metadata only."""
+    """Decide what each variable of ``model`` takes from the checkpoint, from metadata only.
+
+    Args:
+        model: the built Keras 3 model to load into.
+        source: a checkpoint path, or a :class:`Source` from :func:`open`.
+        rules: rename/init/ignore rules, as a dict, a list or a YAML file (see
+            :mod:`regraft.rules`).
+        rename: shorthand for ``rules={"rename": rename}``: old checkpoint key
+            (or ``"scope/"``) → new model key, or a YAML file of that mapping.
+        allow_missing: glob patterns of model variables that may stay fresh.
+        allow_unused: glob patterns of checkpoint tensors that may go unused.
+        root: the saved object holding the model (``"model"``); chosen automatically.
+
+    Returns:
+        An immutable :class:`Plan`; print it, save it, or ``plan.apply(model)``.
+
+    Example:
+        >>> p = regraft.plan(new_model, "ckpts/run7")   # doctest: +SKIP
+        >>> print(p); p.save("plan.yaml")                # doctest: +SKIP
+    """
+    if isinstance(source, Source):
+        return _plan(model, source, rules, rename, allow_missing, allow_unused, root)
+    with open_source(source) as opened:
+        return _plan(model, opened, rules, rename, allow_missing, allow_unused, root)
+
+
+def _plan(model: Any, source: Source, rules: Rules, rename: Any, allow_missing: Iterable[str],
+          allow_unused: Iterable[str], root: str | None) -> Plan:
+    targets, layers = describe_with_layers(model, (source.namespace,))
     return make_plan(
-        describe(model),
+        targets,
         source,
-        rename=read_renames(rename),
+        target_layers=layers.get(source.namespace),
+        rules=parse_rules(rules, rename=rename),
         allow_missing=tuple(allow_missing),
         allow_unused=tuple(allow_unused),
         root=root,
+        model_name=model.name,
     )
 
 
 def diff(model: Any, path: PathLike, **options: Any) -> LoadReport:
     """What :func:`load` would do, without loading anything (a report with ``applied=False``).
 
-    Takes the same keyword options as :func:`load` except ``strict`` and ``freeze``.
+    Takes the same keyword options as :func:`plan`.
     """
-    with open_source(path) as source:
-        return LoadReport.build(plan_load(model, source, **options), None)
+    return LoadReport.build(plan(model, path, **options), None)
 
 
 def load(
     model: Any,
     path: PathLike,
     *,
-    rename: Rename = None,
+    rules: Rules = None,
+    rename: Mapping[str, str] | PathLike | None = None,
     strict: bool = True,
     allow_missing: Iterable[str] = (),
     allow_unused: Iterable[str] = (),
@@ -70,22 +103,19 @@ def load(
     root: str | None = None,
     progress: Progress | None = None,
 ) -> LoadReport:
-    """Load a checkpoint into a (possibly changed) built Keras model.
+    """Load a checkpoint into a (possibly changed) built Keras model: :func:`plan`, then apply.
 
     Args:
         model: the built Keras 3 model to load into.
         path: a TF checkpoint (prefix, ``.index``, or folder with a ``checkpoint``
             file), a Keras ``.weights.h5`` or a Keras 2 ``.h5`` file.
-        rename: ``{old checkpoint key or "scope/": new model key or "scope/"}``, or
-            a YAML file holding that mapping.
+        rules, rename, allow_missing, allow_unused, root: as for :func:`plan`.
         strict: raise :class:`~regraft.errors.LoadError` before touching the model
-            when anything is missing, unused or shape-mismatched (except what the
-            allow patterns cover), listing every problem at once.
-        allow_missing: glob patterns of model variables that may stay fresh.
-        allow_unused: glob patterns of checkpoint tensors that may go unused.
+            when anything is missing, unused, ambiguous or shape-mismatched, or a
+            rule matched nothing (except what the allow patterns cover), listing
+            every problem at once.
         freeze: set ``trainable=False`` on every layer whose variables were all
             loaded unchanged.
-        root: the saved object holding the model (``"model"``); chosen automatically.
         progress: called as ``progress(done, total, key)`` after each tensor.
 
     Returns:
@@ -100,10 +130,8 @@ def load(
         3 loaded, 0 shape-mismatch, 2 missing, 2 unused — 61.0% of parameters from the checkpoint
     """
     with open_source(path) as source:
-        plan = plan_load(
-            model, source, rename=rename, allow_missing=allow_missing, allow_unused=allow_unused, root=root
-        )
-        problems = plan.problems()
+        the_plan = _plan(model, source, rules, rename, allow_missing, allow_unused, root)
+        problems = the_plan.problems()
         if strict and problems:
             raise LoadError(
                 f"Refusing to load {source.path} into model '{model.name}': "
@@ -113,6 +141,6 @@ def load(
                 hint="Map renamed keys with rename=, allow expected gaps with allow_missing=/allow_unused=, "
                 "or pass strict=False to load what matches and report the rest.",
             )
-        applied = apply_plan(plan, source, progress)
-    frozen = freeze_loaded(plan) if freeze else []
-    return LoadReport.build(plan, applied, frozen)
+    for rule in the_plan.unused_rules():
+        warnings.warn(f"regraft: {rule} matched nothing", stacklevel=2)
+    return the_plan.apply(model, freeze=freeze, progress=progress)

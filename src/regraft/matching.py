@@ -1,72 +1,62 @@
 """Decide, for every target variable, which checkpoint tensor it takes.
 
-Stages run in order on what the previous stages left unmatched; each returns the
-pairs it decided with a reason. Today: ``rename`` (the user's rules) then
-``exact`` (same key in the source's namespace). Automatic alignment will be a
-further stage with the same signature.
+Stages run in order on what the previous stages left undecided:
+
+1. ``rule``    — the user's rules: ``ignore`` drops checkpoint tensors, ``init``
+   leaves model variables fresh, ``rename`` maps old keys to new ones;
+2. ``exact``   — the same key in the checkpoint's namespace, for keys that name
+   things (``encoder/dense/_kernel``). Keys that are *positions*
+   (``_operations/12``, ``layer_with_weights-3``, ``layers/conv2d_7``) are not
+   trusted on their own: one inserted layer shifts them all;
+3. ``aligned`` — structural alignment of the two architectures
+   (:mod:`regraft.align`); a positional key that the alignment confirms is
+   reported as ``exact``.
+
+Every decision carries a reason and a confidence. Equally good candidates are
+reported as ``ambiguous`` and never loaded.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Callable, Mapping
-
-
+import re
+from regraft.align import Alignment, Pair, align_trees, build_tree
 from regraft.entries import WEIGHT, SourceEntry, TargetVariable
 from regraft.errors import RegraftError
 from regraft.naming import matches_any
-from regraft.plan import CAST, LOADED, MISSING, SHAPE_MISMATCH, Assignment, Plan
+from regraft.plan import (
+    AMBIGUOUS,
+    CAST,
+    LOADED,
+    MISSING,
+    SHAPE_MISMATCH,
+    Assignment,
+    Plan,
+    fingerprint_source,
+    fingerprint_target,
+)
+from regraft.rules import IGNORE, INIT, RENAME, Rule
 from regraft.sources.base import Source
 
-__all__ = ["make_plan", "read_renames", "choose_root"]
+__all__ = ["make_plan", "choose_root", "is_positional"]
 
-Decision = tuple[SourceEntry, str]
-Stage = Callable[[list[TargetVariable], dict[str, SourceEntry], str], dict[str, Decision]]
+_POSITIONAL = {
+    "object": re.compile(r"(^|/)\d+(/|$)"),
+    "keras2": re.compile(r"(^|/)layer(_with_weights)?-\d+(/|$)"),
+    "h5": re.compile(r"(^|/)layers/"),
+}
+
+Decision = tuple[SourceEntry, str, str, float]  # entry, stage, reason, confidence
 
 
-def read_renames(rename: Mapping[str, str] | str | os.PathLike[str] | None) -> list[tuple[str, str]]:
-    """Normalise ``rename`` (a dict, or a YAML file of one) to an ordered list of (old, new) pairs.
+def is_positional(key: str, namespace: str) -> bool:
+    """True when ``key`` addresses a layer by its position rather than by a name.
 
-    Keys are checkpoint keys (or prefixes ending in ``/``), values are what they
-    become in the model, like ``tf.compat.v1.train.init_from_checkpoint``'s
-    ``assignment_map``. A YAML file may hold the mapping itself or under ``rename:``.
+    Example:
+        >>> is_positional("_operations/3/_kernel", "object"), is_positional("encoder/d/_kernel", "object")
+        (True, False)
     """
-    if rename is None:
-        return []
-    if isinstance(rename, (str, os.PathLike)):
-        import yaml
-
-        path = os.fspath(rename)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise RegraftError(f"Rename file {path} does not exist.", hint="Check the path given to --rename.") from None
-        except yaml.YAMLError as exc:
-            raise RegraftError(f"Rename file {path} is not valid YAML: {exc}.", hint="Fix the YAML syntax.") from None
-        if isinstance(data, dict) and "rename" in data:
-            data = data["rename"]
-        if not isinstance(data, dict):
-            raise RegraftError(
-                f"Rename file {path} must hold a mapping 'old checkpoint key: new model key'. "
-                f"Received: {type(data).__name__}.",
-                hint='Write lines like  "encoder/": "backbone/"',
-            )
-        rename = data
-    pairs = []
-    for old, new in dict(rename).items():
-        if not isinstance(old, str) or not isinstance(new, str):
-            raise RegraftError(
-                f"Rename rule {old!r}: {new!r} must map a string to a string.",
-                hint='Write rules like {"encoder/": "backbone/"}.',
-            )
-        if old.endswith("/") != new.endswith("/"):
-            raise RegraftError(
-                f"Rename rule '{old}' -> '{new}': a scope prefix must end in '/' on both sides.",
-                hint=f"Write '{old.rstrip('/')}/' -> '{new.rstrip('/')}/' for a prefix, or neither for one key.",
-            )
-        pairs.append((old, new))
-    return pairs
+    pattern = _POSITIONAL.get(namespace)
+    return bool(pattern and pattern.search(key.rpartition("/")[0]))
 
 
 def choose_root(source: Source, targets: list[TargetVariable], root: str | None) -> str:
@@ -104,78 +94,122 @@ def make_plan(
     targets: list[TargetVariable],
     source: Source,
     *,
-    rename: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    target_layers: dict[str, tuple[str | None, str | None]] | None = None,
+    rules: tuple[Rule, ...] = (),
     allow_missing: tuple[str, ...] = (),
     allow_unused: tuple[str, ...] = (),
     root: str | None = None,
+    model_name: str = "",
 ) -> Plan:
     """Match every target variable to a source tensor or none, from metadata only."""
+    namespace = source.namespace
     root = choose_root(source, targets, root)
     prefix = root + "/" if root else ""
-    in_root: dict[str, SourceEntry] = {}
-    outside, optimizer = [], []
+    available: dict[str, SourceEntry] = {}
+    outside, optimizer, ignored = [], [], []
+    rule_counts = {rule.number: 0 for rule in rules}
     for entry in source.entries():
         if entry.kind != WEIGHT:
             optimizer.append(entry)
-        elif entry.key.startswith(prefix):
-            in_root[entry.key[len(prefix) :]] = entry
-        else:
+        elif not entry.key.startswith(prefix):
             outside.append(entry)
+        else:
+            relative = entry.key[len(prefix) :]
+            rule = next((r for r in rules if r.kind == IGNORE and r.matches([relative, entry.key])), None)
+            if rule is not None:
+                rule_counts[rule.number] += 1
+                ignored.append((entry, str(rule)))
+            else:
+                available[relative] = entry
 
-    namespace = source.namespace
-    decided: dict[str, tuple[SourceEntry, str, str]] = {}
-    unmatched = list(targets)
-    available = dict(in_root)
-    rename_counts = [0] * len(rename)
-    stages: list[tuple[str, Stage]] = [
-        ("rename", lambda ts, av, ns: _rename_stage(ts, av, ns, rename, rename_counts)),
-        ("exact", _exact_stage),
-    ]
-    for name, stage in stages:
-        for target_key, (entry, reason) in stage(unmatched, available, namespace).items():
-            decided[target_key] = (entry, name, reason)
-        used = {id(e) for e, _, _ in decided.values()}
-        available = {k: e for k, e in available.items() if id(e) not in used}
-        unmatched = [t for t in unmatched if t.key not in decided]
+    decided: dict[str, Decision] = {}
+    fresh: dict[str, tuple[str, str]] = {}  # target key -> (reason, allowed by)
+    for target in targets:
+        rule = next((r for r in rules if r.kind == INIT and r.matches([target.key, *target.keys.values()])), None)
+        if rule is not None:
+            rule_counts[rule.number] += 1
+            fresh[target.key] = (f"{rule}: left fresh on purpose", str(rule))
+
+    open_targets = [t for t in targets if t.key not in fresh]
+    decided.update(_rename_stage(open_targets, available, namespace, rules, rule_counts))
+    used = {id(d[0]) for d in decided.values()}
+    decided.update(_exact_stage([t for t in open_targets if t.key not in decided], available, namespace, used))
+    used = {id(d[0]) for d in decided.values()}
+
+    source_layers = {k[len(prefix) :]: v for k, v in source.layers().items() if k.startswith(prefix)}
+    alignment = _align(targets, target_layers, available, source_layers, namespace)
+    ambiguous: dict[str, tuple[str, ...]] = {}
+    for pair in alignment.pairs:
+        target, entry = pair.target, pair.source
+        if target.key in decided or target.key in fresh or id(entry) in used:
+            continue
+        decided[target.key] = _aligned_decision(pair, namespace, prefix)
+        used.add(id(entry))
+    for layer, candidates in alignment.ambiguous.items():
+        for target in targets:
+            key = target.keys.get(namespace, "")
+            if key.startswith(layer + "/") and target.key not in decided:
+                relative = key[len(layer) :]
+                found = [available[c + relative].key for c in candidates if c + relative in available]
+                ambiguous[target.key] = tuple(found) or tuple(prefix + c for c in candidates)
 
     assignments = []
     for target in targets:
-        if target.key not in decided:
-            allowed = matches_any([target.key, *target.keys.values()], allow_missing)
-            assignments.append(Assignment(target, None, MISSING, "", "no tensor with this key", allowed))
-            continue
-        entry, stage, reason = decided[target.key]
-        allowed = None
-        if tuple(entry.shape) != tuple(target.shape):
-            status = SHAPE_MISMATCH
-            allowed = matches_any([target.key, *target.keys.values()], allow_missing)
-        elif entry.dtype != target.dtype:
-            status = CAST
-            reason += f"; cast {entry.dtype} -> {target.dtype}"
-        else:
-            status = LOADED
-        assignments.append(Assignment(target, entry, status, stage, reason, allowed))
+        assignments.append(_assignment(target, decided.get(target.key), fresh.get(target.key),
+                                       ambiguous.get(target.key, ()), allow_missing))
     unused = tuple(
-        (entry, matches_any([key, entry.key], allow_unused)) for key, entry in available.items()
+        (entry, matches_any([key, entry.key], allow_unused)) for key, entry in available.items() if id(entry) not in used
     )
     return Plan(
         source_path=source.path,
         source_format=source.format,
         root=root,
         assignments=tuple(assignments),
+        namespace=namespace,
+        model_name=model_name,
         unused=unused,
+        ignored=tuple(ignored),
         outside=tuple(outside),
         optimizer=tuple(optimizer),
-        renames_used=tuple((old, new, n) for (old, new), n in zip(rename, rename_counts)),
+        rules=tuple((rule, rule_counts[rule.number]) for rule in rules),
+        inserted=tuple(_readable_layers(alignment.inserted, targets, namespace)),
+        removed=tuple(prefix + key for key in alignment.removed),
+        source_fingerprint=fingerprint_source(source.entries()),
+        target_fingerprint=fingerprint_target(targets),
     )
 
 
-def _exact_stage(targets: list[TargetVariable], available: dict[str, SourceEntry], namespace: str) -> dict[str, Decision]:
+def _assignment(
+    target: TargetVariable,
+    decision: Decision | None,
+    fresh: tuple[str, str] | None,
+    candidates: tuple[str, ...],
+    allow_missing: tuple[str, ...],
+) -> Assignment:
+    allowed = matches_any([target.key, *target.keys.values()], allow_missing)
+    if fresh is not None:
+        return Assignment(target, None, MISSING, "rule", fresh[0], fresh[1], 1.0)
+    if decision is None:
+        if candidates:
+            return Assignment(target, None, AMBIGUOUS, "aligned", "equally good candidates", allowed, None, candidates)
+        return Assignment(target, None, MISSING, "", "no counterpart in the checkpoint", allowed)
+    entry, stage, reason, confidence = decision
+    if tuple(entry.shape) != tuple(target.shape):
+        return Assignment(target, entry, SHAPE_MISMATCH, stage, reason, allowed, confidence)
+    if entry.dtype != target.dtype:
+        return Assignment(target, entry, CAST, stage, f"{reason}; cast {entry.dtype} -> {target.dtype}", None, confidence)
+    return Assignment(target, entry, LOADED, stage, reason, None, confidence)
+
+
+def _exact_stage(
+    targets: list[TargetVariable], available: dict[str, SourceEntry], namespace: str, used: set[int]
+) -> dict[str, Decision]:
     out = {}
     for target in targets:
         key = target.keys.get(namespace)
-        if key is not None and key in available:
-            out[target.key] = (available[key], "exact key")
+        if key is None or key not in available or id(available[key]) in used or is_positional(key, namespace):
+            continue
+        out[target.key] = (available[key], "exact", "exact key", 1.0)
     return out
 
 
@@ -183,15 +217,16 @@ def _rename_stage(
     targets: list[TargetVariable],
     available: dict[str, SourceEntry],
     namespace: str,
-    rules: list[tuple[str, str]],
-    counts: list[int],
+    rules: tuple[Rule, ...],
+    counts: dict[int, int],
 ) -> dict[str, Decision]:
-    """Rewrite source keys with the first rule that applies, then look the new key up.
+    """Rewrite source keys with the first rename rule that applies, then look the new key up.
 
     A rewritten key matches a target whose key in the source's namespace, or whose
-    readable key, equals it.
+    readable key, equals it. Two tensors renamed onto one variable is an error.
     """
-    if not rules:
+    renames = [r for r in rules if r.kind == RENAME]
+    if not renames:
         return {}
     by_key: dict[str, TargetVariable] = {}
     for target in targets:
@@ -200,16 +235,56 @@ def _rename_stage(
             by_key.setdefault(target.keys[namespace], target)
     out: dict[str, Decision] = {}
     for key, entry in available.items():
-        for i, (old, new) in enumerate(rules):
-            if old.endswith("/") and key.startswith(old):
-                renamed = new + key[len(old) :]
-            elif key == old:
-                renamed = new
-            else:
+        for rule in renames:
+            renamed = rule.rename(key)
+            if renamed is None:
                 continue
             target = by_key.get(renamed)
-            if target is not None and target.key not in out:
-                out[target.key] = (entry, f"rename '{old}' -> '{new}'")
-                counts[i] += 1
+            if target is not None:
+                if target.key in out:
+                    raise RegraftError(
+                        f"{rule} renames both '{out[target.key][0].key}' and '{entry.key}' onto variable '{target.key}'.",
+                        hint="Make the rule more specific so that one tensor maps to each variable.",
+                    )
+                out[target.key] = (entry, "rule", f"{rule}", 1.0)
+                counts[rule.number] += 1
             break
     return out
+
+
+def _align(
+    targets: list[TargetVariable],
+    target_layers: dict[str, tuple[str | None, str | None]] | None,
+    available: dict[str, SourceEntry],
+    source_layers: dict[str, tuple[str | None, str | None]],
+    namespace: str,
+) -> Alignment:
+    source_tree = build_tree([(key, entry, entry.shape) for key, entry in available.items()], source_layers)
+    target_tree = build_tree(
+        [(t.keys[namespace], t, t.shape) for t in targets if namespace in t.keys], target_layers or {}
+    )
+    return align_trees(source_tree, target_tree, namespace)
+
+
+def _aligned_decision(pair: Pair, namespace: str, prefix: str) -> Decision:
+    entry, target = pair.source, pair.target
+    if entry.key == prefix + target.keys.get(namespace, "") and not pair.by_order:
+        return entry, "exact", "exact key (position confirmed by alignment)", 1.0
+    if pair.by_order:
+        return (entry, "aligned",
+                f"aligned: layer {pair.source_layer} -> {pair.target_layer}, placed by order within a run of alike layers",
+                0.6)
+    how = {"name": "same layer name", "structure": "same structure under another name", "sequence": "by sequence alignment"}
+    confidence = 0.9 if pair.score >= 100 else 0.5
+    shapes = "shapes equal" if entry.shape == target.shape else "shapes differ"
+    return entry, "aligned", f"aligned: layer {pair.source_layer} -> {pair.target_layer} ({how.get(pair.how, pair.how)}, {shapes})", confidence
+
+
+def _readable_layers(layers: list[str], targets: list[TargetVariable], namespace: str) -> list[str]:
+    """Readable keys of target layers given by their key in ``namespace``."""
+    readable: dict[str, str] = {}
+    for t in targets:
+        parts = t.keys.get(namespace, "").split("/")
+        for depth in range(1, len(parts)):
+            readable.setdefault("/".join(parts[:depth]), t.layer)
+    return sorted({readable.get(layer, layer) for layer in layers})

@@ -1,21 +1,45 @@
 """The Plan: for every target variable, one source tensor (and a transform) or none.
 
-A plan is computed from metadata only and is immutable. :func:`regraft.load` is
-``make_plan`` followed by :func:`regraft.apply.apply_plan`.
+A plan is computed from metadata only and is immutable. It prints as a table,
+serialises to YAML a person can review and edit (:meth:`Plan.save`,
+:meth:`Plan.read`), and carries fingerprints of the checkpoint and of the model
+so that a plan is never applied to something it was not made for.
+:func:`regraft.load` is :func:`regraft.plan` followed by :meth:`Plan.apply`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
 
 from regraft.entries import SourceEntry, TargetVariable
+from regraft.errors import RegraftError
+from regraft.naming import collapse
 
-__all__ = ["Assignment", "Plan", "LOADED", "CAST", "SHAPE_MISMATCH", "MISSING"]
+if TYPE_CHECKING:  # pragma: no cover
+    from regraft.report import LoadReport
+    from regraft.rules import Rule
+
+__all__ = [
+    "Assignment",
+    "Plan",
+    "LOADED",
+    "CAST",
+    "SHAPE_MISMATCH",
+    "MISSING",
+    "AMBIGUOUS",
+    "fingerprint_source",
+    "fingerprint_target",
+]
 
 LOADED = "loaded"
 CAST = "cast"
 SHAPE_MISMATCH = "shape-mismatch"
 MISSING = "missing"
+AMBIGUOUS = "ambiguous"
+PLAN_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -25,12 +49,16 @@ class Assignment:
     Attributes:
         target: the model variable.
         source: the checkpoint entry it takes its value from, or ``None``.
-        status: ``loaded``, ``cast``, ``shape-mismatch`` or ``missing`` (the last two
-            leave the variable at its fresh value).
-        stage: which matcher stage decided (``exact``, ``rename``), ``""`` if none did.
+        status: ``loaded``, ``cast``, ``shape-mismatch``, ``missing`` or
+            ``ambiguous`` (the last three leave the variable at its fresh value).
+        stage: which stage decided: ``rule``, ``exact``, ``aligned``, ``plan``
+            (read from an edited plan file), ``""`` if none did.
         reason: the decision in words.
-        allowed: for a variable left fresh (``missing``, ``shape-mismatch``), the
-            ``allow_missing`` pattern that covers it, if any.
+        allowed: for a variable left fresh, the ``allow_missing`` pattern or
+            ``init`` rule that covers it, if any.
+        confidence: how sure an automatic decision is (1.0 for exact keys and rules).
+        transform: ``identity`` or ``cast`` for what is written; ``None`` otherwise.
+        candidates: for ``ambiguous``, the equally good source keys.
     """
 
     target: TargetVariable
@@ -39,11 +67,18 @@ class Assignment:
     stage: str = ""
     reason: str = ""
     allowed: str | None = None
+    confidence: float | None = None
+    candidates: tuple[str, ...] = ()
 
     @property
     def writes(self) -> bool:
         """True when applying the plan assigns this variable."""
         return self.status in (LOADED, CAST)
+
+    @property
+    def transform(self) -> str | None:
+        """``identity`` or ``cast`` for what is written, else ``None``."""
+        return {LOADED: "identity", CAST: "cast"}.get(self.status)
 
 
 @dataclass(frozen=True)
@@ -53,43 +88,302 @@ class Plan:
     Attributes:
         source_path: the checkpoint path.
         source_format: the detected format.
+        namespace: the key namespace of the checkpoint.
         root: the saved object whose subtree was matched (``""`` = the saved root).
+        model_name: the name of the model the plan was made for.
         assignments: one per target variable, in model order.
         unused: source weights under ``root`` that no target takes, with the
             ``allow_unused`` pattern that covers each (or ``None``).
+        ignored: source weights dropped on purpose by an ``ignore`` rule, with the rule.
         outside: source weights outside ``root`` (other saved objects), never loaded.
         optimizer: optimizer slots and bookkeeping tensors, listed apart.
-        renames_used: for each rename rule given, how many tensors it renamed.
+        rules: every rule given, with how many variables or tensors it decided.
+        inserted: model layers with no counterpart in the checkpoint (readable keys).
+        removed: checkpoint layers with no counterpart in the model.
+        source_fingerprint: hash of the checkpoint's keys, shapes and dtypes.
+        target_fingerprint: hash of the model's keys, shapes and dtypes.
     """
 
     source_path: str
     source_format: str
     root: str
     assignments: tuple[Assignment, ...]
+    namespace: str = ""
+    model_name: str = ""
     unused: tuple[tuple[SourceEntry, str | None], ...] = ()
+    ignored: tuple[tuple[SourceEntry, str], ...] = ()
     outside: tuple[SourceEntry, ...] = ()
     optimizer: tuple[SourceEntry, ...] = ()
-    renames_used: tuple[tuple[str, str, int], ...] = field(default=())
+    rules: tuple[tuple["Rule", int], ...] = field(default=())
+    inserted: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    source_fingerprint: str = ""
+    target_fingerprint: str = ""
+
+    # -- checks -------------------------------------------------------------------
+
+    def unused_rules(self) -> list["Rule"]:
+        """Rules that decided nothing (a typo, or a rule that no longer applies)."""
+        return [rule for rule, count in self.rules if count == 0]
 
     def problems(self) -> list[str]:
         """Every reason a strict load refuses this plan, collapsed, as text lines."""
-        from regraft.naming import collapse
-
         lines = []
-        mismatched = [a for a in self.assignments if a.status == SHAPE_MISMATCH and a.allowed is None]
-        for a in mismatched:
-            source = a.source or a.target  # a mismatch always has a source; keep typing honest
-            lines.append(
-                f"shape mismatch: tensor '{source.key}' has shape {_shape(source.shape)}; "
-                f"variable '{a.target.key}' needs {_shape(a.target.shape)}"
-            )
+        for a in self.assignments:
+            if a.status == SHAPE_MISMATCH and a.allowed is None and a.source is not None:
+                lines.append(
+                    f"shape mismatch: tensor '{a.source.key}' has shape {_shape(a.source.shape)}; "
+                    f"variable '{a.target.key}' needs {_shape(a.target.shape)}"
+                )
+        for a in self.assignments:
+            if a.status == AMBIGUOUS and a.allowed is None:
+                lines.append(
+                    f"ambiguous: variable '{a.target.key}' fits equally well "
+                    + " and ".join(f"'{c}'" for c in a.candidates)
+                    + "; add a rename rule to choose"
+                )
         missing = [a.target.key for a in self.assignments if a.status == MISSING and a.allowed is None]
         if missing:
             lines.append(f"missing from the checkpoint ({len(missing)}): " + ", ".join(collapse(missing)))
-        unused = [e.key for e, allowed in self.unused if allowed is None]
+        contested = {c for a in self.assignments for c in a.candidates}
+        unused = [e.key for e, allowed in self.unused if allowed is None and e.key not in contested]
         if unused:
             lines.append(f"unused checkpoint tensors ({len(unused)}): " + ", ".join(collapse(unused)))
+        for rule in self.unused_rules():
+            lines.append(f"unused rule: {rule} matched nothing")
         return lines
+
+    # -- use ------------------------------------------------------------------------
+
+    def apply(self, model: Any, *, freeze: bool = False, progress: Any = None) -> "LoadReport":
+        """Load the checkpoint into ``model`` exactly as planned (all-or-nothing).
+
+        ``model`` must be the model the plan was made for, or one built the same
+        way (same variable keys, shapes and dtypes): otherwise the plan is refused.
+
+        Raises:
+            RegraftError: the model or the checkpoint no longer fits the plan, or
+                the load failed (the model is then unchanged).
+        """
+        from regraft.apply import apply_plan, freeze_loaded
+        from regraft.report import LoadReport
+        from regraft.sources import open_source
+        from regraft.targets import describe
+
+        plan = self
+        if [id(v) for v in _unique_weights(model)] != [id(a.target.variable) for a in self.assignments]:
+            # Another model object: it must be built the same way; bind the plan to its variables.
+            targets = describe(model, ())
+            if fingerprint_target(targets) != self.target_fingerprint:
+                raise RegraftError(
+                    f"This plan was made for another model than '{model.name}' "
+                    "(its variable keys, shapes or dtypes differ).",
+                    hint="Make a new plan for this model (regraft.plan / regraft plan).",
+                )
+            plan = self._rebind({t.key: t for t in targets})
+        with open_source(self.source_path) as source:
+            self._check_source(source)
+            applied = apply_plan(plan, source, progress)
+        frozen = freeze_loaded(plan) if freeze else []
+        return LoadReport.build(plan, applied, frozen)
+
+    def _rebind(self, by_key: dict[str, TargetVariable]) -> "Plan":
+        from dataclasses import replace
+
+        return replace(self, assignments=tuple(replace(a, target=by_key[a.target.key]) for a in self.assignments))
+
+    def _check_source(self, source: Any) -> None:
+        if fingerprint_source(source.entries()) != self.source_fingerprint:
+            raise RegraftError(
+                f"The checkpoint {self.source_path} has changed since this plan was made "
+                "(its keys, shapes or dtypes differ).",
+                hint="Make a new plan against the checkpoint as it is now.",
+            )
+
+    # -- display and files -------------------------------------------------------
+
+    def __str__(self) -> str:
+        from regraft.report import LoadReport
+
+        return str(LoadReport.build(self, None))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain data: what a plan file holds."""
+        variables = {}
+        for a in self.assignments:
+            entry: dict[str, Any] = {
+                "source": a.source.key if a.source else None,
+                "status": a.status,
+                "transform": a.transform,
+                "stage": a.stage or None,
+                "reason": a.reason,
+            }
+            if a.confidence is not None:
+                entry["confidence"] = round(a.confidence, 3)
+            if a.candidates:
+                entry["candidates"] = list(a.candidates)
+            if a.allowed:
+                entry["allowed_by"] = a.allowed
+            variables[a.target.key] = entry
+        return {
+            "regraft_plan": PLAN_VERSION,
+            "checkpoint": {
+                "path": self.source_path,
+                "format": self.source_format,
+                "root": self.root,
+                "fingerprint": self.source_fingerprint,
+            },
+            "model": {"name": self.model_name, "fingerprint": self.target_fingerprint},
+            "variables": variables,
+            "fresh": [a.target.key for a in self.assignments if not a.writes],
+            "unused": [e.key for e, _ in self.unused],
+            "ignored": [e.key for e, _ in self.ignored],
+            "inserted_layers": list(self.inserted),
+            "removed_layers": list(self.removed),
+            "rules": [{"rule": str(rule), "used": count} for rule, count in self.rules],
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan as YAML to ``path`` (temporary name, then renamed into place)."""
+        import yaml
+
+        path = os.fspath(path)
+        text = _PLAN_HEADER + yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=120)
+        tmp = f"{path}.regraft-tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], model: Any) -> "Plan":
+        """Read a plan file (possibly edited by hand) and bind it to ``model``.
+
+        Each variable's ``source`` may be changed to another checkpoint key or to
+        ``null`` (leave fresh); the status is recomputed from shapes and dtypes.
+
+        Raises:
+            RegraftError: the file is not a regraft plan, names keys that do not
+                exist, or was made for another checkpoint or model.
+        """
+        from regraft.sources import open_source
+        from regraft.targets import describe
+
+        data = _read_yaml(os.fspath(path))
+        checkpoint = data["checkpoint"]
+        namespace_targets = describe(model, ())
+        if fingerprint_target(namespace_targets) != data["model"]["fingerprint"]:
+            raise RegraftError(
+                f"Plan {path} was made for another model than '{model.name}' "
+                "(its variable keys, shapes or dtypes differ).",
+                hint="Make a new plan for this model with `regraft plan`.",
+            )
+        with open_source(checkpoint["path"]) as source:
+            if fingerprint_source(source.entries()) != checkpoint["fingerprint"]:
+                raise RegraftError(
+                    f"Plan {path} was made for another checkpoint than {checkpoint['path']} as it is now "
+                    "(its keys, shapes or dtypes differ).",
+                    hint="Make a new plan against this checkpoint with `regraft plan`.",
+                )
+            entries = {e.key: e for e in source.entries()}
+            namespace, source_format = source.namespace, source.format
+        by_key = {t.key: t for t in namespace_targets}
+        unknown = sorted(set(data["variables"]) - set(by_key))
+        if unknown:
+            raise RegraftError(
+                f"Plan {path} names variables the model does not have: {', '.join(collapse(unknown))}.",
+                hint="Only edit the 'source' of existing entries.",
+            )
+        assignments = []
+        used: set[str] = set()
+        for target in namespace_targets:
+            entry = data["variables"].get(target.key, {"source": None})
+            assignments.append(_assignment_from_file(target, entry, entries, path))
+            if entry.get("source"):
+                used.add(entry["source"])
+        prefix = checkpoint["root"] + "/" if checkpoint["root"] else ""
+        unused = tuple(
+            (e, None) for e in entries.values() if e.kind == "weight" and e.key.startswith(prefix) and e.key not in used
+            and e.key not in set(data.get("ignored", []))
+        )
+        return cls(
+            source_path=checkpoint["path"],
+            source_format=source_format,
+            root=checkpoint["root"],
+            assignments=tuple(assignments),
+            namespace=namespace,
+            model_name=data["model"].get("name", ""),
+            unused=unused,
+            inserted=tuple(data.get("inserted_layers", [])),
+            removed=tuple(data.get("removed_layers", [])),
+            source_fingerprint=checkpoint["fingerprint"],
+            target_fingerprint=data["model"]["fingerprint"],
+        )
+
+
+def _unique_weights(model: Any) -> list[Any]:
+    seen: set[int] = set()
+    return [v for v in model.weights if not (id(v) in seen or seen.add(id(v)))]
+
+
+_PLAN_HEADER = """\
+# regraft plan: what each model variable takes from the checkpoint.
+# Edit a variable's 'source' to another checkpoint key, or to null to leave it at
+# its fresh value, then run:  regraft apply THIS_FILE --model SPEC --out OUT
+# 'status' is recomputed from shapes and dtypes when the plan is read.
+"""
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise RegraftError(f"Plan file {path} does not exist.", hint="Write one with `regraft plan ... -o FILE`.") from None
+    except yaml.YAMLError as exc:
+        raise RegraftError(f"Plan file {path} is not valid YAML: {exc}", hint="Fix the YAML syntax.") from None
+    if not isinstance(data, dict) or data.get("regraft_plan") != PLAN_VERSION or "variables" not in data:
+        raise RegraftError(
+            f"{path} is not a regraft plan file (version {PLAN_VERSION}).",
+            hint="Write one with `regraft plan CKPT --model SPEC -o FILE`.",
+        )
+    return data
+
+
+def _assignment_from_file(target: TargetVariable, entry: Any, entries: dict[str, SourceEntry], path: Any) -> Assignment:
+    if not isinstance(entry, dict):
+        raise RegraftError(f"Plan {path}: the entry of '{target.key}' must be a mapping with a 'source'.")
+    key = entry.get("source")
+    if key is None:
+        return Assignment(target, None, MISSING, "plan", entry.get("reason") or "left fresh in the plan", "plan")
+    if key not in entries:
+        raise RegraftError(
+            f"Plan {path}: variable '{target.key}' names source '{key}', which is not in the checkpoint.",
+            hint="Use a key listed by `regraft inspect CKPT`, or null to leave the variable fresh.",
+        )
+    source = entries[key]
+    stage, reason = entry.get("stage") or "plan", entry.get("reason") or "chosen in the plan file"
+    if source.shape != target.shape:  # reported, left fresh: what a plan says of a mismatch
+        return Assignment(target, source, SHAPE_MISMATCH, stage, reason, None, entry.get("confidence"))
+    status = CAST if source.dtype != target.dtype else LOADED
+    return Assignment(target, source, status, stage, reason, None, entry.get("confidence"))
+
+
+def fingerprint_source(entries: Iterable[SourceEntry]) -> str:
+    """A short hash of every checkpoint entry's key, shape, dtype and kind."""
+    h = hashlib.sha256()
+    for e in sorted(entries, key=lambda e: e.key):
+        h.update(f"{e.key}|{e.shape}|{e.dtype}|{e.kind}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_target(targets: Iterable[TargetVariable]) -> str:
+    """A short hash of every model variable's readable key, shape and dtype."""
+    h = hashlib.sha256()
+    for t in targets:
+        h.update(f"{t.key}|{t.shape}|{t.dtype}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _shape(shape: tuple[int, ...]) -> str:

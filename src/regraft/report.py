@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from regraft.apply import AppliedTensor
-from regraft.plan import CAST, LOADED, MISSING, SHAPE_MISMATCH, Plan, _shape
+from regraft.plan import AMBIGUOUS, CAST, LOADED, MISSING, SHAPE_MISMATCH, Plan, _shape
 
 __all__ = ["LoadReport"]
 
@@ -34,7 +34,7 @@ class LoadReport:
 
     def counts(self) -> dict[str, int]:
         """Number of target variables per status, plus unused/outside/optimizer tensors."""
-        out = {s: 0 for s in (LOADED, CAST, SHAPE_MISMATCH, MISSING)}
+        out = {s: 0 for s in (LOADED, CAST, SHAPE_MISMATCH, MISSING, AMBIGUOUS)}
         for a in self.plan.assignments:
             out[a.status] += 1
         out["unused"] = len(self.plan.unused)
@@ -57,6 +57,8 @@ class LoadReport:
             parts.append(f"{c[CAST]} cast")
         parts.append(f"{c[SHAPE_MISMATCH]} shape-mismatch")
         parts.append(f"{c[MISSING]} missing")
+        if c[AMBIGUOUS]:
+            parts.append(f"{c[AMBIGUOUS]} ambiguous")
         parts.append(f"{c['unused']} unused")
         line = ", ".join(parts) + f" — {self.parameter_share():.1%} of parameters from the checkpoint"
         if c["optimizer_and_bookkeeping"]:
@@ -79,7 +81,10 @@ class LoadReport:
                 "source_dtype": a.source.dtype if a.source else None,
                 "stage": a.stage or None,
                 "reason": a.reason,
+                "confidence": a.confidence,
             }
+            if a.candidates:
+                row["candidates"] = list(a.candidates)
             if a.allowed:
                 row["allowed_by"] = a.allowed
             if a.target.key in self.cast_errors:
@@ -105,7 +110,10 @@ class LoadReport:
             ],
             "outside_root": [e.key for e in p.outside],
             "optimizer_and_bookkeeping": [{"source": e.key, "kind": e.kind, "slot_of": e.slot_of} for e in p.optimizer],
-            "renames": [{"from": old, "to": new, "used": n} for old, new, n in p.renames_used],
+            "rules": [{"rule": str(rule), "used": n} for rule, n in p.rules],
+            "ignored": [{"source": e.key, "rule": rule} for e, rule in p.ignored],
+            "inserted_layers": list(p.inserted),
+            "removed_layers": list(p.removed),
             "frozen": list(self.frozen),
         }
 
@@ -130,6 +138,57 @@ class LoadReport:
         widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
         text = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *lines]]
         return "\n".join(text)
+
+    def grouped(self) -> str:
+        """The plan grouped by outcome, keys collapsed, with the aligned regions: what a person reads first.
+
+        Example output::
+
+            loaded, exact key (2): dense1/{bias,kernel}
+            loaded, aligned (4): _operations/{4..5}/... -> block{2..3}/{bias,kernel}
+            shape-mismatch (2): dense2/{bias,kernel}
+            missing (2): dense3/{bias,kernel}
+            inserted layers: dense3
+        """
+        from regraft.naming import collapse
+
+        groups: dict[str, list[str]] = {}
+        by_order = []
+        for a in self.plan.assignments:
+            if a.status in (LOADED, CAST):
+                label = f"{a.status}, {'exact key' if a.stage == 'exact' else a.stage or 'exact key'}"
+                if a.confidence is not None and a.confidence < 1.0 and a.stage == "aligned":
+                    label += f" (confidence {a.confidence:.1f})"
+            else:
+                label = a.status + (" (allowed)" if a.allowed else "")
+            groups.setdefault(label, []).append(a.target.key)
+            if "placed by order" in a.reason:
+                by_order.append(a.target.key)
+        lines = [f"{label} ({len(keys)}): " + ", ".join(collapse(keys)) for label, keys in groups.items()]
+        for a in self.plan.assignments:
+            if a.status == SHAPE_MISMATCH and a.source is not None:
+                lines.append(f"  {a.target.key}: {_shape(a.source.shape)} in '{a.source.key}' -> {_shape(a.target.shape)}")
+            if a.status == AMBIGUOUS:
+                lines.append(f"  {a.target.key}: candidates " + ", ".join(a.candidates))
+        unused = [e.key for e, _ in self.plan.unused]
+        if unused:
+            lines.append(f"unused ({len(unused)}): " + ", ".join(collapse(unused)))
+        if self.plan.ignored:
+            lines.append(f"ignored ({len(self.plan.ignored)}): " + ", ".join(collapse(e.key for e, _ in self.plan.ignored)))
+        if self.plan.inserted:
+            lines.append("inserted layers: " + ", ".join(collapse(self.plan.inserted)))
+        if self.plan.removed:
+            lines.append("removed layers: " + ", ".join(collapse(self.plan.removed)))
+        if by_order:
+            lines.append(
+                "placed by order (a run of alike layers grew or shrank; the old ones were taken to come first): "
+                + ", ".join(collapse(by_order))
+            )
+        for rule, count in self.plan.rules:
+            lines.append(f"{rule}: {'used ' + str(count) + 'x' if count else 'UNUSED (matched nothing)'}")
+        where = f" (object '{self.plan.root}')" if self.plan.root else ""
+        head = f"{self.plan.source_path} [{self.plan.source_format}]{where}"
+        return "\n".join([head, *lines, self.summary()])
 
     def __str__(self) -> str:
         where = f" (object '{self.plan.root}')" if self.plan.root else ""

@@ -8,7 +8,7 @@ from collections import Counter
 
 from regraft.cli.output import emit, info, progress_printer
 
-__all__ = ["inspect", "diff", "load", "demo"]
+__all__ = ["inspect", "diff", "plan", "load", "apply", "demo"]
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -51,25 +51,22 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace, apply: bool):
-    import regraft
-    from regraft.cli.modelspec import build_model
-
-    model = build_model(args.model)
-    options = dict(rename=args.rename, allow_missing=args.allow_missing, allow_unused=args.allow_unused, root=args.root)
-    if not apply:
-        return model, regraft.diff(model, args.checkpoint, **options)
-    return model, regraft.load(
-        model, args.checkpoint, strict=args.strict, freeze=args.freeze,
-        progress=progress_printer(not args.json), **options,
-    )
+def _options(args: argparse.Namespace) -> dict:
+    return dict(rules=args.rules, rename=args.rename, allow_missing=args.allow_missing,
+                allow_unused=args.allow_unused, root=args.root)
 
 
 def diff(args: argparse.Namespace) -> int:
-    """``regraft diff CKPT --model SPEC``: the plan, nothing loaded."""
-    _, report = _report(args, apply=False)
-    problems = report.plan.problems()
-    text = str(report)
+    """``regraft diff CKPT --model SPEC``: the plan grouped by outcome; nothing loaded."""
+    import regraft
+    from regraft.cli.modelspec import build_model
+    from regraft.report import LoadReport
+
+    model = build_model(args.model)
+    plan = regraft.plan(model, args.checkpoint, **_options(args))
+    report = LoadReport.build(plan, None)
+    problems = plan.problems()
+    text = report.grouped() + (("\n\n" + report.table()) if args.table else "")
     if problems:
         text += "\nA strict load would refuse:\n  " + "\n  ".join(problems)
     data = report.to_dict()
@@ -78,11 +75,47 @@ def diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan(args: argparse.Namespace) -> int:
+    """``regraft plan CKPT --model SPEC -o PLAN``: write the plan file."""
+    import regraft
+    from regraft.cli.modelspec import build_model
+    from regraft.report import LoadReport
+
+    model = build_model(args.model)
+    the_plan = regraft.plan(model, args.checkpoint, **_options(args))
+    the_plan.save(args.output)
+    report = LoadReport.build(the_plan, None)
+    data = report.to_dict()
+    data["plan_file"] = args.output
+    emit(data, report.grouped() + f"\nplan written to {args.output}", args.json)
+    return 0
+
+
 def load(args: argparse.Namespace) -> int:
     """``regraft load CKPT --model SPEC --out OUT``: load, then write the new model's weights."""
+    import regraft
+    from regraft.cli.modelspec import build_model
+
+    model = build_model(args.model)
+    report = regraft.load(model, args.checkpoint, strict=args.strict, freeze=args.freeze,
+                          progress=progress_printer(not args.json), **_options(args))
+    return _write(model, report, args)
+
+
+def apply(args: argparse.Namespace) -> int:
+    """``regraft apply PLAN --model SPEC --out OUT``: apply a plan file as written."""
+    from regraft.cli.modelspec import build_model
+    from regraft.plan import Plan
+
+    model = build_model(args.model)
+    the_plan = Plan.read(args.plan_file, model)
+    report = the_plan.apply(model, freeze=args.freeze, progress=progress_printer(not args.json))
+    return _write(model, report, args)
+
+
+def _write(model, report, args: argparse.Namespace) -> int:
     from regraft.targets import save_weights
 
-    model, report = _report(args, apply=True)
     written = save_weights(model, args.out)
     data = report.to_dict()
     data["written"] = written

@@ -19,6 +19,8 @@ __all__ = ["main", "build_parser"]
 _EPILOG = """examples:
   regraft inspect ckpts/run7
   regraft diff ckpts/run7 --model models.py:build_new
+  regraft plan ckpts/run7 --model models.py:build_new --rules rules.yaml -o plan.yaml
+  regraft apply plan.yaml --model models.py:build_new --out new.weights.h5
   regraft load ckpts/run7 --model models.py:build_new --out new.weights.h5 --rename map.yaml
   regraft demo
 """
@@ -30,6 +32,9 @@ def _add_match_options(p: argparse.ArgumentParser) -> None:
                    help="FILE.py:CALLABLE or package.module:CALLABLE returning the built new model")
     p.add_argument("--rename", metavar="YAML",
                    help="YAML mapping of old checkpoint keys (or 'scope/' prefixes) to new model keys")
+    p.add_argument("--rules", metavar="YAML",
+                   help="YAML rules: rename (old key/prefix/regex -> new key), init (model globs left fresh), "
+                   "ignore (checkpoint globs dropped)")
     p.add_argument("--root", help="the saved object that holds the model (default: chosen automatically)")
     p.add_argument("--allow-missing", action="append", nargs="?", const="*", default=[], metavar="PATTERN",
                    help="model variables (glob) that may stay fresh; alone: all of them. Repeatable")
@@ -57,10 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=commands.inspect)
 
     p = sub.add_parser("diff", help="show what a load would do; loads nothing",
-                       description="Match the checkpoint against the new model and print the plan: what each "
-                       "variable would get, what stays fresh, what goes unused. Nothing is loaded or written.")
+                       description="Match the checkpoint against the new model and print the plan grouped by "
+                       "outcome (keys collapsed, inserted and removed layers named): what each variable would "
+                       "get, what stays fresh, what goes unused. Nothing is loaded or written.")
     _add_match_options(p)
+    p.add_argument("--table", action="store_true", help="also print one line per variable")
     p.set_defaults(run=commands.diff)
+
+    p = sub.add_parser("plan", help="write the load plan as a YAML file a person can review and edit",
+                       description="Match the checkpoint against the new model and write the plan: for every "
+                       "variable its source (or none), transform, deciding stage, reason and confidence, plus "
+                       "fingerprints of the checkpoint and model. Edit a 'source' and run `regraft apply`.")
+    _add_match_options(p)
+    p.add_argument("-o", "--output", required=True, metavar="PLAN.yaml", help="where to write the plan")
+    p.set_defaults(run=commands.plan)
+
+    p = sub.add_parser("apply", help="apply a (possibly edited) plan file and save the new model's weights",
+                       description="Apply a plan file exactly as written: each variable takes the source the "
+                       "file names, or stays fresh. A plan made for another checkpoint or model is refused.")
+    p.add_argument("plan_file", metavar="PLAN.yaml", help="a plan written by `regraft plan`")
+    p.add_argument("--model", required=True, metavar="SPEC",
+                   help="FILE.py:CALLABLE or package.module:CALLABLE returning the built new model")
+    p.add_argument("--out", required=True, help="where to write the loaded model's weights")
+    p.add_argument("--freeze", action="store_true", help="mark layers loaded unchanged as non-trainable")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=commands.apply)
 
     p = sub.add_parser("load", help="load a checkpoint into the new model and save the new model's weights",
                        description="Load the checkpoint into the model built by --model (strict unless told "

@@ -1,0 +1,394 @@
+"""Structural alignment of two architectures, from their keys alone.
+
+Both sides are turned into trees of key segments (:func:`build_tree`): inner
+nodes are layers and containers, leaves are variables. Weightless layers
+(pooling, activation) appear as empty nodes and serve as landmarks. Two trees are
+aligned top-down (:func:`align_trees`):
+
+* an *ordered* container — a list of layers (``_operations/0..N``,
+  ``layer_with_weights-N``, a ``.weights.h5`` ``layers`` group, whose items are
+  numbered per class) — is aligned as a sequence with dynamic programming, in
+  the spirit of Needleman–Wunsch: each pair of items gets an integer score from
+  variable roles and shapes, layer kind and Keras name where known; skipping an
+  item (an inserted or removed layer) costs a gap penalty;
+* an *attribute* container (a subclassed model's ``self.encoder``) pairs equal
+  names first, then pairs what is left when the structure is identical, so a
+  renamed attribute is found; two equally good candidates are reported as
+  ambiguous, never chosen;
+* matched children are aligned recursively; variables pair by their segment
+  (``_kernel``, ``bias``, ``vars/0``).
+
+Ties in a sequence — a run of identical layers grown longer, as in VGG16 → VGG19
+or ResNet50 → ResNet101 — are broken by order: the old layers are taken to be the
+first ones of the run (models grow by appending blocks). Every pair placed that
+way is marked ``by_order`` so the plan shows it with a lower confidence.
+
+Scores are integers so that ties are exact.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+__all__ = ["Node", "Pair", "Alignment", "build_tree", "align_trees"]
+
+# Scores (integers: ties must be exact).
+SAME_STRUCTURE = 100  # same variable roles and shapes
+SAME_ROLES = 40  # same roles, some shapes differ (a resized layer)
+KEPT_SHAPES = 20  # shared among the variables of a resized layer that kept their shape
+LANDMARK = 50  # two weightless layers of the same (or unknown) kind
+LANDMARK_OTHER_KIND = 20
+SAME_NAME = 100  # equal Keras layer names, where both sides know them
+GAP = 25  # skipping one item of a sequence
+
+_NUMBERED = re.compile(r"^(?:layer_with_weights-|layer-)?(\d+)$")
+_CLASS_COUNTER = re.compile(r"^(?P<cls>.*?)(?:_(?P<n>\d+))?$")
+
+
+@dataclass
+class Node:
+    """A node of a key tree.
+
+    Attributes:
+        path: the node's key (``""`` for the root).
+        name: the Keras layer name, where the format records it.
+        kind: the layer class in snake case (``conv2d``), where known.
+        children: segment → child, in creation order where the format keeps it.
+        leaf: the record (SourceEntry / TargetVariable) at a variable.
+        shape: the variable's shape, for leaves.
+    """
+
+    path: str
+    name: str | None = None
+    kind: str | None = None
+    children: dict[str, "Node"] = field(default_factory=dict)
+    leaf: Any = None
+    shape: tuple[int, ...] | None = None
+    _signature: Counter | None = field(default=None, repr=False)
+
+    def signature(self) -> Counter:
+        """Multiset of (leaf segment, shape) over the subtree — what a layer holds."""
+        if self._signature is None:
+            sig: Counter = Counter()
+            if self.leaf is not None:
+                sig[(self.path.rpartition("/")[2], self.shape)] += 1
+            for child in self.children.values():
+                sig.update(child.signature())
+            self._signature = sig
+        return self._signature
+
+    def roles(self) -> Counter:
+        """Multiset of leaf segments over the subtree (shapes ignored)."""
+        out: Counter = Counter()
+        for (role, _), n in self.signature().items():
+            out[role] += n
+        return out
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A source leaf matched to a target leaf.
+
+    Attributes:
+        source, target: the leaf records.
+        source_layer, target_layer: the keys of the aligned layers that hold them.
+        score: the alignment score of those layers.
+        by_order: the layer pair was chosen by order among equally good placements.
+        how: ``"name"``, ``"structure"`` or ``"sequence"`` — what paired the layers.
+    """
+
+    source: Any
+    target: Any
+    source_layer: str
+    target_layer: str
+    score: int
+    by_order: bool
+    how: str
+
+
+@dataclass
+class Alignment:
+    """The result of aligning two trees.
+
+    Attributes:
+        pairs: matched leaves.
+        inserted: target layer keys with no counterpart (new layers).
+        removed: source layer keys with no counterpart (dropped layers).
+        ambiguous: target layer key → the equally good source layer keys.
+    """
+
+    pairs: list[Pair] = field(default_factory=list)
+    inserted: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    ambiguous: dict[str, list[str]] = field(default_factory=dict)
+
+
+def build_tree(
+    leaves: Iterable[tuple[str, Any, tuple[int, ...]]],
+    layers: dict[str, tuple[str | None, str | None]] | None = None,
+) -> Node:
+    """Build a key tree.
+
+    Args:
+        leaves: ``(key, record, shape)`` for every variable.
+        layers: extra layer nodes, ``key → (Keras name, kind)``; adds weightless
+            layers as landmarks and names/kinds to layers that hold variables.
+    """
+    root = Node("")
+    for key, (name, kind) in sorted((layers or {}).items(), key=lambda kv: _natural(kv[0])):
+        node = _ensure(root, key)
+        node.name, node.kind = name, kind
+    for key, record, shape in leaves:
+        node = _ensure(root, key)
+        node.leaf, node.shape = record, tuple(shape)
+    return root
+
+
+def _ensure(root: Node, key: str) -> Node:
+    node = root
+    path = ""
+    for segment in key.split("/") if key else []:
+        path = f"{path}/{segment}" if path else segment
+        node = node.children.setdefault(segment, Node(path))
+    return node
+
+
+def _natural(key: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def align_trees(source: Node, target: Node, namespace: str) -> Alignment:
+    """Align two key trees; see the module docstring."""
+    out = Alignment()
+    _align(source, target, namespace, out, by_order=False, how="exact")
+    return out
+
+
+def _align(s: Node, t: Node, namespace: str, out: Alignment, by_order: bool, how: str) -> None:
+    if s.leaf is not None and t.leaf is not None:
+        out.pairs.append(Pair(s.leaf, t.leaf, _parent(s.path), _parent(t.path), _score(s, t), by_order, how))
+        return
+    sequences = _sequences(s, t, namespace)
+    if sequences is not None:
+        for s_items, t_items in sequences:
+            _align_sequence(s_items, t_items, namespace, out, by_order)
+        return
+    _align_attributes(s, t, namespace, out, by_order, how)
+
+
+def _parent(path: str) -> str:
+    parent = path.rpartition("/")[0]
+    return parent[: -len("/vars")] if parent.endswith("/vars") else parent
+
+
+def _sequences(s: Node, t: Node, namespace: str) -> list[tuple[list[Node], list[Node]]] | None:
+    """Split two ordered containers into the sequences to align, or ``None`` if not ordered."""
+    s_keys, t_keys = list(s.children), list(t.children)
+    if not s_keys or not t_keys:
+        return None
+    if all(c.leaf is not None for c in (*s.children.values(), *t.children.values())):
+        return None  # a layer's own variables pair by segment (role or index), not by order
+    if all(_NUMBERED.match(k) for k in s_keys + t_keys):
+        def order(keys: list[str], node: Node) -> list[Node]:
+            return [node.children[k] for k in sorted(keys, key=lambda k: int(_NUMBERED.match(k).group(1)))]
+
+        return [(order(s_keys, s), order(t_keys, t))]
+    if namespace == "h5" and s.path.rpartition("/")[2] == "layers" and t.path.rpartition("/")[2] == "layers":
+        by_class: dict[str, tuple[list[tuple[int, Node]], list[tuple[int, Node]]]] = {}
+        for side, node in ((0, s), (1, t)):
+            for key, child in node.children.items():
+                m = _CLASS_COUNTER.match(key)
+                assert m is not None  # the pattern matches every string
+                by_class.setdefault(m.group("cls"), ([], []))[side].append((int(m.group("n") or 0), child))
+        return [
+            ([n for _, n in sorted(a, key=lambda x: x[0])], [n for _, n in sorted(b, key=lambda x: x[0])])
+            for _, (a, b) in sorted(by_class.items())
+        ]
+    return None
+
+
+def _score(s: Node, t: Node) -> int:
+    """How well source node ``s`` fits target node ``t``; 0 means they cannot be paired."""
+    if s.kind and t.kind and s.kind != t.kind:
+        return 0
+    s_sig, t_sig = s.signature(), t.signature()
+    if s.leaf is not None or t.leaf is not None:
+        if s.leaf is None or t.leaf is None:
+            return 0
+        return SAME_STRUCTURE if s.shape == t.shape else SAME_ROLES
+    if not s_sig and not t_sig:
+        base = LANDMARK if (not s.kind or not t.kind or s.kind == t.kind) else LANDMARK_OTHER_KIND
+    elif s_sig == t_sig:
+        base = SAME_STRUCTURE
+    elif s_sig and t_sig and s.roles() == t.roles():
+        # A resized layer: prefer the candidate that keeps more variables' shapes
+        # (a layer whose output width changed keeps its bias only if it is the same layer).
+        kept = sum((s_sig & t_sig).values())
+        base = SAME_ROLES + (KEPT_SHAPES * kept) // max(sum(s_sig.values()), 1)
+    else:
+        # Partly alike (a nested block that changed inside, a layer that lost its bias):
+        # a share of SAME_ROLES by how much of the roles they have in common.
+        s_roles, t_roles = s.roles(), t.roles()
+        common = sum((s_roles & t_roles).values())
+        share = common / max(sum(s_roles.values()), sum(t_roles.values()), 1)
+        if share < 0.5:
+            return 0
+        base = max(1, int(SAME_ROLES * share))
+    if s.name and t.name and s.name == t.name:
+        base += SAME_NAME
+    return base
+
+
+def _align_attributes(s: Node, t: Node, namespace: str, out: Alignment, by_order: bool, how: str) -> None:
+    """Pair equal names, then what is left by structure; ties are ambiguous."""
+    s_left = dict(s.children)
+    t_left = dict(t.children)
+    for key in list(t_left):
+        if key in s_left and (s_left[key].leaf is None) == (t_left[key].leaf is None):
+            _align(s_left.pop(key), t_left.pop(key), namespace, out, by_order, how)
+    if s_left and t_left:
+        scores = {(sk, tk): _score(sn, tn) for sk, sn in s_left.items() for tk, tn in t_left.items()}
+        for tk in list(t_left):
+            # Under another name only an identical structure is evidence enough: a resized
+            # layer with a new name is more likely a new layer than the old one renamed.
+            candidates = [(scores[(sk, tk)], sk) for sk in s_left if scores[(sk, tk)] >= SAME_STRUCTURE]
+            if not candidates:
+                continue
+            best = max(c[0] for c in candidates)
+            top = [sk for score, sk in candidates if score == best]
+            # The source must also prefer this target over the other targets left.
+            rivals = [tk2 for tk2 in t_left if tk2 != tk and scores.get((top[0], tk2), 0) == best]
+            if len(top) == 1 and not rivals:
+                _align(s_left.pop(top[0]), t_left.pop(tk), namespace, out, by_order, "structure")
+            else:
+                out.ambiguous[t_left[tk].path] = sorted(s_left[sk].path for sk in top)
+    contested = {p for ps in out.ambiguous.values() for p in ps}
+    out.removed.extend(n.path for n in s_left.values() if n.signature() and n.path not in contested)
+    out.inserted.extend(n.path for n in t_left.values() if n.signature() and n.path not in out.ambiguous)
+
+
+def _align_sequence(s_items: list[Node], t_items: list[Node], namespace: str, out: Alignment, by_order: bool) -> None:
+    """Global alignment of two sequences of layers; recurse into matched pairs."""
+    n, m = len(s_items), len(t_items)
+    if n == 0 or m == 0:
+        out.removed.extend(x.path for x in s_items)
+        out.inserted.extend(x.path for x in t_items)
+        return
+    scores = _score_matrix(s_items, t_items)
+    moves = _dp_moves(scores)
+    early = _traceback(moves, prefer_diagonal=False)  # matches as early as possible
+    late = _traceback(moves, prefer_diagonal=True)
+    late_set = set(late)
+    matched_s, matched_t = set(), set()
+    for i, j in early:
+        placed_by_order = (i, j) not in late_set
+        matched_s.add(i)
+        matched_t.add(j)
+        _align(s_items[i], t_items[j], namespace, out, by_order or placed_by_order, "sequence")
+    out.removed.extend(s_items[i].path for i in range(n) if i not in matched_s and s_items[i].signature())
+    out.inserted.extend(t_items[j].path for j in range(m) if j not in matched_t and t_items[j].signature())
+
+
+def _score_matrix(s_items: list[Node], t_items: list[Node]) -> np.ndarray:
+    """Scores of every (source, target) item pair, vectorised over structure classes."""
+    s_keys = [_structure_key(x) for x in s_items]
+    t_keys = [_structure_key(x) for x in t_items]
+    # Distinct structures are few even in long sequences: score each distinct pair once.
+    s_ids, s_uniq = _factorise(s_keys)
+    t_ids, t_uniq = _factorise(t_keys)
+    s_rep = {sid: s_items[s_ids.index(sid)] for sid in set(s_ids)}
+    t_rep = {tid: t_items[t_ids.index(tid)] for tid in set(t_ids)}
+    small = np.zeros((len(s_uniq), len(t_uniq)), dtype=np.int64)
+    for a in range(len(s_uniq)):
+        for b in range(len(t_uniq)):
+            small[a, b] = _score(_without_name(s_rep[a]), _without_name(t_rep[b]))
+    matrix = small[np.asarray(s_ids)[:, None], np.asarray(t_ids)[None, :]]
+    names_s = np.array([x.name or "" for x in s_items], dtype=object)
+    names_t = np.array([x.name or "" for x in t_items], dtype=object)
+    if names_s.any() and names_t.any():
+        same = (names_s[:, None] == names_t[None, :]) & (names_s[:, None] != "") & (matrix > 0)
+        matrix = matrix + SAME_NAME * same
+    return matrix
+
+
+def _structure_key(node: Node) -> tuple:
+    return (node.kind, tuple(sorted(node.signature().items(), key=repr)), node.leaf is not None, node.shape)
+
+
+def _without_name(node: Node) -> Node:
+    if node.name is None:
+        return node
+    copy = Node(node.path, None, node.kind, node.children, node.leaf, node.shape)
+    copy._signature = node.signature()
+    return copy
+
+
+def _factorise(keys: list[tuple]) -> tuple[list[int], list[tuple]]:
+    index: dict[tuple, int] = {}
+    ids = [index.setdefault(k, len(index)) for k in keys]
+    return ids, list(index)
+
+
+DIAG, UP, LEFT = 1, 2, 4
+
+
+def _dp_moves(scores: np.ndarray) -> np.ndarray:
+    """Fill the DP table row by row (numpy), returning per cell the optimal moves as bit flags.
+
+    ``UP`` skips a source item (removed layer), ``LEFT`` a target item (inserted
+    layer), ``DIAG`` pairs them (allowed only where the score is positive).
+    """
+    n, m = scores.shape
+    neg = np.iinfo(np.int64).min // 4
+    moves = np.zeros((n + 1, m + 1), dtype=np.uint8)
+    moves[0, 1:] = LEFT
+    moves[1:, 0] = UP
+    cols = np.arange(m + 1, dtype=np.int64)
+    prev = -GAP * cols
+    for i in range(1, n + 1):
+        diag = np.full(m + 1, neg, dtype=np.int64)
+        allowed = scores[i - 1] > 0
+        diag[1:] = np.where(allowed, prev[:-1] + scores[i - 1], neg)
+        up = prev - GAP
+        best_vertical = np.maximum(diag, up)
+        best_vertical[0] = -GAP * i
+        # Left moves chain along the row: H[j] = max_k<=j (C[k] - GAP*(j-k)).
+        row = np.maximum.accumulate(best_vertical + GAP * cols) - GAP * cols
+        flags = np.zeros(m + 1, dtype=np.uint8)
+        flags |= np.where(diag == row, DIAG, 0).astype(np.uint8)
+        flags |= np.where(up == row, UP, 0).astype(np.uint8)
+        left = np.full(m + 1, neg, dtype=np.int64)
+        left[1:] = row[:-1] - GAP
+        flags |= np.where(left == row, LEFT, 0).astype(np.uint8)
+        moves[i] = flags
+        prev = row
+    return moves
+
+
+def _traceback(moves: np.ndarray, prefer_diagonal: bool) -> list[tuple[int, int]]:
+    """Walk back from the end; with ``prefer_diagonal=False`` gaps are taken first, so
+    matches land as early as possible (the "old layers come first" tie rule)."""
+    i, j = moves.shape[0] - 1, moves.shape[1] - 1
+    pairs = []
+    order = (DIAG, UP, LEFT) if prefer_diagonal else (UP, LEFT, DIAG)
+    while i > 0 or j > 0:
+        flags = int(moves[i, j])
+        for move in order:
+            if flags & move:
+                break
+        else:  # pragma: no cover - every reachable cell has a move
+            raise RuntimeError("alignment table is inconsistent")
+        if move == DIAG:
+            pairs.append((i - 1, j - 1))
+            i, j = i - 1, j - 1
+        elif move == UP:
+            i -= 1
+        else:
+            j -= 1
+    pairs.reverse()
+    return pairs

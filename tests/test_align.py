@@ -1,0 +1,140 @@
+"""Structural alignment on key trees (no TensorFlow): sequences, attributes, ties, optimality."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from regraft.align import GAP, _dp_moves, _traceback, align_trees, build_tree
+
+
+def layer_keys(prefix: str, shapes: list[tuple[int, int] | None]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Leaves for a list of Dense-like layers under ``prefix/i``; ``None`` is a weightless layer."""
+    leaves = []
+    for i, shape in enumerate(shapes):
+        if shape is None:
+            continue
+        leaves.append((f"{prefix}/{i}/_kernel", f"{prefix}/{i}/_kernel", shape))
+        leaves.append((f"{prefix}/{i}/bias", f"{prefix}/{i}/bias", (shape[1],)))
+    return leaves
+
+
+def landmarks(prefix: str, shapes: list[tuple[int, int] | None]) -> dict[str, tuple[None, None]]:
+    return {f"{prefix}/{i}": (None, None) for i, shape in enumerate(shapes) if shape is None}
+
+
+def align(old: list, new: list):
+    s = build_tree(layer_keys("_operations", old), landmarks("_operations", old))
+    t = build_tree(layer_keys("_operations", new), landmarks("_operations", new))
+    result = align_trees(s, t, "object")
+    return {p.target: (p.source, p.by_order) for p in result.pairs}, result
+
+
+def test_inserted_layer_in_a_sequence_shifts_nothing():
+    old = [None, (8, 32), (32, 16), (16, 4)]
+    new = [None, (8, 32), (32, 16), (16, 16), (16, 4)]  # one layer inserted at position 3
+    pairs, result = align(old, new)
+    assert pairs == {
+        "_operations/1/_kernel": ("_operations/1/_kernel", False),
+        "_operations/1/bias": ("_operations/1/bias", False),
+        "_operations/2/_kernel": ("_operations/2/_kernel", False),
+        "_operations/2/bias": ("_operations/2/bias", False),
+        "_operations/4/_kernel": ("_operations/3/_kernel", False),
+        "_operations/4/bias": ("_operations/3/bias", False),
+    }
+    assert result.inserted == ["_operations/3"] and result.removed == []
+
+
+def test_removed_layer_is_reported_removed():
+    old = [None, (8, 32), (32, 32), (32, 4)]
+    new = [None, (8, 32), (32, 4)]
+    pairs, result = align(old, new)
+    assert pairs["_operations/2/_kernel"] == ("_operations/3/_kernel", False)
+    assert result.removed == ["_operations/2"]
+
+
+def test_run_of_alike_layers_grown_keeps_old_ones_first_and_marks_them():
+    # VGG-like: pool landmarks separate stages; stage 2 grows from 2 to 3 alike convs.
+    old = [None, (3, 8), None, (8, 16), (16, 16), None, (16, 16)]
+    new = [None, (3, 8), None, (8, 16), (16, 16), (16, 16), None, (16, 16)]
+    pairs, result = align(old, new)
+    assert pairs["_operations/4/_kernel"] == ("_operations/4/_kernel", True)  # placed by order
+    assert pairs["_operations/7/_kernel"] == ("_operations/6/_kernel", False)  # after the landmark: certain
+    assert pairs["_operations/3/_kernel"] == ("_operations/3/_kernel", False)
+    assert result.inserted == ["_operations/5"]
+
+
+def test_shape_change_prefers_the_layer_that_kept_its_bias():
+    # Old d3 (16->16) must pair with new d3 (24->16, same bias) and not with the inserted (16->24).
+    old = [None, (8, 16), (16, 16), (16, 4)]
+    new = [None, (8, 16), (16, 24), (24, 16), (16, 4)]
+    pairs, result = align(old, new)
+    assert pairs["_operations/3/bias"] == ("_operations/2/bias", False)
+    assert pairs["_operations/3/_kernel"] == ("_operations/2/_kernel", False)  # a shape mismatch, same layer
+    assert not any(target.startswith("_operations/2/") for target in pairs)  # the inserted layer gets nothing
+    assert result.inserted == ["_operations/2"]
+
+
+def test_renamed_attribute_is_found_by_structure():
+    s = build_tree([("encoder/d/_kernel", "e.k", (4, 3)), ("encoder/d/bias", "e.b", (3,)),
+                    ("dense1/_kernel", "d.k", (3, 2)), ("dense1/bias", "d.b", (2,))])
+    t = build_tree([("backbone/d/_kernel", "B.k", (4, 3)), ("backbone/d/bias", "B.b", (3,)),
+                    ("dense1/_kernel", "D.k", (3, 2)), ("dense1/bias", "D.b", (2,))])
+    result = align_trees(s, t, "object")
+    assert {p.target: p.source for p in result.pairs} == {"B.k": "e.k", "B.b": "e.b", "D.k": "d.k", "D.b": "d.b"}
+    assert result.ambiguous == {}
+
+
+def test_two_identical_renamed_attributes_are_ambiguous_not_guessed():
+    leaves_s = [(f"{a}/_kernel", f"s.{a}", (4, 4)) for a in ("left", "right")]
+    leaves_t = [(f"{a}/_kernel", f"t.{a}", (4, 4)) for a in ("first", "second")]
+    result = align_trees(build_tree(leaves_s), build_tree(leaves_t), "object")
+    assert result.pairs == []
+    assert result.ambiguous == {"first": ["left", "right"], "second": ["left", "right"]}
+
+
+def test_h5_layers_align_per_class_and_by_name():
+    def leaves(names):
+        out, layers = [], {}
+        for i, (cls, name, shape) in enumerate(names):
+            key = f"layers/{cls}" if i == 0 else f"layers/{cls}_{i}"
+            out.append((f"{key}/vars/0", f"{name}/kernel", shape))
+            layers[key] = (name, cls.split("_")[0])
+        return out, layers
+
+    old_leaves, old_layers = leaves([("dense", "a", (4, 4)), ("dense", "b", (4, 4))])
+    new_leaves, new_layers = leaves([("dense", "new", (4, 4)), ("dense", "a", (4, 4)), ("dense", "b", (4, 4))])
+    result = align_trees(build_tree(old_leaves, old_layers), build_tree(new_leaves, new_layers), "h5")
+    assert {p.target: p.source for p in result.pairs} == {"a/kernel": "a/kernel", "b/kernel": "b/kernel"}
+    assert all(not p.by_order for p in result.pairs)  # names decided, not order
+
+
+def _best_score_brute_force(scores: np.ndarray) -> int:
+    n, m = scores.shape
+    best = -GAP * (n + m)
+    for k in range(0, min(n, m) + 1):
+        for rows in itertools.combinations(range(n), k):
+            for cols in itertools.combinations(range(m), k):
+                if all(scores[i, j] > 0 for i, j in zip(rows, cols)):
+                    total = sum(int(scores[i, j]) for i, j in zip(rows, cols)) - GAP * (n + m - 2 * k)
+                    best = max(best, total)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_dynamic_programme_is_optimal_and_both_tracebacks_agree_on_the_score(seed):
+    rng = random.Random(seed)
+    n, m = rng.randint(1, 5), rng.randint(1, 5)
+    scores = np.array([[rng.choice([0, 0, 20, 40, 50, 100]) for _ in range(m)] for _ in range(n)], dtype=np.int64)
+    moves = _dp_moves(scores)
+    expected = _best_score_brute_force(scores)
+    for prefer_diagonal in (False, True):
+        pairs = _traceback(moves, prefer_diagonal)
+        assert all(scores[i, j] > 0 for i, j in pairs)
+        assert [i for i, _ in pairs] == sorted(i for i, _ in pairs)
+        assert [j for _, j in pairs] == sorted(j for _, j in pairs)
+        total = sum(int(scores[i, j]) for i, j in pairs) - GAP * (n + m - 2 * len(pairs))
+        assert total == expected

@@ -1,0 +1,257 @@
+"""Automatic matching of changed architectures, rules, and plan files (issue: matching and plans)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import X5, randomize, same_bytes, save_h5, save_tf, value_of
+
+import keras  # noqa: E402  (conftest set the TF log level first)
+
+import regraft  # noqa: E402
+from regraft.cli.main import main  # noqa: E402
+
+
+def mlp(insert_units: int | None, name: str = "mlp"):
+    """Input(8) -> d1(32) -> d2(16) [-> inserted(insert_units)] -> d3(16) -> head(4), functional."""
+    inputs = keras.Input((8,))
+    x = keras.layers.Dense(32, activation="relu", name="d1")(inputs)
+    x = keras.layers.Dense(16, activation="relu", name="d2")(x)
+    if insert_units:
+        x = keras.layers.Dense(insert_units, activation="relu", name="inserted")(x)
+    x = keras.layers.Dense(16, activation="relu", name="d3")(x)
+    return keras.Model(inputs, keras.layers.Dense(4, name="head")(x), name=name)
+
+
+def by_layer_path(model) -> dict[str, np.ndarray]:
+    """Variable values keyed by ``layer name/variable name`` (the ground truth of "same layer")."""
+    return {f"{v.path}": value_of(v) for v in model.weights}
+
+
+def classify(new, old_values: dict[str, np.ndarray]) -> tuple[set[str], set[str]]:
+    """(right, wrong): new variables holding their own layer's old tensor, or another layer's."""
+    right, wrong = set(), set()
+    for v in new.weights:
+        value = value_of(v)
+        owners = {path for path, old in old_values.items() if same_bytes(old, value)}
+        if v.path in owners:
+            right.add(v.path)
+        elif owners:
+            wrong.add(v.path)
+    return right, wrong
+
+
+def save(model, tmp_path, fmt: str) -> str:
+    return save_tf(tmp_path / "ckpt" / "ckpt", model=model) if fmt == "tf" else save_h5(model, tmp_path / "old.weights.h5")
+
+
+@pytest.mark.parametrize("fmt", ["tf", "h5"])
+def test_functional_mlp_with_an_inserted_layer(tmp_path, fmt):
+    old, new = mlp(None, "old"), mlp(24, "new")
+    randomize(old, 1)
+    path = save(old, tmp_path, fmt)
+    report = regraft.load(new, path, strict=False)
+    right, wrong = classify(new, by_layer_path(old))
+    assert wrong == set()
+    # Every unchanged layer got its own old tensors; d3's kernel changed shape (16 -> 24 inputs).
+    assert right == {"d1/kernel", "d1/bias", "d2/kernel", "d2/bias", "d3/bias", "head/kernel", "head/bias"}
+    rows = {r["target"]: r for r in report.rows()}
+    assert rows["inserted/kernel"]["status"] == "missing" and rows["inserted/bias"]["status"] == "missing"
+    assert rows["d3/kernel"]["status"] == "shape-mismatch"
+    assert report.plan.inserted == ("inserted",)
+    assert rows["head/kernel"]["stage"] == "aligned" and rows["d1/kernel"]["stage"] == "exact"
+
+
+def test_same_width_insert_is_decided_by_names_in_h5_and_flagged_by_order_in_tf(tmp_path):
+    """An inserted layer identical in shape to its neighbour: a TF checkpoint has no names, only order."""
+    old, new = mlp(None, "old"), mlp(16, "new")
+    randomize(old, 2)
+    h5 = save(old, tmp_path, "h5")
+    regraft.load(new, h5, strict=False)
+    right, wrong = classify(new, by_layer_path(old))
+    assert wrong == set() and {"d3/kernel", "d3/bias"} <= right
+
+    new = mlp(16, "new2")
+    plan = regraft.plan(new, save(old, tmp_path, "tf"))
+    flagged = {a.target.key: a for a in plan.assignments if "placed by order" in a.reason}
+    assert set(flagged) == {"inserted/kernel", "inserted/bias"}
+    assert all(a.confidence == 0.6 and a.source.key.startswith("model/_operations/3/") for a in flagged.values())
+    assert "placed by order" in regraft.report.LoadReport.build(plan, None).grouped()
+
+
+def encoder_model(attribute: str, name: str):
+    class Encoder(keras.layers.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.d = keras.layers.Dense(4)
+
+        def call(self, x):
+            return self.d(x)
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__(name=name)
+            setattr(self, attribute, Encoder())
+            self.dense1 = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense1(getattr(self, attribute)(x))
+
+    model = Net()
+    model(X5)
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["tf", "h5"])
+def test_renamed_sub_module_loads_fully_without_rules(tmp_path, fmt):
+    old, new = encoder_model("encoder", "old"), encoder_model("backbone", "new")
+    randomize(old, 3)
+    report = regraft.load(new, save(old, tmp_path, fmt))  # strict: nothing missing or unused
+    assert report.counts()["loaded"] == 4
+    assert same_bytes(value_of(new.backbone.d.kernel), value_of(old.encoder.d.kernel))
+    assert same_bytes(value_of(new.backbone.d.bias), value_of(old.encoder.d.bias))
+    assert same_bytes(value_of(new.dense1.kernel), value_of(old.dense1.kernel))
+    row = {r["target"]: r for r in report.rows()}["backbone/d/kernel"]
+    assert row["stage"] == "aligned" and "same structure under another name" in row["reason"]
+
+
+@pytest.mark.parametrize("fmt", ["tf", "h5"])
+def test_vgg16_into_vgg19_recovers_every_layer_and_loads_nothing_wrong(tmp_path, fmt):
+    kw = dict(include_top=False, weights=None, input_shape=(32, 32, 3))
+    old = keras.applications.VGG16(**kw)
+    randomize(old, 4)
+    new = keras.applications.VGG19(**kw)
+    regraft.load(new, save(old, tmp_path, fmt), strict=False)
+    right, wrong = classify(new, by_layer_path(old))
+    assert wrong == set()
+    assert right == set(by_layer_path(old))  # all 26 old variables found their layer
+
+
+def two_branch(names: tuple[str, str], name: str):
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__(name=name)
+            for attr in names:
+                setattr(self, attr, keras.layers.Dense(5))
+
+        def call(self, x):
+            return getattr(self, names[0])(x) + getattr(self, names[1])(x)
+
+    model = Net()
+    model(X5)
+    return model
+
+
+def test_ambiguous_candidates_are_never_loaded_and_a_rule_settles_them(tmp_path):
+    old = two_branch(("left", "right"), "old")
+    randomize(old, 5)
+    path = save(old, tmp_path, "tf")
+    new = two_branch(("first", "second"), "new")
+    with pytest.raises(regraft.LoadError) as info:
+        regraft.load(new, path)
+    assert ("ambiguous: variable 'first/kernel' fits equally well 'model/left/_kernel' and 'model/right/_kernel'; "
+            "add a rename rule to choose") in info.value.problems
+    before = {v.path: value_of(v) for v in new.weights}
+    report = regraft.load(new, path, strict=False)
+    assert report.counts()["ambiguous"] == 4
+    assert all(same_bytes(value_of(v), before[v.path]) for v in new.weights)
+
+    report = regraft.load(new, path, rules={"rename": {"left/": "second/", "right/": "first/"}})
+    assert same_bytes(value_of(new.second.kernel), value_of(old.left.kernel))
+    assert same_bytes(value_of(new.first.kernel), value_of(old.right.kernel))
+    assert {r["stage"] for r in report.rows()} == {"rule"}
+
+
+def test_rules_rename_regex_init_ignore_and_unused_rules(tmp_path):
+    old = mlp(None, "old")
+    randomize(old, 6)
+    path = save(old, tmp_path, "h5")
+    new = mlp(None, "new")
+    before = {v.path: value_of(v) for v in new.weights}
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rename:\n"
+        "  'layers/dense_(1)/vars/(\\d)': 'layers/dense_\\1/vars/\\2'\n"
+        "init: ['head/*']\n"
+        "ignore: ['layers/dense_3/*']\n"
+        "  \n"
+    )
+    report = regraft.load(new, path, rules=str(rules), strict=False)
+    rows = {r["target"]: r for r in report.rows()}
+    assert rows["d2/kernel"]["stage"] == "rule" and rows["d2/kernel"]["status"] == "loaded"
+    assert rows["head/kernel"]["status"] == "missing" and rows["head/kernel"]["stage"] == "rule"
+    assert same_bytes(value_of(new.get_layer("head").kernel), before["head/kernel"])
+    assert same_bytes(value_of(new.get_layer("d2").kernel), value_of(old.get_layer("d2").kernel))
+    assert report.to_dict()["ignored"] == [
+        {"source": "layers/dense_3/vars/0", "rule": "rule 3 (ignore 'layers/dense_3/*')"},
+        {"source": "layers/dense_3/vars/1", "rule": "rule 3 (ignore 'layers/dense_3/*')"},
+    ]
+    assert report.counts()["unused"] == 0  # ignored tensors are not unused
+
+    with pytest.raises(regraft.LoadError) as info:
+        regraft.load(new, path, rules={"rename": {"nothing/": "matches/"}})
+    assert "unused rule: rule 1 (rename 'nothing/' -> 'matches/') matched nothing" in info.value.problems
+    grouped = regraft.diff(new, path, rules={"rename": {"nothing/": "matches/"}}).grouped()
+    assert "rule 1 (rename 'nothing/' -> 'matches/'): UNUSED (matched nothing)" in grouped
+
+
+def test_plan_file_round_trip_with_an_edited_entry(tmp_path):
+    old = mlp(None, "old")
+    randomize(old, 7)
+    path = save(old, tmp_path, "tf")
+    new = mlp(None, "new")
+    plan = regraft.plan(new, path)
+    plan_file = tmp_path / "plan.yaml"
+    plan.save(plan_file)
+    data = yaml.safe_load(plan_file.read_text())
+    assert data["variables"]["d2/bias"]["source"] == "model/_operations/2/bias"
+    # Edit: d2's bias takes d3's bias (same shape), head's bias stays fresh.
+    data["variables"]["d2/bias"]["source"] = "model/_operations/3/bias"
+    data["variables"]["head/bias"]["source"] = None
+    plan_file.write_text(yaml.safe_dump(data))
+    fresh_head_bias = value_of(new.get_layer("head").bias)
+
+    edited = regraft.Plan.read(plan_file, new)
+    report = edited.apply(new)
+    assert same_bytes(value_of(new.get_layer("d2").bias), value_of(old.get_layer("d3").bias))
+    assert same_bytes(value_of(new.get_layer("head").bias), fresh_head_bias)
+    assert same_bytes(value_of(new.get_layer("d1").kernel), value_of(old.get_layer("d1").kernel))
+    assert {r["target"]: r["status"] for r in report.rows()}["head/bias"] == "missing"
+
+
+def test_plan_is_refused_for_another_checkpoint_or_model(tmp_path):
+    old = mlp(None, "old")
+    path = save(old, tmp_path, "tf")
+    new = mlp(None, "new")
+    plan_file = tmp_path / "plan.yaml"
+    regraft.plan(new, path).save(plan_file)
+
+    with pytest.raises(regraft.RegraftError) as info:
+        regraft.Plan.read(plan_file, mlp(24, "other"))
+    assert "was made for another model than 'other'" in str(info.value)
+
+    save_tf(tmp_path / "ckpt" / "ckpt", model=mlp(24, "changed"))  # overwrite the checkpoint
+    with pytest.raises(regraft.RegraftError) as info:
+        regraft.Plan.read(plan_file, new)
+    assert "was made for another checkpoint than" in str(info.value)
+
+
+def test_cli_plan_then_apply(tmp_path, capsys):
+    old = mlp(None, "old")
+    randomize(old, 8)
+    path = save(old, tmp_path, "h5")
+    models = tmp_path / "models.py"
+    models.write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom test_plan import mlp\n\ndef new():\n    return mlp(24, 'new')\n"
+        % str(__import__("pathlib").Path(__file__).parent)
+    )
+    plan_file, out = tmp_path / "plan.yaml", tmp_path / "new.weights.h5"
+    assert main(["plan", path, "--model", f"{models}:new", "-o", str(plan_file)]) == 0
+    text = capsys.readouterr().out
+    assert "inserted layers: inserted" in text and f"plan written to {plan_file}" in text
+    assert main(["apply", str(plan_file), "--model", f"{models}:new", "--out", str(out)]) == 0
+    reloaded = mlp(24, "reloaded")
+    reloaded.load_weights(str(out))
+    assert same_bytes(value_of(reloaded.get_layer("d2").kernel), value_of(old.get_layer("d2").kernel))
