@@ -161,12 +161,16 @@ def test_file_model_spec(capsys, tmp_path, models_py):
 def test_demo_runs_and_explains_the_tutorial_bug(capsys):
     code, out, err = run(capsys, "demo")
     assert code == 0
-    assert "=== (a) inserted layer" in out and "=== (b) more filters" in out and "=== (c) renamed layer" in out
+    for title in ("(a) inserted layer", "(b) more filters", "(c) renamed layer", "(d) inserted layer, functional"):
+        assert f"=== {title}" in out
     # (a): the inserted layer is refused strictly, and the tutorial's dense2 -> dense3 copy cannot work.
     assert "missing from the checkpoint (2): dense3/{bias,kernel}" in out
     assert "shape mismatch: tensor 'model/dense2/_kernel' has shape (64, 10); variable 'dense3/kernel' needs (128, 10)" in out
     # (c): a renamed layer loads fully, because keys are positions, not names.
     assert "4 loaded, 0 shape-mismatch, 0 missing, 0 unused — 100.0% of parameters" in out
+    # (d): positional keys shift after an inserted layer; alignment still finds head and d3's bias.
+    assert "loaded          head/kernel      model/_operations/4/_kernel  (16, 4)" in out
+    assert "  inserted layers: inserted" in out
 
 
 def test_help_explains_every_command(capsys):

@@ -6,7 +6,10 @@ specs (``--model regraft.demo:build_inserted_new``).
 (a) a layer is inserted: ``dense1 Dense(64, relu) → dense2 Dense(10)`` becomes
     ``dense1 → dense2 Dense(128, relu) → dense3 Dense(10)``;
 (b) a convolution gets more filters: ``Conv2D(32, 3)`` becomes ``Conv2D(64, 3)``;
-(c) a layer is renamed: ``name="dense_layer_1"`` becomes ``name="my_dense_layer"``.
+(c) a layer is renamed: ``name="dense_layer_1"`` becomes ``name="my_dense_layer"``;
+(d) a layer is inserted in the middle of a functional model, whose TF-checkpoint
+    keys are positions (``_operations/3``): every later key shifts, and alignment
+    finds each old layer's counterpart anyway.
 """
 
 from __future__ import annotations
@@ -96,10 +99,32 @@ def build_renamed_new() -> Any:
     return _named_model("my_dense_layer")
 
 
+def _mlp(inserted: bool) -> Any:
+    keras = _keras()
+    inputs = keras.Input((16,))
+    x = keras.layers.Dense(32, activation="relu", name="d1")(inputs)
+    x = keras.layers.Dense(32, activation="relu", name="d2")(x)
+    if inserted:
+        x = keras.layers.Dense(48, activation="relu", name="inserted")(x)
+    x = keras.layers.Dense(16, activation="relu", name="d3")(x)
+    return keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
+
+
+def build_functional_old() -> Any:
+    """(d) before: a functional MLP d1 → d2 → d3 → head (TF checkpoints key it by position)."""
+    return _mlp(False)
+
+
+def build_functional_new() -> Any:
+    """(d) after: the same MLP with a layer inserted between d2 and d3."""
+    return _mlp(True)
+
+
 SITUATIONS: list[tuple[str, Callable[[], Any], Callable[[], Any], str]] = [
     ("(a) inserted layer", build_inserted_old, build_inserted_new, "ckpt"),
     ("(b) more filters", build_conv_old, build_conv_new, "ckpt"),
     ("(c) renamed layer", build_renamed_old, build_renamed_new, "weights.h5"),
+    ("(d) inserted layer, functional", build_functional_old, build_functional_new, "ckpt"),
 ]
 
 
@@ -131,6 +156,7 @@ def run_demo(out: Callable[[str], None] = print, workdir: str | None = None) -> 
                 out("strict load refused (the model is unchanged):\n  " + "\n  ".join(exc.problems))
             report = regraft.load(new, path, strict=False)
             out("non-strict load:\n" + str(report))
+            out("grouped (what `regraft diff` prints):\n  " + "\n  ".join(report.grouped().splitlines()[1:]))
             reports.append(report)
         out(
             "\nNote on (a): the tutorial copies old dense2 into new dense3. Asked to do that "
