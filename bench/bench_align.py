@@ -43,9 +43,10 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     import keras
@@ -109,7 +110,7 @@ def log(out: TextIO, text: str = "") -> None:
     print(text, file=out, flush=True)
 
 
-def variables_by_path(model: "keras.Model") -> dict[str, Any]:
+def variables_by_path(model: keras.Model) -> dict[str, Any]:
     """Every variable of a flat functional model as ``layer.name/variable.name`` -> variable.
 
     Raises if a variable is reached twice, or if ``model.weights`` holds a variable
@@ -127,7 +128,7 @@ def variables_by_path(model: "keras.Model") -> dict[str, Any]:
     return out
 
 
-def digest(value: "np.ndarray") -> str:
+def digest(value: np.ndarray) -> str:
     """Identity of a tensor's value: dtype, shape and bytes."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{value.dtype.str}{value.shape}".encode())
@@ -135,14 +136,14 @@ def digest(value: "np.ndarray") -> str:
     return h.hexdigest()
 
 
-def build(app: str, input_size: int) -> "keras.Model":
+def build(app: str, input_size: int) -> keras.Model:
     import keras
 
     factory: Callable[..., keras.Model] = getattr(keras.applications, app)
     return factory(include_top=False, weights=None, input_shape=(input_size, input_size, 3))
 
 
-def randomise(model: "keras.Model", seed: int) -> Snapshot:
+def randomise(model: keras.Model, seed: int) -> Snapshot:
     """Give every variable seeded random values, all distinct; return their digests."""
     import numpy as np
 
@@ -165,7 +166,7 @@ def randomise(model: "keras.Model", seed: int) -> Snapshot:
     return Snapshot(by_digest, shapes)
 
 
-def zero(model: "keras.Model") -> None:
+def zero(model: keras.Model) -> None:
     import numpy as np
 
     for v in model.weights:
@@ -208,9 +209,8 @@ def run_case(
     pair: str, old_app: str, new_app: str, fmt: str, method: str, path: str, old: Snapshot,
     input_size: int, out: TextIO,
 ) -> Result:
-    import tensorflow as tf
-
     import regraft
+    import tensorflow as tf
 
     new = build(new_app, input_size)
     new_vars = variables_by_path(new)
@@ -348,7 +348,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true",
                         help="print the results as JSON on stdout; the human-readable output goes to stderr")
     parser.add_argument("--workdir", type=Path, default=None,
-                        help="write the checkpoints here and keep them (default: a temporary directory)")
+                        help="write the checkpoints here and keep them; if not given, a temporary directory is used "
+                        "and removed at the end")
     args = parser.parse_args(argv)
     args.pair_list = [p.strip() for p in args.pairs.split(",") if p.strip()]
     args.format_list = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -366,9 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     out: TextIO = sys.stderr if args.json else sys.stdout
 
     import keras
-    import tensorflow as tf
-
     import regraft
+    import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
     log(out, f"command: {shlex.join([sys.executable, *sys.argv])}")

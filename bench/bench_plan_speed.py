@@ -18,8 +18,8 @@ It then times, interleaved, ``--repeat`` runs (median reported) of:
 
 The two native loaders also read every tensor, so they are context, not a like-
 for-like comparison. Unless ``--no-verify`` is given, the first run of each
-native loader and one untimed-for-the-ratios ``regraft.load`` per format are
-checked by value, as in ``bench_align.py``: each new variable is ``recovered``
+native loader, and one extra ``regraft.load`` per format (timed once, not part
+of the ratios), are checked by value, as in ``bench_align.py``: each new variable is ``recovered``
 (holds the old variable with the same layer and variable name), ``wrong``
 (holds another old variable) or ``fresh`` (holds none). The script exits with
 status 1 if regraft gets any variable wrong, if its report disagrees with the
@@ -33,6 +33,7 @@ beside this file explains how to read the output.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -45,15 +46,16 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_align import FRESH, RECOVERED, WRONG, Snapshot, classify, log, quiet, randomise, variables_by_path, zero  # noqa: E402
+from bench_align import FRESH, RECOVERED, WRONG, Snapshot, classify, log, quiet, randomise, variables_by_path, zero
 
 if TYPE_CHECKING:
     import keras
@@ -105,7 +107,7 @@ class PlanOutcome:
     stages: dict[str, int]
 
 
-def build(pairs: int, changed: bool) -> "keras.Model":
+def build(pairs: int, changed: bool) -> keras.Model:
     """The chain of Dense+BN pairs; ``changed`` inserts 3 LayerNormalization and removes 1 BN."""
     import keras
 
@@ -184,7 +186,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true",
                         help="print the results as JSON on stdout; the human-readable output goes to stderr")
     parser.add_argument("--workdir", type=Path, default=None,
-                        help="write the checkpoints here and keep them (default: a temporary directory)")
+                        help="write the checkpoints here and keep them; if not given, a temporary directory is used "
+                        "and removed at the end")
     args = parser.parse_args(argv)
     if args.variables < 10 * VARS_PER_PAIR:
         parser.error(f"--variables must be at least {10 * VARS_PER_PAIR}")
@@ -197,9 +200,8 @@ def run(args: argparse.Namespace) -> int:
     out: TextIO = sys.stderr if args.json else sys.stdout
 
     import keras
-    import tensorflow as tf
-
     import regraft
+    import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
     pairs = math.ceil(args.variables / VARS_PER_PAIR)
@@ -251,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
             for fmt, path in (("tf", prefix), ("h5", h5)):
                 zero(new)
                 with quiet(out):
-                    seconds, report, raised = timed(lambda p=path: regraft.load(new, p, strict=False))
+                    seconds, report, raised = timed(functools.partial(regraft.load, new, path, strict=False))
                 check = value_check(f"regraft.load-{fmt}", new_vars, snapshot, seconds, raised)
                 if report is not None:
                     check.report_mismatches = report_mismatches(report, new_vars, snapshot)
