@@ -733,7 +733,7 @@ def test_report_is_complete_and_serialisable(tmp_path):
     counts = report.counts()
     assert sum(counts[s] for s in ("loaded", "cast", "shape-mismatch", "missing", "ambiguous")) == len(model.weights)
     assert counts == {
-        "loaded": 2, "cast": 0, "shape-mismatch": 2, "missing": 2, "ambiguous": 0,
+        "loaded": 2, "cast": 0, "transformed": 0, "shape-mismatch": 2, "missing": 2, "ambiguous": 0,
         "unused": 4, "outside_root": 0, "optimizer_and_bookkeeping": 3 + 2 * 6,
     }  # fmt: skip
     assert data["counts"] == counts
@@ -764,7 +764,7 @@ def test_weights_h5_with_optimizer_state_loads_weights_only(tmp_path):
     before = snapshot(model)
     report = regraft.load(model, path)
     assert report.counts() == {
-        "loaded": 8, "cast": 0, "shape-mismatch": 0, "missing": 0, "ambiguous": 0,
+        "loaded": 8, "cast": 0, "transformed": 0, "shape-mismatch": 0, "missing": 0, "ambiguous": 0,
         "unused": 0, "outside_root": 0, "optimizer_and_bookkeeping": 2 + 2 * 6,
     }  # fmt: skip
     assert {o["source"] for o in report.to_dict()["optimizer_and_bookkeeping"]} == {f"optimizer/vars/{i}" for i in range(14)}

@@ -19,6 +19,7 @@ from regraft.errors import (
 )
 from regraft.plan import Assignment, Plan
 from regraft.report import LoadReport
+from regraft.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,8 @@ __all__ = [
     "load",
     "diff",
     "plan",
+    "verify",
+    "VerifyReport",
     "LoadReport",
     "Plan",
     "Assignment",

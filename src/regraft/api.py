@@ -13,7 +13,7 @@ from regraft.plan import Plan
 from regraft.report import LoadReport
 from regraft.rules import parse_rules
 from regraft.sources import Source, open_source
-from regraft.targets import describe_with_layers
+from regraft.targets import describe_with_layers, layer_graph
 
 __all__ = ["open", "plan", "diff", "load"]
 
@@ -40,6 +40,8 @@ def plan(
     allow_missing: Iterable[str] = (),
     allow_unused: Iterable[str] = (),
     root: str | None = None,
+    reshape: str = "error",
+    noise: float = 0.0,
 ) -> Plan:
     """Decide what each variable of ``model`` takes from the checkpoint, from metadata only.
 
@@ -53,6 +55,13 @@ def plan(
         allow_missing: glob patterns of model variables that may stay fresh.
         allow_unused: glob patterns of checkpoint tensors that may go unused.
         root: the saved object holding the model (``"model"``); chosen automatically.
+        reshape: what to do with a matched tensor of another shape: ``"error"``
+            (a strict problem; left fresh otherwise), ``"fresh"`` (left fresh on
+            purpose), ``"overlay"`` (old values where the shapes overlap) or
+            ``"preserve"`` (function-preserving growth: widen, identity for
+            inserted layers; see :mod:`regraft.growth`).
+        noise: for ``preserve``, relative noise added to widened copies to break
+            their symmetry (0: exact).
 
     Returns:
         An immutable :class:`Plan`; print it, save it, or ``plan.apply(model)``.
@@ -62,13 +71,13 @@ def plan(
         >>> print(p); p.save("plan.yaml")                # doctest: +SKIP
     """
     if isinstance(source, Source):
-        return _plan(model, source, rules, rename, allow_missing, allow_unused, root)
+        return _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise)
     with open_source(source) as opened:
-        return _plan(model, opened, rules, rename, allow_missing, allow_unused, root)
+        return _plan(model, opened, rules, rename, allow_missing, allow_unused, root, reshape, noise)
 
 
 def _plan(model: Any, source: Source, rules: Rules, rename: Any, allow_missing: Iterable[str],
-          allow_unused: Iterable[str], root: str | None) -> Plan:
+          allow_unused: Iterable[str], root: str | None, reshape: str = "error", noise: float = 0.0) -> Plan:
     targets, layers = describe_with_layers(model, (source.namespace,))
     return make_plan(
         targets,
@@ -79,6 +88,9 @@ def _plan(model: Any, source: Source, rules: Rules, rename: Any, allow_missing: 
         allow_unused=tuple(allow_unused),
         root=root,
         model_name=model.name,
+        reshape=reshape,
+        graph=layer_graph(model) if reshape == "preserve" else None,
+        noise=noise,
     )
 
 
@@ -101,6 +113,8 @@ def load(
     allow_unused: Iterable[str] = (),
     freeze: bool = False,
     root: str | None = None,
+    reshape: str = "error",
+    noise: float = 0.0,
     progress: Progress | None = None,
 ) -> LoadReport:
     """Load a checkpoint into a (possibly changed) built Keras model: :func:`plan`, then apply.
@@ -109,13 +123,13 @@ def load(
         model: the built Keras 3 model to load into.
         path: a TF checkpoint (prefix, ``.index``, or folder with a ``checkpoint``
             file), a Keras ``.weights.h5`` or a Keras 2 ``.h5`` file.
-        rules, rename, allow_missing, allow_unused, root: as for :func:`plan`.
+        rules, rename, allow_missing, allow_unused, root, reshape, noise: as for :func:`plan`.
         strict: raise :class:`~regraft.errors.LoadError` before touching the model
             when anything is missing, unused, ambiguous or shape-mismatched, or a
             rule matched nothing (except what the allow patterns cover), listing
             every problem at once.
         freeze: set ``trainable=False`` on every layer whose variables were all
-            loaded unchanged.
+            loaded unchanged (a layer with a transformed variable stays trainable).
         progress: called as ``progress(done, total, key)`` after each tensor.
 
     Returns:
@@ -130,7 +144,7 @@ def load(
         3 loaded, 0 shape-mismatch, 2 missing, 2 unused — 61.0% of parameters from the checkpoint
     """
     with open_source(path) as source:
-        the_plan = _plan(model, source, rules, rename, allow_missing, allow_unused, root)
+        the_plan = _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise)
         problems = the_plan.problems()
         if strict and problems:
             raise LoadError(

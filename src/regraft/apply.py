@@ -26,7 +26,7 @@ import numpy as np
 from regraft.entries import TargetVariable
 from regraft.errors import CorruptCheckpointError, LoadError
 from regraft.naming import dtype_of
-from regraft.plan import CAST, Assignment, Plan
+from regraft.plan import CAST, TRANSFORMED, Assignment, Plan
 from regraft.sources.base import Source
 from regraft.targets import assign, read_value, restore_tensor
 
@@ -98,7 +98,7 @@ def apply_plan(plan: Plan, source: Source, progress: Progress | None = None) -> 
     Raises:
         RegraftError: anything that stopped the load; the model is then unchanged.
     """
-    writes = [a for a in plan.assignments if a.writes and a.source is not None]
+    writes = [a for a in plan.assignments if a.writes]
     done: dict[str, AppliedTensor] = {}
     # Reading the next tensor (I/O and checksum, outside the GIL) overlaps with
     # journaling and assigning the current one; at most one read is ahead.
@@ -135,7 +135,9 @@ def _fetch(a: Assignment, source: Source, plan: Plan) -> tuple[Any, float | None
     regraft's reader and numpy.
     """
     entry = a.source
-    if entry is None:  # a written assignment always has a source
+    if a.status == TRANSFORMED:
+        return _transformed(a, source)
+    if entry is None:  # loaded and cast assignments always have a source
         raise LoadError(f"Variable '{a.target.key}' has no source to load.")
     location = source.native_location(entry.key) if a.status != CAST else None
     if location is not None:
@@ -158,6 +160,18 @@ def _fetch(a: Assignment, source: Source, plan: Plan) -> tuple[Any, float | None
             hint="The checkpoint is inconsistent; save it again.",
         )
     return value, error
+
+
+def _transformed(a: Assignment, source: Source) -> tuple[np.ndarray, float | None]:
+    """Read the source (if any), run the transform pipeline, cast to the variable's dtype."""
+    from regraft.growth import run_steps, steps_need_fresh
+
+    value = source.read(a.source.key) if a.source is not None else None
+    fresh = read_value(a.target) if steps_need_fresh(a.steps) else None
+    value = run_steps(a.steps, value, fresh, a.target.shape, a.target.key)
+    if value.dtype != dtype_of(a.target.dtype):
+        return convert(value, a.target, a.source.key if a.source else a.target.key)
+    return value, None
 
 
 def _roll_back(journal: Any, undo: list[tuple[Assignment, int, tuple[int, ...], np.dtype]]) -> None:

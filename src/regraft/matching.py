@@ -19,9 +19,13 @@ reported as ``ambiguous`` and never loaded.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
+from typing import Any
+
 from regraft.align import Alignment, Pair, align_trees, build_tree
 from regraft.entries import WEIGHT, SourceEntry, TargetVariable
 from regraft.errors import RegraftError
+from regraft.growth import apply_policy, with_steps
 from regraft.naming import matches_any
 from regraft.plan import (
     AMBIGUOUS,
@@ -34,7 +38,7 @@ from regraft.plan import (
     fingerprint_source,
     fingerprint_target,
 )
-from regraft.rules import IGNORE, INIT, RENAME, Rule
+from regraft.rules import IGNORE, INIT, RENAME, TRANSFORM, Rule
 from regraft.sources.base import Source
 
 __all__ = ["make_plan", "choose_root", "is_positional"]
@@ -100,8 +104,16 @@ def make_plan(
     allow_unused: tuple[str, ...] = (),
     root: str | None = None,
     model_name: str = "",
+    reshape: str = "error",
+    graph: list[Any] | None = None,
+    noise: float = 0.0,
 ) -> Plan:
-    """Match every target variable to a source tensor or none, from metadata only."""
+    """Match every target variable to a source tensor or none, from metadata only.
+
+    ``reshape`` is the policy for matched tensors of another shape (see
+    :mod:`regraft.growth`); ``graph`` (from ``targets.layer_graph``) is what the
+    ``preserve`` policy follows.
+    """
     namespace = source.namespace
     root = choose_root(source, targets, root)
     prefix = root + "/" if root else ""
@@ -157,6 +169,8 @@ def make_plan(
     for target in targets:
         assignments.append(_assignment(target, decided.get(target.key), fresh.get(target.key),
                                        ambiguous.get(target.key, ()), allow_missing))
+    assignments = apply_policy(assignments, reshape, graph, noise)
+    assignments = _transform_rules(assignments, rules, rule_counts)
     unused = tuple(
         (entry, matches_any([key, entry.key], allow_unused)) for key, entry in available.items() if id(entry) not in used
     )
@@ -199,6 +213,23 @@ def _assignment(
     if entry.dtype != target.dtype:
         return Assignment(target, entry, CAST, stage, f"{reason}; cast {entry.dtype} -> {target.dtype}", None, confidence)
     return Assignment(target, entry, LOADED, stage, reason, None, confidence)
+
+
+def _transform_rules(assignments: list[Assignment], rules: tuple[Rule, ...], counts: dict[int, int]) -> list[Assignment]:
+    """Apply ``transform`` rules: the first matching rule decides a variable's transform."""
+    transform_rules = [r for r in rules if r.kind == TRANSFORM]
+    if not transform_rules:
+        return assignments
+    out = []
+    for a in assignments:
+        rule = next((r for r in transform_rules if r.matches([a.target.key, *a.target.keys.values()])), None)
+        if rule is None or (a.source is None and rule.replacement != "identity_init"):
+            out.append(a)
+            continue
+        counts[rule.number] += 1
+        base = replace(a, steps=(), reason=a.reason.split("; ")[0])
+        out.append(with_steps(base, [(rule.replacement or "", dict(rule.options))], str(rule)))
+    return out
 
 
 def _exact_stage(

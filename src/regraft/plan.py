@@ -30,6 +30,7 @@ __all__ = [
     "SHAPE_MISMATCH",
     "MISSING",
     "AMBIGUOUS",
+    "TRANSFORMED",
     "fingerprint_source",
     "fingerprint_target",
 ]
@@ -39,6 +40,7 @@ CAST = "cast"
 SHAPE_MISMATCH = "shape-mismatch"
 MISSING = "missing"
 AMBIGUOUS = "ambiguous"
+TRANSFORMED = "transformed"
 PLAN_VERSION = 1
 
 
@@ -59,6 +61,8 @@ class Assignment:
         confidence: how sure an automatic decision is (1.0 for exact keys and rules).
         transform: ``identity`` or ``cast`` for what is written; ``None`` otherwise.
         candidates: for ``ambiguous``, the equally good source keys.
+        steps: for ``transformed``, the transform pipeline ``((name, options), ...)``
+            applied to the source tensor (or, for ``identity_init``, to nothing).
     """
 
     target: TargetVariable
@@ -69,15 +73,18 @@ class Assignment:
     allowed: str | None = None
     confidence: float | None = None
     candidates: tuple[str, ...] = ()
+    steps: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     @property
     def writes(self) -> bool:
         """True when applying the plan assigns this variable."""
-        return self.status in (LOADED, CAST)
+        return self.status in (LOADED, CAST, TRANSFORMED)
 
     @property
     def transform(self) -> str | None:
-        """``identity`` or ``cast`` for what is written, else ``None``."""
+        """``identity``, ``cast`` or the transform pipeline (``widen_in + widen_out``) for what is written."""
+        if self.steps:
+            return " + ".join(name for name, _ in self.steps)
         return {LOADED: "identity", CAST: "cast"}.get(self.status)
 
 
@@ -222,6 +229,8 @@ class Plan:
                 entry["confidence"] = round(a.confidence, 3)
             if a.candidates:
                 entry["candidates"] = list(a.candidates)
+            if a.steps:
+                entry["steps"] = [{"name": name, **options} for name, options in a.steps]
             if a.allowed:
                 entry["allowed_by"] = a.allowed
             variables[a.target.key] = entry
@@ -355,6 +364,8 @@ def _assignment_from_file(target: TargetVariable, entry: Any, entries: dict[str,
     if not isinstance(entry, dict):
         raise RegraftError(f"Plan {path}: the entry of '{target.key}' must be a mapping with a 'source'.")
     key = entry.get("source")
+    if key is None and entry.get("steps"):
+        return _transformed_from_file(target, None, entry, entry.get("stage") or "plan", entry.get("reason") or "", path)
     if key is None:
         return Assignment(target, None, MISSING, "plan", entry.get("reason") or "left fresh in the plan", "plan")
     if key not in entries:
@@ -364,10 +375,29 @@ def _assignment_from_file(target: TargetVariable, entry: Any, entries: dict[str,
         )
     source = entries[key]
     stage, reason = entry.get("stage") or "plan", entry.get("reason") or "chosen in the plan file"
+    if entry.get("steps"):
+        return _transformed_from_file(target, source, entry, stage, reason, path)
     if source.shape != target.shape:  # reported, left fresh: what a plan says of a mismatch
         return Assignment(target, source, SHAPE_MISMATCH, stage, reason, None, entry.get("confidence"))
     status = CAST if source.dtype != target.dtype else LOADED
     return Assignment(target, source, status, stage, reason, None, entry.get("confidence"))
+
+
+def _transformed_from_file(target: TargetVariable, source: SourceEntry | None, entry: dict[str, Any], stage: str,
+                           reason: str, path: Any) -> Assignment:
+    """An entry with ``steps``: each step checked against the shapes before anything is read."""
+    from regraft.growth import check_steps
+
+    steps = []
+    for step in entry["steps"]:
+        if not isinstance(step, dict) or not isinstance(step.get("name"), str):
+            raise RegraftError(
+                f"Plan {path}: the steps of '{target.key}' must be mappings with a 'name'. Received: {step!r}.",
+                hint="Write steps like  - {name: pad, value: 0.0}",
+            )
+        steps.append((step["name"], {k: v for k, v in step.items() if k != "name"}))
+    check_steps(tuple(steps), source.shape if source else None, target.shape, target.key)
+    return Assignment(target, source, TRANSFORMED, stage, reason, None, entry.get("confidence"), (), tuple(steps))
 
 
 def fingerprint_source(entries: Iterable[SourceEntry]) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from regraft.apply import AppliedTensor
-from regraft.plan import AMBIGUOUS, CAST, LOADED, MISSING, SHAPE_MISMATCH, Plan, _shape
+from regraft.plan import AMBIGUOUS, CAST, LOADED, MISSING, SHAPE_MISMATCH, TRANSFORMED, Plan, _shape
 
 __all__ = ["LoadReport"]
 
@@ -32,9 +32,15 @@ class LoadReport:
         errors = {k: t.max_cast_error for k, t in (applied or {}).items() if t.max_cast_error is not None}
         return cls(plan, applied is not None, errors, tuple(frozen))
 
+    def kept_trainable(self) -> list[str]:
+        """When freezing: layers left trainable because a variable of theirs was transformed."""
+        if not self.frozen:
+            return []
+        return sorted({a.target.layer for a in self.plan.assignments if a.status == TRANSFORMED})
+
     def counts(self) -> dict[str, int]:
         """Number of target variables per status, plus unused/outside/optimizer tensors."""
-        out = {s: 0 for s in (LOADED, CAST, SHAPE_MISMATCH, MISSING, AMBIGUOUS)}
+        out = {s: 0 for s in (LOADED, CAST, TRANSFORMED, SHAPE_MISMATCH, MISSING, AMBIGUOUS)}
         for a in self.plan.assignments:
             out[a.status] += 1
         out["unused"] = len(self.plan.unused)
@@ -55,6 +61,8 @@ class LoadReport:
         parts = [f"{c[LOADED]} {verb}"]
         if c[CAST]:
             parts.append(f"{c[CAST]} cast")
+        if c[TRANSFORMED]:
+            parts.append(f"{c[TRANSFORMED]} transformed")
         parts.append(f"{c[SHAPE_MISMATCH]} shape-mismatch")
         parts.append(f"{c[MISSING]} missing")
         if c[AMBIGUOUS]:
@@ -82,6 +90,7 @@ class LoadReport:
                 "stage": a.stage or None,
                 "reason": a.reason,
                 "confidence": a.confidence,
+                "transform": a.transform,
             }
             if a.candidates:
                 row["candidates"] = list(a.candidates)
@@ -115,6 +124,7 @@ class LoadReport:
             "inserted_layers": list(p.inserted),
             "removed_layers": list(p.removed),
             "frozen": list(self.frozen),
+            "kept_trainable": self.kept_trainable(),
         }
 
     def table(self) -> str:
@@ -132,6 +142,8 @@ class LoadReport:
                     dtype += f" (max err {self.cast_errors[a.target.key]:.3g})"
             source = a.source.key if a.source else "-"
             status = a.status + (" (allowed)" if a.allowed else "")
+            if a.status == TRANSFORMED:
+                status += f": {a.transform}"
             lines.append((status, a.target.key, source, shape, dtype))
         for entry, allowed in self.plan.unused:
             lines.append(("unused" + (" (allowed)" if allowed else ""), "-", entry.key, _shape(entry.shape), entry.dtype))
@@ -155,7 +167,9 @@ class LoadReport:
         groups: dict[str, list[str]] = {}
         by_order = []
         for a in self.plan.assignments:
-            if a.status in (LOADED, CAST):
+            if a.status == TRANSFORMED:
+                label = f"transformed, {a.transform}"
+            elif a.status in (LOADED, CAST):
                 label = f"{a.status}, {'exact key' if a.stage == 'exact' else a.stage or 'exact key'}"
                 if a.confidence is not None and a.confidence < 1.0 and a.stage == "aligned":
                     label += f" (confidence {a.confidence:.1f})"
@@ -196,4 +210,6 @@ class LoadReport:
         tail = [self.summary()]
         if self.frozen:
             tail.append("frozen: " + ", ".join(self.frozen))
+            if self.kept_trainable():
+                tail.append("kept trainable (transformed): " + ", ".join(self.kept_trainable()))
         return "\n".join([head, self.table(), *tail])

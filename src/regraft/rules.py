@@ -8,6 +8,9 @@ Rules come as a dict or a YAML file, in one of two forms::
       "block_(\\d+)/w": "block\\1/kernel"  # regular expression, full match, back-references
     init: ["head/*"]                     # model variables (glob) to leave fresh on purpose
     ignore: ["aux_head/*"]               # checkpoint tensors (glob) meant to be dropped
+    transform:                           # model variables (glob) -> a transform for their tensor
+      "pos_embedding/*": resize
+      "conv1/kernel": {name: adapt_channels}
 
     # or a list, when the order across kinds matters
     rules:
@@ -29,10 +32,10 @@ from typing import Any, Mapping
 
 from regraft.errors import RegraftError
 
-__all__ = ["Rule", "parse_rules", "RENAME", "INIT", "IGNORE"]
+__all__ = ["Rule", "parse_rules", "RENAME", "INIT", "IGNORE", "TRANSFORM"]
 
-RENAME, INIT, IGNORE = "rename", "init", "ignore"
-_KINDS = (RENAME, INIT, IGNORE)
+RENAME, INIT, IGNORE, TRANSFORM = "rename", "init", "ignore", "transform"
+_KINDS = (RENAME, INIT, IGNORE, TRANSFORM)
 
 
 @dataclass(frozen=True)
@@ -42,18 +45,23 @@ class Rule:
     Attributes:
         kind: ``rename``, ``init`` or ``ignore``.
         pattern: for ``rename`` the old key, prefix or regular expression; otherwise a glob.
-        replacement: for ``rename``, the new key (may use ``\\1`` back-references).
+        replacement: for ``rename``, the new key (may use ``\\1`` back-references);
+            for ``transform``, the transform's name.
         number: 1-based position among all rules, for messages ("rule 3").
+        options: for ``transform``, the transform's options.
     """
 
     kind: str
     pattern: str
     replacement: str | None
     number: int
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __str__(self) -> str:
         if self.kind == RENAME:
             return f"rule {self.number} (rename '{self.pattern}' -> '{self.replacement}')"
+        if self.kind == TRANSFORM:
+            return f"rule {self.number} (transform '{self.pattern}' with {self.replacement})"
         return f"rule {self.number} ({self.kind} '{self.pattern}')"
 
     def rename(self, key: str) -> str | None:
@@ -73,7 +81,7 @@ class Rule:
         return match.expand(self.replacement) if match else None
 
     def matches(self, keys: list[str]) -> bool:
-        """For ``init``/``ignore``: whether the glob matches any of ``keys``."""
+        """For ``init``/``ignore``/``transform``: whether the glob matches any of ``keys``."""
         return any(fnmatch.fnmatchcase(k, self.pattern) for k in keys)
 
 
@@ -102,7 +110,7 @@ def parse_rules(rules: Mapping[str, Any] | list[Any] | str | os.PathLike[str] | 
             section, a regular expression that does not compile, a prefix rule
             without '/' on both sides. The message names the rule.
     """
-    items: list[tuple[str, str, str | None, str]] = []
+    items: list[tuple[str, str, str | None, tuple[tuple[str, Any], ...], str]] = []
     if rename is not None:
         what = _origin(rename, "rename")
         data = _load(rename, what)
@@ -113,8 +121,8 @@ def parse_rules(rules: Mapping[str, Any] | list[Any] | str | os.PathLike[str] | 
         what = _origin(rules, "rules")
         items += [(*item, what) for item in _items(_load(rules, what), what)]
     out = []
-    for number, (kind, pattern, replacement, what) in enumerate(items, start=1):
-        rule = Rule(kind, pattern, replacement, number)
+    for number, (kind, pattern, replacement, options, what) in enumerate(items, start=1):
+        rule = Rule(kind, pattern, replacement, number, options)
         _validate(rule, what)
         out.append(rule)
     return tuple(out)
@@ -145,7 +153,7 @@ def _load(value: Any, what: str) -> Any:
     return data
 
 
-def _items(data: Any, what: str) -> list[tuple[str, str, str | None]]:
+def _items(data: Any, what: str) -> list[tuple[str, str, str | None, tuple[tuple[str, Any], ...]]]:
     if isinstance(data, Mapping) and list(data) == ["rules"]:
         data = data["rules"]
     if isinstance(data, list):
@@ -182,7 +190,9 @@ def _items(data: Any, what: str) -> list[tuple[str, str, str | None]]:
                         f"Rename rule {old!r}: {new!r} in the {what} must map a string to a string.",
                         hint='Write rules like {"encoder/": "backbone/"}.',
                     )
-                out.append((RENAME, old, new))
+                out.append((RENAME, old, new, ()))
+        elif kind == TRANSFORM:
+            out += _transform_items(body, what)
         else:
             patterns = [body] if isinstance(body, str) else body
             if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
@@ -190,11 +200,36 @@ def _items(data: Any, what: str) -> list[tuple[str, str, str | None]]:
                     f"'{kind}' in the {what} must be a glob pattern or a list of them. Received: {body!r}.",
                     hint=f'Write  {kind}: ["head/*"]',
                 )
-            out += [(kind, p, None) for p in patterns]
+            out += [(kind, p, None, ()) for p in patterns]
+    return out
+
+
+def _transform_items(body: Any, what: str) -> list[tuple[str, str, str | None, tuple[tuple[str, Any], ...]]]:
+    if not isinstance(body, Mapping):
+        raise RegraftError(
+            f"'transform' in the {what} must map model variable patterns to transforms. Received: {body!r}.",
+            hint='Write  transform: {"head/kernel": {name: pad, value: 0.0}}',
+        )
+    out = []
+    for pattern, spec in body.items():
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        if not isinstance(pattern, str) or not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+            raise RegraftError(
+                f"Transform rule {pattern!r}: {spec!r} in the {what} must name a transform.",
+                hint='Write  "head/kernel": pad  or  "head/kernel": {name: pad, value: 0.0}',
+            )
+        options = tuple(sorted((k, v) for k, v in spec.items() if k != "name"))
+        out.append((TRANSFORM, pattern, spec["name"], options))
     return out
 
 
 def _validate(rule: Rule, what: str) -> None:
+    if rule.kind == TRANSFORM:
+        from regraft import transforms
+
+        transforms.get(rule.replacement or "")  # an unknown name fails here, listing the known ones
+        return
     if rule.kind != RENAME or rule.replacement is None:
         return
     if rule.pattern.endswith("/") != rule.replacement.endswith("/") and not _REGEX_CHARS & set(rule.pattern):

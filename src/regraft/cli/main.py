@@ -21,9 +21,17 @@ _EPILOG = """examples:
   regraft diff ckpts/run7 --model models.py:build_new
   regraft plan ckpts/run7 --model models.py:build_new --rules rules.yaml -o plan.yaml
   regraft apply plan.yaml --model models.py:build_new --out new.weights.h5
+  regraft load ckpts/run7 --model models.py:build_wide --reshape preserve --out wide.weights.h5
+  regraft verify ckpts/run7 --old-model models.py:build_old wide.weights.h5 --model models.py:build_wide
   regraft load ckpts/run7 --model models.py:build_new --out new.weights.h5 --rename map.yaml
   regraft demo
 """
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from regraft.verify import verify_command
+
+    return verify_command(args)
 
 
 def _add_match_options(p: argparse.ArgumentParser) -> None:
@@ -40,6 +48,11 @@ def _add_match_options(p: argparse.ArgumentParser) -> None:
                    help="model variables (glob) that may stay fresh; alone: all of them. Repeatable")
     p.add_argument("--allow-unused", action="append", nargs="?", const="*", default=[], metavar="PATTERN",
                    help="checkpoint tensors (glob) that may go unused; alone: all of them. Repeatable")
+    p.add_argument("--reshape", choices=("error", "fresh", "overlay", "preserve"), default="error",
+                   help="tensors matched with another shape: a strict problem (error, the default), left fresh, "
+                   "overlaid on the fresh values, or grown function-preservingly (preserve)")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="with --reshape preserve: relative noise on widened copies to break symmetry (default 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -99,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", action="store_true",
                    help="mark layers loaded unchanged as non-trainable (saved with the weights only if the format keeps it)")
     p.set_defaults(run=commands.load)
+
+    p = sub.add_parser("verify", help="check that the new model computes what the old one did",
+                       description="Load the old checkpoint into the old model and the new weights (e.g. written by "
+                       "`regraft load --reshape preserve --out`) into the new model, run both on the same probe "
+                       "inputs (random of the right shape unless --inputs is given) and report the largest absolute "
+                       "and relative output difference. Exit 0 within --tolerance, 1 above it, 2 on a user error.")
+    p.add_argument("old_checkpoint", help="checkpoint of the old model")
+    p.add_argument("--old-model", required=True, metavar="SPEC", help="FILE.py:CALLABLE building the old model")
+    p.add_argument("new_weights", help="weights of the new model (.weights.h5 or TF checkpoint prefix)")
+    p.add_argument("--model", required=True, metavar="SPEC", help="FILE.py:CALLABLE building the new model")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="largest absolute difference accepted (default 1e-5)")
+    p.add_argument("--samples", type=int, default=8, help="number of random probe inputs (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the probe inputs (default 0)")
+    p.add_argument("--inputs", metavar="NPY", help="probe inputs: a .npy array, or an .npz of several inputs")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=_verify)
 
     p = sub.add_parser("demo", help="run the built-in examples: three classic model changes",
                        description="Build three classic situations (inserted layer, more filters, renamed layer), "

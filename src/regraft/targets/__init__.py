@@ -1,5 +1,21 @@
 """Targets: the model a checkpoint is loaded into. Only Keras 3 on TensorFlow for now."""
 
-from regraft.targets.keras import assign, describe, describe_with_layers, read_value, restore_tensor, save_weights
+from regraft.targets.keras import (
+    assign,
+    describe,
+    describe_with_layers,
+    layer_graph,
+    read_value,
+    restore_tensor,
+    save_weights,
+)
 
-__all__ = ["assign", "describe", "describe_with_layers", "read_value", "restore_tensor", "save_weights"]
+__all__ = [
+    "assign",
+    "describe",
+    "describe_with_layers",
+    "layer_graph",
+    "read_value",
+    "restore_tensor",
+    "save_weights",
+]

@@ -14,6 +14,7 @@ target side. Keys are computed by asking the frameworks themselves:
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,16 @@ import numpy as np
 from regraft.entries import NAMESPACES, TargetVariable
 from regraft.errors import TargetError
 
-__all__ = ["describe", "describe_with_layers", "assign", "read_value", "restore_tensor", "save_weights"]
+__all__ = [
+    "describe",
+    "describe_with_layers",
+    "assign",
+    "read_value",
+    "restore_tensor",
+    "save_weights",
+    "layer_graph",
+    "GraphLayer",
+]
 
 
 def _keras():
@@ -358,3 +368,100 @@ def save_weights(model: Any, out: str) -> list[str]:
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class GraphLayer:
+    """One layer of the model's computation, for function-preserving growth.
+
+    Attributes:
+        key: the layer's readable key (``TargetVariable.layer`` of its variables).
+        kind: the class in snake case (``dense``, ``conv2d``, ``batch_normalization``).
+        inputs: readable keys of the layers feeding it.
+        activation: the activation's name for layers that have one (``relu``, ``linear``).
+        non_negative: its output is never negative (ReLU activation or a ReLU layer).
+    """
+
+    key: str
+    kind: str
+    inputs: tuple[str, ...]
+    activation: str | None
+    non_negative: bool
+
+
+def layer_graph(model: Any) -> list[GraphLayer]:
+    """The model's layers in computation order, each with the layers that feed it.
+
+    Functional and Sequential models give their real graph. A subclassed model
+    gives its leaf layers in the order its attributes were assigned, each fed by
+    the previous one: the usual way such models are written, and an assumption
+    (``regraft.verify`` checks the result).
+    """
+    keras = _keras()
+    readable = _readable_layer_keys(model)
+    if isinstance(model, keras.Sequential) or type(model).__name__ == "Functional":
+        members = {id(layer) for layer in model.layers}
+        out = []
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.InputLayer):
+                continue
+            parents = [
+                p.operation for node in layer._inbound_nodes for p in node.parent_nodes if id(p.operation) in members
+            ]
+            inputs = tuple(readable.get(id(p), p.name) for p in parents if not isinstance(p, keras.layers.InputLayer))
+            out.append(_graph_layer(layer, readable.get(id(layer), layer.name), inputs))
+        return out
+    leaves = [layer for layer in _leaf_layers(model)]
+    out = []
+    for i, layer in enumerate(leaves):
+        inputs = (readable.get(id(leaves[i - 1]), leaves[i - 1].name),) if i else ()
+        out.append(_graph_layer(layer, readable.get(id(layer), layer.name), inputs))
+    return out
+
+
+def _graph_layer(layer: Any, key: str, inputs: tuple[str, ...]) -> GraphLayer:
+    activation = getattr(layer, "activation", None)
+    name = getattr(activation, "__name__", None) if activation is not None else None
+    non_negative = name == "relu" or type(layer).__name__ == "ReLU"
+    return GraphLayer(key, _snake(layer), inputs, name, non_negative)
+
+
+def _leaf_layers(model: Any) -> list[Any]:
+    """Layers without sub-layers, in the readable walk's order (attribute order)."""
+    keras = _keras()
+    found: list[Any] = []
+    seen: set[int] = set()
+
+    def visit(layer: Any) -> None:
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        children = [c for c in _sub_layers(layer, keras)]
+        if not children and layer is not model:
+            found.append(layer)
+        for child in children:
+            visit(child)
+
+    visit(model)
+    return found
+
+
+def _sub_layers(layer: Any, keras: Any) -> list[Any]:
+    out = []
+    for name, value in sorted(vars(layer).items(), key=lambda kv: kv[0].startswith("_")):
+        if isinstance(value, keras.layers.Layer):
+            out.append(value)
+        elif isinstance(value, (list, tuple)):
+            out.extend(v for v in value if isinstance(v, keras.layers.Layer))
+    return out
+
+
+def _readable_layer_keys(model: Any) -> dict[int, str]:
+    """Layer id → readable layer key, consistent with the variables' readable keys."""
+    by_variable = _readable_keys(model)
+    out: dict[int, str] = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        own = list(layer._trainable_variables) + list(layer._non_trainable_variables)
+        if own and id(own[0]) in by_variable:
+            out[id(layer)] = by_variable[id(own[0])].rpartition("/")[0]
+    return out
