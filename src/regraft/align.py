@@ -151,10 +151,11 @@ def build_tree(
 
 def _ensure(root: Node, key: str) -> Node:
     node = root
-    path = ""
     for segment in key.split("/") if key else []:
-        path = f"{path}/{segment}" if path else segment
-        node = node.children.setdefault(segment, Node(path))
+        child = node.children.get(segment)
+        if child is None:
+            child = node.children[segment] = Node(f"{node.path}/{segment}" if node.path else segment)
+        node = child
     return node
 
 
@@ -317,7 +318,8 @@ def _score_matrix(s_items: list[Node], t_items: list[Node]) -> np.ndarray:
 
 
 def _structure_key(node: Node) -> tuple:
-    return (node.kind, tuple(sorted(node.signature().items(), key=repr)), node.leaf is not None, node.shape)
+    # Signature items are ((segment, shape), count): plain tuples of str and ints, sortable as they are.
+    return (node.kind, tuple(sorted(node.signature().items())), node.leaf is not None, node.shape)
 
 
 def _without_name(node: Node) -> Node:

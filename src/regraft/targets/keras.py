@@ -13,6 +13,7 @@ target side. Keys are computed by asking the frameworks themselves:
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -301,10 +302,18 @@ def _h5_walk(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None, st
         def get(self, path: str) -> _Vars:
             return _Vars(path)
 
+    # Keras 3.15's get_attr_skipset caches under one global name and reads another
+    # ("skipset" vs "skiplist"), so it builds a throwaway Layer per visited layer:
+    # 5 s for 3,000 layers. The skip set depends only on the object type; memoise it
+    # for the duration of this walk.
+    original = saving_lib.get_attr_skipset
+    saving_lib.get_attr_skipset = functools.lru_cache(maxsize=None)(original)
     try:
         saving_lib._save_state(model, _Recorder(), None, "", set())
     except Exception:  # Keras internals changed: h5 keys are then unknown, matching falls back
         return {}, {}
+    finally:
+        saving_lib.get_attr_skipset = original
     kinds = {layer.name: _snake(layer) for layer in model._flatten_layers(include_self=False, recursive=True)}
     return out, {path: (name, kinds.get(name)) for path, name in layer_names.items() if path}
 
