@@ -29,6 +29,7 @@ from regraft.naming import dtype_of
 from regraft.plan import CAST, TRANSFORMED, Assignment, Plan
 from regraft.sources.base import Source
 from regraft.targets import assign, read_value, restore_tensor
+from regraft.transforms import cast_array
 
 __all__ = ["apply_plan", "convert", "freeze_loaded", "AppliedTensor"]
 
@@ -46,42 +47,13 @@ class AppliedTensor:
 def convert(value: np.ndarray, target: TargetVariable, source_key: str) -> tuple[np.ndarray, float | None]:
     """Convert a source tensor to the target's dtype, refusing lossy overflow.
 
+    :func:`regraft.transforms.cast_array` with the variable's dtype and key.
     Returns the converted array and, for a cast, the largest absolute rounding error.
 
     Raises:
         LoadError: the cast would turn finite values into inf, or integers out of range.
-
-    Example:
-        >>> import numpy as np
-        >>> convert(np.array([1.0, 70000.0], "float32"), t16, "w")  # doctest: +SKIP
-        LoadError: ... 70000 does not fit float16 ...
     """
-    want = dtype_of(target.dtype)
-    if value.dtype == want:
-        return value, None
-    if np.issubdtype(want, np.integer):
-        info = np.iinfo(want)
-        wide = value.astype(np.float64) if value.dtype.kind == "V" else value
-        if value.size and (np.min(wide) < info.min or np.max(wide) > info.max):
-            bad = np.min(wide) if np.min(wide) < info.min else np.max(wide)
-            raise _cast_refused(source_key, value.dtype, target, float(bad))
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = value.astype(want)
-    source64 = value.astype(np.float64) if value.dtype.kind != "c" else value
-    out64 = out.astype(np.float64) if out.dtype.kind != "c" else out
-    overflow = np.isinf(out64) & np.isfinite(source64)
-    if overflow.any():
-        raise _cast_refused(source_key, value.dtype, target, float(np.abs(source64[overflow]).max()))
-    error = float(np.max(np.abs(out64 - source64))) if value.size else 0.0
-    return np.ascontiguousarray(out), error
-
-
-def _cast_refused(source_key: str, dtype: Any, target: TargetVariable, bad: float) -> LoadError:
-    return LoadError(
-        f"Tensor '{source_key}' ({np.dtype(dtype).name}) cannot be cast to {target.dtype} for variable "
-        f"'{target.key}': the value {bad:g} does not fit {target.dtype}.",
-        hint=f"Build that variable as {np.dtype(dtype).name}, or rescale the checkpoint before loading.",
-    )
+    return cast_array(value, target.dtype, source_key, target_key=target.key)
 
 
 def apply_plan(plan: Plan, source: Source, progress: Progress | None = None) -> dict[str, AppliedTensor]:

@@ -6,7 +6,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from regraft.apply import AppliedTensor
-from regraft.plan import AMBIGUOUS, CAST, LOADED, MISSING, SHAPE_MISMATCH, TRANSFORMED, Plan, _shape
+from regraft.plan import (
+    AMBIGUOUS,
+    CAST,
+    LOADED,
+    MISSING,
+    SHAPE_MISMATCH,
+    TRANSFORMED,
+    Plan,
+    _shape,
+)
 
 __all__ = ["LoadReport"]
 

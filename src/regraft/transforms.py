@@ -496,9 +496,8 @@ def cast_array(
 ) -> tuple[np.ndarray, float | None]:
     """Cast ``value`` to ``dtype``, refusing to turn finite values into inf or integers out of range.
 
-    The same rules and message as :func:`regraft.apply.convert` (which takes a
-    ``TargetVariable``): fractional floats cast to integers are truncated, NaN
-    passes through float casts.
+    :func:`regraft.apply.convert` applies it to a ``TargetVariable``. Fractional
+    floats cast to integers are truncated, NaN passes through float casts.
 
     Args:
         value: the array.

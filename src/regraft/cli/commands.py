@@ -45,7 +45,7 @@ def inspect(args: argparse.Namespace) -> int:
             f"{source.path} [{source.format}]{objects}\n{table}\n"
             f"{kinds['weight']} weights ({data['parameters']:,} parameters), "
             f"{kinds['optimizer_slot']} optimizer slots, {kinds['bookkeeping']} bookkeeping"
-            + (f" (not listed; --all lists them)" if hidden else "")
+            + (" (not listed; --all lists them)" if hidden else "")
         )
         emit(data, text, args.json)
     return 0

@@ -15,7 +15,7 @@ import re
 import numpy as np
 
 from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
-from regraft.errors import CorruptCheckpointError, SourceError, UnsupportedFormatError
+from regraft.errors import CorruptCheckpointError, UnsupportedFormatError
 from regraft.sources.base import Source
 
 __all__ = ["KerasH5", "looks_like"]
