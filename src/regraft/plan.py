@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from regraft.entries import SourceEntry, TargetVariable
 from regraft.errors import RegraftError
+from regraft.files import read_yaml
 from regraft.naming import collapse
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -277,7 +278,7 @@ class Plan:
         from regraft.sources import open_source
         from regraft.targets import describe
 
-        data = _read_yaml(os.fspath(path))
+        data = _read_plan_file(os.fspath(path))
         checkpoint = data["checkpoint"]
         namespace_targets = describe(model, ())
         if fingerprint_target(namespace_targets) != data["model"]["fingerprint"]:
@@ -342,16 +343,8 @@ _PLAN_HEADER = """\
 """
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise RegraftError(f"Plan file {path} does not exist.", hint="Write one with `regraft plan ... -o FILE`.") from None
-    except yaml.YAMLError as exc:
-        raise RegraftError(f"Plan file {path} is not valid YAML: {exc}", hint="Fix the YAML syntax.") from None
+def _read_plan_file(path: str) -> dict[str, Any]:
+    data = read_yaml(path, f"plan file {path}", "Write one with `regraft plan CKPT --model SPEC -o FILE`.")
     if not isinstance(data, dict) or data.get("regraft_plan") != PLAN_VERSION or "variables" not in data:
         raise RegraftError(
             f"{path} is not a regraft plan file (version {PLAN_VERSION}).",

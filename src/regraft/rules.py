@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from regraft.errors import RegraftError
+from regraft.files import read_yaml
 
 __all__ = ["Rule", "parse_rules", "RENAME", "INIT", "IGNORE", "TRANSFORM"]
 
@@ -138,19 +139,8 @@ def _origin(value: Any, kind: str) -> str:
 def _load(value: Any, what: str) -> Any:
     if not isinstance(value, (str, os.PathLike)):
         return value
-    import yaml
-
-    path = os.fspath(value)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise RegraftError(f"The {what} does not exist.", hint="Check the path.") from None
-    except yaml.YAMLError as exc:
-        raise RegraftError(f"The {what} is not valid YAML: {exc}", hint="Fix the YAML syntax.") from None
-    if data is None:
-        return {}
-    return data
+    data = read_yaml(os.fspath(value), what, "Check the path.")
+    return {} if data is None else data
 
 
 def _items(data: Any, what: str) -> list[tuple[str, str, str | None, tuple[tuple[str, Any], ...]]]:

@@ -552,14 +552,18 @@ def _cast_refused(key: str, dtype: np.dtype, want: np.dtype, bad: float, target_
     )
 
 
-def _cast_shape(in_shape: Shape | None, target_shape: Shape, /, *, dtype: str) -> Shape:
-    in_shape = _need(in_shape, "cast")
+def _check_dtype_option(dtype: Any) -> None:
     if not isinstance(dtype, str):
         raise _reason(f"option dtype must be a dtype name such as 'float16', not {dtype!r}")
     try:
         dtype_of(dtype)
     except TypeError:
         raise _reason(f"unknown dtype {dtype!r}") from None
+
+
+def _cast_shape(in_shape: Shape | None, target_shape: Shape, /, *, dtype: str) -> Shape:
+    in_shape = _need(in_shape, "cast")
+    _check_dtype_option(dtype)
     if in_shape != target_shape:
         raise _reason("cast changes only the dtype; use a shape transform for the shape")
     return target_shape
@@ -954,12 +958,7 @@ def _identity_init_shape(
         problem = _identity_kernel_problem(target_shape)
         if problem is not None:
             raise _reason(problem)
-    if not isinstance(dtype, str):
-        raise _reason(f"option dtype must be a dtype name, not {dtype!r}")
-    try:
-        dtype_of(dtype)
-    except TypeError:
-        raise _reason(f"unknown dtype {dtype!r}") from None
+    _check_dtype_option(dtype)
     return target_shape
 
 
