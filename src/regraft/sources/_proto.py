@@ -10,9 +10,11 @@ input raises :class:`DecodeError`, never ``IndexError`` or similar.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 __all__ = [
     "BundleEntryProto",
@@ -300,6 +302,21 @@ def parse_bundle_entry(buf: bytes) -> BundleEntryProto:
     Raises:
         DecodeError: the bytes are not a well-formed message.
     """
+    entry_class = _compiled_classes().get("Entry")
+    if entry_class is not None:
+        try:
+            m = entry_class.FromString(buf)
+            m.DiscardUnknownFields()
+        except Exception:  # malformed: the pure-Python decoder below says precisely where
+            m = None
+        # The compiled parser keeps fields of the wrong wire type as unknown where the
+        # reference decoder refuses them: trust it only when, unknown fields dropped,
+        # it reproduces the bytes exactly (TensorFlow writes canonical entries).
+        if m is not None and m.SerializeToString() == buf:
+            return BundleEntryProto(
+                dtype=m.dtype, shape=tuple(d.size for d in m.shape.dim), unknown_rank=m.shape.unknown_rank,
+                shard_id=m.shard_id, offset=m.offset, size=m.size, crc32c=m.crc32c, num_slices=len(m.slices),
+            )
     dtype = shard_id = offset = size = crc = num_slices = 0
     dims: list[int] = []
     unknown_rank = False
@@ -453,8 +470,84 @@ def parse_object_graph(buf: bytes) -> list[ObjectNode]:
     Raises:
         DecodeError: the bytes are not a well-formed message.
     """
+    graph_class = _compiled_classes().get("Graph")
+    if graph_class is not None:
+        try:
+            return _from_message(graph_class.FromString(buf))
+        except Exception:  # malformed: the pure-Python decoder below says precisely where
+            pass
     return [
         _parse_trackable_object(_bytes(number, wire_type, value))
         for number, wire_type, value in iter_fields(buf)
         if number == 1
+    ]
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_classes() -> dict[str, Any]:
+    """Compiled (upb) message classes for the fields regraft reads: ``Graph``, ``Entry``; or ``{}``.
+
+    The pure-Python decoder takes ~1.5 s for a 10,000-variable model's object
+    graph and ~1 s for its bundle entries; when the ``protobuf`` package is
+    installed (it comes with TensorFlow) both take milliseconds. The pure-Python
+    decoder stays the reference: it runs without protobuf, and on any input the
+    compiled parser rejects, to say precisely what is wrong. Strings are declared
+    as bytes so that a name that is not valid UTF-8 decodes as in the pure path.
+    """
+    try:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    except ImportError:
+        return {}
+    F = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(name="regraft_object_graph.proto", package="regraft_private")
+
+    def message(name: str, fields: list[tuple[str, int, int, str | None]]) -> None:
+        m = file.message_type.add(name=name)
+        for field_name, number, kind, type_name in fields:
+            f = m.field.add(name=field_name, number=number, type=kind, label=F.LABEL_OPTIONAL)
+            if type_name:
+                f.type_name = f".regraft_private.{type_name}"
+                f.label = F.LABEL_REPEATED
+
+    message("Ref", [("node_id", 1, F.TYPE_INT32, None), ("local_name", 2, F.TYPE_BYTES, None)])
+    message("Tensor", [("name", 1, F.TYPE_BYTES, None), ("full_name", 2, F.TYPE_BYTES, None),
+                       ("checkpoint_key", 3, F.TYPE_BYTES, None)])
+    message("Slot", [("original_variable_node_id", 1, F.TYPE_INT32, None), ("slot_name", 2, F.TYPE_BYTES, None),
+                     ("slot_variable_node_id", 3, F.TYPE_INT32, None)])
+    message("Node", [("children", 1, F.TYPE_MESSAGE, "Ref"), ("attributes", 2, F.TYPE_MESSAGE, "Tensor"),
+                     ("slot_variables", 3, F.TYPE_MESSAGE, "Slot")])
+    message("Graph", [("nodes", 1, F.TYPE_MESSAGE, "Node")])
+    message("Dim", [("size", 1, F.TYPE_INT64, None), ("name", 2, F.TYPE_BYTES, None)])
+    message("Shape", [("dim", 2, F.TYPE_MESSAGE, "Dim"), ("unknown_rank", 3, F.TYPE_BOOL, None)])
+    message("Entry", [("dtype", 1, F.TYPE_INT32, None), ("shard_id", 3, F.TYPE_INT32, None),
+                      ("offset", 4, F.TYPE_INT64, None), ("size", 5, F.TYPE_INT64, None),
+                      ("crc32c", 6, F.TYPE_FIXED32, None)])
+    entry = file.message_type[-1]
+    entry.field.add(name="shape", number=2, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                    type_name=".regraft_private.Shape")
+    entry.field.add(name="slices", number=7, type=F.TYPE_BYTES, label=F.LABEL_REPEATED)
+    try:
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(file)
+        return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"regraft_private.{name}"))
+                for name in ("Graph", "Entry")}
+    except Exception:  # an incompatible protobuf: the pure-Python decoder serves
+        return {}
+
+
+def _from_message(graph: Any) -> list[ObjectNode]:
+    def text(b: bytes) -> str:
+        return b.decode("utf-8", "backslashreplace")
+
+    return [
+        ObjectNode(
+            children=tuple(ObjectReference(c.node_id, text(c.local_name)) for c in node.children),
+            attributes=tuple(SerializedTensor(text(a.name), text(a.full_name), text(a.checkpoint_key))
+                             for a in node.attributes),
+            slot_variables=tuple(
+                SlotVariableReference(v.original_variable_node_id, text(v.slot_name), v.slot_variable_node_id)
+                for v in node.slot_variables
+            ),
+        )
+        for node in graph.nodes
     ]
