@@ -171,6 +171,9 @@ def test_demo_runs_and_explains_the_tutorial_bug(capsys):
     # (d): positional keys shift after an inserted layer; alignment still finds head and d3's bias.
     assert "loaded          head/kernel      model/_operations/4/_kernel  (16, 4)" in out
     assert "  inserted layers: inserted" in out
+    # (a) again with reshape='preserve': the inserted dense2 starts as an identity, the function is kept.
+    assert "  transformed, identity_init (2): dense2/{bias,kernel}" in out
+    assert "  verify: max |Δ| 0.0e+00 (rel 0.0e+00) over 8 probe inputs: within 1e-05" in out
 
 
 def test_help_explains_every_command(capsys):

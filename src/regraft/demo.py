@@ -170,4 +170,11 @@ def run_demo(out: Callable[[str], None] = print, workdir: str | None = None) -> 
             regraft.load(new, path, rename={"dense2/": "dense3/"}, allow_missing=["dense2/*"])
         except regraft.LoadError as exc:
             out("  " + "\n  ".join(exc.problems))
+        out("\nWhat works instead for (a): reshape='preserve' starts the inserted dense2 as an identity and "
+            "pads old dense2 into dense3, so the new model computes what the old one did:")
+        grown = build_inserted_new()
+        report = regraft.load(grown, path, reshape="preserve")
+        out("  " + "\n  ".join(report.grouped().splitlines()[1:]))
+        out(f"  verify: {regraft.verify(old, grown)}")
+        reports.append(report)
     return reports

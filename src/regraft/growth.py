@@ -274,7 +274,7 @@ def _shift_past_inserted(out: list[Assignment], by_layer: dict[str, list[int]], 
             source = moved.source  # not None: checked above
             status = SHAPE_MISMATCH if source.shape != emptied.target.shape else (
                 CAST if source.dtype != emptied.target.dtype else LOADED)
-            out[there[role]] = replace(emptied, source=moved.source, status=status, stage=moved.stage,
+            out[there[role]] = replace(emptied, source=moved.source, status=status, stage="aligned",
                                        reason=f"preserve: '{layer.key}' looks inserted; its old tensor moves here",
                                        confidence=moved.confidence)
             out[here[role]] = replace(moved, source=None, status=MISSING, reason="preserve: treated as inserted")

@@ -186,7 +186,7 @@ def make_plan(
         outside=tuple(outside),
         optimizer=tuple(optimizer),
         rules=tuple((rule, rule_counts[rule.number]) for rule in rules),
-        inserted=tuple(_readable_layers(alignment.inserted, targets, namespace)),
+        inserted=_inserted_layers(assignments),
         removed=tuple(prefix + key for key in alignment.removed),
         source_fingerprint=fingerprint_source(source.entries()),
         target_fingerprint=fingerprint_target(targets),
@@ -311,11 +311,11 @@ def _aligned_decision(pair: Pair, namespace: str, prefix: str) -> Decision:
     return entry, "aligned", f"aligned: layer {pair.source_layer} -> {pair.target_layer} ({how.get(pair.how, pair.how)}, {shapes})", confidence
 
 
-def _readable_layers(layers: list[str], targets: list[TargetVariable], namespace: str) -> list[str]:
-    """Readable keys of target layers given by their key in ``namespace``."""
-    readable: dict[str, str] = {}
-    for t in targets:
-        parts = t.keys.get(namespace, "").split("/")
-        for depth in range(1, len(parts)):
-            readable.setdefault("/".join(parts[:depth]), t.layer)
-    return sorted({readable.get(layer, layer) for layer in layers})
+def _inserted_layers(assignments: list[Assignment]) -> tuple[str, ...]:
+    """Model layers with no counterpart: none of their variables has a source (after any
+    reshape policy), and not because a rule or an ambiguity said so."""
+    layers: dict[str, bool] = {}
+    for a in assignments:
+        counterpart = a.source is not None or a.stage == "rule" or a.status == AMBIGUOUS
+        layers[a.target.layer] = layers.get(a.target.layer, False) or counterpart
+    return tuple(sorted(layer for layer, has in layers.items() if not has))
