@@ -197,25 +197,8 @@ def _readable_keys(model: Any) -> dict[int, str]:
     attribute. Unlike ``variable.path`` these do not depend on how many layers were
     created before in the process. The model's own name is not part of the key.
     """
-    keras = _keras()
     out: dict[int, str] = {}
     seen: set[int] = set()
-
-    def children(layer: Any) -> list[tuple[str, Any]]:
-        if isinstance(layer, keras.Sequential) or type(layer).__name__ == "Functional" or (
-            isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False)
-        ):
-            return [(child.name, child) for child in layer.layers]
-        found: list[tuple[str, Any]] = []
-        attributes = sorted(vars(layer).items(), key=lambda kv: kv[0].startswith("_"))
-        for name, value in attributes:
-            if isinstance(value, keras.layers.Layer):
-                found.append((name, value))
-            elif isinstance(value, (list, tuple)):
-                found.extend((f"{name}/{i}", v) for i, v in enumerate(value) if isinstance(v, keras.layers.Layer))
-            elif isinstance(value, dict):
-                found.extend((f"{name}/{k}", v) for k, v in value.items() if isinstance(v, keras.layers.Layer))
-        return found
 
     def visit(layer: Any, prefix: str) -> None:
         if id(layer) in seen:
@@ -224,11 +207,34 @@ def _readable_keys(model: Any) -> dict[int, str]:
         own = list(layer._trainable_variables) + list(layer._non_trainable_variables)
         for variable in own:
             out.setdefault(id(variable), f"{prefix}{variable.name}")
-        for name, child in children(layer):
+        for name, child in _named_sub_layers(layer):
             visit(child, f"{prefix}{name}/")
 
     visit(model, "")
     return out
+
+
+def _named_sub_layers(layer: Any) -> list[tuple[str, Any]]:
+    """A layer's direct sub-layers with the key segment naming each.
+
+    Functional and Sequential models name them by layer name; other layers by
+    attribute, public attributes first, in assignment order (``blocks/0`` for a
+    list item, ``heads/cls`` for a dict item).
+    """
+    keras = _keras()
+    if isinstance(layer, keras.Sequential) or type(layer).__name__ == "Functional" or (
+        isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False)
+    ):
+        return [(child.name, child) for child in layer.layers]
+    found: list[tuple[str, Any]] = []
+    for name, value in sorted(vars(layer).items(), key=lambda kv: kv[0].startswith("_")):
+        if isinstance(value, keras.layers.Layer):
+            found.append((name, value))
+        elif isinstance(value, (list, tuple)):
+            found.extend((f"{name}/{i}", v) for i, v in enumerate(value) if isinstance(v, keras.layers.Layer))
+        elif isinstance(value, dict):
+            found.extend((f"{name}/{k}", v) for k, v in value.items() if isinstance(v, keras.layers.Layer))
+    return found
 
 
 def _snake(layer: Any) -> str:
@@ -437,7 +443,6 @@ def _graph_layer(layer: Any, key: str, inputs: tuple[str, ...]) -> GraphLayer:
 
 def _leaf_layers(model: Any) -> list[Any]:
     """Layers without sub-layers, in the readable walk's order (attribute order)."""
-    keras = _keras()
     found: list[Any] = []
     seen: set[int] = set()
 
@@ -445,7 +450,7 @@ def _leaf_layers(model: Any) -> list[Any]:
         if id(layer) in seen:
             return
         seen.add(id(layer))
-        children = [c for c in _sub_layers(layer, keras)]
+        children = [child for _, child in _named_sub_layers(layer)]
         if not children and layer is not model:
             found.append(layer)
         for child in children:
@@ -453,16 +458,6 @@ def _leaf_layers(model: Any) -> list[Any]:
 
     visit(model)
     return found
-
-
-def _sub_layers(layer: Any, keras: Any) -> list[Any]:
-    out = []
-    for name, value in sorted(vars(layer).items(), key=lambda kv: kv[0].startswith("_")):
-        if isinstance(value, keras.layers.Layer):
-            out.append(value)
-        elif isinstance(value, (list, tuple)):
-            out.extend(v for v in value if isinstance(v, keras.layers.Layer))
-    return out
 
 
 def _readable_layer_keys(model: Any) -> dict[int, str]:
