@@ -273,8 +273,13 @@ def _object_walk(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None
     return variables, layers
 
 
-def _h5_walk(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None, str | None]]]:
+def _h5_walk(model: Any, fast: bool = True) -> tuple[dict[int, str], dict[str, tuple[str | None, str | None]]]:
     """Paths Keras' own weights saver would write, from its walk run against a recorder.
+
+    With ``fast``, Keras' attribute walk runs with two speed-ups that keep its
+    result (a test compares both): the skip set is memoised, and ``dir(obj)`` —
+    re-sorted for every layer — is replaced by the same names gathered from the
+    instance and a per-class cache.
 
     Returns (variable id → path, layer path → (name, kind)).
     """
@@ -312,16 +317,46 @@ def _h5_walk(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None, st
     # ("skipset" vs "skiplist"), so it builds a throwaway Layer per visited layer:
     # 5 s for 3,000 layers. The skip set depends only on the object type; memoise it
     # for the duration of this walk.
-    original = saving_lib.get_attr_skipset
-    saving_lib.get_attr_skipset = functools.lru_cache(maxsize=None)(original)
+    original_skipset, original_walk = saving_lib.get_attr_skipset, saving_lib._walk_saveable
+    if fast:
+        saving_lib.get_attr_skipset = functools.lru_cache(maxsize=None)(original_skipset)
+        saving_lib._walk_saveable = _fast_walk_saveable(saving_lib)
     try:
         saving_lib._save_state(model, _Recorder(), None, "", set())
     except Exception:  # Keras internals changed: h5 keys are then unknown, matching falls back
         return {}, {}
     finally:
-        saving_lib.get_attr_skipset = original
+        saving_lib.get_attr_skipset, saving_lib._walk_saveable = original_skipset, original_walk
     kinds = {layer.name: _snake(layer) for layer in model._flatten_layers(include_self=False, recursive=True)}
     return out, {path: (name, kinds.get(name)) for path, name in layer_names.items() if path}
+
+
+def _fast_walk_saveable(saving_lib: Any) -> Any:
+    """``saving_lib._walk_saveable`` with ``dir(obj)`` computed from ``vars(obj)`` and cached class names.
+
+    ``dir`` of an instance is its ``__dict__`` keys plus every name in its class's
+    MRO; Keras sorts all of them (hundreds) for every layer, then skips most.
+    """
+    class_names: dict[tuple[type, str], frozenset[str]] = {}
+
+    def walk(saveable: Any) -> Any:
+        obj_type = saveable._obj_type()
+        skip = saving_lib.get_attr_skipset(obj_type)
+        if obj_type in ("Sequential", "Functional"):
+            yield "layers", saveable.layers
+        key = (type(saveable), obj_type)
+        if key not in class_names:
+            names = {name for cls in type(saveable).__mro__ for name in vars(cls)}
+            class_names[key] = frozenset(n for n in names if not n.startswith("__") and n not in skip)
+        own = {n for n in vars(saveable) if not n.startswith("__") and n not in skip}
+        for child_attr in sorted(own | class_names[key], key=saving_lib._name_key):
+            try:
+                child_obj = getattr(saveable, child_attr)
+            except Exception:
+                continue
+            yield child_attr, child_obj
+
+    return walk
 
 
 def _keras2_keys(model: Any) -> dict[int, str]:
