@@ -226,6 +226,8 @@ def _named_sub_layers(layer: Any) -> list[tuple[str, Any]]:
         isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False)
     ):
         return [(child.name, child) for child in layer.layers]
+    if not getattr(layer, "_layers", True):
+        return []  # Keras tracks every sub-layer in _layers: a leaf layer has none to look for
     found: list[tuple[str, Any]] = []
     for name, value in sorted(vars(layer).items(), key=lambda kv: kv[0].startswith("_")):
         if isinstance(value, keras.layers.Layer):
