@@ -255,3 +255,16 @@ def test_cli_plan_then_apply(tmp_path, capsys):
     reloaded = mlp(24, "reloaded")
     reloaded.load_weights(str(out))
     assert same_bytes(value_of(reloaded.get_layer("d2").kernel), value_of(old.get_layer("d2").kernel))
+
+
+def test_removed_layers_are_named_where_the_checkpoint_keeps_names(tmp_path):
+    old = mlp(24, "old")  # has the 'inserted' layer; the new model does not
+    randomize(old, 10)
+    new = mlp(None, "new")
+    h5_plan = regraft.plan(new, save(old, tmp_path, "h5"))
+    assert h5_plan.removed == ("layers/dense_2 (inserted)",)
+    tf_plan = regraft.plan(new, save(old, tmp_path, "tf"))
+    assert tf_plan.removed == ("model/_operations/3",)  # TF checkpoints of functional models keep no names
+    regraft.load(new, save(old, tmp_path, "h5"), strict=False)
+    right, wrong = classify(new, by_layer_path(old))
+    assert wrong == set() and {"d1/kernel", "d2/kernel", "head/kernel", "d3/bias"} <= right

@@ -187,7 +187,7 @@ def make_plan(
         optimizer=tuple(optimizer),
         rules=tuple((rule, rule_counts[rule.number]) for rule in rules),
         inserted=_inserted_layers(assignments),
-        removed=tuple(prefix + key for key in alignment.removed),
+        removed=tuple(_named(prefix + key, source_layers.get(key, (None, None))[0]) for key in alignment.removed),
         source_fingerprint=fingerprint_source(source.entries()),
         target_fingerprint=fingerprint_target(targets),
     )
@@ -309,6 +309,11 @@ def _aligned_decision(pair: Pair, namespace: str, prefix: str) -> Decision:
     confidence = 0.9 if pair.score >= 100 else 0.5
     shapes = "shapes equal" if entry.shape == target.shape else "shapes differ"
     return entry, "aligned", f"aligned: layer {pair.source_layer} -> {pair.target_layer} ({how.get(pair.how, pair.how)}, {shapes})", confidence
+
+
+def _named(key: str, name: str | None) -> str:
+    """A checkpoint layer key with its Keras name, where the format keeps one: ``layers/dense_3 (d3)``."""
+    return f"{key} ({name})" if name and name != key.rpartition("/")[2] else key
 
 
 def _inserted_layers(assignments: list[Assignment]) -> tuple[str, ...]:
