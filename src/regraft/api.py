@@ -167,7 +167,9 @@ def load(
         >>> print(report.summary())                                    # doctest: +SKIP
         3 loaded, 0 shape-mismatch, 2 missing, 2 unused — 61.0% of parameters from the checkpoint
     """
-    with open_source(path) as source:
+    with _without_gc():
+        source = open_source(path)
+    with source:
         the_plan = _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise)
         problems = the_plan.problems()
         if strict and problems:
@@ -179,6 +181,6 @@ def load(
                 hint="Map renamed keys with rename=, allow expected gaps with allow_missing=/allow_unused=, "
                 "or pass strict=False to load what matches and report the rest.",
             )
-    for rule in the_plan.unused_rules():
-        warnings.warn(f"regraft: {rule} matched nothing", stacklevel=2)
-    return the_plan.apply(model, freeze=freeze, progress=progress)
+        for rule in the_plan.unused_rules():
+            warnings.warn(f"regraft: {rule} matched nothing", stacklevel=2)
+        return the_plan._apply_to(model, source, freeze, progress)  # the source the plan was just made from

@@ -173,9 +173,16 @@ class Plan:
             RegraftError: the model or the checkpoint no longer fits the plan, or
                 the load failed (the model is then unchanged).
         """
+        from regraft.sources import open_source
+
+        with open_source(self.source_path) as source:
+            self._check_source(source)
+            return self._apply_to(model, source, freeze, progress)
+
+    def _apply_to(self, model: Any, source: Any, freeze: bool, progress: Any) -> "LoadReport":
+        """Apply with ``source`` already open and known to be the planned checkpoint."""
         from regraft.apply import apply_plan, freeze_loaded
         from regraft.report import LoadReport
-        from regraft.sources import open_source
         from regraft.targets import describe
 
         plan = self
@@ -189,9 +196,7 @@ class Plan:
                     hint="Make a new plan for this model (regraft.plan / regraft plan).",
                 )
             plan = self._rebind({t.key: t for t in targets})
-        with open_source(self.source_path) as source:
-            self._check_source(source)
-            applied = apply_plan(plan, source, progress)
+        applied = apply_plan(plan, source, progress)
         frozen = freeze_loaded(plan) if freeze else []
         return LoadReport.build(plan, applied, frozen)
 
