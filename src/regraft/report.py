@@ -187,7 +187,9 @@ class LoadReport:
             groups.setdefault(label, []).append(a.target.key)
             if "placed by order" in a.reason:
                 by_order.append(a.target.key)
-        lines = [f"{label} ({len(keys)}): " + ", ".join(collapse(keys)) for label, keys in groups.items()]
+        order = [LOADED, CAST, TRANSFORMED, SHAPE_MISMATCH, AMBIGUOUS, MISSING]
+        ranked = sorted(groups.items(), key=lambda kv: order.index(kv[0].split(",")[0].split(" ")[0]))
+        lines = [f"{label} ({len(keys)}): " + ", ".join(collapse(keys)) for label, keys in ranked]
         for a in self.plan.assignments:
             if a.status == SHAPE_MISMATCH and a.source is not None:
                 lines.append(f"  {a.target.key}: {_shape(a.source.shape)} in '{a.source.key}' -> {_shape(a.target.shape)}")
