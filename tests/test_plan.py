@@ -268,3 +268,10 @@ def test_removed_layers_are_named_where_the_checkpoint_keeps_names(tmp_path):
     regraft.load(new, save(old, tmp_path, "h5"), strict=False)
     right, wrong = classify(new, by_layer_path(old))
     assert wrong == set() and {"d1/kernel", "d2/kernel", "head/kernel", "d3/bias"} <= right
+
+
+def test_unknown_rules_section_lists_every_kind(tmp_path):
+    path = save(mlp(None, "old"), tmp_path, "h5")
+    with pytest.raises(regraft.RegraftError) as info:
+        regraft.plan(mlp(None, "new"), path, rules={"renmae": {"a/": "b/"}})
+    assert "Unknown section 'renmae' in the rules given; expected rename, init, ignore or transform." in str(info.value)

@@ -50,7 +50,7 @@ def plan(
     Args:
         model: the built Keras 3 model to load into.
         source: a checkpoint path, or a :class:`Source` from :func:`open`.
-        rules: rename/init/ignore rules, as a dict, a list or a YAML file (see
+        rules: rename/init/ignore/transform rules, as a dict, a list or a YAML file (see
             :mod:`regraft.rules`).
         rename: shorthand for ``rules={"rename": rename}``: old checkpoint key
             (or ``"scope/"``) → new model key, or a YAML file of that mapping.

@@ -151,21 +151,21 @@ def _items(data: Any, what: str) -> list[tuple[str, str, str | None, tuple[tuple
         for entry in data:
             if not isinstance(entry, Mapping) or len(entry) != 1:
                 raise RegraftError(
-                    f"Each item of the {what} list must be one of rename/init/ignore. Received: {entry!r}.",
+                    f"Each item of the {what} list must be one of rename/init/ignore/transform. Received: {entry!r}.",
                     hint='Write items like  - rename: {"encoder/": "backbone/"}  or  - init: "head/*"',
                 )
             out += _items(dict(entry), what)
         return out
     if not isinstance(data, Mapping):
         raise RegraftError(
-            f"The {what} must be a mapping of rename/init/ignore sections. Received: {type(data).__name__}.",
+            f"The {what} must be a mapping of rename/init/ignore/transform sections. Received: {type(data).__name__}.",
             hint='Write  rename: {"encoder/": "backbone/"}',
         )
     out = []
     for kind, body in data.items():
         if kind not in _KINDS:
             raise RegraftError(
-                f"Unknown section '{kind}' in the {what}; expected rename, init or ignore.",
+                f"Unknown section '{kind}' in the {what}; expected rename, init, ignore or transform.",
                 hint="Old checkpoint key -> new model key pairs go under 'rename:'.",
             )
         if kind == RENAME:
