@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from regraft.align import GAP, _dp_moves, _traceback, align_trees, build_tree
+from regraft.align import GAP, _dp_moves, _traceback, align_trees, build_tree, forced_pairs
 
 
 def layer_keys(prefix: str, shapes: list[tuple[int, int] | None]) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -138,3 +138,29 @@ def test_dynamic_programme_is_optimal_and_both_tracebacks_agree_on_the_score(see
         assert [j for _, j in pairs] == sorted(j for _, j in pairs)
         total = sum(int(scores[i, j]) for i, j in pairs) - GAP * (n + m - 2 * len(pairs))
         assert total == expected
+
+
+def _optimal_pairings_brute_force(scores: np.ndarray) -> list[set[tuple[int, int]]]:
+    n, m = scores.shape
+    found, best = [], None
+    for k in range(0, min(n, m) + 1):
+        for rows in itertools.combinations(range(n), k):
+            for cols in itertools.combinations(range(m), k):
+                if all(scores[i, j] > 0 for i, j in zip(rows, cols)):
+                    total = sum(int(scores[i, j]) for i, j in zip(rows, cols)) - GAP * (n + m - 2 * k)
+                    if best is None or total > best:
+                        best, found = total, [set(zip(rows, cols))]
+                    elif total == best:
+                        found.append(set(zip(rows, cols)))
+    return found
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_forced_pairs_are_exactly_those_in_every_optimal_alignment(seed):
+    rng = random.Random(1000 + seed)
+    n, m = rng.randint(1, 5), rng.randint(1, 6)
+    # Few distinct values, so that ties (runs of alike layers) are common.
+    scores = np.array([[rng.choice([0, 50, 100, 100]) for _ in range(m)] for _ in range(n)], dtype=np.int64)
+    optimal = _optimal_pairings_brute_force(scores)
+    expected = set.intersection(*optimal) if optimal else set()
+    assert forced_pairs(scores) == expected

@@ -166,8 +166,9 @@ def test_demo_runs_and_explains_the_tutorial_bug(capsys):
     # (a): the inserted layer is refused strictly, and the tutorial's dense2 -> dense3 copy cannot work.
     assert "missing from the checkpoint (2): dense3/{bias,kernel}" in out
     assert "shape mismatch: tensor 'model/dense2/_kernel' has shape (64, 10); variable 'dense3/kernel' needs (128, 10)" in out
-    # (c): a renamed layer loads fully, because keys are positions, not names.
-    assert "4 loaded, 0 shape-mismatch, 0 missing, 0 unused — 100.0% of parameters" in out
+    # (c): two different chosen names are not paired on a guess; one rename rule (by layer name) loads it all.
+    assert "missing from the checkpoint (2): my_dense_layer/{bias,kernel}" in out
+    assert "(rename={'dense_layer_1/': 'my_dense_layer/'}):\n  4 loaded, 0 shape-mismatch, 0 missing, 0 unused — 100.0%" in out
     # (d): positional keys shift after an inserted layer; alignment still finds head and d3's bias.
     assert "loaded          head/kernel      model/_operations/4/_kernel  (16, 4)" in out
     assert "  inserted layers: inserted" in out

@@ -18,10 +18,15 @@ aligned top-down (:func:`align_trees`):
 * matched children are aligned recursively; variables pair by their segment
   (``_kernel``, ``bias``, ``vars/0``).
 
-Ties in a sequence — a run of identical layers grown longer, as in VGG16 → VGG19
-or ResNet50 → ResNet101 — are broken by order: the old layers are taken to be the
-first ones of the run (models grow by appending blocks). Every pair placed that
-way is marked ``by_order`` so the plan shows it with a lower confidence.
+Layer names, where given, are the *strong* names of :mod:`regraft.names`
+(auto-generated ones are left out by the caller): equal names add
+``SAME_NAME``; two different names forbid the pair.
+
+Ties in a sequence — a run of identical layers grown longer, with no names to
+tell them apart — are broken by order: the old layers are taken to be the first
+ones of the run (models grow by appending blocks). A pair is certain only when
+*every* optimal alignment contains it (:func:`forced_pairs`); every other pair is
+marked ``by_order``, and the plan asks the user to confirm it.
 
 Scores are integers so that ties are exact.
 """
@@ -35,7 +40,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-__all__ = ["Node", "Pair", "Alignment", "build_tree", "align_trees"]
+__all__ = ["Node", "Pair", "Alignment", "build_tree", "align_trees", "align_layers", "forced_pairs", "leaf_layers"]
 
 # Scores (integers: ties must be exact).
 SAME_STRUCTURE = 100  # same variable roles and shapes
@@ -43,7 +48,7 @@ SAME_ROLES = 40  # same roles, some shapes differ (a resized layer)
 KEPT_SHAPES = 20  # shared among the variables of a resized layer that kept their shape
 LANDMARK = 50  # two weightless layers of the same (or unknown) kind
 LANDMARK_OTHER_KIND = 20
-SAME_NAME = 100  # equal Keras layer names, where both sides know them
+SAME_NAME = 100  # equal strong layer names (different strong names: never paired)
 GAP = 25  # skipping one item of a sequence
 
 _NUMBERED = re.compile(r"^(?:layer_with_weights-|layer-)?(\d+)$")
@@ -240,7 +245,9 @@ def _score(s: Node, t: Node) -> int:
         if share < 0.5:
             return 0
         base = max(1, int(SAME_ROLES * share))
-    if s.name and t.name and s.name == t.name:
+    if s.name and t.name:
+        if s.name != t.name:
+            return 0
         base += SAME_NAME
     return base
 
@@ -283,11 +290,10 @@ def _align_sequence(s_items: list[Node], t_items: list[Node], namespace: str, ou
     scores = _score_matrix(s_items, t_items)
     moves = _dp_moves(scores)
     early = _traceback(moves, prefer_diagonal=False)  # matches as early as possible
-    late = _traceback(moves, prefer_diagonal=True)
-    late_set = set(late)
+    forced = forced_pairs(scores)
     matched_s, matched_t = set(), set()
     for i, j in early:
-        placed_by_order = (i, j) not in late_set
+        placed_by_order = (i, j) not in forced
         matched_s.add(i)
         matched_t.add(j)
         _align(s_items[i], t_items[j], namespace, out, by_order or placed_by_order, "sequence")
@@ -312,8 +318,9 @@ def _score_matrix(s_items: list[Node], t_items: list[Node]) -> np.ndarray:
     names_s = np.array([x.name or "" for x in s_items], dtype=object)
     names_t = np.array([x.name or "" for x in t_items], dtype=object)
     if names_s.any() and names_t.any():
-        same = (names_s[:, None] == names_t[None, :]) & (names_s[:, None] != "") & (matrix > 0)
-        matrix = matrix + SAME_NAME * same
+        both = (names_s[:, None] != "") & (names_t[None, :] != "")
+        same = names_s[:, None] == names_t[None, :]
+        matrix = np.where(both & ~same, 0, matrix + SAME_NAME * (both & same & (matrix > 0)))
     return matrix
 
 
@@ -337,6 +344,57 @@ def _factorise(keys: list[tuple]) -> tuple[list[int], list[tuple]]:
 
 
 DIAG, UP, LEFT = 1, 2, 4
+
+
+def _dp_values(scores: np.ndarray) -> np.ndarray:
+    """The table of best prefix scores: ``F[i, j]`` aligns the first ``i`` sources with the first ``j`` targets."""
+    n, m = scores.shape
+    neg = np.iinfo(np.int64).min // 4
+    cols = np.arange(m + 1, dtype=np.int64)
+    values = np.empty((n + 1, m + 1), dtype=np.int64)
+    values[0] = -GAP * cols
+    for i in range(1, n + 1):
+        prev = values[i - 1]
+        diag = np.full(m + 1, neg, dtype=np.int64)
+        diag[1:] = np.where(scores[i - 1] > 0, prev[:-1] + scores[i - 1], neg)
+        vertical = np.maximum(diag, prev - GAP)
+        vertical[0] = -GAP * i
+        values[i] = np.maximum.accumulate(vertical + GAP * cols) - GAP * cols
+    return values
+
+
+def forced_pairs(scores: np.ndarray) -> set[tuple[int, int]]:
+    """The pairs ``(i, j)`` that every optimal alignment of the two sequences contains.
+
+    A path through the DP grid moves from cell level ``i + j`` to the next level
+    (a gap) or the one after (a pair), so every optimal path visits level ``L`` or
+    ``L + 1``. A pair ``(i, j)`` is on every optimal path exactly when ``(i, j)`` is
+    the only optimal cell of its level, no optimal cell lies on the next level,
+    and the pair itself is an optimal move.
+
+    Example:
+        >>> sorted(forced_pairs(np.array([[100, 0], [0, 100]])))
+        [(0, 0), (1, 1)]
+        >>> sorted(forced_pairs(np.array([[100, 100]])))   # one old layer, two alike new ones: a tie
+        []
+    """
+    n, m = scores.shape
+    forward = _dp_values(scores)
+    backward = _dp_values(scores[::-1, ::-1])[::-1, ::-1]  # best score of aligning the suffixes
+    best = forward[n, m]
+    on_path = forward + backward == best
+    levels = np.add.outer(np.arange(n + 1), np.arange(m + 1))
+    per_level = np.bincount(levels[on_path], minlength=n + m + 2)
+    level = levels[:-1, :-1]
+    forced = (
+        (scores > 0)
+        & on_path[:-1, :-1]
+        & on_path[1:, 1:]
+        & (forward[:-1, :-1] + scores == forward[1:, 1:])
+        & (per_level[level] == 1)
+        & (per_level[level + 1] == 0)
+    )
+    return {(int(i), int(j)) for i, j in zip(*np.nonzero(forced))}
 
 
 def _dp_moves(scores: np.ndarray) -> np.ndarray:
@@ -394,3 +452,74 @@ def _traceback(moves: np.ndarray, prefer_diagonal: bool) -> list[tuple[int, int]
             j -= 1
     pairs.reverse()
     return pairs
+
+
+def leaf_layers(tree: Node) -> list[Node]:
+    """The layers that hold variables, depth first in natural key order (``_operations/2`` before ``/10``).
+
+    For ``.weights.h5`` keys the layer is the parent of its ``vars`` group.
+    """
+    out: list[Node] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        children = [node.children[k] for k in sorted(node.children, key=_natural)]
+        holder = node.children.get("vars")
+        if any(c.leaf is not None for c in children) or (
+            holder is not None and any(c.leaf is not None for c in holder.children.values())
+        ):
+            out.append(node)
+        stack.extend(reversed([c for c in children if c.leaf is None and c.path.rpartition("/")[2] != "vars"]))
+    return out
+
+
+def align_layers(
+    s_layers: list[Node],
+    t_layers: list[Node],
+    s_open: list[int],
+    t_open: list[int],
+    anchors: list[tuple[int, int]],
+    namespace: str,
+) -> Alignment:
+    """Align the open leaf layers of two flat layer sequences, between anchors already paired.
+
+    ``anchors`` are ``(source index, target index)`` pairs decided before; the
+    ones that keep both orders split the sequences into segments, and only
+    open layers of the same segment can pair, so a layer removed in one place is
+    never taken for one inserted somewhere else. Pairs come back with
+    ``how="nesting"``; a tie is marked ``by_order`` as in any sequence.
+    """
+    chain = _increasing_chain(sorted(set(anchors)))
+    bounds = [(-1, -1)] + chain + [(len(s_layers), len(t_layers))]
+    s_open_set, t_open_set = set(s_open), set(t_open)
+    out = Alignment()
+    for (i0, j0), (i1, j1) in zip(bounds, bounds[1:]):
+        s_items = [s_layers[i] for i in range(i0 + 1, i1) if i in s_open_set]
+        t_items = [t_layers[j] for j in range(j0 + 1, j1) if j in t_open_set]
+        if s_items and t_items:
+            _align_sequence(s_items, t_items, namespace, out, False)
+    out.pairs = [Pair(p.source, p.target, p.source_layer, p.target_layer, p.score, p.by_order, "nesting")
+                 for p in out.pairs]
+    return out
+
+
+def _increasing_chain(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The longest chain of pairs increasing in both coordinates (pairs sorted by the first)."""
+    import bisect
+
+    tails: list[int] = []  # tails[k]: smallest second coordinate ending a chain of length k + 1
+    tail_index: list[int] = []
+    parent: list[int] = [-1] * len(pairs)
+    for n, (_, j) in enumerate(pairs):
+        k = bisect.bisect_left(tails, j)
+        if k == len(tails):
+            tails.append(j)
+            tail_index.append(n)
+        else:
+            tails[k], tail_index[k] = j, n
+        parent[n] = tail_index[k - 1] if k else -1
+    chain, n = [], tail_index[-1] if tail_index else -1
+    while n != -1:
+        chain.append(pairs[n])
+        n = parent[n]
+    return chain[::-1]

@@ -15,7 +15,7 @@ from regraft.plan import Plan
 from regraft.report import LoadReport
 from regraft.rules import parse_rules
 from regraft.sources import Source, open_source
-from regraft.targets import describe_with_layers, layer_graph
+from regraft.targets import custom_classes, describe_with_layers, layer_graph
 
 __all__ = ["open", "plan", "diff", "load"]
 
@@ -44,6 +44,7 @@ def plan(
     root: str | None = None,
     reshape: str = "error",
     noise: float = 0.0,
+    accept_order: bool = False,
 ) -> Plan:
     """Decide what each variable of ``model`` takes from the checkpoint, from metadata only.
 
@@ -64,6 +65,10 @@ def plan(
             inserted layers; see :mod:`regraft.growth`).
         noise: for ``preserve``, relative noise added to widened copies to break
             their symmetry (0: exact).
+        accept_order: load pairings that only order supports (a tie among alike
+            layers with no names to tell them apart: VGG16 → VGG19 saved without
+            names). By default they are ``unconfirmed``: proposed, left fresh,
+            and a strict problem.
 
     Returns:
         An immutable :class:`Plan`; print it, save it, or ``plan.apply(model)``.
@@ -73,11 +78,11 @@ def plan(
         >>> print(p); p.save("plan.yaml")                # doctest: +SKIP
     """
     if isinstance(source, Source):
-        return _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise)
+        return _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
     with _without_gc():
         opened = open_source(source)
     with opened:
-        return _plan(model, opened, rules, rename, allow_missing, allow_unused, root, reshape, noise)
+        return _plan(model, opened, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
 
 
 @contextlib.contextmanager
@@ -95,13 +100,14 @@ def _without_gc() -> Iterator[None]:
 
 
 def _plan(model: Any, source: Source, rules: Rules, rename: Any, allow_missing: Iterable[str],
-          allow_unused: Iterable[str], root: str | None, reshape: str = "error", noise: float = 0.0) -> Plan:
+          allow_unused: Iterable[str], root: str | None, reshape: str = "error", noise: float = 0.0,
+          accept_order: bool = False) -> Plan:
     with _without_gc():
-        return _make(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise)
+        return _make(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
 
 
 def _make(model: Any, source: Source, rules: Rules, rename: Any, allow_missing: Iterable[str],
-          allow_unused: Iterable[str], root: str | None, reshape: str, noise: float) -> Plan:
+          allow_unused: Iterable[str], root: str | None, reshape: str, noise: float, accept_order: bool) -> Plan:
     targets, layers = describe_with_layers(model, (source.namespace,))
     return make_plan(
         targets,
@@ -115,6 +121,8 @@ def _make(model: Any, source: Source, rules: Rules, rename: Any, allow_missing: 
         reshape=reshape,
         graph=layer_graph(model) if reshape == "preserve" else None,
         noise=noise,
+        accept_order=accept_order,
+        model_classes=frozenset(custom_classes(model)),
     )
 
 
@@ -139,6 +147,7 @@ def load(
     root: str | None = None,
     reshape: str = "error",
     noise: float = 0.0,
+    accept_order: bool = False,
     progress: Progress | None = None,
 ) -> LoadReport:
     """Load a checkpoint into a (possibly changed) built Keras model: :func:`plan`, then apply.
@@ -147,7 +156,7 @@ def load(
         model: the built Keras 3 model to load into.
         path: a TF checkpoint (prefix, ``.index``, or folder with a ``checkpoint``
             file), a Keras ``.weights.h5`` or a Keras 2 ``.h5`` file.
-        rules, rename, allow_missing, allow_unused, root, reshape, noise: as for :func:`plan`.
+        rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order: as for :func:`plan`.
         strict: raise :class:`~regraft.errors.LoadError` before touching the model
             when anything is missing, unused, ambiguous or shape-mismatched, or a
             rule matched nothing (except what the allow patterns cover), listing
@@ -170,7 +179,7 @@ def load(
     with _without_gc():
         source = open_source(path)
     with source:
-        the_plan = _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise)
+        the_plan = _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
         problems = the_plan.problems()
         if strict and problems:
             raise LoadError(

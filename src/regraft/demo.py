@@ -6,7 +6,9 @@ specs (``--model regraft.demo:build_inserted_new``).
 (a) a layer is inserted: ``dense1 Dense(64, relu) → dense2 Dense(10)`` becomes
     ``dense1 → dense2 Dense(128, relu) → dense3 Dense(10)``;
 (b) a convolution gets more filters: ``Conv2D(32, 3)`` becomes ``Conv2D(64, 3)``;
-(c) a layer is renamed: ``name="dense_layer_1"`` becomes ``name="my_dense_layer"``;
+(c) a layer is renamed: ``name="dense_layer_1"`` becomes ``name="my_dense_layer"``.
+    Two different chosen names may be one layer renamed or a new layer that
+    replaced it, so regraft does not guess; one rename rule says which;
 (d) a layer is inserted in the middle of a functional model, whose TF-checkpoint
     keys are positions (``_operations/3``): every later key shifts, and alignment
     finds each old layer's counterpart anyway.
@@ -158,6 +160,11 @@ def run_demo(out: Callable[[str], None] = print, workdir: str | None = None) -> 
             out("non-strict load:\n" + str(report))
             out("grouped (what `regraft diff` prints):\n  " + "\n  ".join(report.grouped().splitlines()[1:]))
             reports.append(report)
+            if title.startswith("(c)"):
+                fixed = build_renamed_new()
+                renamed = regraft.load(fixed, path, rename={"dense_layer_1/": "my_dense_layer/"})
+                out("names differ, so regraft did not guess; one rule says it is the same layer "
+                    "(rename={'dense_layer_1/': 'my_dense_layer/'}):\n  " + renamed.summary())
         out(
             "\nNote on (a): the tutorial copies old dense2 into new dense3. Asked to do that "
             "(rename={'dense2/': 'dense3/'}), regraft says:"

@@ -6,33 +6,43 @@ Stages run in order on what the previous stages left undecided:
    leaves model variables fresh, ``rename`` maps old keys to new ones;
 2. ``exact``   — the same key in the checkpoint's namespace, for keys that name
    things (``encoder/dense/_kernel``). Keys that are *positions*
-   (``_operations/12``, ``layer_with_weights-3``, ``layers/conv2d_7``) are not
-   trusted on their own: one inserted layer shifts them all;
-3. ``aligned`` — structural alignment of the two architectures
-   (:mod:`regraft.align`); a positional key that the alignment confirms is
-   reported as ``exact``.
+   (``_operations/12``, ``layer_with_weights-3``, ``layers/conv2d_7``) or
+   auto-generated names (``dense_3/kernel``) are not trusted on their own: one
+   inserted layer shifts them all;
+3. ``name``    — the layer names the checkpoint records (:mod:`regraft.names`):
+   a strong (chosen, not auto-generated) name that is unique on both sides
+   pairs two layers, through any change of nesting;
+4. ``aligned`` — structural alignment of the two architectures
+   (:mod:`regraft.align`), with strong names as anchors; a positional key that
+   the alignment confirms is reported as ``exact``. What the tree alignment
+   leaves is aligned once more as flat sequences of leaf layers between the
+   pairs already decided, which finds layers whose nesting changed.
 
 Every decision carries a reason and a confidence. Equally good candidates are
-reported as ``ambiguous`` and never loaded.
+reported as ``ambiguous`` and never loaded. A pairing that only order supports
+(a tie among alike layers) is ``unconfirmed``: proposed, never loaded unless the
+user confirms it (``accept_order=True``) or writes a rule.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
-from regraft.align import Alignment, Pair, align_trees, build_tree
+from regraft.align import Alignment, Node, Pair, align_layers, align_trees, build_tree, leaf_layers
 from regraft.entries import WEIGHT, SourceEntry, TargetVariable
 from regraft.errors import RegraftError
 from regraft.growth import apply_policy, with_steps
 from regraft.naming import matches_any
+from regraft.names import NamedLayer, Token, is_auto_name, model_prefixes, pair_by_names, strip_prefix
 from regraft.plan import (
     AMBIGUOUS,
     CAST,
     LOADED,
     MISSING,
     SHAPE_MISMATCH,
+    UNCONFIRMED,
     Assignment,
     Plan,
     fingerprint_source,
@@ -49,7 +59,26 @@ _POSITIONAL = {
     "h5": re.compile(r"(^|/)layers/"),
 }
 
-Decision = tuple[SourceEntry, str, str, float]  # entry, stage, reason, confidence
+class Decision(NamedTuple):
+    """Which tensor a variable takes, decided by which stage, why, and how surely."""
+
+    entry: SourceEntry
+    stage: str
+    reason: str
+    confidence: float
+    order_only: bool = False  # only order among alike layers supports it: the user confirms
+
+# Confidence of each kind of decision (see docs/design.md; bench/bench_zoo.py checks them by value).
+CONFIDENCE_RULE = 1.0
+CONFIDENCE_NAME = 0.95
+CONFIDENCE_STRUCTURE = 0.9  # same structure, every optimal alignment agrees
+CONFIDENCE_NESTING = 0.8  # same structure, found through a change of nesting
+CONFIDENCE_RESIZED = 0.5  # the same position, some shapes differ
+CONFIDENCE_ORDER = 0.3  # a tie among alike layers broken by order: unconfirmed
+
+# Segments that only hold other layers and name nothing.
+_CONTAINERS = frozenset({"_operations", "_functional", "_layers", "layers", "_self_tracked_trackables"})
+_KERAS2_POSITION = re.compile(r"^layer(_with_weights)?-\d+$")
 
 
 def is_positional(key: str, namespace: str) -> bool:
@@ -107,12 +136,16 @@ def make_plan(
     reshape: str = "error",
     graph: list[Any] | None = None,
     noise: float = 0.0,
+    accept_order: bool = False,
+    model_classes: frozenset[str] = frozenset(),
 ) -> Plan:
     """Match every target variable to a source tensor or none, from metadata only.
 
     ``reshape`` is the policy for matched tensors of another shape (see
     :mod:`regraft.growth`); ``graph`` (from ``targets.layer_graph``) is what the
-    ``preserve`` policy follows.
+    ``preserve`` policy follows. ``accept_order`` loads pairings that only order
+    supports instead of leaving them ``unconfirmed``. ``model_classes`` are the
+    model's layer classes in snake case: names built from them are auto-generated.
     """
     namespace = source.namespace
     root = choose_root(source, targets, root)
@@ -142,14 +175,21 @@ def make_plan(
             rule_counts[rule.number] += 1
             fresh[target.key] = (f"{rule}: left fresh on purpose", str(rule))
 
+    source_layers = {k[len(prefix) :]: v for k, v in source.layers().items() if k.startswith(prefix)}
+    names = _Names(namespace, source_layers, target_layers or {}, available, model_name, model_classes)
     open_targets = [t for t in targets if t.key not in fresh]
     decided.update(_rename_stage(open_targets, available, namespace, rules, rule_counts))
     used = {id(d[0]) for d in decided.values()}
-    decided.update(_exact_stage([t for t in open_targets if t.key not in decided], available, namespace, used))
+    decided.update(_rename_layers_stage([t for t in open_targets if t.key not in decided], available, namespace,
+                                        rules, rule_counts, source_layers, used))
+    used = {id(d[0]) for d in decided.values()}
+    decided.update(_exact_stage([t for t in open_targets if t.key not in decided], available, namespace, used, names))
+    used = {id(d[0]) for d in decided.values()}
+    decided.update(_name_stage([t for t in open_targets if t.key not in decided], available, namespace, used, names))
     used = {id(d[0]) for d in decided.values()}
 
-    source_layers = {k[len(prefix) :]: v for k, v in source.layers().items() if k.startswith(prefix)}
-    alignment = _align(targets, target_layers, available, source_layers, namespace)
+    source_tree, target_tree = _trees(targets, available, namespace, names)
+    alignment = align_trees(source_tree, target_tree, namespace)
     ambiguous: dict[str, tuple[str, ...]] = {}
     for pair in alignment.pairs:
         target, entry = pair.target, pair.source
@@ -164,11 +204,18 @@ def make_plan(
                 relative = key[len(layer) :]
                 found = [available[c + relative].key for c in candidates if c + relative in available]
                 ambiguous[target.key] = tuple(found) or tuple(prefix + c for c in candidates)
+    # What is left on both sides: aligned again as flat sequences of leaf layers, between the
+    # layers already paired (a model split into a sub-model and a head, Sequential made functional).
+    nested = _nesting_stage(source_tree, target_tree, namespace, decided, used, fresh, ambiguous)
+    for pair in nested.pairs:
+        decided[pair.target.key] = _aligned_decision(pair, namespace, prefix)
+        used.add(id(pair.source))
+    removed = [key for key in alignment.removed if not _has_used(source_tree, key, used)]
 
     assignments = []
     for target in targets:
         assignments.append(_assignment(target, decided.get(target.key), fresh.get(target.key),
-                                       ambiguous.get(target.key, ()), allow_missing))
+                                       ambiguous.get(target.key, ()), allow_missing, accept_order))
     assignments = apply_policy(assignments, reshape, graph, noise)
     assignments = _transform_rules(assignments, rules, rule_counts)
     unused = tuple(
@@ -187,10 +234,162 @@ def make_plan(
         optimizer=tuple(optimizer),
         rules=tuple((rule, rule_counts[rule.number]) for rule in rules),
         inserted=_inserted_layers(assignments),
-        removed=tuple(_named(prefix + key, source_layers.get(key, (None, None))[0]) for key in alignment.removed),
+        removed=tuple(_named(prefix + key, source_layers.get(key, (None, None))[0]) for key in removed),
         source_fingerprint=fingerprint_source(source.entries()),
         target_fingerprint=fingerprint_target(targets),
     )
+
+
+class _Names:
+    """The strong layer names of both sides, normalised, and each layer's name path.
+
+    Auto-generated names are weak evidence and are left out here entirely, so
+    nothing downstream can rest a decision on them. Model-name prefixes that
+    change with the model (``convnext_tiny_…`` → ``convnext_small_…``) are stripped.
+    """
+
+    def __init__(self, namespace: str, source_layers: dict[str, tuple[str | None, str | None]],
+                 target_layers: dict[str, tuple[str | None, str | None]], available: dict[str, SourceEntry],
+                 model_name: str, model_classes: frozenset[str]) -> None:
+        self.namespace = namespace
+        self.classes = model_classes
+        if namespace == "name":  # the keys are the names: every segment of a layer key is one
+            source_raw = {seg for key in available for seg in key.split("/")[:-1]}
+            target_raw = {seg for key in target_layers for seg in key.split("/")}
+        else:
+            source_raw = {name for name, _ in source_layers.values() if name}
+            target_raw = {name for name, _ in target_layers.values() if name}
+        self.source_prefix, self.target_prefix = model_prefixes(source_raw, target_raw, model_name)
+        self.source = {key: self._token(name, kind, self.source_prefix) for key, (name, kind) in source_layers.items()}
+        self.target = {key: self._token(name, kind, self.target_prefix) for key, (name, kind) in target_layers.items()}
+        self.source_kinds = {key: kind for key, (_, kind) in source_layers.items()}
+        self.target_kinds = {key: kind for key, (_, kind) in target_layers.items()}
+
+    def _token(self, name: str | None, kind: str | None, prefix: str) -> Token | None:
+        if not name:
+            return None
+        return Token(strip_prefix(name, prefix), not is_auto_name(name, kind, self.classes))
+
+    def strong(self, side: str, key: str) -> str | None:
+        """The strong, normalised name of the layer at ``key`` on ``side`` (``source`` or ``target``), if any."""
+        token = (self.source if side == "source" else self.target).get(key)
+        return token.text if token is not None and token.strong else None
+
+    def path(self, side: str, layer_key: str) -> tuple[Token, ...]:
+        """The name path of a layer: one token per named level (see :mod:`regraft.names`)."""
+        table = self.source if side == "source" else self.target
+        prefix = self.source_prefix if side == "source" else self.target_prefix
+        segments = layer_key.split("/") if layer_key else []
+        tokens = []
+        for i, segment in enumerate(segments):
+            if self.namespace == "name":
+                tokens.append(Token(strip_prefix(segment, prefix), not is_auto_name(segment, None, self.classes)))
+            elif self._positional(segment, segments[i - 1] if i else ""):
+                token = table.get("/".join(segments[: i + 1]))
+                if token is not None:
+                    tokens.append(token)
+            elif segment not in _CONTAINERS:
+                tokens.append(Token(segment, True))  # an attribute: named in code
+        return tuple(tokens)
+
+    def _positional(self, segment: str, previous: str) -> bool:
+        if self.namespace == "object":
+            return segment.isdigit()
+        if self.namespace == "keras2":
+            return bool(_KERAS2_POSITION.match(segment))
+        if self.namespace == "h5":
+            return previous == "layers"
+        return False
+
+    def auto_key(self, key: str) -> bool:
+        """For keys that are names (TF1, Keras 2 ``.h5``): the owning layer's name is auto-generated."""
+        layer = key.rpartition("/")[0].rpartition("/")[2]
+        return bool(layer) and is_auto_name(layer, None, self.classes)
+
+
+def _split(key: str) -> tuple[str, str]:
+    """A variable key's layer and leaf segment: ``layers/dense/vars/0`` → (``layers/dense``, ``0``)."""
+    layer, _, leaf = key.rpartition("/")
+    return (layer[: -len("/vars")] if layer.endswith("/vars") else ("" if layer == "vars" else layer)), leaf
+
+
+def _name_stage(targets: list[TargetVariable], available: dict[str, SourceEntry], namespace: str,
+                used: set[int], names: _Names) -> dict[str, Decision]:
+    """Pair layers by the strong names both sides record, then their variables by segment."""
+    source_groups: dict[str, dict[str, SourceEntry]] = {}
+    for key, entry in available.items():
+        if id(entry) not in used:
+            layer, leaf = _split(key)
+            source_groups.setdefault(layer, {})[leaf] = entry
+    target_groups: dict[str, dict[str, TargetVariable]] = {}
+    for target in targets:
+        if namespace in target.keys:
+            layer, leaf = _split(target.keys[namespace])
+            target_groups.setdefault(layer, {})[leaf] = target
+    sources = [NamedLayer(k, names.path("source", k), frozenset(v)) for k, v in source_groups.items()]
+    wanted = [NamedLayer(k, names.path("target", k), frozenset(v)) for k, v in target_groups.items()]
+    out: dict[str, Decision] = {}
+    for s_layer, t_layer, token in pair_by_names(sources, wanted):
+        for leaf, target in target_groups[t_layer.key].items():
+            entry = source_groups[s_layer.key].get(leaf)
+            if entry is not None:
+                reason = f"same layer name '{token.text}' recorded in the checkpoint (layer {s_layer.key} -> {t_layer.key})"
+                out[target.key] = Decision(entry, "name", reason, CONFIDENCE_NAME)
+    return out
+
+
+def _trees(targets: list[TargetVariable], available: dict[str, SourceEntry], namespace: str,
+           names: _Names) -> tuple[Node, Node]:
+    """Key trees of both sides, their layers carrying strong names only."""
+    source_tree = build_tree(
+        [(key, entry, entry.shape) for key, entry in available.items()],
+        {key: (names.strong("source", key), kind) for key, kind in names.source_kinds.items()},
+    )
+    target_tree = build_tree(
+        [(t.keys[namespace], t, t.shape) for t in targets if namespace in t.keys],
+        {key: (names.strong("target", key), kind) for key, kind in names.target_kinds.items()},
+    )
+    return source_tree, target_tree
+
+
+def _nesting_stage(source_tree: Node, target_tree: Node, namespace: str, decided: dict[str, Decision],
+                   used: set[int], fresh: dict[str, tuple[str, str]], ambiguous: dict[str, tuple[str, ...]]) -> Alignment:
+    """Align the leaf layers nothing was decided for, as flat sequences between the pairs already made."""
+    s_layers, t_layers = leaf_layers(source_tree), leaf_layers(target_tree)
+    owner = {id(child.leaf): i for i, node in enumerate(s_layers) for child in _leaf_children(node)}
+    anchors: list[tuple[int, int]] = []
+    s_open, t_open = [], []
+    for j, node in enumerate(t_layers):
+        keys = [child.leaf.key for child in _leaf_children(node)]
+        sources = {owner.get(id(decided[k][0])) for k in keys if k in decided}
+        anchors.extend((i, j) for i in sources if i is not None)
+        if not sources and not any(k in fresh or k in ambiguous for k in keys):
+            t_open.append(j)
+    for i, node in enumerate(s_layers):
+        if not any(id(child.leaf) in used for child in _leaf_children(node)):
+            s_open.append(i)
+    return align_layers(s_layers, t_layers, s_open, t_open, anchors, namespace)
+
+
+def _leaf_children(node: Node) -> list[Node]:
+    """A layer node's variables (under its ``vars`` group for ``.weights.h5`` keys)."""
+    holder = node.children.get("vars", node)
+    return [c for c in holder.children.values() if c.leaf is not None]
+
+
+def _has_used(tree: Node, key: str, used: set[int]) -> bool:
+    node = tree
+    for segment in key.split("/") if key else []:
+        node = node.children.get(segment)
+        if node is None:
+            return False
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.leaf is not None and id(n.leaf) in used:
+            return True
+        stack.extend(n.children.values())
+    return False
 
 
 def _assignment(
@@ -199,6 +398,7 @@ def _assignment(
     fresh: tuple[str, str] | None,
     candidates: tuple[str, ...],
     allow_missing: tuple[str, ...],
+    accept_order: bool = False,
 ) -> Assignment:
     allowed = matches_any([target.key, *target.keys.values()], allow_missing)
     if fresh is not None:
@@ -207,12 +407,17 @@ def _assignment(
         if candidates:
             return Assignment(target, None, AMBIGUOUS, "aligned", "equally good candidates", allowed, None, candidates)
         return Assignment(target, None, MISSING, "", "no counterpart in the checkpoint", allowed)
-    entry, stage, reason, confidence = decision
+    entry, stage, reason, confidence, order_only = decision
+    if order_only and not accept_order:
+        return Assignment(target, entry, UNCONFIRMED, stage, reason, allowed, confidence, order_only=True)
+    if order_only:
+        reason += "; confirmed by accept_order"
     if tuple(entry.shape) != tuple(target.shape):
-        return Assignment(target, entry, SHAPE_MISMATCH, stage, reason, allowed, confidence)
+        return Assignment(target, entry, SHAPE_MISMATCH, stage, reason, allowed, confidence, order_only=order_only)
     if entry.dtype != target.dtype:
-        return Assignment(target, entry, CAST, stage, f"{reason}; cast {entry.dtype} -> {target.dtype}", None, confidence)
-    return Assignment(target, entry, LOADED, stage, reason, None, confidence)
+        return Assignment(target, entry, CAST, stage, f"{reason}; cast {entry.dtype} -> {target.dtype}", None,
+                          confidence, order_only=order_only)
+    return Assignment(target, entry, LOADED, stage, reason, None, confidence, order_only=order_only)
 
 
 def _transform_rules(assignments: list[Assignment], rules: tuple[Rule, ...], counts: dict[int, int]) -> list[Assignment]:
@@ -233,14 +438,64 @@ def _transform_rules(assignments: list[Assignment], rules: tuple[Rule, ...], cou
 
 
 def _exact_stage(
-    targets: list[TargetVariable], available: dict[str, SourceEntry], namespace: str, used: set[int]
+    targets: list[TargetVariable], available: dict[str, SourceEntry], namespace: str, used: set[int], names: _Names
 ) -> dict[str, Decision]:
+    """Equal keys, where the key names things: not a position, not an auto-generated layer name."""
     out = {}
     for target in targets:
         key = target.keys.get(namespace)
         if key is None or key not in available or id(available[key]) in used or is_positional(key, namespace):
             continue
-        out[target.key] = (available[key], "exact", "exact key", 1.0)
+        if namespace == "name" and names.auto_key(key):
+            continue  # dense_3/kernel: the counter depends on what the program built first
+        out[target.key] = Decision(available[key], "exact", "exact key", CONFIDENCE_RULE)
+    return out
+
+
+def _rename_layers_stage(
+    targets: list[TargetVariable],
+    available: dict[str, SourceEntry],
+    namespace: str,
+    rules: tuple[Rule, ...],
+    counts: dict[int, int],
+    source_layers: dict[str, tuple[str | None, str | None]],
+    used: set[int],
+) -> dict[str, Decision]:
+    """Scope renames applied to the layer names the checkpoint records.
+
+    ``rename={"dense_layer_1/": "my_dense_layer/"}`` then works in every format,
+    whatever the file's keys look like (``_operations/1/_kernel``,
+    ``layers/dense/vars/0``): the layer the checkpoint names ``dense_layer_1``
+    goes to the model layer ``my_dense_layer``, variable by variable.
+    """
+    renames = [r for r in rules if r.kind == RENAME and r.pattern.endswith("/")]
+    if not renames or namespace == "name":  # there the keys are the names: the key rename did it
+        return {}
+    by_layer: dict[str, dict[str, TargetVariable]] = {}
+    for target in targets:
+        if namespace in target.keys:
+            by_layer.setdefault(target.key.rpartition("/")[0], {})[_split(target.keys[namespace])[1]] = target
+    groups: dict[str, dict[str, SourceEntry]] = {}
+    for key, entry in available.items():
+        if id(entry) not in used:
+            layer, leaf = _split(key)
+            groups.setdefault(layer, {})[leaf] = entry
+    out: dict[str, Decision] = {}
+    for layer, (name, _) in source_layers.items():
+        if not name or layer not in groups:
+            continue
+        for rule in renames:
+            renamed = rule.rename(name + "/")
+            if renamed is None:
+                continue
+            wanted = by_layer.get(renamed.rstrip("/"), {})
+            for leaf, target in wanted.items():
+                entry = groups[layer].get(leaf)
+                if entry is not None and target.key not in out:
+                    out[target.key] = Decision(entry, "rule", f"{rule} (layer named '{name}' in the checkpoint)",
+                                               CONFIDENCE_RULE)
+            counts[rule.number] += bool(wanted)
+            break
     return out
 
 
@@ -277,7 +532,7 @@ def _rename_stage(
                         f"{rule} renames both '{out[target.key][0].key}' and '{entry.key}' onto variable '{target.key}'.",
                         hint="Make the rule more specific so that one tensor maps to each variable.",
                     )
-                out[target.key] = (entry, "rule", f"{rule}", 1.0)
+                out[target.key] = Decision(entry, "rule", f"{rule}", CONFIDENCE_RULE)
                 counts[rule.number] += 1
             break
     return out
@@ -300,15 +555,20 @@ def _align(
 def _aligned_decision(pair: Pair, namespace: str, prefix: str) -> Decision:
     entry, target = pair.source, pair.target
     if entry.key == prefix + target.keys.get(namespace, "") and not pair.by_order:
-        return entry, "exact", "exact key (position confirmed by alignment)", 1.0
+        return Decision(entry, "exact", "exact key (position confirmed by alignment)", CONFIDENCE_RULE)
     if pair.by_order:
-        return (entry, "aligned",
-                f"aligned: layer {pair.source_layer} -> {pair.target_layer}, placed by order within a run of alike layers",
-                0.6)
-    how = {"name": "same layer name", "structure": "same structure under another name", "sequence": "by sequence alignment"}
-    confidence = 0.9 if pair.score >= 100 else 0.5
+        return Decision(entry, "aligned",
+                        f"aligned: layer {pair.source_layer} -> {pair.target_layer}, placed by order only "
+                        "(a tie among alike layers, no names to tell them apart)", CONFIDENCE_ORDER, True)
+    how = {"name": "same layer name", "structure": "same structure under another name",
+           "sequence": "by sequence alignment", "nesting": "by sequence alignment through a change of nesting"}
+    if pair.score < 100:
+        confidence = CONFIDENCE_RESIZED
+    else:
+        confidence = CONFIDENCE_NESTING if pair.how == "nesting" else CONFIDENCE_STRUCTURE
     shapes = "shapes equal" if entry.shape == target.shape else "shapes differ"
-    return entry, "aligned", f"aligned: layer {pair.source_layer} -> {pair.target_layer} ({how.get(pair.how, pair.how)}, {shapes})", confidence
+    reason = f"aligned: layer {pair.source_layer} -> {pair.target_layer} ({how.get(pair.how, pair.how)}, {shapes})"
+    return Decision(entry, "aligned", reason, confidence)
 
 
 def _named(key: str, name: str | None) -> str:

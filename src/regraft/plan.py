@@ -32,6 +32,7 @@ __all__ = [
     "MISSING",
     "AMBIGUOUS",
     "TRANSFORMED",
+    "UNCONFIRMED",
     "fingerprint_source",
     "fingerprint_target",
 ]
@@ -42,6 +43,7 @@ SHAPE_MISMATCH = "shape-mismatch"
 MISSING = "missing"
 AMBIGUOUS = "ambiguous"
 TRANSFORMED = "transformed"
+UNCONFIRMED = "unconfirmed"  # a pairing only order supports: proposed, left fresh until the user confirms it
 PLAN_VERSION = 1
 
 
@@ -52,8 +54,10 @@ class Assignment:
     Attributes:
         target: the model variable.
         source: the checkpoint entry it takes its value from, or ``None``.
-        status: ``loaded``, ``cast``, ``shape-mismatch``, ``missing`` or
-            ``ambiguous`` (the last three leave the variable at its fresh value).
+        status: ``loaded``, ``cast``, ``transformed``, ``shape-mismatch``,
+            ``missing``, ``ambiguous`` or ``unconfirmed`` (the last four leave the
+            variable at its fresh value; ``unconfirmed`` names the proposed
+            ``source``, which only order among alike layers supports).
         stage: which stage decided: ``rule``, ``exact``, ``aligned``, ``plan``
             (read from an edited plan file), ``""`` if none did.
         reason: the decision in words.
@@ -64,6 +68,8 @@ class Assignment:
         candidates: for ``ambiguous``, the equally good source keys.
         steps: for ``transformed``, the transform pipeline ``((name, options), ...)``
             applied to the source tensor (or, for ``identity_init``, to nothing).
+        order_only: the pairing rests on order among alike layers alone; it is
+            ``unconfirmed`` unless the user accepted order (``accept_order=True``).
     """
 
     target: TargetVariable
@@ -75,6 +81,7 @@ class Assignment:
     confidence: float | None = None
     candidates: tuple[str, ...] = ()
     steps: tuple[tuple[str, dict[str, Any]], ...] = ()
+    order_only: bool = False
 
     @property
     def writes(self) -> bool:
@@ -150,10 +157,20 @@ class Plan:
                     + " and ".join(f"'{c}'" for c in a.candidates)
                     + "; add a rename rule to choose"
                 )
+        unconfirmed = [a for a in self.assignments if a.status == UNCONFIRMED and a.allowed is None]
+        if unconfirmed:
+            layers = sorted({a.target.layer for a in unconfirmed})
+            lines.append(
+                f"{len(layers)} layer{'s' if len(layers) > 1 else ''} placed by order only: "
+                + ", ".join(collapse(a.target.key for a in unconfirmed))
+                + " (a tie among alike layers, no names to tell them apart) — confirm with accept_order=True "
+                "(CLI --accept-order) or a rename rule"
+            )
         missing = [a.target.key for a in self.assignments if a.status == MISSING and a.allowed is None]
         if missing:
             lines.append(f"missing from the checkpoint ({len(missing)}): " + ", ".join(collapse(missing)))
-        contested = {c for a in self.assignments for c in a.candidates}
+        contested = {c for a in self.assignments for c in a.candidates} | {
+            a.source.key for a in unconfirmed if a.source is not None}
         unused = [e.key for e, allowed in self.unused if allowed is None and e.key not in contested]
         if unused:
             lines.append(f"unused checkpoint tensors ({len(unused)}): " + ", ".join(collapse(unused)))
@@ -225,7 +242,7 @@ class Plan:
         variables = {}
         for a in self.assignments:
             entry: dict[str, Any] = {
-                "source": a.source.key if a.source else None,
+                "source": a.source.key if a.source and a.status != UNCONFIRMED else None,
                 "status": a.status,
                 "transform": a.transform,
                 "stage": a.stage or None,
@@ -235,6 +252,8 @@ class Plan:
                 entry["confidence"] = round(a.confidence, 3)
             if a.candidates:
                 entry["candidates"] = list(a.candidates)
+            if a.status == UNCONFIRMED and a.source is not None:
+                entry["proposed"] = a.source.key  # to load it, the user copies it into "source"
             if a.steps:
                 entry["steps"] = [{"name": name, **options} for name, options in a.steps]
             if a.allowed:
@@ -362,6 +381,10 @@ def _assignment_from_file(target: TargetVariable, entry: Any, entries: dict[str,
     if not isinstance(entry, dict):
         raise RegraftError(f"Plan {path}: the entry of '{target.key}' must be a mapping with a 'source'.")
     key = entry.get("source")
+    proposed = entry.get("proposed")
+    if key is None and entry.get("status") == UNCONFIRMED and isinstance(proposed, str) and proposed in entries:
+        return Assignment(target, entries[proposed], UNCONFIRMED, entry.get("stage") or "plan",
+                          entry.get("reason") or "placed by order only", None, entry.get("confidence"), order_only=True)
     if key is None and entry.get("steps"):
         return _transformed_from_file(target, None, entry, entry.get("stage") or "plan", entry.get("reason") or "", path)
     if key is None:

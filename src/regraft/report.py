@@ -13,6 +13,7 @@ from regraft.plan import (
     MISSING,
     SHAPE_MISMATCH,
     TRANSFORMED,
+    UNCONFIRMED,
     Plan,
     _shape,
 )
@@ -49,7 +50,7 @@ class LoadReport:
 
     def counts(self) -> dict[str, int]:
         """Number of target variables per status, plus unused/outside/optimizer tensors."""
-        out = {s: 0 for s in (LOADED, CAST, TRANSFORMED, SHAPE_MISMATCH, MISSING, AMBIGUOUS)}
+        out = {s: 0 for s in (LOADED, CAST, TRANSFORMED, SHAPE_MISMATCH, MISSING, AMBIGUOUS, UNCONFIRMED)}
         for a in self.plan.assignments:
             out[a.status] += 1
         out["unused"] = len(self.plan.unused)
@@ -76,6 +77,8 @@ class LoadReport:
         parts.append(f"{c[MISSING]} missing")
         if c[AMBIGUOUS]:
             parts.append(f"{c[AMBIGUOUS]} ambiguous")
+        if c[UNCONFIRMED]:
+            parts.append(f"{c[UNCONFIRMED]} unconfirmed (placed by order only, left fresh)")
         parts.append(f"{c['unused']} unused")
         line = ", ".join(parts) + f" — {self.parameter_share():.1%} of parameters from the checkpoint"
         if c["optimizer_and_bookkeeping"]:
@@ -103,6 +106,8 @@ class LoadReport:
             }
             if a.candidates:
                 row["candidates"] = list(a.candidates)
+            if a.order_only:
+                row["confirm"] = True  # placed by order only: loaded only if the user accepted order
             if a.allowed:
                 row["allowed_by"] = a.allowed
             if a.target.key in self.cast_errors:
@@ -185,9 +190,9 @@ class LoadReport:
             else:
                 label = a.status + (" (allowed)" if a.allowed else "")
             groups.setdefault(label, []).append(a.target.key)
-            if "placed by order" in a.reason:
+            if a.order_only:
                 by_order.append(a.target.key)
-        order = [LOADED, CAST, TRANSFORMED, SHAPE_MISMATCH, AMBIGUOUS, MISSING]
+        order = [LOADED, CAST, TRANSFORMED, SHAPE_MISMATCH, AMBIGUOUS, UNCONFIRMED, MISSING]
         ranked = sorted(groups.items(), key=lambda kv: order.index(kv[0].split(",")[0].split(" ")[0]))
         lines = [f"{label} ({len(keys)}): " + ", ".join(collapse(keys)) for label, keys in ranked]
         for a in self.plan.assignments:
@@ -195,6 +200,8 @@ class LoadReport:
                 lines.append(f"  {a.target.key}: {_shape(a.source.shape)} in '{a.source.key}' -> {_shape(a.target.shape)}")
             if a.status == AMBIGUOUS:
                 lines.append(f"  {a.target.key}: candidates " + ", ".join(a.candidates))
+            if a.status == UNCONFIRMED and a.source is not None:
+                lines.append(f"  {a.target.key}: proposed '{a.source.key}'")
         unused = [e.key for e, _ in self.plan.unused]
         if unused:
             lines.append(f"unused ({len(unused)}): " + ", ".join(collapse(unused)))
@@ -205,8 +212,10 @@ class LoadReport:
         if self.plan.removed:
             lines.append("removed layers: " + ", ".join(collapse(self.plan.removed)))
         if by_order:
+            accepted = all(a.status != UNCONFIRMED for a in self.plan.assignments if a.order_only)
             lines.append(
-                "placed by order (a run of alike layers grew or shrank; the old ones were taken to come first): "
+                "placed by order only (alike layers and no names to tell them apart; the old ones were taken to "
+                + ("come first; accepted): " if accepted else "come first; confirm with accept_order=True / --accept-order): ")
                 + ", ".join(collapse(by_order))
             )
         for rule, count in self.plan.rules:

@@ -134,6 +134,7 @@ class KerasH5(Source):
     def _keras2_entries(self) -> list[SourceEntry]:
         out = []
         self._dataset_path = {}
+        self._layers = {}  # keys are the weights' own names: nothing to add
         for layer_name in _strings(self._file.attrs["layer_names"]):
             group = self._file[layer_name]
             for index, weight_name in enumerate(_strings(group.attrs.get("weight_names", []))):

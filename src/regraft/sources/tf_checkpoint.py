@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections import deque
+from collections import Counter, deque
 
 import numpy as np
 
@@ -117,8 +117,13 @@ class TFCheckpoint(Source):
         super().__init__(path, entries)
 
     def layers(self) -> dict[str, tuple[str | None, str | None]]:
-        """Weightless list items of the object graph (names and classes are not recorded)."""
-        return dict(getattr(self, "_landmarks", {}))
+        """Layers reached by position, with the Keras name their variables' ``full_name`` records.
+
+        Weightless list items (pooling, activation) are included as landmarks,
+        without a name (they have no variables to record one). Classes are not
+        recorded in a TF checkpoint.
+        """
+        return dict(getattr(self, "_layer_names", {}))
 
     def native_location(self, key: str) -> tuple[str, str] | None:
         """TensorFlow reads bundles natively: ``(prefix, tensor name in the bundle)``."""
@@ -163,6 +168,7 @@ class TFCheckpoint(Source):
         self.format, self.namespace = ("tf-keras", "keras2") if keras2 else ("tf-object", "object")
 
         out = []
+        full_names: dict[str, str] = {}
         for node_id, node in enumerate(nodes):
             for attr in node.attributes:
                 if attr.checkpoint_key not in self.bundle.entries:
@@ -187,10 +193,61 @@ class TFCheckpoint(Source):
                 layer, _, role = canonical.rpartition("/")
                 aliases = tuple(p for p in node_paths if p != canonical)
                 self._bundle_key[canonical] = attr.checkpoint_key
+                if kind == WEIGHT and attr.full_name:
+                    full_names[canonical] = attr.full_name
                 out.append(
                     SourceEntry(canonical, b.shape, _dtype_name(b.dtype), kind, layer, role.lstrip("_"), None, None, aliases, slot_of)
                 )
+        self._layer_names = {**self._landmarks, **_positional_layer_names(full_names)}
         return _with_layer_indices(out)
+
+
+_POSITIONAL_SEGMENT = re.compile(r"^(\d+|layer(_with_weights)?-\d+)$")
+
+
+def _positional_layer_names(full_names: dict[str, str]) -> dict[str, tuple[str | None, str | None]]:
+    """Name each object reached by position (``_operations/3``, ``layer_with_weights-2``) from ``full_name``s.
+
+    A variable's ``full_name`` is its graph name when saved: ``conv1/kernel`` for a
+    Keras 3 layer built on its own, ``sequential/c1/kernel`` inside a Sequential,
+    but only the *outer* scope (``block/kernel``) for the sub-layers of a custom
+    layer. So an object's name is the last segment of the scope its variables
+    share, and a name is trusted only where it is unambiguous: an object whose
+    name is also a descendant's (a sub-model holding one layer) leaves it to the
+    descendant, and a name claimed by two unrelated objects is dropped.
+
+    Example:
+        >>> _positional_layer_names({"_operations/1/_kernel": "c1/kernel", "_operations/1/bias": "c1/bias"})
+        {'_operations/1': ('c1', None)}
+    """
+    scopes: dict[str, list[str] | None] = {}
+    for key, full_name in full_names.items():
+        scope = full_name.removesuffix(":0").split("/")[:-1]
+        segments = key.split("/")[:-1]
+        for i, segment in enumerate(segments):
+            if not _POSITIONAL_SEGMENT.match(segment):
+                continue
+            node = "/".join(segments[: i + 1])
+            known = scopes.get(node, scope)
+            common = []
+            for a, b in zip(known or [], scope):
+                if a != b:
+                    break
+                common.append(a)
+            scopes[node] = common
+    named = {node: scope[-1] for node, scope in scopes.items() if scope}
+    # An ancestor with its descendant's name (a sub-model holding one layer): the name is the descendant's.
+    cleared = set()
+    for node, name in named.items():
+        ancestor = node.rpartition("/")[0]
+        while ancestor:
+            if named.get(ancestor) == name:
+                cleared.add(ancestor)
+            ancestor = ancestor.rpartition("/")[0]
+    for node in cleared:
+        named[node] = ""
+    claims = Counter(name for name in named.values() if name)
+    return {node: (name, None) for node, name in named.items() if name and claims[name] == 1}
 
 
 def _dtype_name(dtype: object) -> str:

@@ -2,6 +2,7 @@
 
 from regraft.targets.keras import (
     assign,
+    custom_classes,
     describe,
     describe_with_layers,
     layer_graph,
@@ -12,6 +13,7 @@ from regraft.targets.keras import (
 
 __all__ = [
     "assign",
+    "custom_classes",
     "describe",
     "describe_with_layers",
     "layer_graph",

@@ -32,6 +32,7 @@ __all__ = [
     "save_weights",
     "layer_graph",
     "GraphLayer",
+    "custom_classes",
 ]
 
 
@@ -81,7 +82,7 @@ def describe_with_layers(
     if "h5" in namespaces:
         tables["h5"], layers["h5"] = _h5_walk(model)
     if "keras2" in namespaces:
-        tables["keras2"] = _keras2_keys(model)
+        tables["keras2"], layers["keras2"] = _keras2_keys(model)
     used: dict[str, int] = {}
     out = []
     for variable in variables:
@@ -361,10 +362,14 @@ def _fast_walk_saveable(saving_lib: Any) -> Any:
     return walk
 
 
-def _keras2_keys(model: Any) -> dict[int, str]:
-    """tf-keras ``save_weights`` paths: ``layer_with_weights-N/<role>`` for layered models."""
+def _keras2_keys(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None, str | None]]]:
+    """tf-keras ``save_weights`` paths: ``layer_with_weights-N/<role>`` for layered models.
+
+    Returns (variable id → path, layer path → (name, kind)).
+    """
     keras = _keras()
     out: dict[int, str] = {}
+    names: dict[str, tuple[str | None, str | None]] = {}
 
     def visit(container: Any, prefix: str) -> None:
         layers = getattr(container, "layers", None)
@@ -375,6 +380,7 @@ def _keras2_keys(model: Any) -> dict[int, str]:
             if not layer.weights:
                 continue
             path = f"{prefix}layer_with_weights-{numbered}"
+            names[path] = (layer.name, _snake(layer))
             numbered += 1
             if isinstance(layer, keras.Model) or getattr(layer, "layers", None):
                 visit(layer, path + "/")
@@ -384,7 +390,16 @@ def _keras2_keys(model: Any) -> dict[int, str]:
 
     if isinstance(model, (keras.Sequential,)) or model.__class__.__name__ == "Functional":
         visit(model, "")
-    return out
+    return out, names
+
+
+def custom_classes(model: Any) -> set[str]:
+    """Snake-case class names of every layer in ``model`` (its own included).
+
+    A layer named after its class (``block``, ``block_2``) was named by Keras:
+    these are the class names that auto-generated names are built from.
+    """
+    return {_snake(layer) for layer in model._flatten_layers(include_self=True, recursive=True)}
 
 
 def save_weights(model: Any, out: str) -> list[str]:
