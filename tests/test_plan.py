@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import X5, randomize, same_bytes, save_h5, save_tf, value_of
+from conftest import X5, assert_state, randomize, same_bytes, save_h5, save_tf, snapshot, value_of
 
 import keras  # noqa: E402  (conftest set the TF log level first)
 
@@ -273,3 +273,62 @@ def test_unknown_rules_section_lists_every_kind(tmp_path):
     with pytest.raises(regraft.RegraftError) as info:
         regraft.plan(mlp(None, "new"), path, rules={"renmae": {"a/": "b/"}})
     assert "Unknown section 'renmae' in the rules given; expected rename, init, ignore or transform." in str(info.value)
+
+
+def unnamed_stack(n_hidden: int):
+    """Dense(8) layers with Keras' own names, built as in a program of its own (counters restart)."""
+    keras.backend.clear_session()
+    inputs = keras.Input((8,))
+    x = inputs
+    for _ in range(n_hidden):
+        x = keras.layers.Dense(8)(x)
+    return keras.Model(inputs, keras.layers.Dense(2)(x))
+
+
+@pytest.mark.parametrize("fmt", ["tf", "h5"])
+def test_order_alone_is_never_silent(tmp_path, fmt):
+    """Three alike unnamed layers become four: which one is new only order can say, so the user confirms."""
+    old = unnamed_stack(3)
+    randomize(old, 21)
+    path = save(old, tmp_path, fmt)
+    new = unnamed_stack(4)
+    before = snapshot(new)
+    with pytest.raises(regraft.LoadError, match=r"placed by order only: .* confirm with accept_order=True \(CLI --accept-order\)"):
+        regraft.load(new, path)
+    report = regraft.load(new, path, strict=False)
+    statuses = {a.target.key: a.status for a in report.plan.assignments}
+    unconfirmed = {k for k, s in statuses.items() if s == "unconfirmed"}
+    assert unconfirmed and all(a.source is not None for a in report.plan.assignments if a.status == "unconfirmed")
+    assert_state(new, before, {id(v): value_of(s) for s, v in zip(old.weights[-2:], new.weights[-2:])})  # head: certain
+    assert "placed by order only" in report.grouped() and "unconfirmed" in report.summary()
+    assert all(r.get("confirm") for r in report.rows() if r["status"] == "unconfirmed")
+
+    accepted = regraft.load(unnamed_stack(4), path, strict=False, accept_order=True)
+    assert not any(a.status == "unconfirmed" for a in accepted.plan.assignments)
+    assert {a.target.key for a in accepted.plan.assignments if a.order_only} == unconfirmed
+
+
+@pytest.mark.parametrize("fmt", ["tf", "h5"])
+def test_unchanged_unnamed_architecture_loads_strictly_in_every_format(tmp_path, fmt):
+    old = unnamed_stack(3)
+    randomize(old, 22)
+    path = save(old, tmp_path, fmt)
+    new = unnamed_stack(3)
+    before = snapshot(new)
+    report = regraft.load(new, path)  # strict: no problem at all
+    assert set(a.status for a in report.plan.assignments) == {"loaded"}
+    assert_state(new, before, {id(v): value_of(s) for s, v in zip(old.weights, new.weights)})
+
+
+def test_plan_file_keeps_an_unconfirmed_pairing_unconfirmed(tmp_path):
+    old = unnamed_stack(3)
+    randomize(old, 23)
+    path = save(old, tmp_path, "tf")
+    new = unnamed_stack(4)
+    plan = regraft.plan(new, path)
+    plan.save(tmp_path / "plan.yaml")
+    text = (tmp_path / "plan.yaml").read_text()
+    assert "status: unconfirmed" in text and "proposed: " in text
+    again = regraft.Plan.read(tmp_path / "plan.yaml", new)
+    assert [a.status for a in again.assignments] == [a.status for a in plan.assignments]
+    assert not any(a.writes for a in again.assignments if a.status == "unconfirmed")

@@ -53,7 +53,8 @@ def inspect(args: argparse.Namespace) -> int:
 
 def _options(args: argparse.Namespace) -> dict:
     return dict(rules=args.rules, rename=args.rename, allow_missing=args.allow_missing,
-                allow_unused=args.allow_unused, root=args.root, reshape=args.reshape, noise=args.noise)
+                allow_unused=args.allow_unused, root=args.root, reshape=args.reshape, noise=args.noise,
+                accept_order=args.accept_order)
 
 
 def diff(args: argparse.Namespace) -> int:

@@ -53,6 +53,9 @@ def _add_match_options(p: argparse.ArgumentParser) -> None:
                    "overlaid on the fresh values, or grown function-preservingly (preserve)")
     p.add_argument("--noise", type=float, default=0.0,
                    help="with --reshape preserve: relative noise on widened copies to break symmetry (default 0)")
+    p.add_argument("--accept-order", action="store_true",
+                   help="load pairings that only order supports (alike layers with no names to tell them apart); "
+                   "by default they are 'unconfirmed': proposed, left fresh, and a strict problem")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
