@@ -283,9 +283,9 @@ def _align_attributes(s: Node, t: Node, namespace: str, out: Alignment, by_order
 def _align_sequence(s_items: list[Node], t_items: list[Node], namespace: str, out: Alignment, by_order: bool) -> None:
     """Global alignment of two sequences of layers; recurse into matched pairs."""
     n, m = len(s_items), len(t_items)
-    if n == 0 or m == 0:
-        out.removed.extend(x.path for x in s_items)
-        out.inserted.extend(x.path for x in t_items)
+    if n == 0 or m == 0:  # weightless layers are landmarks, not layers anybody lost
+        out.removed.extend(x.path for x in s_items if x.signature())
+        out.inserted.extend(x.path for x in t_items if x.signature())
         return
     scores = _score_matrix(s_items, t_items)
     moves = _dp_moves(scores)

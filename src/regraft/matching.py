@@ -289,7 +289,10 @@ class _Names:
                 if token is not None:
                     tokens.append(token)
             elif segment not in _CONTAINERS:
-                tokens.append(Token(segment, True))  # an attribute: named in code
+                token = table.get("/".join(segments[: i + 1])) if self.namespace == "h5" else None
+                # An attribute: named in code. In .weights.h5 both sides also record the layer's
+                # own name at every level; a chosen one says more (a layer moved into a custom layer).
+                tokens.append(token if token is not None and token.strong else Token(segment, True))
         return tuple(tokens)
 
     def _positional(self, segment: str, previous: str) -> bool:
@@ -356,6 +359,22 @@ def _nesting_stage(source_tree: Node, target_tree: Node, namespace: str, decided
                    used: set[int], fresh: dict[str, tuple[str, str]], ambiguous: dict[str, tuple[str, ...]]) -> Alignment:
     """Align the leaf layers nothing was decided for, as flat sequences between the pairs already made."""
     s_layers, t_layers = leaf_layers(source_tree), leaf_layers(target_tree)
+    if namespace == "h5":
+        # .weights.h5 keys order layers alphabetically by class, and by creation only within a
+        # class (layers/conv2d, layers/conv2d_1): align class by class.
+        out = Alignment()
+        for kind in sorted({n.kind or "" for n in s_layers} & {n.kind or "" for n in t_layers}):
+            part = _nesting_stage_of([n for n in s_layers if (n.kind or "") == kind],
+                                     [n for n in t_layers if (n.kind or "") == kind], namespace, decided, used, fresh,
+                                     ambiguous)
+            out.pairs.extend(part.pairs)
+        return out
+    return _nesting_stage_of(s_layers, t_layers, namespace, decided, used, fresh, ambiguous)
+
+
+def _nesting_stage_of(s_layers: list[Node], t_layers: list[Node], namespace: str, decided: dict[str, Decision],
+                      used: set[int], fresh: dict[str, tuple[str, str]],
+                      ambiguous: dict[str, tuple[str, ...]]) -> Alignment:
     owner = {id(child.leaf): i for i, node in enumerate(s_layers) for child in _leaf_children(node)}
     anchors: list[tuple[int, int]] = []
     s_open, t_open = [], []

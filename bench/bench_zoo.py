@@ -1,0 +1,1240 @@
+#!/usr/bin/env python
+"""Which old tensor does each new variable get? A zoo of old -> new model pairs, scored by value.
+
+For every pair the script builds the old model (Keras 3, or tf-keras for the
+"tf.keras moved to Keras 3" pairs), gives every old variable -- trainable and
+non-trainable -- distinct seeded random values, and saves it in each format that
+applies:
+
+  tf        tf.train.Checkpoint(model=old).write(prefix)          (Keras 3 and tf-keras old models)
+  tf-keras  old.save_weights(prefix), TF format                    (tf-keras old models only)
+  h5        old.save_weights("old.weights.h5") (Keras 3) or old.save_weights("old.h5") (tf-keras, Keras 2 h5)
+
+Old and new models are built as if by separate programs: ``clear_session()`` runs
+before each build, so auto-generated layer names restart.
+
+The ground truth is written by hand per pair: which old *layer* each new layer
+continues (explicit dicts of layer paths for the synthetic pairs; "same layer name,
+model-name prefix removed" for the keras.applications families). Variables of
+corresponding layers correspond by variable name. Old variables are then identified
+by VALUE, never by checkpoint key.
+
+Each (pair, format) case is run three ways:
+
+  fresh     regraft.load(new, path, strict=False, reshape="fresh"); every new variable
+            is judged by its value: recovered (holds its expected old tensor bit for bit),
+            WRONG (holds another old tensor, or anything but its fresh value), or fresh.
+            A fresh variable whose expected source is in the file with its shape is
+            "confirm" when the plan left it for the user to confirm (status
+            ``unconfirmed`` or a truthy ``confirm`` attribute), else "missed".
+  strict    regraft.load(new, path) (strict=True): "refused" (LoadError) or loaded and
+            scored the same way; the number of strict problems is recorded.
+  decisions regraft.plan(new, path, reshape="fresh"): every assignment with a source is
+            read back with regraft.open(path).read(key), identified by value and compared
+            with the expected old variable -- this also judges shape-mismatched and
+            unconfirmed decisions; a calibration table shows, per confidence value, how
+            many decisions were right.
+
+Expected sources of another shape are counted as "mismatch" (reshape="fresh" cannot
+load them); expected sources that the file does not hold at all (e.g. layers kept in a
+plain Python list, which Keras 3 ``tf.train.Checkpoint`` drops) are counted as
+"absent". Neither is eligible.
+
+The script exits 1 when any variable or decision is WRONG, or an unchanged architecture
+does not load 100% with strict=True and no problems. Run ``--help`` for the
+options and ``--list`` for the pairs; bench/README.md explains the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import types
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from bench_align import digest, pct, quiet  # noqa: E402  (shared helpers of the sibling benchmark)
+
+ELIGIBLE, MISMATCH, ABSENT, NEW = "eligible", "mismatch", "absent", "new"
+KERAS3_FORMATS = ("tf", "h5")
+TF_KERAS_FORMATS = ("tf", "tf-keras", "h5")
+ALL_FORMATS = ("tf", "tf-keras", "h5")
+
+Layer = Any
+Model = Any
+# A pair's ground truth: (new model, old model) -> [(new layer, old layer it continues, or None)].
+# Layers may be containers (a block, a sub-model): their weighted leaf layers then correspond in order.
+Expect = Callable[[Model, Model], list[tuple[Layer, Layer | None]]]
+
+
+# =============================================================================== model walking
+
+
+def sublayers(layer: Layer) -> list[Layer]:
+    """Direct sub-layers of a Keras 3 or tf-keras layer/model (both have ``_flatten_layers``)."""
+    flatten = getattr(layer, "_flatten_layers", None)
+    if flatten is not None:
+        return list(flatten(include_self=False, recursive=False))
+    return list(getattr(layer, "layers", []))
+
+
+def short_name(variable: Any) -> str:
+    """``kernel`` for Keras 3 (``v.name``) and tf-keras (``v.name == "dense/kernel:0"``)."""
+    return str(variable.name).rsplit("/", 1)[-1].split(":", 1)[0]
+
+
+def leaf_layers(root: Layer) -> list[tuple[str, Layer, list[Any]]]:
+    """Every layer that owns variables itself, as ``(path of layer names below root, layer, own variables)``.
+
+    A variable belongs to the innermost layer that lists it. Raises unless the leaves
+    account for exactly ``root.weights``, so a ground truth never silently drops a variable.
+    """
+    out: list[tuple[str, Layer, list[Any]]] = []
+    seen: set[int] = set()
+
+    def visit(layer: Layer, path: str) -> None:
+        kids = [c for c in sublayers(layer) if id(c) not in seen]
+        seen.update(id(c) for c in kids)
+        in_kids = {id(v) for c in kids for v in c.weights}
+        own = [v for v in layer.weights if id(v) not in in_kids]
+        if own:
+            out.append((path or layer.name, layer, own))
+        for c in kids:
+            visit(c, f"{path}/{c.name}" if path else c.name)
+
+    visit(root, "")
+    listed = [id(v) for _, _, vs in out for v in vs]
+    weights = {id(v) for v in root.weights}
+    if len(listed) != len(set(listed)) or set(listed) != weights:
+        raise RuntimeError(f"{root.name}: leaf layers list {len(set(listed))} variables, weights has {len(weights)}")
+    return out
+
+
+def labelled_variables(root: Layer) -> list[tuple[str, Any]]:
+    """Every variable of ``root`` as ``(leaf path/variable name, variable)``, labels made unique."""
+    out, used = [], Counter()
+    for path, _, variables in leaf_layers(root):
+        for v in variables:
+            label = f"{path}/{short_name(v)}"
+            used[label] += 1
+            out.append((label if used[label] == 1 else f"{label}#{used[label]}", v))
+    return out
+
+
+def role(variable: Any) -> str:
+    """A variable's name without Keras' auto-numbering: ``variable_33`` -> ``variable``, ``kernel`` -> ``kernel``."""
+    return re.sub(r"_\d+$", "", short_name(variable))
+
+
+def corresponding_variables(new_layer: Layer, old_layer: Layer) -> list[tuple[Any, Any]]:
+    """Variables of two corresponding layers: their weighted leaves in order, then their variables in
+    creation order when the names agree up to auto-numbering (``add_weight`` without a name gives
+    ``variable_15`` in one program and ``variable_33`` in the other), else by exact name.
+
+    Raises if the two layers do not have the same structure (a bug in the ground truth).
+    """
+    new_leaves, old_leaves = leaf_layers(new_layer), leaf_layers(old_layer)
+    if len(new_leaves) != len(old_leaves):
+        raise RuntimeError(f"ground truth: {new_layer.name} has {len(new_leaves)} weighted leaves, "
+                           f"{old_layer.name} has {len(old_leaves)}")
+    pairs = []
+    for (n_path, n_layer, n_vars), (o_path, o_layer, o_vars) in zip(new_leaves, old_leaves):
+        if type(n_layer).__name__ != type(o_layer).__name__:
+            raise RuntimeError(f"ground truth: {n_path} is a {type(n_layer).__name__}, "
+                               f"{o_path} a {type(o_layer).__name__}")
+        if [role(v) for v in n_vars] == [role(v) for v in o_vars]:
+            pairs += list(zip(n_vars, o_vars))
+            continue
+        old_by_name = {short_name(v): v for v in o_vars}
+        if len(old_by_name) != len(o_vars):
+            raise RuntimeError(f"ground truth: {o_path} has two variables of one name")
+        pairs += [(v, old_by_name[short_name(v)]) for v in n_vars if short_name(v) in old_by_name]
+    return pairs
+
+
+# =============================================================================== ground-truth helpers
+
+
+def explicit(mapping: dict[str, str | None]) -> Expect:
+    """Ground truth as a dict: every weighted leaf path of the new model -> old leaf path (or None: new layer).
+
+    The dict must name every new leaf exactly, and every old path must exist, so that a
+    layer renamed by Keras' auto-naming shows up as an error rather than a silent gap.
+    """
+
+    def expect(new: Model, old: Model) -> list[tuple[Layer, Layer | None]]:
+        new_leaves = {p: layer for p, layer, _ in leaf_layers(new)}
+        old_leaves = {p: layer for p, layer, _ in leaf_layers(old)}
+        if set(mapping) != set(new_leaves):
+            raise RuntimeError(f"ground truth for {new.name}: dict names {sorted(set(mapping) - set(new_leaves))} "
+                               f"that the new model lacks, and lacks {sorted(set(new_leaves) - set(mapping))}")
+        bad = [o for o in mapping.values() if o is not None and o not in old_leaves]
+        if bad:
+            raise RuntimeError(f"ground truth for {new.name}: old model {old.name} has no layer {bad}; "
+                               f"it has {sorted(old_leaves)}")
+        return [(new_leaves[n], old_leaves[o] if o is not None else None) for n, o in mapping.items()]
+
+    return expect
+
+
+def identity_paths(paths: list[str]) -> dict[str, str | None]:
+    return {p: p for p in paths}
+
+
+def by_name(old_prefix: str = "", new_prefix: str = "", new_scope: str = "",
+            extra: dict[str, str] | None = None) -> Expect:
+    """The rule for keras.applications families: same layer path after removing the model-name prefix
+    (``convnext_tiny_`` / ``convnext_small_``) from every path component; ``new_scope`` is a nested
+    base model's name in the new model (``xception/``); ``extra`` maps new paths to old paths by hand."""
+
+    def strip(path: str, prefix: str) -> str:
+        return "/".join(c[len(prefix):] if prefix and c.startswith(prefix) else c for c in path.split("/"))
+
+    def expect(new: Model, old: Model) -> list[tuple[Layer, Layer | None]]:
+        olds = {strip(p, old_prefix): layer for p, layer, _ in leaf_layers(old)}
+        by_path = {p: layer for p, layer, _ in leaf_layers(old)}
+        out = []
+        for p, layer, _ in leaf_layers(new):
+            if extra and p in extra:
+                out.append((layer, by_path[extra[p]]))
+                continue
+            if new_scope:
+                if not p.startswith(new_scope + "/"):
+                    raise RuntimeError(f"ground truth: new layer {p} is outside {new_scope}/ and not in extra")
+                p = p[len(new_scope) + 1:]
+            out.append((layer, olds.get(strip(p, new_prefix))))
+        return out
+
+    return expect
+
+
+def by_object(pairs: Callable[[Model, Model], list[tuple[Layer, Layer]]]) -> Expect:
+    """Ground truth given as layer objects (``new.blocks[0]`` continues ``old.blocks[0]``);
+    every weighted leaf of the new model not covered continues nothing."""
+
+    def expect(new: Model, old: Model) -> list[tuple[Layer, Layer | None]]:
+        return list(pairs(new, old))
+
+    return expect
+
+
+# =============================================================================== synthetic models
+
+
+@functools.cache
+def custom() -> types.SimpleNamespace:
+    """The custom layers and models of the synthetic pairs (defined on first use: Keras is imported lazily)."""
+    import keras
+    from keras import layers
+
+    class TransformerBlock(layers.Layer):
+        """Pre-LN transformer block: x + MHA(LN(x)), then x + FFN(LN(x))."""
+
+        def __init__(self, dim: int, heads: int, named: bool, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            n = (lambda s: s) if named else (lambda s: None)
+            self.ln1 = layers.LayerNormalization(name=n("ln1"))
+            self.attn = layers.MultiHeadAttention(heads, dim // heads, name=n("attn"))
+            self.ln2 = layers.LayerNormalization(name=n("ln2"))
+            self.ff1 = layers.Dense(2 * dim, activation="gelu", name=n("ff1"))
+            self.ff2 = layers.Dense(dim, name=n("ff2"))
+
+        def call(self, x: Any) -> Any:
+            h = self.ln1(x)
+            x = x + self.attn(h, h)
+            return x + self.ff2(self.ff1(self.ln2(x)))
+
+    class PositionEmbedding(layers.Layer):
+        """A learned position table added to the token embeddings (a custom layer with its own weight)."""
+
+        def __init__(self, length: int, dim: int, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.table = self.add_weight(shape=(length, dim), initializer="random_normal", name="table")
+
+        def call(self, x: Any) -> Any:
+            return x + self.table
+
+    class DenseStack(keras.Model):
+        """Subclassed model whose blocks live in a plain Python list."""
+
+        def __init__(self, depth: int, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.blocks = [layers.Dense(16, activation="relu") for _ in range(depth)]
+            self.head = layers.Dense(3)
+
+        def call(self, x: Any) -> Any:
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    class Residual(layers.Layer):
+        """conv -> BN -> conv, added to the input (a custom layer holding sub-layers as attributes)."""
+
+        def __init__(self, channels: int, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.conv_a = layers.Conv2D(channels, 3, padding="same", name="conv_a")
+            self.bn_a = layers.BatchNormalization(name="bn_a")
+            self.conv_b = layers.Conv2D(channels, 3, padding="same", name="conv_b")
+
+        def call(self, x: Any) -> Any:
+            return x + self.conv_b(keras.ops.relu(self.bn_a(self.conv_a(x))))
+
+    class Tower(keras.Model):
+        """Subclassed model with attribute layers, a custom layer and a model-level weight."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.stem = layers.Conv2D(8, 3, padding="same", name="stem")
+            self.stem_bn = layers.BatchNormalization(name="stem_bn")
+            self.res = Residual(8, name="res")
+            self.pool = layers.GlobalAveragePooling2D(name="pool")
+            self.head = layers.Dense(5, name="head")
+            self.scale = self.add_weight(shape=(5,), initializer="ones", name="scale")
+
+        def call(self, x: Any) -> Any:
+            return self.head(self.pool(self.res(keras.ops.relu(self.stem_bn(self.stem(x)))))) * self.scale
+
+    class NormProj(layers.Layer):
+        """BatchNormalization then Dense, as one custom layer (for the move-into/out-of pairs)."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.norm = layers.BatchNormalization(name="bn")
+            self.proj = layers.Dense(12, name="d2")
+
+        def call(self, x: Any) -> Any:
+            return self.proj(self.norm(x))
+
+    return types.SimpleNamespace(TransformerBlock=TransformerBlock, PositionEmbedding=PositionEmbedding,
+                                 DenseStack=DenseStack, Residual=Residual, Tower=Tower, NormProj=NormProj)
+
+
+def call(fn: Callable[..., Model], *args: Any) -> Callable[[], Model]:
+    """``fn(*args)`` as a builder that ``--list`` can describe."""
+    builder = functools.partial(fn, *args)
+    builder.label = f"{fn.__name__}({', '.join(map(repr, args))})"  # type: ignore[attr-defined]
+    return builder
+
+
+def _named(named: bool) -> Callable[[str], str | None]:
+    return (lambda s: s) if named else (lambda s: None)
+
+
+def cnn_layers(k: Any, named: bool) -> list[Layer]:
+    """The small CNN of the refactor pairs, as a list of layers (``k`` is keras or tf_keras)."""
+    n, L = _named(named), k.layers
+    return [L.Conv2D(8, 3, padding="same", name=n("conv1")), L.BatchNormalization(name=n("bn1")),
+            L.ReLU(name=n("relu1")), L.Conv2D(16, 3, strides=2, name=n("conv2")), L.BatchNormalization(name=n("bn2")),
+            L.ReLU(name=n("relu2")), L.GlobalAveragePooling2D(name=n("pool")), L.Dense(10, name=n("fc"))]
+
+
+def chain(x: Any, layers: list[Layer]) -> Any:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def cnn_flat(named: bool, k: Any = None) -> Model:
+    import keras
+
+    k = k or keras
+    inputs = k.Input((16, 16, 3))
+    return k.Model(inputs, chain(inputs, cnn_layers(k, named)), name="cnn" if named else None)
+
+
+def cnn_nested(named: bool) -> Model:
+    import keras
+
+    layers = cnn_layers(keras, named)
+    inner = keras.Input((16, 16, 3))
+    backbone = keras.Model(inner, chain(inner, layers[:-1]), name="backbone" if named else None)
+    inputs = keras.Input((16, 16, 3))
+    return keras.Model(inputs, layers[-1](backbone(inputs)), name="cnn" if named else None)
+
+
+def cnn_sequential(named: bool) -> Model:
+    import keras
+
+    return keras.Sequential([keras.Input((16, 16, 3)), *cnn_layers(keras, named)], name="cnn" if named else None)
+
+
+def dense_stack(depth: int) -> Model:
+    import numpy as np
+
+    model = custom().DenseStack(depth)
+    model(np.zeros((1, 8), "float32"))
+    return model
+
+
+def mlp_insert(inserted: bool) -> Model:
+    """Unnamed Dense layers; the new model has a Dense(32) inserted after the BatchNormalization."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((8,))
+    x = layers.Dense(32, activation="relu")(inputs)
+    x = layers.BatchNormalization()(x)
+    if inserted:
+        x = layers.Dense(32, activation="relu")(x)
+    x = layers.Dense(24, activation="relu")(x)
+    x = layers.Dense(16, activation="relu")(x)
+    return keras.Model(inputs, layers.Dense(4)(x))
+
+
+def transformer(blocks: int, named: bool) -> Model:
+    import keras
+    from keras import layers
+
+    c, n = custom(), _named(named)
+    tokens = keras.Input((8,), dtype="int32")
+    x = layers.Embedding(50, 16, name=n("embed"))(tokens)
+    x = c.PositionEmbedding(8, 16, name=n("pos"))(x)
+    for i in range(blocks):
+        x = c.TransformerBlock(16, 2, named, name=n(f"block_{i}"))(x)
+    x = layers.GlobalAveragePooling1D()(layers.LayerNormalization(name=n("final_ln"))(x))
+    return keras.Model(tokens, layers.Dense(4, name=n("head"))(x))
+
+
+def tower() -> Model:
+    import numpy as np
+
+    model = custom().Tower(name="tower")
+    model(np.zeros((1, 16, 16, 3), "float32"))
+    return model
+
+
+def moved(into_custom: bool) -> Model:
+    """Dense d1 -> [BN bn -> Dense d2] -> Dense out; the bracket is a custom layer when ``into_custom``."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((8,))
+    x = layers.Dense(16, name="d1")(inputs)
+    if into_custom:
+        x = custom().NormProj(name="block")(x)
+    else:
+        x = layers.Dense(12, name="d2")(layers.BatchNormalization(name="bn")(x))
+    return keras.Model(inputs, layers.Dense(3, name="out")(x))
+
+
+def tf_keras_cnn(named: bool) -> Model:
+    import tf_keras
+
+    return cnn_flat(named, tf_keras)
+
+
+# =============================================================================== keras.applications
+
+
+def app(name: str, size: int, **kwargs: Any) -> Callable[[], Model]:
+    def build() -> Model:
+        import keras
+
+        return getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
+                                                 **{"include_top": False, **kwargs})
+
+    build.label = f"{name}({size}x{size}{''.join(f', {k}={v}' for k, v in kwargs.items())})"
+    return build
+
+
+def new_head_flat(base: str, size: int, classes: int, head: str) -> Callable[[], Model]:
+    """``base`` without its top, pooled, plus a new Dense head of ``classes``, in one flat functional model."""
+
+    def build() -> Model:
+        import keras
+
+        b = getattr(keras.applications, base)(include_top=False, weights=None, input_shape=(size, size, 3),
+                                              pooling="avg")
+        return keras.Model(b.input, keras.layers.Dense(classes, activation="softmax", name=head)(b.output))
+
+    build.label = f"{base}(include_top=False)+Dense({classes}, name={head!r})"
+    return build
+
+
+def new_head_nested(base: str, size: int, classes: int, head: str) -> Callable[[], Model]:
+    """``base`` without its top as a nested sub-model, plus a new Dense head of ``classes``."""
+
+    def build() -> Model:
+        import keras
+
+        b = getattr(keras.applications, base)(include_top=False, weights=None, input_shape=(size, size, 3),
+                                              pooling="avg")
+        inputs = keras.Input((size, size, 3))
+        return keras.Model(inputs, keras.layers.Dense(classes, activation="softmax", name=head)(b(inputs)))
+
+    build.label = f"[{base}(include_top=False)]+Dense({classes}, name={head!r})"
+    return build
+
+
+# =============================================================================== the pairs
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One old -> new architecture change with its hand-written ground truth."""
+
+    name: str
+    group: str  # apps | refactor | insert | list-grow | transformer | tf_keras | unchanged | move
+    build_old: Callable[[], Model]
+    build_new: Callable[[], Model]
+    expect: Expect
+    framework: str = "keras"  # the OLD model's library: keras (Keras 3) or tf_keras
+    unchanged: bool = False  # same architecture: must load 100% with strict=True and no problems
+    note: str = ""
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return TF_KERAS_FORMATS if self.framework == "tf_keras" else KERAS3_FORMATS
+
+
+CNN_NAMED = ["conv1", "bn1", "conv2", "bn2", "fc"]
+# Auto-generated names after clear_session(): what each program gets for the unnamed CNN.
+CNN_UNNAMED = ["conv2d", "batch_normalization", "conv2d_1", "batch_normalization_1", "dense"]
+
+
+BLOCK_NAMED = ["ln1", "attn/query", "attn/key", "attn/value", "attn/attention_output", "ln2", "ff1", "ff2"]
+# transformer(2 -> 3, named): embed, pos, block_0, block_1, final_ln and head continue; block_2 is new.
+TRANSFORMER_NAMED: dict[str, str | None] = {
+    "embed": "embed", "pos": "pos",
+    **{f"block_{i}/{x}": f"block_{i}/{x}" for i in (0, 1) for x in BLOCK_NAMED},
+    **{f"block_2/{x}": None for x in BLOCK_NAMED},
+    "final_ln": "final_ln", "head": "head",
+}
+
+
+def _unnamed_block(i: int) -> list[str]:
+    """Leaf paths of the i-th unnamed TransformerBlock: Keras numbers every class globally."""
+    b = "transformer_block" + (f"_{i}" if i else "")
+    mha = "multi_head_attention" + (f"_{i}" if i else "")
+    ln_a, ln_b = ("layer_normalization" + (f"_{2 * i}" if i else "")), f"layer_normalization_{2 * i + 1}"
+    d_a, d_b = ("dense" + (f"_{2 * i}" if i else "")), f"dense_{2 * i + 1}"
+    return [f"{b}/{ln_a}", *[f"{b}/{mha}/{x}" for x in ("query", "key", "value", "attention_output")],
+            f"{b}/{ln_b}", f"{b}/{d_a}", f"{b}/{d_b}"]
+
+
+# transformer(2 -> 3, unnamed): the same correspondence; the final LayerNormalization and Dense are
+# numbered after the blocks, so their auto-generated names differ between the two programs.
+TRANSFORMER_UNNAMED: dict[str, str | None] = {
+    "embedding": "embedding", "position_embedding": "position_embedding",
+    **{p: p for i in (0, 1) for p in _unnamed_block(i)},
+    **{p: None for p in _unnamed_block(2)},
+    "layer_normalization_6": "layer_normalization_4", "dense_6": "dense_4",
+}
+
+
+def pairs() -> list[Pair]:
+    """All pairs, in the order they run."""
+    apps = [
+        Pair("vgg16-vgg19", "apps", app("VGG16", 32), app("VGG19", 32), by_name()),
+        Pair("resnet50-resnet101", "apps", app("ResNet50", 32), app("ResNet101", 32), by_name()),
+        Pair("resnet101-resnet152", "apps", app("ResNet101", 32), app("ResNet152", 32), by_name()),
+        Pair("resnet50v2-resnet101v2", "apps", app("ResNet50V2", 32), app("ResNet101V2", 32), by_name()),
+        Pair("densenet121-densenet169", "apps", app("DenseNet121", 32), app("DenseNet169", 32), by_name()),
+        Pair("densenet169-densenet201", "apps", app("DenseNet169", 32), app("DenseNet201", 32), by_name()),
+        Pair("efficientnetb0-b1", "apps", app("EfficientNetB0", 32), app("EfficientNetB1", 32), by_name()),
+        Pair("efficientnetb1-b2", "apps", app("EfficientNetB1", 32), app("EfficientNetB2", 32), by_name()),
+        Pair("efficientnetb2-b3", "apps", app("EfficientNetB2", 32), app("EfficientNetB3", 32), by_name()),
+        Pair("efficientnetv2b0-b1", "apps", app("EfficientNetV2B0", 32), app("EfficientNetV2B1", 32), by_name()),
+        Pair("efficientnetv2b1-b2", "apps", app("EfficientNetV2B1", 32), app("EfficientNetV2B2", 32), by_name()),
+        Pair("mobilenet-a0.5-a1.0", "apps", app("MobileNet", 32, alpha=0.5), app("MobileNet", 32, alpha=1.0),
+             by_name(), note="width: same names, other shapes"),
+        Pair("mobilenetv2-a1.0-a1.3", "apps", app("MobileNetV2", 32, alpha=1.0), app("MobileNetV2", 32, alpha=1.3),
+             by_name(), note="width"),
+        Pair("mobilenetv3small-minimalistic", "apps", app("MobileNetV3Small", 32),
+             app("MobileNetV3Small", 32, minimalistic=True), by_name(),
+             note="SE blocks removed, 5x5 kernels become 3x3"),
+        Pair("convnext-tiny-small", "apps", app("ConvNeXtTiny", 32), app("ConvNeXtSmall", 32),
+             by_name("convnext_tiny_", "convnext_small_"), note="model-name prefix on every layer"),
+        Pair("inceptionv3-newhead", "apps", app("InceptionV3", 75, include_top=True, classes=10),
+             new_head_flat("InceptionV3", 75, 5, "new_head"), by_name(extra={"new_head": "predictions"}),
+             note="10-class top -> new 5-class head (flat)"),
+        Pair("xception-newhead", "apps", app("Xception", 71, include_top=True, classes=10),
+             new_head_nested("Xception", 71, 5, "predictions"),
+             by_name(new_scope="xception", extra={"predictions": "predictions"}),
+             note="10-class top -> nested base + new 5-class head"),
+        Pair("mobilenetv2-unchanged", "unchanged", app("MobileNetV2", 32), app("MobileNetV2", 32), by_name(),
+             unchanged=True),
+    ]
+    synthetic = [
+        Pair("cnn-flat-to-nested-named", "refactor", call(cnn_flat, True), call(cnn_nested, True),
+             explicit({f"backbone/{p}": p for p in CNN_NAMED[:-1]} | {"fc": "fc"}),
+             note="flat functional -> backbone sub-model + head"),
+        Pair("cnn-flat-to-nested-unnamed", "refactor", call(cnn_flat, False), call(cnn_nested, False),
+             explicit({f"functional/{p}": p for p in CNN_UNNAMED[:-1]} | {"dense": "dense"}),
+             note="same, auto-generated names"),
+        Pair("sequential-to-functional-named", "refactor", call(cnn_sequential, True), call(cnn_flat, True),
+             explicit(identity_paths(CNN_NAMED))),
+        Pair("sequential-to-functional-unnamed", "refactor", call(cnn_sequential, False), call(cnn_flat, False),
+             explicit(identity_paths(CNN_UNNAMED))),
+        Pair("subclassed-list-3-to-5", "list-grow", call(dense_stack, 3), call(dense_stack, 5),
+             by_object(lambda new, old: [*zip(new.blocks[:3], old.blocks), (new.head, old.head)]),
+             note="self.blocks list grows at the end; TF format drops list-held layers"),
+        Pair("unnamed-dense-insert", "insert", call(mlp_insert, False), call(mlp_insert, True),
+             explicit({"dense": "dense", "batch_normalization": "batch_normalization", "dense_1": None,
+                       "dense_2": "dense_1", "dense_3": "dense_2", "dense_4": "dense_3"}),
+             note="Dense(32) inserted after BN; names shift by one"),
+        Pair("transformer-2-to-3-named", "transformer", call(transformer, 2, True), call(transformer, 3, True),
+             explicit(TRANSFORMER_NAMED), note="pre-LN blocks block_0.. grow at the end"),
+        Pair("transformer-2-to-3-unnamed", "transformer", call(transformer, 2, False),
+             call(transformer, 3, False), explicit(TRANSFORMER_UNNAMED), note="same, auto-generated names"),
+        Pair("tf-keras-to-keras3-named", "tf_keras", call(tf_keras_cnn, True), call(cnn_flat, True),
+             explicit(identity_paths(CNN_NAMED)), framework="tf_keras"),
+        Pair("tf-keras-to-keras3-unnamed", "tf_keras", call(tf_keras_cnn, False), call(cnn_flat, False),
+             explicit(identity_paths(CNN_UNNAMED)), framework="tf_keras"),
+        Pair("subclassed-unchanged", "unchanged", call(tower), call(tower),
+             explicit(identity_paths(["tower", "stem", "stem_bn", "res/conv_a", "res/bn_a", "res/conv_b", "head"])),
+             unchanged=True),
+        Pair("layers-into-custom-layer", "move", call(moved, False), call(moved, True),
+             explicit({"d1": "d1", "block/bn": "bn", "block/d2": "d2", "out": "out"})),
+        Pair("layers-out-of-custom-layer", "move", call(moved, True), call(moved, False),
+             explicit({"d1": "d1", "bn": "block/bn", "d2": "block/d2", "out": "out"})),
+    ]
+    return apps + synthetic
+
+
+# =============================================================================== building and saving
+
+
+def clear_sessions(framework: str) -> None:
+    """What a fresh program starts with: auto-generated layer names restart."""
+    import keras
+
+    keras.backend.clear_session()
+    if framework == "tf_keras":
+        import tf_keras
+
+        tf_keras.backend.clear_session()
+
+
+def np_dtype(variable: Any) -> Any:
+    import numpy as np
+
+    return np.dtype(getattr(variable.dtype, "as_numpy_dtype", variable.dtype))
+
+
+def shape_of(variable: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in variable.shape)
+
+
+def value_of(variable: Any) -> Any:
+    import numpy as np
+
+    return np.array(variable.numpy(), copy=True)
+
+
+def randomise(labelled: list[tuple[str, Any]], seed: int) -> dict[str, str]:
+    """Give every variable seeded random values, all distinct; return value digest -> label."""
+    import numpy as np
+
+    by_digest: dict[str, str] = {}
+    for i, (label, v) in enumerate(labelled):
+        rng = np.random.default_rng([seed, i])
+        dtype, shape = np_dtype(v), shape_of(v)
+        if dtype.kind == "f":
+            value = rng.standard_normal(shape).astype(dtype)
+        else:
+            value = rng.integers(1, 1 << 20, size=shape).astype(dtype)
+        v.assign(value)
+        d = digest(value_of(v))
+        if d in by_digest:
+            raise RuntimeError(f"old variables {by_digest[d]} and {label} have equal values; pick another seed")
+        by_digest[d] = label
+    return by_digest
+
+
+def save(old: Model, framework: str, formats: tuple[str, ...], workdir: Path) -> dict[str, str]:
+    """Save the old model in each format; return format -> path."""
+    import tensorflow as tf
+
+    files: dict[str, str] = {}
+    for fmt in formats:
+        if fmt == "tf":
+            files[fmt] = str(workdir / "tf" / "ckpt")
+            tf.train.Checkpoint(model=old).write(files[fmt])
+        elif fmt == "tf-keras":
+            files[fmt] = str(workdir / "tf-keras" / "ckpt")
+            old.save_weights(files[fmt])  # tf-keras: TF format for a path without .h5
+        elif fmt == "h5":
+            files[fmt] = str(workdir / ("old.h5" if framework == "tf_keras" else "old.weights.h5"))
+            old.save_weights(files[fmt])
+    return files
+
+
+def file_digests(fmt: str, path: str) -> set[str]:
+    """Digests of every tensor the file holds, read without regraft (TensorFlow's reader, h5py)."""
+    import h5py
+    import numpy as np
+    import tensorflow as tf
+
+    out: set[str] = set()
+    if fmt in ("tf", "tf-keras"):
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            value = np.asarray(reader.get_tensor(name))
+            if value.dtype != object:
+                out.add(digest(value))
+    else:
+        with h5py.File(path, "r") as f:
+            def visit(_: str, obj: Any) -> None:
+                if isinstance(obj, h5py.Dataset) and obj.dtype.kind != "O":
+                    out.add(digest(np.asarray(obj[()])))
+
+            f.visititems(visit)
+    return out
+
+
+# =============================================================================== scoring
+
+
+@dataclass
+class Target:
+    """One new variable, its fresh value and its hand-written expected source."""
+
+    label: str
+    variable: Any
+    shape: tuple[int, ...]
+    fresh: Any
+    fresh_digest: str
+    expected: str | None = None  # old variable label
+    expected_digest: str | None = None
+    expected_shape: tuple[int, ...] | None = None
+
+
+@dataclass
+class Prepared:
+    """A pair ready to run: the saved old model (by value) and the built new model."""
+
+    pair: Pair
+    new: Model
+    targets: list[Target]
+    old_labels: dict[str, str]  # value digest -> old variable label
+    files: dict[str, str]
+    old_variables: int
+    build_seconds: float
+
+
+@dataclass
+class ValueScore:
+    """A loaded model judged by value."""
+
+    recovered: int = 0
+    wrong: int = 0
+    confirm: int = 0
+    missed: int = 0
+    fresh: int = 0
+    wrong_variables: list[dict[str, str]] = field(default_factory=list)
+    missed_variables: list[str] = field(default_factory=list)
+    confirm_variables: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Case:
+    """One (pair, format): counts from the fresh-mode load, the strict load and the plan's decisions."""
+
+    pair: str
+    group: str
+    format: str
+    note: str
+    new_variables: int = 0
+    eligible: int = 0  # expected source in the file, same shape
+    mismatch: int = 0  # expected source in the file, another shape
+    absent: int = 0  # expected source not in this file at all
+    new_layer_variables: int = 0  # no expected source
+    old_variables: int = 0
+    old_absent: list[str] = field(default_factory=list)  # old variables this format does not hold
+    fresh: ValueScore | None = None
+    statuses: dict[str, int] = field(default_factory=dict)
+    decisions: int = 0
+    decisions_right: int = 0
+    decisions_wrong: int = 0
+    wrong_decisions: list[dict[str, Any]] = field(default_factory=list)
+    calibration: dict[str, dict[str, int]] = field(default_factory=dict)  # confidence -> counts
+    strict: str = ""  # loaded | refused | error
+    strict_problems: int = 0
+    strict_score: ValueScore | None = None
+    refused_but_changed: int = 0
+    errors: list[str] = field(default_factory=list)
+    plan_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def wrong(self) -> int:
+        """Every WRONG of this case: values (both loads) and decisions."""
+        return ((self.fresh.wrong if self.fresh else 0) + (self.strict_score.wrong if self.strict_score else 0)
+                + self.refused_but_changed + self.decisions_wrong)
+
+
+def category(t: Target, in_file: set[str]) -> str:
+    if t.expected is None:
+        return NEW
+    if t.expected_digest not in in_file:
+        return ABSENT
+    return ELIGIBLE if t.expected_shape == t.shape else MISMATCH
+
+
+def left_to_confirm(assignment: Any) -> bool:
+    """The plan left this variable fresh for the user to confirm (``accept_order=True``)."""
+    return assignment is not None and (getattr(assignment, "status", "") == "unconfirmed"
+                                       or bool(getattr(assignment, "confirm", False)))
+
+
+def score_values(targets: list[Target], categories: dict[int, str], old_labels: dict[str, str],
+                 assignments: dict[int, Any]) -> ValueScore:
+    """Judge every new variable by its value (see the module docstring)."""
+    score = ValueScore()
+    for t in targets:
+        d = digest(value_of(t.variable))
+        cat = categories[id(t.variable)]
+        if t.expected_digest is not None and d == t.expected_digest:
+            score.recovered += 1
+            continue
+        holds = old_labels.get(d)
+        if holds is not None or d != t.fresh_digest:
+            score.wrong += 1
+            score.wrong_variables.append({"variable": t.label, "expected": str(t.expected),
+                                          "holds": holds or "a value that is neither fresh nor an old tensor"})
+            continue
+        score.fresh += 1
+        if cat == ELIGIBLE:
+            if left_to_confirm(assignments.get(id(t.variable))):
+                score.confirm += 1
+                score.confirm_variables.append(t.label)
+            else:
+                score.missed += 1
+                score.missed_variables.append(t.label)
+    return score
+
+
+def reset(targets: list[Target]) -> None:
+    for t in targets:
+        t.variable.assign(t.fresh)
+
+
+def unchanged(targets: list[Target]) -> int:
+    """How many variables differ from their fresh value."""
+    return sum(1 for t in targets if digest(value_of(t.variable)) != t.fresh_digest)
+
+
+def conf_key(confidence: float | None) -> str:
+    return "none" if confidence is None else f"{confidence:g}"
+
+
+def error_text(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
+
+
+def prepare(pair: Pair, formats: tuple[str, ...], seed: int, workdir: Path) -> Prepared:
+    """Build, randomise and save the old model; build the new one; resolve the ground truth by object."""
+    start = time.perf_counter()
+    clear_sessions(pair.framework)
+    old = pair.build_old()
+    old_labelled = labelled_variables(old)
+    old_labels = randomise(old_labelled, seed)
+    files = save(old, pair.framework, formats, workdir)
+    clear_sessions("keras")
+    new = pair.build_new()
+
+    expected: dict[int, Any] = {}
+    for new_layer, old_layer in pair.expect(new, old):
+        if old_layer is None:
+            continue
+        for nv, ov in corresponding_variables(new_layer, old_layer):
+            if id(nv) in expected and expected[id(nv)] is not ov:
+                raise RuntimeError(f"ground truth of {pair.name}: a new variable has two expected sources")
+            expected[id(nv)] = ov
+    taken = Counter(id(ov) for ov in expected.values())
+    if taken and max(taken.values()) > 1:
+        raise RuntimeError(f"ground truth of {pair.name}: an old variable is expected by two new variables")
+    old_by_id = {id(v): (label, v) for label, v in old_labelled}
+    targets = []
+    for label, v in labelled_variables(new):
+        fresh = value_of(v)
+        t = Target(label, v, shape_of(v), fresh, digest(fresh))
+        if id(v) in expected:
+            old_label, ov = old_by_id[id(expected[id(v)])]
+            t.expected, t.expected_digest, t.expected_shape = old_label, digest(value_of(ov)), shape_of(ov)
+        targets.append(t)
+    return Prepared(pair, new, targets, old_labels, files, len(old_labelled), time.perf_counter() - start)
+
+
+def run_case(prep: Prepared, fmt: str) -> Case:
+    """Score one saved format of one pair: decisions, the fresh-mode load, the strict load."""
+    import regraft
+    from regraft.errors import LoadError
+
+    start = time.perf_counter()
+    pair, new, targets, path = prep.pair, prep.new, prep.targets, prep.files[fmt]
+    case = Case(pair.name, pair.group, fmt, pair.note, new_variables=len(targets), old_variables=prep.old_variables)
+    in_file = file_digests(fmt, path)
+    case.old_absent = sorted(label for d, label in prep.old_labels.items() if d not in in_file)
+    categories = {id(t.variable): category(t, in_file) for t in targets}
+    counts = Counter(categories.values())
+    case.eligible, case.mismatch, case.absent, case.new_layer_variables = (
+        counts[ELIGIBLE], counts[MISMATCH], counts[ABSENT], counts[NEW])
+    by_id = {id(t.variable): t for t in targets}
+
+    # Decisions: what the plan chose, identified by the value of the tensor it names.
+    try:
+        with regraft.open(path) as source:
+            t0 = time.perf_counter()
+            plan = regraft.plan(new, source, reshape="fresh")
+            case.plan_seconds = time.perf_counter() - t0
+            read: dict[str, str | None] = {}
+            calibration: dict[str, Counter[str]] = defaultdict(Counter)
+            for a in plan.assignments:
+                if a.source is None:
+                    continue
+                if a.source.key not in read:
+                    read[a.source.key] = prep.old_labels.get(digest(source.read(a.source.key)))
+                holds = read[a.source.key]
+                t = by_id.get(id(a.target.variable))
+                expected = t.expected if t is not None else None
+                right = holds is not None and holds == expected
+                case.decisions += 1
+                c = calibration[conf_key(a.confidence)]
+                c["decisions"] += 1
+                c["right" if right else "wrong"] += 1
+                c[f"status:{a.status}"] += 1
+                if right:
+                    case.decisions_right += 1
+                else:
+                    case.decisions_wrong += 1
+                    case.wrong_decisions.append({
+                        "variable": t.label if t else a.target.key, "status": a.status, "stage": a.stage,
+                        "confidence": a.confidence, "source": a.source.key, "holds": holds or "no old tensor",
+                        "expected": expected, "reason": a.reason})
+            case.calibration = {k: dict(v) for k, v in calibration.items()}
+    except Exception as exc:  # noqa: BLE001 - the benchmark records any failure
+        case.errors.append(f"plan: {error_text(exc)}")
+
+    # Fresh mode: load what matches, leave shape mismatches fresh; judge every variable by value.
+    reset(targets)
+    try:
+        report = regraft.load(new, path, strict=False, reshape="fresh")
+        assignments = {id(a.target.variable): a for a in report.plan.assignments}
+        case.statuses = dict(Counter(a.status for a in report.plan.assignments))
+        case.fresh = score_values(targets, categories, prep.old_labels, assignments)
+    except Exception as exc:  # noqa: BLE001
+        case.errors.append(f"load(strict=False): {error_text(exc)}")
+
+    # Strict mode (the default): refuses, or loads and is judged the same way.
+    try:
+        case.strict_problems = len(regraft.plan(new, path).problems())
+    except Exception as exc:  # noqa: BLE001
+        case.errors.append(f"plan(strict problems): {error_text(exc)}")
+    reset(targets)
+    try:
+        report = regraft.load(new, path)
+        case.strict = "loaded"
+        assignments = {id(a.target.variable): a for a in report.plan.assignments}
+        case.strict_score = score_values(targets, categories, prep.old_labels, assignments)
+    except LoadError:
+        case.strict = "refused"
+        case.refused_but_changed = unchanged(targets)  # a refused load must not touch the model
+    except Exception as exc:  # noqa: BLE001
+        case.strict = "error"
+        case.errors.append(f"load(strict=True): {error_text(exc)}")
+    reset(targets)
+    case.seconds = time.perf_counter() - start
+    return case
+
+
+def run_pair(pair: Pair, formats: tuple[str, ...] | None = None, seed: int = 0, workdir: Path | None = None,
+             log: TextIO = sys.stderr) -> list[Case]:
+    """Every applicable format of one pair (``formats`` filters them); files go to ``workdir`` or a temp dir."""
+    fmts = tuple(f for f in pair.formats if formats is None or f in formats)
+    if not fmts:
+        return []
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.mkdtemp(prefix=f"bench_zoo_{pair.name}_")
+        where = Path(tmp)
+    else:
+        where = workdir / pair.name
+        where.mkdir(parents=True, exist_ok=True)
+    try:
+        with quiet(log):
+            prep = prepare(pair, fmts, seed, where)
+        say(log, f"   built and saved in {prep.build_seconds:.1f} s: {prep.old_variables} old variables, "
+                 f"{len(prep.targets)} new ({', '.join(fmts)})")
+        cases = []
+        for fmt in fmts:
+            with quiet(log):
+                case = run_case(prep, fmt)
+            cases.append(case)
+            say(log, "   " + progress_line(case))
+        return cases
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# =============================================================================== output
+
+
+def say(out: TextIO, text: str = "") -> None:
+    print(text, file=out, flush=True)
+
+
+def progress_line(c: Case) -> str:
+    f = c.fresh
+    parts = [f"{c.format:8} {c.eligible} eligible"]
+    if f is not None:
+        parts.append(f"{f.recovered} recovered, {f.wrong} wrong, {f.confirm} confirm, {f.missed} missed")
+    parts.append(f"{c.mismatch} mismatch, {c.absent} absent")
+    parts.append(f"decisions {c.decisions_right}/{c.decisions} right")
+    parts.append(f"strict {c.strict} ({c.strict_problems} problems)")
+    text = "; ".join(parts) + f" [{c.seconds:.1f} s]"
+    if c.errors:
+        text += " ERRORS: " + " | ".join(c.errors)
+    return text
+
+
+HEADER = ("pair", "format", "vars", "eligible", "recovered", "wrong", "confirm", "missed", "mismatch", "absent",
+          "dec.right", "dec.wrong", "strict", "problems", "strict.rec", "strict.wrong")
+
+
+def counts(c: Case) -> dict[str, int]:
+    """The numeric columns of one case (strict.rec / strict.wrong: the strict load, when it loaded)."""
+    f, s = c.fresh or ValueScore(), c.strict_score
+    return {"vars": c.new_variables, "eligible": c.eligible, "recovered": f.recovered, "wrong": f.wrong,
+            "confirm": f.confirm, "missed": f.missed, "mismatch": c.mismatch, "absent": c.absent,
+            "dec.right": c.decisions_right, "dec.wrong": c.decisions_wrong, "problems": c.strict_problems,
+            "strict.rec": s.recovered if s else 0, "strict.wrong": (s.wrong if s else 0) + c.refused_but_changed}
+
+
+def cells(name: str, fmt: str, n: dict[str, int], strict: str, fresh_ok: bool = True) -> tuple[str, ...]:
+    def get(col: str) -> str:
+        if col == "recovered":
+            return f"{n[col]} ({pct(n[col], n['eligible'])})" if fresh_ok else "ERROR"
+        if col == "strict.rec" and strict in ("refused", "error", "-"):
+            return "-"
+        return str(n[col])
+
+    return (name, fmt, *(get(h) for h in HEADER[2:12]), strict, get("problems"), get("strict.rec"),
+            get("strict.wrong"))
+
+
+def table(cases: list[Case]) -> str:
+    rows = [cells(c.pair, c.format, counts(c), c.strict or "-", c.fresh is not None) for c in cases]
+    total = {k: sum(counts(c)[k] for c in cases) for k in counts(cases[0])} if cases else dict.fromkeys(HEADER[2:], 0)
+    loaded = sum(1 for c in cases if c.strict == "loaded")
+    rows.append(cells("TOTAL", f"{len(cases)} cases", total, f"{loaded} loaded"))
+    return render(rows, HEADER)
+
+
+def render(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    rule = tuple("-" * w for w in widths)
+    lines = [header, rule, *rows]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in lines)
+
+
+def merged_calibration(cases: list[Case]) -> dict[str, dict[str, int]]:
+    merged: dict[str, Counter[str]] = defaultdict(Counter)
+    for c in cases:
+        for conf, counts in c.calibration.items():
+            merged[conf].update(counts)
+    return {k: dict(merged[k]) for k in sorted(merged, key=lambda k: (k == "none", -float(k) if k != "none" else 0))}
+
+
+def calibration_table(cases: list[Case]) -> str:
+    rows = []
+    for conf, c in merged_calibration(cases).items():
+        statuses = ", ".join(f"{k[len('status:'):]} {v}" for k, v in sorted(c.items()) if k.startswith("status:"))
+        rows.append((conf, str(c.get("decisions", 0)), str(c.get("right", 0)), str(c.get("wrong", 0)),
+                     pct(c.get("right", 0), c.get("decisions", 0)), statuses))
+    return render(rows, ("confidence", "decisions", "right", "wrong", "right %", "plan statuses"))
+
+
+def details(cases: list[Case], limit: int = 8) -> list[str]:
+    """Every case's WRONG values and decisions, missed variables and errors, ``limit`` names each."""
+    lines = []
+
+    def some(items: list[str]) -> str:
+        return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+    for c in cases:
+        name = f"{c.pair} [{c.format}]"
+        for err in c.errors:
+            lines.append(f"ERROR    {name}: {err}")
+        for label, score in (("fresh", c.fresh), ("strict", c.strict_score)):
+            if score and score.wrong:
+                lines.append(f"WRONG    {name} {label} load, {score.wrong} variables: "
+                             + some([f"{w['variable']} <- {w['holds']} (expected {w['expected']})"
+                                     for w in score.wrong_variables]))
+        if c.refused_but_changed:
+            lines.append(f"WRONG    {name}: strict load refused but changed {c.refused_but_changed} variables")
+        if c.decisions_wrong:
+            lines.append(f"WRONG    {name} decisions, {c.decisions_wrong}: "
+                         + some([f"{w['variable']} <- {w['holds']} (expected {w['expected']}; {w['status']}, "
+                                 f"{w['stage']}@{w['confidence']})" for w in c.wrong_decisions]))
+        if c.fresh and c.fresh.missed:
+            lines.append(f"missed   {name}, {c.fresh.missed}: {some(c.fresh.missed_variables)}")
+        if c.fresh and c.fresh.confirm:
+            lines.append(f"confirm  {name}, {c.fresh.confirm}: {some(c.fresh.confirm_variables)}")
+        if c.old_absent:
+            lines.append(f"absent   {name}: the file lacks {len(c.old_absent)} of {c.old_variables} old variables: "
+                         f"{some(c.old_absent)}")
+    return lines
+
+
+# =============================================================================== command line
+
+
+def unchanged_failures(cases: list[Case], by_name: dict[str, Pair]) -> list[str]:
+    """An unchanged architecture must load 100%, with strict=True and no problems, in every format."""
+    out = []
+    for c in cases:
+        if not by_name[c.pair].unchanged:
+            continue
+        name = f"{c.pair} [{c.format}]"
+        if c.fresh is None or c.fresh.recovered != c.new_variables or c.eligible != c.new_variables:
+            out.append(f"{name}: recovered {c.fresh.recovered if c.fresh else 0} of {c.new_variables} variables")
+        if c.strict != "loaded" or c.strict_problems:
+            out.append(f"{name}: strict load {c.strict or 'not run'} with {c.strict_problems} problems")
+        elif c.strict_score is None or c.strict_score.recovered != c.new_variables:
+            out.append(f"{name}: strict load recovered {c.strict_score.recovered if c.strict_score else 0} "
+                       f"of {c.new_variables} variables")
+    return out
+
+
+def label(builder: Callable[[], Model]) -> str:
+    return str(getattr(builder, "label", getattr(builder, "__name__", "?")))
+
+
+def select(all_pairs: list[Pair], only: str | None) -> list[Pair]:
+    if not only:
+        return all_pairs
+    needles = [s.strip().lower() for s in only.split(",") if s.strip()]
+    return [p for p in all_pairs if any(n in p.name.lower() or n == p.group for n in needles)]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Which old tensor does each new variable get? regraft on a zoo of old -> new model pairs, "
+        "judged by tensor values against hand-written ground truth.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--only", default=None,
+                        help="comma-separated substrings of pair names (or group names) to run; see --list")
+    parser.add_argument("--formats", default=",".join(ALL_FORMATS),
+                        help="comma-separated formats: tf, tf-keras (tf-keras old models only), h5")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the old models' random values")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="write the results as JSON to PATH ('-': stdout, the tables then go to stderr)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="write the checkpoints here and keep them (default: a temporary directory per pair)")
+    parser.add_argument("--list", action="store_true", help="list the pairs and exit")
+    args = parser.parse_args(argv)
+    args.format_list = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    for f in args.format_list:
+        if f not in ALL_FORMATS:
+            parser.error(f"unknown format {f!r}; choose from {', '.join(ALL_FORMATS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    chosen = select(pairs(), args.only)
+    if args.list:
+        for p in chosen:
+            print(f"{p.name:34} {p.group:11} {p.framework:8} {','.join(p.formats):14} "
+                  f"{label(p.build_old)} -> {label(p.build_new)}"
+                  + (f"  ({p.note})" if p.note else ""))
+        return 0
+    if not chosen:
+        print(f"no pair matches --only {args.only!r}; see --list", file=sys.stderr)
+        return 2
+    out: TextIO = sys.stderr if args.json == "-" else sys.stdout
+    err: TextIO = sys.stderr
+
+    import keras
+    import regraft
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    started = time.perf_counter()
+    say(err, f"command: {shlex.join([sys.executable, *sys.argv])}")
+    say(err, f"python {platform.python_version()}, tensorflow {tf.__version__}, keras {keras.__version__}, "
+             f"regraft {regraft.__version__} ({Path(regraft.__file__).parent}); {len(chosen)} pairs, "
+             f"formats {','.join(args.format_list)}, seed {args.seed}")
+    cases: list[Case] = []
+    failed_pairs: dict[str, str] = {}
+    for i, pair in enumerate(chosen, 1):
+        say(err, f"[{i}/{len(chosen)}] {pair.name} ({pair.group}{', ' + pair.note if pair.note else ''})")
+        try:
+            cases += run_pair(pair, args.format_list, args.seed, args.workdir, err)
+        except Exception as exc:  # noqa: BLE001 - a broken pair must not hide the others
+            failed_pairs[pair.name] = error_text(exc)
+            say(err, f"   PAIR FAILED: {error_text(exc)}")
+    seconds = time.perf_counter() - started
+
+    say(out)
+    say(out, table(cases))
+    say(out)
+    say(out, "Confidence calibration (decisions of regraft.plan(..., reshape='fresh') judged by value, all cases):")
+    say(out, calibration_table(cases))
+    lines = details(cases)
+    if lines or failed_pairs:
+        say(out)
+        for name, text in failed_pairs.items():
+            say(out, f"PAIR FAILED {name}: {text}")
+        for line in lines:
+            say(out, line)
+    not_full = unchanged_failures(cases, {p.name: p for p in chosen})
+    for line in not_full:
+        say(out, f"UNCHANGED {line}")
+    wrong = sum(c.wrong for c in cases)
+    errors = sum(len(c.errors) for c in cases) + len(failed_pairs)
+    failed = bool(wrong or errors or not_full)
+    say(out)
+    say(out, f"{'FAILED' if failed else 'OK'}: {wrong} wrong (values and decisions), {errors} errors, "
+             f"{len(not_full)} unchanged-architecture failures, in {len(cases)} cases of {len(chosen)} pairs; "
+             f"{seconds:.0f} s")
+    if args.json:
+        payload = {
+            "command": [sys.executable, *sys.argv],
+            "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
+                         "keras": keras.__version__, "regraft": regraft.__version__},
+            "seed": args.seed,
+            "formats": list(args.format_list),
+            "seconds": seconds,
+            "cases": [{**asdict(c), "wrong_total": c.wrong} for c in cases],
+            "calibration": merged_calibration(cases),
+            "failed_pairs": failed_pairs,
+            "wrong": wrong,
+            "errors": errors,
+            "unchanged_failures": not_full,
+            "ok": not failed,
+        }
+        if args.json == "-":
+            json.dump(payload, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

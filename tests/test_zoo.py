@@ -1,0 +1,172 @@
+"""A fast subset of bench/bench_zoo.py: small synthetic old -> new pairs, every format, judged by value.
+
+The pairs, their hand-written ground truth and the scoring all come from the benchmark
+itself (imported from its file), so the test and the benchmark cannot drift apart.
+
+Two kinds of assertions:
+
+* must hold now: nothing is ever WRONG (no variable holds another tensor, no decision
+  names another tensor, a refused load leaves the model untouched), and an unchanged
+  architecture loads 100% with ``strict=True`` and no problems;
+* full recovery of the refactor / insert / tf-keras pairs: every eligible variable
+  is either recovered or left for the user to confirm.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("keras")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_zoo.py"
+
+
+def _load_bench():
+    if "bench_zoo" in sys.modules:
+        return sys.modules["bench_zoo"]
+    spec = importlib.util.spec_from_file_location("bench_zoo", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_zoo"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+zoo = _load_bench()
+
+# name -> what it covers
+FAST = {
+    "cnn-flat-to-nested-named": "refactor: flat functional -> nested backbone, named layers",
+    "cnn-flat-to-nested-unnamed": "refactor: the same with auto-generated names",
+    "sequential-to-functional-unnamed": "refactor: Sequential -> functional, auto-generated names",
+    "unnamed-dense-insert": "insert: one Dense inserted, names shift by one",
+    "subclassed-list-3-to-5": "list-held layers grow; TF format drops them (absent)",
+    "tf-keras-to-keras3-named": "tf.keras -> Keras 3, all three tf-keras formats",
+    "tf-keras-to-keras3-unnamed": "tf.keras -> Keras 3, auto-generated names",
+    "transformer-2-to-3-unnamed": "blocks added, auto-generated names: order-only pairings (confirm)",
+    "layers-into-custom-layer": "refactor: layers moved into a custom layer",
+    "layers-out-of-custom-layer": "refactor: layers moved out of a custom layer",
+    "subclassed-unchanged": "unchanged subclassed model",
+}
+RECOVERY_PAIRS = [
+    "cnn-flat-to-nested-named", "cnn-flat-to-nested-unnamed", "sequential-to-functional-unnamed",
+    "unnamed-dense-insert", "tf-keras-to-keras3-named", "tf-keras-to-keras3-unnamed",
+    "transformer-2-to-3-unnamed", "layers-into-custom-layer", "layers-out-of-custom-layer",
+]
+PAIRS = {p.name: p for p in zoo.pairs()}
+
+
+def _case_id(case) -> str:
+    return f"{case.pair}[{case.format}]"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each fast pair prepared once (old saved in every format, new built) and scored in every format."""
+    if any(PAIRS[name].framework == "tf_keras" for name in FAST):
+        pytest.importorskip("tf_keras")
+    out = {}
+    for name in FAST:
+        pair = PAIRS[name]
+        with zoo.quiet(sys.stderr):
+            prep = zoo.prepare(pair, pair.formats, 0, tmp_path_factory.mktemp(name))
+            cases = [zoo.run_case(prep, fmt) for fmt in pair.formats]
+        out[name] = (prep, cases)
+    return out
+
+
+def test_the_zoo_has_enough_distinct_pairs_with_every_format():
+    pairs = zoo.pairs()
+    assert len(pairs) >= 24
+    assert len({p.name for p in pairs}) == len(pairs)
+    assert {f for p in pairs for f in p.formats} == set(zoo.ALL_FORMATS)
+    assert set(FAST) <= set(PAIRS)
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_nothing_is_ever_wrong(runs, name):
+    _, cases = runs[name]
+    assert [c.format for c in cases] == list(PAIRS[name].formats)
+    for c in cases:
+        assert not c.errors, _case_id(c)
+        assert c.fresh is not None and c.fresh.wrong == 0, (_case_id(c), c.fresh and c.fresh.wrong_variables)
+        assert c.decisions_wrong == 0, (_case_id(c), c.wrong_decisions)
+        assert c.refused_but_changed == 0, _case_id(c)
+        if c.strict == "loaded":
+            assert c.strict_score.wrong == 0, (_case_id(c), c.strict_score.wrong_variables)
+        assert c.strict in ("loaded", "refused"), _case_id(c)
+
+
+def test_unchanged_model_loads_fully_and_strictly(runs):
+    _, cases = runs["subclassed-unchanged"]
+    assert zoo.unchanged_failures(cases, PAIRS) == []
+    for c in cases:
+        assert c.eligible == c.new_variables == c.old_variables, _case_id(c)
+        assert c.fresh.recovered == c.eligible, (_case_id(c), c.fresh.missed_variables)
+        assert c.strict == "loaded" and c.strict_problems == 0, _case_id(c)
+        assert c.strict_score.recovered == c.eligible, _case_id(c)
+        assert c.decisions == c.decisions_right == c.eligible, _case_id(c)
+
+
+def test_list_held_layers_are_absent_from_the_tf_checkpoint_only(runs):
+    _, cases = runs["subclassed-list-3-to-5"]
+    by_format = {c.format: c for c in cases}
+    assert by_format["tf"].absent == 6 and len(by_format["tf"].old_absent) == 6  # blocks[0..2]: kernel, bias
+    assert by_format["h5"].absent == 0 and by_format["h5"].eligible == 8
+
+
+@pytest.mark.parametrize("name", RECOVERY_PAIRS)
+def test_refactored_models_recover_every_eligible_variable(runs, name):
+    _, cases = runs[name]
+    for c in cases:
+        assert c.fresh.missed == 0, (_case_id(c), c.fresh.missed_variables)
+        assert c.fresh.recovered + c.fresh.confirm == c.eligible, _case_id(c)
+
+
+def test_the_harness_sees_wrong_and_missed_values(runs):
+    """The scoring itself: another old tensor is WRONG, any changed value is WRONG, fresh eligible is missed."""
+    import numpy as np
+
+    prep, _ = runs["cnn-flat-to-nested-named"]
+    targets = prep.targets
+    categories = {id(t.variable): zoo.ELIGIBLE for t in targets}
+    kernel = next(t for t in targets if t.expected == "conv1/kernel")
+    bias = next(t for t in targets if t.expected == "conv1/bias")
+    values = _old_values(prep)
+    try:
+        for t in targets:
+            if t is not kernel:  # conv1/kernel stays fresh
+                t.variable.assign(values[t.expected])
+        bias.variable.assign(values["bn1/beta"])  # another old tensor of the same shape, (8,)
+        score = zoo.score_values(targets, categories, prep.old_labels, {})
+        assert score.wrong == 1 and score.wrong_variables[0]["holds"] == "bn1/beta"
+        assert score.missed == 1 and score.missed_variables == [kernel.label]
+        assert score.recovered == len(targets) - 2
+        bias.variable.assign(np.full(bias.shape, 3.0, "float32"))  # neither fresh nor an old tensor
+        assert zoo.score_values(targets, categories, prep.old_labels, {}).wrong == 1
+        kernel.variable.assign(values["conv1/kernel"])
+        assert zoo.score_values(targets, categories, prep.old_labels, {}).missed == 0
+    finally:
+        zoo.reset(targets)
+
+
+def _old_values(prep):
+    """Old tensors by label, read back from the h5 file of the prepared pair."""
+    import h5py
+    import numpy as np
+
+    out = {}
+    with h5py.File(prep.files["h5"], "r") as f:
+        def visit(_, obj):
+            if isinstance(obj, h5py.Dataset):
+                value = np.asarray(obj[()])
+                label = prep.old_labels.get(zoo.digest(value))
+                if label is not None:
+                    out[label] = value
+
+        f.visititems(visit)
+    return out
