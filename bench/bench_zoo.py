@@ -385,10 +385,14 @@ def dense_stack(depth: int) -> Model:
     return model
 
 
-def mlp_insert(inserted: bool) -> Model:
-    """Unnamed Dense layers; the new model has a Dense(32) inserted after the BatchNormalization."""
-    import keras
-    from keras import layers
+def mlp_insert(inserted: bool, k: Any = None) -> Model:
+    """Unnamed Dense layers; the new model has a Dense(32) inserted after the BatchNormalization.
+
+    ``k`` is the Keras library to build with (Keras 3 by default, or ``tf_keras``).
+    """
+    if k is None:
+        import keras as k
+    keras, layers = k, k.layers
 
     inputs = keras.Input((8,))
     x = layers.Dense(32, activation="relu")(inputs)
@@ -434,6 +438,29 @@ def moved(into_custom: bool) -> Model:
     else:
         x = layers.Dense(12, name="d2")(layers.BatchNormalization(name="bn")(x))
     return keras.Model(inputs, layers.Dense(3, name="out")(x))
+
+
+def alike_stack(n_hidden: int, insert_at: int | None = None, k: Any = None) -> Model:
+    """Unnamed Dense(8) layers and a Dense(2) head; ``insert_at`` puts one more Dense(8) at that position."""
+    if k is None:
+        import keras as k
+    inputs = k.Input((8,))
+    x = inputs
+    for i in range(n_hidden + (insert_at is not None)):
+        x = k.layers.Dense(8)(x)
+    return k.Model(inputs, k.layers.Dense(2)(x))
+
+
+def tf_keras_mlp_insert() -> Model:
+    import tf_keras
+
+    return mlp_insert(False, tf_keras)
+
+
+def tf_keras_alike_stack() -> Model:
+    import tf_keras
+
+    return alike_stack(3, None, tf_keras)
 
 
 def tf_keras_cnn(named: bool) -> Model:
@@ -600,6 +627,14 @@ def pairs() -> list[Pair]:
              explicit(identity_paths(CNN_NAMED)), framework="tf_keras"),
         Pair("tf-keras-to-keras3-unnamed", "tf_keras", call(tf_keras_cnn, False), call(cnn_flat, False),
              explicit(identity_paths(CNN_UNNAMED)), framework="tf_keras"),
+        Pair("tf-keras-unnamed-insert", "tf_keras", tf_keras_mlp_insert, call(mlp_insert, True),
+             explicit({"dense": "dense", "batch_normalization": "batch_normalization", "dense_1": None,
+                       "dense_2": "dense_1", "dense_3": "dense_2", "dense_4": "dense_3"}),
+             framework="tf_keras", note="tf.keras -> Keras 3 with a Dense inserted; names shift by one"),
+        Pair("tf-keras-alike-insert", "tf_keras", tf_keras_alike_stack, call(alike_stack, 3, 1),
+             explicit({"dense": "dense", "dense_1": None, "dense_2": "dense_1", "dense_3": "dense_2",
+                       "dense_4": "dense_3"}),
+             framework="tf_keras", note="one alike Dense(8) inserted second: only the user knows where"),
         Pair("subclassed-unchanged", "unchanged", call(tower), call(tower),
              explicit(identity_paths(["tower", "stem", "stem_bn", "res/conv_a", "res/bn_a", "res/conv_b", "head"])),
              unchanged=True),
@@ -766,6 +801,7 @@ class Case:
     decisions: int = 0
     decisions_right: int = 0
     decisions_wrong: int = 0
+    proposals_wrong: int = 0  # unconfirmed proposals (never loaded unless accept_order) naming another tensor
     wrong_decisions: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, dict[str, int]] = field(default_factory=dict)  # confidence -> counts
     strict: str = ""  # loaded | refused | error
@@ -917,6 +953,8 @@ def run_case(prep: Prepared, fmt: str) -> Case:
                 c[f"status:{a.status}"] += 1
                 if right:
                     case.decisions_right += 1
+                elif left_to_confirm(a):
+                    case.proposals_wrong += 1  # the user is asked; a wrong guess here loads nothing
                 else:
                     case.decisions_wrong += 1
                     case.wrong_decisions.append({
@@ -1011,7 +1049,7 @@ def progress_line(c: Case) -> str:
 
 
 HEADER = ("pair", "format", "vars", "eligible", "recovered", "wrong", "confirm", "missed", "mismatch", "absent",
-          "dec.right", "dec.wrong", "strict", "problems", "strict.rec", "strict.wrong")
+          "dec.right", "dec.wrong", "prop.wrong", "strict", "problems", "strict.rec", "strict.wrong")
 
 
 def counts(c: Case) -> dict[str, int]:
@@ -1019,7 +1057,8 @@ def counts(c: Case) -> dict[str, int]:
     f, s = c.fresh or ValueScore(), c.strict_score
     return {"vars": c.new_variables, "eligible": c.eligible, "recovered": f.recovered, "wrong": f.wrong,
             "confirm": f.confirm, "missed": f.missed, "mismatch": c.mismatch, "absent": c.absent,
-            "dec.right": c.decisions_right, "dec.wrong": c.decisions_wrong, "problems": c.strict_problems,
+            "dec.right": c.decisions_right, "dec.wrong": c.decisions_wrong, "prop.wrong": c.proposals_wrong,
+            "problems": c.strict_problems,
             "strict.rec": s.recovered if s else 0, "strict.wrong": (s.wrong if s else 0) + c.refused_but_changed}
 
 
@@ -1031,7 +1070,7 @@ def cells(name: str, fmt: str, n: dict[str, int], strict: str, fresh_ok: bool = 
             return "-"
         return str(n[col])
 
-    return (name, fmt, *(get(h) for h in HEADER[2:12]), strict, get("problems"), get("strict.rec"),
+    return (name, fmt, *(get(h) for h in HEADER[2:13]), strict, get("problems"), get("strict.rec"),
             get("strict.wrong"))
 
 

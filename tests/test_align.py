@@ -164,3 +164,14 @@ def test_forced_pairs_are_exactly_those_in_every_optimal_alignment(seed):
     optimal = _optimal_pairings_brute_force(scores)
     expected = set.intersection(*optimal) if optimal else set()
     assert forced_pairs(scores) == expected
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_pairable_targets_are_exactly_those_some_optimal_alignment_pairs(seed):
+    from regraft.align import _certainty
+
+    rng = random.Random(2000 + seed)
+    n, m = rng.randint(1, 5), rng.randint(1, 6)
+    scores = np.array([[rng.choice([0, 50, 100, 100]) for _ in range(m)] for _ in range(n)], dtype=np.int64)
+    optimal = _optimal_pairings_brute_force(scores)
+    assert _certainty(scores)[1] == {j for pairing in optimal for _, j in pairing}

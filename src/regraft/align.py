@@ -125,12 +125,15 @@ class Alignment:
         inserted: target layer keys with no counterpart (new layers).
         removed: source layer keys with no counterpart (dropped layers).
         ambiguous: target layer key → the equally good source layer keys.
+        tied: target layer keys left unpaired by the order rule although another
+            equally good alignment pairs them (inserted *somewhere* in a run of alike layers).
     """
 
     pairs: list[Pair] = field(default_factory=list)
     inserted: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     ambiguous: dict[str, list[str]] = field(default_factory=dict)
+    tied: list[str] = field(default_factory=list)
 
 
 def build_tree(
@@ -256,6 +259,8 @@ def _align_attributes(s: Node, t: Node, namespace: str, out: Alignment, by_order
     """Pair equal names, then what is left by structure; ties are ambiguous."""
     s_left = dict(s.children)
     t_left = dict(t.children)
+    if namespace == "name":
+        _align_auto_named(s_left, t_left, namespace, out, by_order)
     for key in list(t_left):
         if key in s_left and (s_left[key].leaf is None) == (t_left[key].leaf is None):
             _align(s_left.pop(key), t_left.pop(key), namespace, out, by_order, how)
@@ -280,6 +285,31 @@ def _align_attributes(s: Node, t: Node, namespace: str, out: Alignment, by_order
     out.inserted.extend(n.path for n in t_left.values() if n.signature() and n.path not in out.ambiguous)
 
 
+def _align_auto_named(s_left: dict[str, Node], t_left: dict[str, Node], namespace: str, out: Alignment,
+                      by_order: bool) -> None:
+    """Where keys are names (TF1, Keras 2 ``.h5``): layers with auto-generated names are a sequence per class.
+
+    ``dense_2`` in the old program and ``dense_2`` in the new one are equal only by
+    the counter, which shifts when a layer is inserted: such layers are aligned
+    like a ``.weights.h5`` ``layers`` group, class by class in counter order, and a
+    tie among alike layers stays a tie. Aligned items are removed from both dicts.
+    """
+    from regraft.names import is_auto_name
+
+    by_class: dict[str, tuple[list[tuple[int, str]], list[tuple[int, str]]]] = {}
+    for side, left in ((0, s_left), (1, t_left)):
+        for key, node in left.items():
+            if node.leaf is None and is_auto_name(key):
+                m = _CLASS_COUNTER.match(key)
+                assert m is not None  # the pattern matches every string
+                by_class.setdefault(m.group("cls"), ([], []))[side].append((int(m.group("n") or 0), key))
+    for s_keys, t_keys in by_class.values():
+        if s_keys and t_keys:
+            s_items = [s_left.pop(k) for _, k in sorted(s_keys)]
+            t_items = [t_left.pop(k) for _, k in sorted(t_keys)]
+            _align_sequence(s_items, t_items, namespace, out, by_order)
+
+
 def _align_sequence(s_items: list[Node], t_items: list[Node], namespace: str, out: Alignment, by_order: bool) -> None:
     """Global alignment of two sequences of layers; recurse into matched pairs."""
     n, m = len(s_items), len(t_items)
@@ -290,7 +320,7 @@ def _align_sequence(s_items: list[Node], t_items: list[Node], namespace: str, ou
     scores = _score_matrix(s_items, t_items)
     moves = _dp_moves(scores)
     early = _traceback(moves, prefer_diagonal=False)  # matches as early as possible
-    forced = forced_pairs(scores)
+    forced, pairable = _certainty(scores)
     matched_s, matched_t = set(), set()
     for i, j in early:
         placed_by_order = (i, j) not in forced
@@ -299,6 +329,7 @@ def _align_sequence(s_items: list[Node], t_items: list[Node], namespace: str, ou
         _align(s_items[i], t_items[j], namespace, out, by_order or placed_by_order, "sequence")
     out.removed.extend(s_items[i].path for i in range(n) if i not in matched_s and s_items[i].signature())
     out.inserted.extend(t_items[j].path for j in range(m) if j not in matched_t and t_items[j].signature())
+    out.tied.extend(t_items[j].path for j in sorted(pairable - matched_t))
 
 
 def _score_matrix(s_items: list[Node], t_items: list[Node]) -> np.ndarray:
@@ -364,7 +395,19 @@ def _dp_values(scores: np.ndarray) -> np.ndarray:
 
 
 def forced_pairs(scores: np.ndarray) -> set[tuple[int, int]]:
-    """The pairs ``(i, j)`` that every optimal alignment of the two sequences contains.
+    """The pairs ``(i, j)`` that every optimal alignment of the two sequences contains (see :func:`_certainty`).
+
+    Example:
+        >>> sorted(forced_pairs(np.array([[100, 0], [0, 100]])))
+        [(0, 0), (1, 1)]
+        >>> sorted(forced_pairs(np.array([[100, 100]])))   # one old layer, two alike new ones: a tie
+        []
+    """
+    return _certainty(scores)[0]
+
+
+def _certainty(scores: np.ndarray) -> tuple[set[tuple[int, int]], set[int]]:
+    """Which pairs every optimal alignment contains, and which targets some optimal alignment pairs.
 
     A path through the DP grid moves from cell level ``i + j`` to the next level
     (a gap) or the one after (a pair), so every optimal path visits level ``L`` or
@@ -372,11 +415,7 @@ def forced_pairs(scores: np.ndarray) -> set[tuple[int, int]]:
     the only optimal cell of its level, no optimal cell lies on the next level,
     and the pair itself is an optimal move.
 
-    Example:
-        >>> sorted(forced_pairs(np.array([[100, 0], [0, 100]])))
-        [(0, 0), (1, 1)]
-        >>> sorted(forced_pairs(np.array([[100, 100]])))   # one old layer, two alike new ones: a tie
-        []
+    Returns (the forced pairs, the targets ``j`` that some optimal alignment pairs).
     """
     n, m = scores.shape
     forward = _dp_values(scores)
@@ -386,15 +425,9 @@ def forced_pairs(scores: np.ndarray) -> set[tuple[int, int]]:
     levels = np.add.outer(np.arange(n + 1), np.arange(m + 1))
     per_level = np.bincount(levels[on_path], minlength=n + m + 2)
     level = levels[:-1, :-1]
-    forced = (
-        (scores > 0)
-        & on_path[:-1, :-1]
-        & on_path[1:, 1:]
-        & (forward[:-1, :-1] + scores == forward[1:, 1:])
-        & (per_level[level] == 1)
-        & (per_level[level + 1] == 0)
-    )
-    return {(int(i), int(j)) for i, j in zip(*np.nonzero(forced))}
+    optimal_pair = (scores > 0) & on_path[:-1, :-1] & on_path[1:, 1:] & (forward[:-1, :-1] + scores == forward[1:, 1:])
+    forced = optimal_pair & (per_level[level] == 1) & (per_level[level + 1] == 0)
+    return {(int(i), int(j)) for i, j in zip(*np.nonzero(forced))}, {int(j) for j in np.nonzero(optimal_pair.any(axis=0))[0]}
 
 
 def _dp_moves(scores: np.ndarray) -> np.ndarray:

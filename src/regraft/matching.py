@@ -210,12 +210,16 @@ def make_plan(
     for pair in nested.pairs:
         decided[pair.target.key] = _aligned_decision(pair, namespace, prefix)
         used.add(id(pair.source))
+    tied_layers = [layer + "/" for layer in (*alignment.tied, *nested.tied)]
+    tied = {t.key for t in targets if t.key not in decided
+            and any(t.keys.get(namespace, "").startswith(layer) for layer in tied_layers)}
     removed = [key for key in alignment.removed if not _has_used(source_tree, key, used)]
 
     assignments = []
     for target in targets:
         assignments.append(_assignment(target, decided.get(target.key), fresh.get(target.key),
-                                       ambiguous.get(target.key, ()), allow_missing, accept_order))
+                                       ambiguous.get(target.key, ()), allow_missing, accept_order,
+                                       target.key in tied))
     assignments = apply_policy(assignments, reshape, graph, noise)
     assignments = _transform_rules(assignments, rules, rule_counts)
     unused = tuple(
@@ -418,10 +422,19 @@ def _assignment(
     candidates: tuple[str, ...],
     allow_missing: tuple[str, ...],
     accept_order: bool = False,
+    tied: bool = False,
 ) -> Assignment:
     allowed = matches_any([target.key, *target.keys.values()], allow_missing)
     if fresh is not None:
         return Assignment(target, None, MISSING, "rule", fresh[0], fresh[1], 1.0)
+    if decision is None and tied:
+        # Inserted *somewhere* in a run of alike layers: taking the old layers to come first leaves
+        # this one fresh, but another, equally good placement gives it an old layer.
+        reason = "left fresh by order only: a tie among alike layers (another placement gives it an old layer)"
+        if accept_order:
+            return Assignment(target, None, MISSING, "aligned", reason + "; order accepted", allowed,
+                              CONFIDENCE_ORDER, order_only=True)
+        return Assignment(target, None, UNCONFIRMED, "aligned", reason, allowed, CONFIDENCE_ORDER, order_only=True)
     if decision is None:
         if candidates:
             return Assignment(target, None, AMBIGUOUS, "aligned", "equally good candidates", allowed, None, candidates)

@@ -382,9 +382,10 @@ def _assignment_from_file(target: TargetVariable, entry: Any, entries: dict[str,
         raise RegraftError(f"Plan {path}: the entry of '{target.key}' must be a mapping with a 'source'.")
     key = entry.get("source")
     proposed = entry.get("proposed")
-    if key is None and entry.get("status") == UNCONFIRMED and isinstance(proposed, str) and proposed in entries:
-        return Assignment(target, entries[proposed], UNCONFIRMED, entry.get("stage") or "plan",
-                          entry.get("reason") or "placed by order only", None, entry.get("confidence"), order_only=True)
+    if key is None and entry.get("status") == UNCONFIRMED and (proposed is None or proposed in entries):
+        return Assignment(target, entries[proposed] if proposed is not None else None, UNCONFIRMED,
+                          entry.get("stage") or "plan", entry.get("reason") or "placed by order only", None,
+                          entry.get("confidence"), order_only=True)
     if key is None and entry.get("steps"):
         return _transformed_from_file(target, None, entry, entry.get("stage") or "plan", entry.get("reason") or "", path)
     if key is None:
