@@ -132,17 +132,17 @@ def test_plan_file_keeps_transform_steps(tmp_path):
     old, new = mlp(64, "old"), mlp(96, "new")
     path = save_tf(tmp_path / "m" / "ckpt", model=old)
     plan_file = tmp_path / "plan.yaml"
-    regraft.plan(new, path, reshape="preserve").save(plan_file)
+    regraft.save_plan(regraft.plan(new, path, reshape="preserve"), plan_file)
     data = yaml.safe_load(plan_file.read_text())
     assert [s["name"] for s in data["variables"]["h2/kernel"]["steps"]] == ["widen_out", "widen_in"]
-    regraft.Plan.read(plan_file, new).apply(new)
+    regraft.apply(regraft.read_plan(plan_file, new), new)
     assert regraft.verify(old, new).max_abs < 1e-5
 
     data["variables"]["out/kernel"]["steps"] = [{"name": "pad"}]  # (64, 3) -> (96, 3) with zeros: valid
     data["variables"]["h1/kernel"]["steps"] = [{"name": "slice"}]  # (8, 64) -> (8, 96): refused on reading
     plan_file.write_text(yaml.safe_dump(data))
     with pytest.raises(regraft.RegraftError) as info:
-        regraft.Plan.read(plan_file, new)
+        regraft.read_plan(plan_file, new)
     assert "Transform 'slice' cannot turn tensor 'h1/kernel' of shape (8, 64) into (8, 96)" in str(info.value)
 
 

@@ -202,7 +202,7 @@ def test_plan_file_round_trip_with_an_edited_entry(tmp_path):
     new = mlp(None, "new")
     plan = regraft.plan(new, path)
     plan_file = tmp_path / "plan.yaml"
-    plan.save(plan_file)
+    regraft.save_plan(plan, plan_file)
     data = yaml.safe_load(plan_file.read_text())
     assert data["variables"]["d2/bias"]["source"] == "model/_operations/2/bias"
     # Edit: d2's bias takes d3's bias (same shape), head's bias stays fresh.
@@ -211,8 +211,8 @@ def test_plan_file_round_trip_with_an_edited_entry(tmp_path):
     plan_file.write_text(yaml.safe_dump(data))
     fresh_head_bias = value_of(new.get_layer("head").bias)
 
-    edited = regraft.Plan.read(plan_file, new)
-    report = edited.apply(new)
+    edited = regraft.read_plan(plan_file, new)
+    report = regraft.apply(edited, new)
     assert same_bytes(value_of(new.get_layer("d2").bias), value_of(old.get_layer("d3").bias))
     assert same_bytes(value_of(new.get_layer("head").bias), fresh_head_bias)
     assert same_bytes(value_of(new.get_layer("d1").kernel), value_of(old.get_layer("d1").kernel))
@@ -224,15 +224,15 @@ def test_plan_is_refused_for_another_checkpoint_or_model(tmp_path):
     path = save(old, tmp_path, "tf")
     new = mlp(None, "new")
     plan_file = tmp_path / "plan.yaml"
-    regraft.plan(new, path).save(plan_file)
+    regraft.save_plan(regraft.plan(new, path), plan_file)
 
     with pytest.raises(regraft.RegraftError) as info:
-        regraft.Plan.read(plan_file, mlp(24, "other"))
+        regraft.read_plan(plan_file, mlp(24, "other"))
     assert "was made for another model than 'other'" in str(info.value)
 
     save_tf(tmp_path / "ckpt" / "ckpt", model=mlp(24, "changed"))  # overwrite the checkpoint
     with pytest.raises(regraft.RegraftError) as info:
-        regraft.Plan.read(plan_file, new)
+        regraft.read_plan(plan_file, new)
     assert "was made for another checkpoint than" in str(info.value)
 
 
@@ -328,9 +328,9 @@ def test_plan_file_keeps_an_unconfirmed_pairing_unconfirmed(tmp_path):
     path = save(old, tmp_path, "tf")
     new = unnamed_stack(4)
     plan = regraft.plan(new, path)
-    plan.save(tmp_path / "plan.yaml")
+    regraft.save_plan(plan, tmp_path / "plan.yaml")
     text = (tmp_path / "plan.yaml").read_text()
     assert "status: unconfirmed" in text and "proposed: " in text
-    again = regraft.Plan.read(tmp_path / "plan.yaml", new)
+    again = regraft.read_plan(tmp_path / "plan.yaml", new)
     assert [a.status for a in again.assignments] == [a.status for a in plan.assignments]
     assert not any(a.writes for a in again.assignments if a.status == "unconfirmed")

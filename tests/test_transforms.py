@@ -409,7 +409,7 @@ def _target(dtype):
     ],
 )
 def test_cast_array_agrees_with_apply_convert(value, dtype):
-    from regraft.apply import convert
+    from regraft.applying import convert
 
     try:
         want, want_error = convert(value, _target(dtype), "ckpt/w")

@@ -7,6 +7,7 @@ Example:
 """
 
 from regraft.api import diff, load, open, plan
+from regraft.applying import apply
 from regraft.entries import SourceEntry, TargetVariable
 from regraft.errors import (
     CorruptCheckpointError,
@@ -17,7 +18,8 @@ from regraft.errors import (
     TargetError,
     UnsupportedFormatError,
 )
-from regraft.plan import Assignment, Plan
+from regraft.planfile import read_plan, save_plan
+from regraft.plans import Assignment, Plan
 from regraft.report import LoadReport
 from regraft.verify import VerifyReport, verify
 
@@ -28,6 +30,9 @@ __all__ = [
     "load",
     "diff",
     "plan",
+    "apply",
+    "save_plan",
+    "read_plan",
     "verify",
     "VerifyReport",
     "LoadReport",

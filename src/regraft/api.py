@@ -8,10 +8,10 @@ import os
 import warnings
 from typing import Any, Iterable, Iterator, Mapping
 
-from regraft.apply import Progress
+from regraft.applying import Progress, apply
 from regraft.errors import LoadError
 from regraft.matching import make_plan
-from regraft.plan import Plan
+from regraft.plans import Plan
 from regraft.report import LoadReport
 from regraft.rules import parse_rules
 from regraft.sources import Source, open_source
@@ -71,11 +71,12 @@ def plan(
             and a strict problem.
 
     Returns:
-        An immutable :class:`Plan`; print it, save it, or ``plan.apply(model)``.
+        An immutable :class:`Plan`; print it, save it (:func:`regraft.save_plan`), or
+        apply it (:func:`regraft.apply`).
 
     Example:
         >>> p = regraft.plan(new_model, "ckpts/run7")   # doctest: +SKIP
-        >>> print(p); p.save("plan.yaml")                # doctest: +SKIP
+        >>> print(p); regraft.save_plan(p, "plan.yaml")  # doctest: +SKIP
     """
     if isinstance(source, Source):
         return _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
@@ -192,4 +193,4 @@ def load(
             )
         for rule in the_plan.unused_rules():
             warnings.warn(f"regraft: {rule} matched nothing", stacklevel=2)
-        return the_plan._apply_to(model, source, freeze, progress)  # the source the plan was just made from
+        return apply(the_plan, model, source, freeze=freeze, progress=progress)  # the source it was made from

@@ -1,26 +1,47 @@
-"""Reading the YAML files users write (rules, plans) with errors that name the file."""
+"""Reading the files users write (rules, plans) with errors that name the file."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from regraft.errors import RegraftError
 
-__all__ = ["read_yaml"]
+__all__ = ["read_text", "read_yaml"]
+
+
+def read_text(path: str, what: str, missing_hint: str) -> str:
+    """The UTF-8 text of ``path``; ``what`` names it in messages ("The rules file x.yaml …").
+
+    Raises:
+        RegraftError: the file does not exist (with ``missing_hint``), is a folder,
+            cannot be read, or is not UTF-8 text.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise RegraftError(f"The {what} does not exist.", hint=missing_hint) from None
+    except IsADirectoryError:
+        raise RegraftError(f"The {what} is a folder, not a file.", hint=missing_hint) from None
+    except UnicodeDecodeError as exc:
+        raise RegraftError(f"The {what} is not UTF-8 text (byte {exc.start} cannot be decoded).",
+                           hint="Save it as UTF-8 text.") from None
+    except OSError as exc:
+        raise RegraftError(f"The {what} cannot be read: {exc.strerror or exc}.",
+                           hint=f"Check the permissions of {os.path.abspath(path)}.") from None
 
 
 def read_yaml(path: str, what: str, missing_hint: str) -> Any:
-    """Parse the YAML file ``path``; ``what`` names it in messages ("The rules file x.yaml …").
+    """Parse the YAML file ``path`` (see :func:`read_text` for the file errors).
 
     Raises:
-        RegraftError: the file does not exist (with ``missing_hint``) or is not valid YAML.
+        RegraftError: the file cannot be read or is not valid YAML.
     """
     import yaml
 
+    text = read_text(path, what, missing_hint)
     try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except FileNotFoundError:
-        raise RegraftError(f"The {what} does not exist.", hint=missing_hint) from None
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RegraftError(f"The {what} is not valid YAML: {exc}", hint="Fix the YAML syntax.") from None

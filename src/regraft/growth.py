@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from regraft.errors import RegraftError
-from regraft.plan import CAST, LOADED, MISSING, SHAPE_MISMATCH, TRANSFORMED, Assignment
+from regraft.plans import CAST, LOADED, MISSING, SHAPE_MISMATCH, TRANSFORMED, Assignment
 
 __all__ = ["POLICIES", "apply_policy", "with_steps", "check_steps", "run_steps", "steps_need_fresh"]
 

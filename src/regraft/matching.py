@@ -36,7 +36,7 @@ from regraft.errors import RegraftError
 from regraft.growth import apply_policy, with_steps
 from regraft.naming import matches_any
 from regraft.names import NamedLayer, Token, is_auto_name, model_prefixes, pair_by_names, strip_prefix
-from regraft.plan import (
+from regraft.plans import (
     AMBIGUOUS,
     CAST,
     LOADED,

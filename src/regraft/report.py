@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from regraft.apply import AppliedTensor
-from regraft.plan import (
+from regraft.naming import collapse
+from regraft.plans import (
     AMBIGUOUS,
     CAST,
     LOADED,
@@ -18,7 +18,15 @@ from regraft.plan import (
     _shape,
 )
 
-__all__ = ["LoadReport"]
+__all__ = ["LoadReport", "AppliedTensor"]
+
+
+@dataclass(frozen=True)
+class AppliedTensor:
+    """What was done to one written variable: the cast error, if cast."""
+
+    key: str
+    max_cast_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -50,39 +58,15 @@ class LoadReport:
 
     def counts(self) -> dict[str, int]:
         """Number of target variables per status, plus unused/outside/optimizer tensors."""
-        out = {s: 0 for s in (LOADED, CAST, TRANSFORMED, SHAPE_MISMATCH, MISSING, AMBIGUOUS, UNCONFIRMED)}
-        for a in self.plan.assignments:
-            out[a.status] += 1
-        out["unused"] = len(self.plan.unused)
-        out["outside_root"] = len(self.plan.outside)
-        out["optimizer_and_bookkeeping"] = len(self.plan.optimizer)
-        return out
+        return self.plan.counts()
 
     def parameter_share(self) -> float:
         """Share of the model's parameters (elements) that take a checkpoint value."""
-        total = sum(a.target.size for a in self.plan.assignments)
-        loaded = sum(a.target.size for a in self.plan.assignments if a.writes)
-        return loaded / total if total else 1.0
+        return self.plan.parameter_share()
 
     def summary(self) -> str:
         """One line: counts and share of parameters loaded."""
-        c = self.counts()
-        verb = "loaded" if self.applied else "would load"
-        parts = [f"{c[LOADED]} {verb}"]
-        if c[CAST]:
-            parts.append(f"{c[CAST]} cast")
-        if c[TRANSFORMED]:
-            parts.append(f"{c[TRANSFORMED]} transformed")
-        parts.append(f"{c[SHAPE_MISMATCH]} shape-mismatch")
-        parts.append(f"{c[MISSING]} missing")
-        if c[AMBIGUOUS]:
-            parts.append(f"{c[AMBIGUOUS]} ambiguous")
-        if c[UNCONFIRMED]:
-            parts.append(f"{c[UNCONFIRMED]} unconfirmed (placed by order only, left fresh)")
-        parts.append(f"{c['unused']} unused")
-        line = ", ".join(parts) + f" — {self.parameter_share():.1%} of parameters from the checkpoint"
-        if c["optimizer_and_bookkeeping"]:
-            line += f"; {c['optimizer_and_bookkeeping']} optimizer/bookkeeping tensors not loaded"
+        line = self.plan.summary("loaded" if self.applied else "would load")
         if self.frozen:
             line += f"; {len(self.frozen)} layers frozen"
         return line
@@ -143,27 +127,7 @@ class LoadReport:
 
     def table(self) -> str:
         """A plain-text table: status, target, source, shapes, dtype; then unused tensors."""
-        header = ("STATUS", "VARIABLE", "FROM", "SHAPE", "DTYPE")
-        lines = []
-        for a in self.plan.assignments:
-            shape = _shape(a.target.shape)
-            if a.source is not None and a.source.shape != a.target.shape:
-                shape = f"{_shape(a.source.shape)} -> {shape}"
-            dtype = a.target.dtype
-            if a.source is not None and a.source.dtype != a.target.dtype:
-                dtype = f"{a.source.dtype} -> {dtype}"
-                if a.target.key in self.cast_errors:
-                    dtype += f" (max err {self.cast_errors[a.target.key]:.3g})"
-            source = a.source.key if a.source else "-"
-            status = a.status + (" (allowed)" if a.allowed else "")
-            if a.status == TRANSFORMED:
-                status += f": {a.transform}"
-            lines.append((status, a.target.key, source, shape, dtype))
-        for entry, allowed in self.plan.unused:
-            lines.append(("unused" + (" (allowed)" if allowed else ""), "-", entry.key, _shape(entry.shape), entry.dtype))
-        widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
-        text = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *lines]]
-        return "\n".join(text)
+        return self.plan.table(self.cast_errors)
 
     def grouped(self) -> str:
         """The plan grouped by outcome, keys collapsed, with the aligned regions: what a person reads first.
@@ -176,8 +140,6 @@ class LoadReport:
             missing (2): dense3/{bias,kernel}
             inserted layers: dense3
         """
-        from regraft.naming import collapse
-
         groups: dict[str, list[str]] = {}
         by_order = []
         for a in self.plan.assignments:
@@ -220,13 +182,10 @@ class LoadReport:
             )
         for rule, count in self.plan.rules:
             lines.append(f"{rule}: {'used ' + str(count) + 'x' if count else 'UNUSED (matched nothing)'}")
-        where = f" (object '{self.plan.root}')" if self.plan.root else ""
-        head = f"{self.plan.source_path} [{self.plan.source_format}]{where}"
-        return "\n".join([head, *lines, self.summary()])
+        return "\n".join([self.plan.heading(), *lines, self.summary()])
 
     def __str__(self) -> str:
-        where = f" (object '{self.plan.root}')" if self.plan.root else ""
-        head = f"{self.plan.source_path} [{self.plan.source_format}]{where}"
+        head = self.plan.heading()
         tail = [self.summary()]
         if self.frozen:
             tail.append("frozen: " + ", ".join(self.frozen))

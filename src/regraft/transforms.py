@@ -496,7 +496,7 @@ def cast_array(
 ) -> tuple[np.ndarray, float | None]:
     """Cast ``value`` to ``dtype``, refusing to turn finite values into inf or integers out of range.
 
-    :func:`regraft.apply.convert` applies it to a ``TargetVariable``. Fractional
+    :func:`regraft.applying.convert` applies it to a ``TargetVariable``. Fractional
     floats cast to integers are truncated, NaN passes through float casts.
 
     Args:

@@ -80,11 +80,12 @@ def plan(args: argparse.Namespace) -> int:
     """``regraft plan CKPT --model SPEC -o PLAN``: write the plan file."""
     import regraft
     from regraft.cli.modelspec import build_model
+    from regraft.planfile import save_plan
     from regraft.report import LoadReport
 
     model = build_model(args.model)
     the_plan = regraft.plan(model, args.checkpoint, **_options(args))
-    the_plan.save(args.output)
+    save_plan(the_plan, args.output)
     report = LoadReport.build(the_plan, None)
     data = report.to_dict()
     data["plan_file"] = args.output
@@ -106,11 +107,12 @@ def load(args: argparse.Namespace) -> int:
 def apply(args: argparse.Namespace) -> int:
     """``regraft apply PLAN --model SPEC --out OUT``: apply a plan file as written."""
     from regraft.cli.modelspec import build_model
-    from regraft.plan import Plan
+    from regraft.applying import apply
+    from regraft.planfile import read_plan
 
     model = build_model(args.model)
-    the_plan = Plan.read(args.plan_file, model)
-    report = the_plan.apply(model, freeze=args.freeze, progress=progress_printer(not args.json))
+    the_plan = read_plan(args.plan_file, model)
+    report = apply(the_plan, model, freeze=args.freeze, progress=progress_printer(not args.json))
     return _write(model, report, args)
 
 

@@ -24,24 +24,76 @@ from typing import Any, Callable
 import numpy as np
 
 from regraft.entries import TargetVariable
-from regraft.errors import CorruptCheckpointError, LoadError
+from regraft.errors import CorruptCheckpointError, LoadError, RegraftError
+from regraft.growth import run_steps, steps_need_fresh
 from regraft.naming import dtype_of
-from regraft.plan import CAST, TRANSFORMED, Assignment, Plan
+from regraft.plans import CAST, LOADED, TRANSFORMED, Assignment, Plan, fingerprint_source, fingerprint_target
+from regraft.report import AppliedTensor, LoadReport
+from regraft.sources import open_source
 from regraft.sources.base import Source
-from regraft.targets import assign, read_value, restore_tensor
+from regraft.targets import assign, describe, read_value, restore_tensor
 from regraft.transforms import cast_array
 
-__all__ = ["apply_plan", "convert", "freeze_loaded", "AppliedTensor"]
+__all__ = ["apply", "apply_plan", "convert", "freeze_loaded", "Progress"]
 
 Progress = Callable[[int, int, str], None]
 
 
-@dataclass(frozen=True)
-class AppliedTensor:
-    """What was done to one written variable: the cast error, if cast."""
+def apply(plan: Plan, model: Any, source: Source | None = None, *, freeze: bool = False,
+          progress: Progress | None = None) -> LoadReport:
+    """Load the checkpoint into ``model`` exactly as ``plan`` says (all-or-nothing).
 
-    key: str
-    max_cast_error: float | None = None
+    ``model`` must be the model the plan was made for, or one built the same way
+    (same variable keys, shapes and dtypes): the plan is then bound to its
+    variables. ``source`` is the checkpoint already open (it must be the one the
+    plan was made from); by default it is opened from the plan's path and
+    checked against the plan's fingerprint.
+
+    Raises:
+        RegraftError: the model or the checkpoint no longer fits the plan, or the
+            load failed (the model is then unchanged).
+
+    Example:
+        >>> report = regraft.apply(regraft.read_plan("plan.yaml", model), model)   # doctest: +SKIP
+    """
+    plan = _bind(plan, model)
+    if source is not None:
+        return _apply(plan, source, freeze, progress)
+    with open_source(plan.source_path) as opened:
+        if fingerprint_source(opened.entries()) != plan.source_fingerprint:
+            raise RegraftError(
+                f"The checkpoint {plan.source_path} has changed since this plan was made "
+                "(its keys, shapes or dtypes differ).",
+                hint="Make a new plan against the checkpoint as it is now.",
+            )
+        return _apply(plan, opened, freeze, progress)
+
+
+def _apply(plan: Plan, source: Source, freeze: bool, progress: Progress | None) -> LoadReport:
+    applied = apply_plan(plan, source, progress)
+    frozen = freeze_loaded(plan) if freeze else []
+    return LoadReport.build(plan, applied, frozen)
+
+
+def _bind(plan: Plan, model: Any) -> Plan:
+    """The plan with its targets bound to ``model``'s variables (another object built the same way)."""
+    from dataclasses import replace
+
+    if [id(v) for v in _unique_weights(model)] == [id(a.target.variable) for a in plan.assignments]:
+        return plan
+    targets = describe(model, ())
+    if fingerprint_target(targets) != plan.target_fingerprint:
+        raise RegraftError(
+            f"This plan was made for another model than '{model.name}' (its variable keys, shapes or dtypes differ).",
+            hint="Make a new plan for this model (regraft.plan / regraft plan).",
+        )
+    by_key = {t.key: t for t in targets}
+    return replace(plan, assignments=tuple(replace(a, target=by_key[a.target.key]) for a in plan.assignments))
+
+
+def _unique_weights(model: Any) -> list[Any]:
+    seen: set[int] = set()
+    return [v for v in model.weights if not (id(v) in seen or seen.add(id(v)))]
 
 
 def convert(value: np.ndarray, target: TargetVariable, source_key: str) -> tuple[np.ndarray, float | None]:
@@ -136,8 +188,6 @@ def _fetch(a: Assignment, source: Source, plan: Plan) -> tuple[Any, float | None
 
 def _transformed(a: Assignment, source: Source) -> tuple[np.ndarray, float | None]:
     """Read the source (if any), run the transform pipeline, cast to the variable's dtype."""
-    from regraft.growth import run_steps, steps_need_fresh
-
     value = source.read(a.source.key) if a.source is not None else None
     fresh = read_value(a.target) if steps_need_fresh(a.steps) else None
     value = run_steps(a.steps, value, fresh, a.target.shape, a.target.key)
@@ -177,7 +227,7 @@ def freeze_loaded(plan: Plan) -> list[str]:
         layers[id(layer)] = layer
     frozen = []
     for layer_id, assignments in by_layer.items():
-        if all(a.status == "loaded" for a in assignments):
+        if all(a.status == LOADED for a in assignments):
             layers[layer_id].trainable = False
             frozen.append(assignments[0].target.layer)
     return frozen

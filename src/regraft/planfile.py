@@ -1,0 +1,352 @@
+"""Plan files: a :class:`~regraft.plans.Plan` as YAML a person can review and edit.
+
+:func:`save_plan` writes every section of :meth:`Plan.to_dict`; :func:`read_plan`
+checks the file against the schema below — every error names the file, the line
+and the key, says what was expected and what was found — then refuses a plan
+made for another checkpoint or model (fingerprints), and rebuilds the plan:
+
+* a variable's ``source`` may be edited to another checkpoint key or to ``null``
+  (leave it fresh); its status is then recomputed from shapes and dtypes;
+* an ``unconfirmed`` variable keeps its ``proposed`` key apart from ``source``, so
+  a saved plan never loads a pairing only order supports; copying the key into
+  ``source`` confirms it;
+* ``transform`` steps are checked against the shapes before anything is read.
+
+Schema (version 1)::
+
+    regraft_plan: 1
+    checkpoint: {path: str, format: str, root: str, fingerprint: str}
+    model: {name: str, fingerprint: str}
+    variables:
+      <model variable key>: {source: str|null, status: str, transform: str|null, stage: str|null,
+                             reason: str, confidence: number, candidates: [str], proposed: str,
+                             steps: [{name: str, ...options}], allowed_by: str, order_only: bool}
+    fresh: [str]            # derived: variables left fresh
+    unused: [str]           # derived from the checkpoint and the sources above
+    ignored: [{source: str, rule: str}] or [str]
+    inserted_layers: [str]
+    removed_layers: [str]
+    rules: [{rule: str, used: int}]
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from regraft.entries import WEIGHT, SourceEntry, TargetVariable
+from regraft.errors import RegraftError
+from regraft.files import read_text
+from regraft.growth import check_steps
+from regraft.naming import collapse
+from regraft.plans import (
+    AMBIGUOUS,
+    CAST,
+    LOADED,
+    MISSING,
+    PLAN_VERSION,
+    SHAPE_MISMATCH,
+    TRANSFORMED,
+    UNCONFIRMED,
+    Assignment,
+    Plan,
+    fingerprint_source,
+    fingerprint_target,
+)
+from regraft.sources import open_source
+from regraft.targets import describe
+
+__all__ = ["save_plan", "read_plan"]
+
+_HINT = "Write a plan with `regraft plan CKPT --model SPEC -o FILE`, then edit only the 'source' of its variables."
+
+_HEADER = """\
+# regraft plan: what each model variable takes from the checkpoint.
+# Edit a variable's 'source' to another checkpoint key, or to null to leave it at
+# its fresh value, then run:  regraft apply THIS_FILE --model SPEC --out OUT
+# 'status' is recomputed from shapes and dtypes when the plan is read.
+# An 'unconfirmed' variable was placed by order only: copy its 'proposed' key
+# into 'source' to load it.
+"""
+
+
+def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
+    """Write ``plan`` as YAML to ``path`` (a temporary name in the same folder, then renamed into place).
+
+    Raises:
+        RegraftError: the folder is missing or not writable; nothing is left behind.
+    """
+    import yaml
+
+    path = os.fspath(path)
+    text = _HEADER + yaml.safe_dump(plan.to_dict(), sort_keys=False, allow_unicode=True, width=120)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise RegraftError(f"Cannot write the plan to {path}: it is a folder.", hint="Give a file name, e.g. plan.yaml.")
+    if not os.path.isdir(folder):
+        raise RegraftError(f"Cannot write the plan to {path}: the folder {folder} does not exist.",
+                           hint="Create the folder first, or choose another path.")
+    tmp = f"{path}.regraft-tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise RegraftError(f"Cannot write the plan to {path}: {exc.strerror or exc}.",
+                           hint="Choose a writable folder.") from None
+
+
+def read_plan(path: str | os.PathLike[str], model: Any) -> Plan:
+    """Read a plan file (possibly edited by hand) and bind it to ``model``.
+
+    Raises:
+        RegraftError: the file is not a valid plan (the message names the line and
+            key), names keys that do not exist, or was made for another checkpoint
+            or model.
+
+    Example:
+        >>> plan = regraft.read_plan("plan.yaml", model)      # doctest: +SKIP
+        >>> regraft.apply(plan, model)                         # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    data, lines = _load(path)
+    check = _Checker(path, lines)
+    checkpoint = check.mapping(data, ("checkpoint",), {"path": str, "fingerprint": str}, {"root": str, "format": str})
+    model_section = check.mapping(data, ("model",), {"fingerprint": str}, {"name": str})
+    variables = check.mapping_of_mappings(data, ("variables",))
+    for key in ("fresh", "unused", "inserted_layers", "removed_layers"):
+        check.string_list(data, (key,))
+    rules = check.list_of(data, ("rules",), dict)
+    ignored_items = check.list_of(data, ("ignored",), (str, dict))
+    root = checkpoint.get("root") or ""
+
+    targets = describe(model, ())
+    if fingerprint_target(targets) != model_section["fingerprint"]:
+        raise RegraftError(
+            f"Plan {path} was made for another model than '{model.name}' (its variable keys, shapes or dtypes differ).",
+            hint="Make a new plan for this model with `regraft plan`.",
+        )
+    with open_source(checkpoint["path"]) as source:
+        if fingerprint_source(source.entries()) != checkpoint["fingerprint"]:
+            raise RegraftError(
+                f"Plan {path} was made for another checkpoint than {checkpoint['path']} as it is now "
+                "(its keys, shapes or dtypes differ).",
+                hint="Make a new plan against this checkpoint with `regraft plan`.",
+            )
+        entries = {e.key: e for e in source.entries()}
+        namespace, source_format = source.namespace, source.format
+
+    by_key = {t.key: t for t in targets}
+    unknown = sorted(set(variables) - set(by_key))
+    if unknown:
+        raise RegraftError(
+            f"Plan {path}, line {check.line(('variables', unknown[0]))}: names variables the model does not have: "
+            f"{', '.join(collapse(unknown))}.",
+            hint="Only edit the 'source' of existing entries.",
+        )
+    assignments = []
+    for target in targets:
+        entry = variables.get(target.key, {"source": None})
+        assignments.append(_assignment(target, entry, entries, check))
+    ignored = []
+    for i, item in enumerate(ignored_items):
+        key, rule = (item, "") if isinstance(item, str) else (item.get("source"), str(item.get("rule", "")))
+        if key not in entries:
+            raise check.error(("ignored", i), f"names '{key}', which is not in the checkpoint", "a checkpoint key")
+        ignored.append((entries[key], rule))
+    ignored_keys = {e.key for e, _ in ignored}
+    used = {a.source.key for a in assignments if a.source is not None and a.status != UNCONFIRMED}
+    prefix = root + "/" if root else ""
+    weights = [e for e in entries.values() if e.kind == WEIGHT]
+    return Plan(
+        source_path=checkpoint["path"],
+        source_format=source_format,
+        root=root,
+        assignments=tuple(assignments),
+        namespace=namespace,
+        model_name=model_section.get("name", ""),
+        unused=tuple((e, None) for e in weights if e.key.startswith(prefix) and e.key not in used | ignored_keys),
+        ignored=tuple(ignored),
+        outside=tuple(e for e in weights if not e.key.startswith(prefix)),
+        optimizer=tuple(e for e in entries.values() if e.kind != WEIGHT),
+        rules=tuple((str(r.get("rule", "")), int(r.get("used", 0) or 0)) for r in rules),
+        inserted=tuple(data.get("inserted_layers") or ()),
+        removed=tuple(data.get("removed_layers") or ()),
+        source_fingerprint=checkpoint["fingerprint"],
+        target_fingerprint=model_section["fingerprint"],
+    )
+
+
+def _load(path: str) -> tuple[dict[str, Any], Any]:
+    """The file's data and its YAML node tree (for line numbers)."""
+    import yaml
+
+    text = read_text(path, f"plan file {path}", _HINT)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise RegraftError(f"Plan {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}.", hint=_HINT) from None
+    if not isinstance(data, dict) or data.get("regraft_plan") != PLAN_VERSION:
+        raise RegraftError(f"{path} is not a regraft plan file (version {PLAN_VERSION}).", hint=_HINT)
+    return data, node
+
+
+class _Checker:
+    """Type checks on the plan's data; errors name the file, line and key path."""
+
+    def __init__(self, path: str, root: Any) -> None:
+        self.path, self.root = path, root
+
+    def line(self, keys: tuple[Any, ...]) -> int:
+        node, line = self.root, 1
+        for key in keys:
+            if node is None:
+                break
+            line = node.start_mark.line + 1
+            if hasattr(node, "value") and isinstance(node.value, list) and node.value and isinstance(node.value[0], tuple):
+                found = next(((k, v) for k, v in node.value if getattr(k, "value", None) == key), None)
+                if found is None:
+                    break
+                line, node = found[0].start_mark.line + 1, found[1]
+            elif isinstance(getattr(node, "value", None), list) and isinstance(key, int) and key < len(node.value):
+                node = node.value[key]
+                line = node.start_mark.line + 1
+            else:
+                break
+        return line
+
+    def error(self, keys: tuple[Any, ...], problem: str, expected: str) -> RegraftError:
+        name = ".".join(str(k) for k in keys)
+        return RegraftError(f"Plan {self.path}, line {self.line(keys)}: '{name}' {problem}; expected {expected}.",
+                            hint=_HINT)
+
+    def _get(self, data: dict[str, Any], keys: tuple[Any, ...]) -> Any:
+        value: Any = data
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    def mapping(self, data: dict[str, Any], keys: tuple[str, ...], required: dict[str, type],
+                optional: dict[str, type]) -> dict[str, Any]:
+        value = self._get(data, keys)
+        if not isinstance(value, dict):
+            raise self.error(keys, "is missing" if value is None else f"is {_kind(value)}", "a mapping")
+        for name, kind in {**required, **optional}.items():
+            if name not in value or (value[name] is None and name in optional):
+                if name in required:
+                    raise self.error((*keys, name), "is missing", _kind_name(kind))
+                continue
+            if not isinstance(value[name], kind):
+                raise self.error((*keys, name), f"is {_kind(value[name])}", _kind_name(kind))
+        return value
+
+    def mapping_of_mappings(self, data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        value = self._get(data, keys)
+        if not isinstance(value, dict):
+            raise self.error(keys, "is missing" if value is None else f"is {_kind(value)}",
+                             "a mapping of model variable keys to entries")
+        for name, entry in value.items():
+            if not isinstance(entry, dict):
+                raise self.error((*keys, name), f"is {_kind(entry)}", "a mapping with a 'source'")
+            source = entry.get("source")
+            if source is not None and not isinstance(source, str):
+                raise self.error((*keys, name, "source"), f"is {_kind(source)}", "a checkpoint key or null")
+            for field, kind in (("proposed", str), ("reason", str), ("stage", str), ("status", str),
+                                ("allowed_by", str)):
+                if entry.get(field) is not None and not isinstance(entry[field], kind):
+                    raise self.error((*keys, name, field), f"is {_kind(entry[field])}", _kind_name(kind))
+            confidence = entry.get("confidence")
+            if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))):
+                raise self.error((*keys, name, "confidence"), f"is {_kind(confidence)}", "a number")
+            steps = entry.get("steps")
+            if steps is not None and (not isinstance(steps, list) or not all(
+                    isinstance(s, dict) and isinstance(s.get("name"), str) for s in steps)):
+                raise self.error((*keys, name, "steps"), f"is {_kind(steps)}",
+                                 "a list of mappings with a 'name', like  - {name: pad, value: 0.0}")
+            candidates = entry.get("candidates")
+            if candidates is not None and not (isinstance(candidates, list) and all(isinstance(c, str) for c in candidates)):
+                raise self.error((*keys, name, "candidates"), f"is {_kind(candidates)}", "a list of checkpoint keys")
+        return value
+
+    def string_list(self, data: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+        value = self._get(data, keys)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(keys, f"is {_kind(value)}", "a list of strings")
+        return value
+
+    def list_of(self, data: dict[str, Any], keys: tuple[str, ...], kind: Any) -> list[Any]:
+        value = self._get(data, keys)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+            raise self.error(keys, f"is {_kind(value)}", f"a list of {_kind_name(kind)}s")
+        return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "empty (null)"
+    return {dict: "a mapping", list: "a list", str: f"the text {value!r}", bool: f"{value!r} (a boolean)"}.get(
+        type(value), f"{value!r} ({type(value).__name__})")
+
+
+def _kind_name(kind: Any) -> str:
+    names = {str: "a string", dict: "a mapping", list: "a list", int: "a whole number"}
+    if isinstance(kind, tuple):
+        return " or ".join(names.get(k, k.__name__) for k in kind)
+    return names.get(kind, kind.__name__)
+
+
+def _assignment(target: TargetVariable, entry: dict[str, Any], entries: dict[str, SourceEntry],
+                check: _Checker) -> Assignment:
+    key, proposed = entry.get("source"), entry.get("proposed")
+    status, stage = entry.get("status"), entry.get("stage") or ""
+    reason, confidence, allowed = entry.get("reason") or "", entry.get("confidence"), entry.get("allowed_by")
+    order_only = bool(entry.get("order_only"))
+    where = ("variables", target.key)
+    if proposed is not None and proposed not in entries:
+        raise check.error((*where, "proposed"), f"names '{proposed}', which is not in the checkpoint",
+                          "a key listed by `regraft inspect CKPT`")
+    if key is None and status == UNCONFIRMED:
+        return Assignment(target, entries[proposed] if proposed else None, UNCONFIRMED, stage,
+                          reason or "placed by order only", allowed, confidence, order_only=True)
+    if key is None and status == AMBIGUOUS:
+        candidates = tuple(entry.get("candidates") or ())
+        return Assignment(target, None, AMBIGUOUS, stage, reason, allowed, confidence, candidates)
+    if key is None and entry.get("steps"):
+        return _transformed(target, None, entry, stage or "plan", reason, confidence, check)
+    if key is None:
+        if status == MISSING:  # as planned
+            return Assignment(target, None, MISSING, stage, reason, allowed, confidence, order_only=order_only)
+        return Assignment(target, None, MISSING, "plan", "left fresh in the plan", "plan")
+    if key not in entries:
+        raise check.error((*where, "source"), f"names '{key}', which is not in the checkpoint",
+                          "a key listed by `regraft inspect CKPT`, or null to leave the variable fresh")
+    source = entries[key]
+    if status == UNCONFIRMED or not stage:
+        stage, reason = "plan", "chosen in the plan file"  # the user confirmed or chose it
+    if entry.get("steps"):
+        return _transformed(target, source, entry, stage, reason, confidence, check)
+    if source.shape != target.shape:  # reported, left fresh: what a plan says of a mismatch
+        return Assignment(target, source, SHAPE_MISMATCH, stage, reason, allowed, confidence, order_only=order_only)
+    if source.dtype != target.dtype:
+        return Assignment(target, source, CAST, stage, reason, None, confidence, order_only=order_only)
+    return Assignment(target, source, LOADED, stage, reason, None, confidence, order_only=order_only)
+
+
+def _transformed(target: TargetVariable, source: SourceEntry | None, entry: dict[str, Any], stage: str, reason: str,
+                 confidence: Any, check: _Checker) -> Assignment:
+    """An entry with ``steps``: each step checked against the shapes before anything is read."""
+    steps = tuple((step["name"], {k: v for k, v in step.items() if k != "name"}) for step in entry["steps"])
+    check_steps(steps, source.shape if source else None, target.shape, target.key)
+    return Assignment(target, source, TRANSFORMED, stage, reason, None, confidence, (), steps,
+                      order_only=bool(entry.get("order_only")))
