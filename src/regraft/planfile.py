@@ -159,7 +159,7 @@ def read_plan(path: str | os.PathLike[str], model: Any) -> Plan:
             raise check.error(("ignored", i), f"names '{key}', which is not in the checkpoint", "a checkpoint key")
         ignored.append((entries[key], rule))
     ignored_keys = {e.key for e, _ in ignored}
-    used = {a.source.key for a in assignments if a.source is not None and a.status != UNCONFIRMED}
+    used = {a.source.key for a in assignments if a.source is not None}  # a proposal reserves its tensor
     prefix = root + "/" if root else ""
     weights = [e for e in entries.values() if e.kind == WEIGHT]
     return Plan(
@@ -323,7 +323,7 @@ def _assignment(target: TargetVariable, entry: dict[str, Any], entries: dict[str
         candidates = tuple(entry.get("candidates") or ())
         return Assignment(target, None, AMBIGUOUS, stage, reason, allowed, confidence, candidates)
     if key is None and entry.get("steps"):
-        return _transformed(target, None, entry, stage or "plan", reason, confidence, check)
+        return _transformed(target, None, entry, stage, reason, confidence, check)
     if key is None:
         if status == MISSING:  # as planned
             return Assignment(target, None, MISSING, stage, reason, allowed, confidence, order_only=order_only)
@@ -348,5 +348,5 @@ def _transformed(target: TargetVariable, source: SourceEntry | None, entry: dict
     """An entry with ``steps``: each step checked against the shapes before anything is read."""
     steps = tuple((step["name"], {k: v for k, v in step.items() if k != "name"}) for step in entry["steps"])
     check_steps(steps, source.shape if source else None, target.shape, target.key)
-    return Assignment(target, source, TRANSFORMED, stage, reason, None, confidence, (), steps,
+    return Assignment(target, source, TRANSFORMED, stage, reason, entry.get("allowed_by"), confidence, (), steps,
                       order_only=bool(entry.get("order_only")))
