@@ -112,6 +112,38 @@ def test_tf_keras_checkpoint_into_keras3_model(tmp_path, tf_keras, kind):
     assert report.counts()["unused"] == 0 and report.counts()["optimizer_and_bookkeeping"] > 0
 
 
+def _encoder_decoder(k):
+    """Sub-models ``encoder`` and ``decoder`` of equal shapes whose layers share names (proj, norm, out)."""
+    def sub(name):
+        inputs = k.Input((6,))
+        x = k.layers.Dense(6, name="proj")(inputs)
+        x = k.layers.LayerNormalization(name="norm")(x)
+        return k.Model(inputs, k.layers.Dense(6, name="out")(x), name=name)
+
+    inputs = k.Input((6,))
+    return k.Model(inputs, sub("decoder")(sub("encoder")(inputs)), name="ae")
+
+
+@pytest.mark.parametrize("fmt", ["h5", "tf-keras", "tf"])
+def test_tf_keras_sub_models_with_the_same_layer_names_load_each_its_own(tmp_path, tf_keras, fmt):
+    """Keras 2 ``.h5`` names weights ``proj/kernel:0`` in both the encoder's and the decoder's group."""
+    old = _encoder_decoder(tf_keras)
+    rng = np.random.default_rng(11)
+    old.set_weights([rng.standard_normal(w.shape).astype("float32") for w in old.get_weights()])
+    path = {"h5": str(tmp_path / "ae.h5"), "tf-keras": str(tmp_path / "ae")}.get(fmt)
+    if fmt == "tf":
+        path = tf.train.Checkpoint(model=old).write(str(tmp_path / "ck" / "ae"))
+    else:
+        old.save_weights(path)
+    target = _encoder_decoder(keras)
+    before = snapshot(target)
+    regraft.load(target, path)  # strict: every variable has its own tensor
+    assert_state(target, before, {id(t): s.numpy() for s, t in zip(old.weights, target.weights)})
+    if fmt == "h5":
+        with regraft.open(path) as source:
+            assert {"encoder/proj/kernel", "decoder/proj/kernel"} <= {e.key for e in source.entries()}
+
+
 def test_tf1_names_into_keras3_variable_paths(tmp_path):
     """A TF1 ``Saver`` checkpoint whose variable names equal the Keras 3 variable paths."""
     target = functional(("d1", "bn", "d2"))

@@ -18,7 +18,7 @@ from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
 from regraft.errors import CorruptCheckpointError, UnsupportedFormatError
 from regraft.sources.base import Source
 
-__all__ = ["KerasH5", "looks_like"]
+__all__ = ["KerasH5", "looks_like", "keras2_key"]
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _VAR = re.compile(r"(^|/)vars/\d+$")
@@ -135,16 +135,46 @@ class KerasH5(Source):
         out = []
         self._dataset_path = {}
         self._layers = {}  # keys are the weights' own names: nothing to add
+        owner: dict[str, str] = {}
         for layer_name in _strings(self._file.attrs["layer_names"]):
             group = self._file[layer_name]
             for index, weight_name in enumerate(_strings(group.attrs.get("weight_names", []))):
                 dataset = group[weight_name]
-                key = weight_name[:-2] if weight_name.endswith(":0") else weight_name
+                key = keras2_key(layer_name, weight_name)
+                if key in owner:
+                    raise UnsupportedFormatError(
+                        f"{self.path}: layers '{owner[key]}' and '{layer_name}' both hold a weight that reads as "
+                        f"'{key}'; regraft cannot tell them apart.",
+                        hint="Save the weights in TensorFlow format (model.save_weights('prefix')) or as .weights.h5.",
+                    )
+                owner[key] = layer_name
                 parent, _, role = key.rpartition("/")
                 self._dataset_path[key] = dataset.name
                 shape = tuple(int(d) for d in dataset.shape)
                 out.append(SourceEntry(key, shape, _dtype_name(dataset), WEIGHT, parent, role, index, layer_name))
         return out
+
+
+def keras2_key(group: str, weight_name: str) -> str:
+    """The key of a Keras 2 ``.h5`` weight: its path from the top-level layer group that holds it.
+
+    A top-level layer's weights are named after it (``dense/kernel:0`` in group
+    ``dense``); a nested model's group holds its layers' weights under their own
+    names (``proj/kernel:0`` in group ``encoder``, and ``decoder`` may hold another
+    ``proj/kernel:0``), so the group is put in front; a subclassed model's weight
+    names carry the model's scope first (``tm/dense_1/kernel:0`` in ``dense_1``).
+
+    Example:
+        >>> keras2_key("dense", "dense/kernel:0"), keras2_key("encoder", "proj/kernel:0")
+        ('dense/kernel', 'encoder/proj/kernel')
+        >>> keras2_key("dense_1", "tm/dense_1/kernel:0")
+        'dense_1/kernel'
+    """
+    name = weight_name[:-2] if weight_name.endswith(":0") else weight_name
+    segments = name.split("/")
+    if group in segments[:-1]:
+        return "/".join([group, *segments[segments.index(group) + 1 :]])
+    return f"{group}/{name}"
 
 
 def _strings(values: object) -> list[str]:
