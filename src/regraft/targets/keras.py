@@ -89,7 +89,7 @@ def describe_with_layers(
         layer, layer_path, index = owners.get(id(variable), (None, "", 0))
         key = _unique_key(readable.get(id(variable), variable.path), used)
         layer_path = key.rpartition("/")[0] if id(variable) in readable else layer_path
-        keys = {"name": variable.path}
+        keys = {"name": key}  # the readable key: unique, built from layer names (Keras 2 .h5, TF1)
         for namespace, table in tables.items():
             if id(variable) in table:
                 keys[namespace] = table[id(variable)]
