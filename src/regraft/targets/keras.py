@@ -1,19 +1,22 @@
 """Describe a built Keras 3 model as :class:`TargetVariable` records, and assign to it.
 
-This is the only module that knows Keras' and TensorFlow's internals on the
-target side. Keys are computed by asking the frameworks themselves:
+This is the only module that knows how Keras and TensorFlow name a model's
+variables on the target side; every private name it reads goes through
+:mod:`regraft.targets._compat`. Keys are computed by asking the frameworks:
 
 * ``object`` keys walk ``_trackable_children("checkpoint")`` breadth-first from
   the model, exactly as ``tf.train.Checkpoint`` does when it saves;
-* ``h5`` keys run Keras' own weights walk (``saving_lib._save_state``) against a
-  recording store, so they equal the paths ``model.save_weights`` would write;
+* ``h5`` keys follow Keras' weights saver walk (``saving_lib._save_state``), its
+  attribute order and skip sets read from Keras, calling each layer's own
+  ``save_own_variables`` with a recording store, so they equal the paths
+  ``model.save_weights`` would write (a test compares them with Keras' own walk
+  and with a written file);
 * ``keras2`` keys reproduce tf-keras' ``layer_with_weights-N`` numbering;
 * ``name`` keys are Keras variable paths (``dense_1/kernel``).
 """
 
 from __future__ import annotations
 
-import functools
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +25,7 @@ import numpy as np
 
 from regraft.entries import NAMESPACES, TargetVariable
 from regraft.errors import TargetError
+import regraft.targets._compat as _compat
 
 __all__ = [
     "describe",
@@ -169,7 +173,7 @@ def _unique_key(path: str, used: dict[str, int]) -> str:
 
 
 def _has_unbuilt_layers(model: Any) -> bool:
-    return any(not layer.built for layer in getattr(model, "_flatten_layers", lambda: [])())
+    return any(not layer.built for layer in _compat.flatten_layers(model))
 
 
 def _owners(model: Any) -> dict[int, tuple[Any, str, int]]:
@@ -178,8 +182,8 @@ def _owners(model: Any) -> dict[int, tuple[Any, str, int]]:
     The owner is the innermost layer whose own (non-nested) variables include it.
     """
     out: dict[int, tuple[Any, str, int]] = {}
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        own = list(layer._trainable_variables) + list(layer._non_trainable_variables)
+    for layer in _compat.flatten_layers(model):
+        own = _compat.own_variables(layer)
         path = layer.path if hasattr(layer, "path") else layer.name
         for index, variable in enumerate(own):
             out.setdefault(id(variable), (layer, path, index))
@@ -205,8 +209,7 @@ def _readable_keys(model: Any) -> dict[int, str]:
         if id(layer) in seen:
             return
         seen.add(id(layer))
-        own = list(layer._trainable_variables) + list(layer._non_trainable_variables)
-        for variable in own:
+        for variable in _compat.own_variables(layer):
             out.setdefault(id(variable), f"{prefix}{variable.name}")
         for name, child in _named_sub_layers(layer):
             visit(child, f"{prefix}{name}/")
@@ -223,12 +226,10 @@ def _named_sub_layers(layer: Any) -> list[tuple[str, Any]]:
     list item, ``heads/cls`` for a dict item).
     """
     keras = _keras()
-    if isinstance(layer, keras.Sequential) or type(layer).__name__ == "Functional" or (
-        isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False)
-    ):
+    if _is_layered(layer):
         return [(child.name, child) for child in layer.layers]
-    if not getattr(layer, "_layers", True):
-        return []  # Keras tracks every sub-layer in _layers: a leaf layer has none to look for
+    if not _compat.tracked_layers(layer):
+        return []  # Keras tracks every sub-layer: a leaf layer has none to look for
     found: list[tuple[str, Any]] = []
     for name, value in sorted(vars(layer).items(), key=lambda kv: kv[0].startswith("_")):
         if isinstance(value, keras.layers.Layer):
@@ -240,10 +241,13 @@ def _named_sub_layers(layer: Any) -> list[tuple[str, Any]]:
     return found
 
 
-def _snake(layer: Any) -> str:
-    from keras.src.utils.naming import to_snake_case
+def _is_layered(model: Any) -> bool:
+    """A Sequential or functional model: one whose sub-layers are its ``layers``, in graph order."""
+    return isinstance(model, _keras().Sequential) or _compat.is_functional(model)
 
-    return to_snake_case(type(layer).__name__)
+
+def _snake(layer: Any) -> str:
+    return _compat.snake_case(type(layer).__name__)
 
 
 def _object_walk(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None, str | None]]]:
@@ -258,11 +262,7 @@ def _object_walk(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None
     queue: deque[tuple[Any, str]] = deque([(model, "")])
     while queue:
         obj, path = queue.popleft()
-        try:
-            children = obj._trackable_children(save_type="checkpoint")
-        except Exception:  # an object TF cannot walk has no checkpoint path
-            continue
-        for name, child in children.items():
+        for name, child in _compat.checkpoint_children(obj).items():
             if id(child) in seen:
                 continue
             seen.add(id(child))
@@ -277,74 +277,82 @@ def _object_walk(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None
 
 
 def _h5_walk(model: Any, fast: bool = True) -> tuple[dict[int, str], dict[str, tuple[str | None, str | None]]]:
-    """Paths Keras' own weights saver would write, from its walk run against a recorder.
+    """Paths Keras' weights saver would write for ``model`` (``model.save_weights``), without writing.
 
-    With ``fast``, Keras' attribute walk runs with two speed-ups that keep its
-    result (a test compares both): the skip set is memoised, and ``dir(obj)`` —
-    re-sorted for every layer — is replaced by the same names gathered from the
-    instance and a per-class cache.
+    With ``fast`` (the default), regraft's own copy of the saver's walk
+    (:func:`_walk_weights`); otherwise Keras' own (``saving_lib._save_state``),
+    which is slower on large models. Both record what each object's
+    ``save_own_variables`` writes; a test checks they agree with each other and
+    with a file ``save_weights`` wrote. Neither changes any state of Keras, so
+    walks may run on several threads at once.
 
     Returns (variable id → path, layer path → (name, kind)).
-    """
-    try:
-        from keras.src.saving import saving_lib
-    except ImportError:  # pragma: no cover - depends on the Keras version installed
-        return {}, {}
 
+    Raises:
+        TargetError: a private Keras name the walk reads is missing, or the walk
+            failed on this model (as ``model.save_weights`` would).
+    """
     out: dict[int, str] = {}
     layer_names: dict[str, str | None] = {}
 
-    class _Vars(dict):
-        def __init__(self, path: str) -> None:
-            super().__init__()
-            self.path = path
+    def make(path: str, metadata: dict | None) -> _RecordedVars:
+        layer_names[path] = (metadata or {}).get("name")
+        return _RecordedVars(path, out)
 
-        def __setitem__(self, name: str, value: Any) -> None:
-            out.setdefault(id(value), f"{self.path}/vars/{name}" if self.path else f"vars/{name}")
-
-    class _Recorder(saving_lib.H5IOStore):
-        def __init__(self) -> None:  # no file: only records paths
-            pass
-
-        def __bool__(self) -> bool:
-            return True
-
-        def make(self, path: str, metadata: Any = None) -> _Vars:
-            layer_names[path] = (metadata or {}).get("name")
-            return _Vars(path)
-
-        def get(self, path: str) -> _Vars:
-            return _Vars(path)
-
-    # Keras 3.15's get_attr_skipset caches under one global name and reads another
-    # ("skipset" vs "skiplist"), so it builds a throwaway Layer per visited layer:
-    # 5 s for 3,000 layers. The skip set depends only on the object type; memoise it
-    # for the duration of this walk.
-    original_skipset, original_walk = saving_lib.get_attr_skipset, saving_lib._walk_saveable
-    if fast:
-        saving_lib.get_attr_skipset = functools.lru_cache(maxsize=None)(original_skipset)
-        saving_lib._walk_saveable = _fast_walk_saveable(saving_lib)
     try:
-        saving_lib._save_state(model, _Recorder(), None, "", set())
-    except Exception:  # Keras internals changed: h5 keys are then unknown, matching falls back
-        return {}, {}
-    finally:
-        saving_lib.get_attr_skipset, saving_lib._walk_saveable = original_skipset, original_walk
-    kinds = {layer.name: _snake(layer) for layer in model._flatten_layers(include_self=False, recursive=True)}
+        if fast:
+            _walk_weights(model, make)
+        else:
+            _compat.run_keras_weights_walk(model, make)
+    except TargetError:
+        raise
+    except Exception as exc:
+        raise TargetError(
+            f"Cannot list the .weights.h5 keys of model '{model.name}': Keras' weights walk raised "
+            f"{type(exc).__name__}: {exc}",
+            hint="regraft walks the model as model.save_weights does: check that "
+            "model.save_weights('check.weights.h5') works on this model.",
+        ) from exc
+    kinds = {layer.name: _snake(layer) for layer in _compat.flatten_layers(model, include_self=False)}
     return out, {path: (name, kinds.get(name)) for path, name in layer_names.items() if path}
 
 
-def _fast_walk_saveable(saving_lib: Any) -> Any:
-    """``saving_lib._walk_saveable`` with ``dir(obj)`` computed from ``vars(obj)`` and cached class names.
+class _RecordedVars(dict):
+    """The store one object's ``save_own_variables`` writes into: records each variable's path."""
 
-    ``dir`` of an instance is its ``__dict__`` keys plus every name in its class's
-    MRO; Keras sorts all of them (hundreds) for every layer, then skips most.
+    def __init__(self, path: str, out: dict[int, str]) -> None:
+        super().__init__()
+        self.path = path
+        self.out = out
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.out.setdefault(id(value), f"{self.path}/vars/{name}" if self.path else f"vars/{name}")
+
+
+def _walk_weights(model: Any, make: Any) -> None:
+    """Keras 3.15's weights saver walk (``saving_lib._save_state``), reading only what Keras tells.
+
+    From ``model``, depth first: each object with ``save_own_variables`` writes
+    its variables into ``make(path, {'name': its name})``; then its attributes
+    are followed in Keras' order — ``layers`` first for Sequential and functional
+    models, then every attribute name not in Keras' skip set for the object's
+    type, sorted with Keras' key (private names last). A saveable attribute is
+    visited at ``path/attribute``; the items of a list, tuple or dict attribute
+    at ``path/attribute/<class in snake case>[_N]`` (nested lists:
+    ``container[_N]``). Each object is visited once, at its first path.
+
+    The same walk as Keras', made fast: ``dir(obj)`` (sorted anew per object) is
+    the instance's names plus its class's, which are cached per class; the skip
+    sets are cached per type.
     """
+    saveable_class = _compat.saveable_class()
+    sort_key = _compat.attribute_sort_key()
     class_names: dict[tuple[type, str], frozenset[str]] = {}
+    visited: set[int] = set()
 
-    def walk(saveable: Any) -> Any:
-        obj_type = saveable._obj_type()
-        skip = saving_lib.get_attr_skipset(obj_type)
+    def attributes(saveable: Any) -> Any:
+        obj_type = _compat.saveable_type(saveable)
+        skip = _compat.attribute_skipset(obj_type)
         if obj_type in ("Sequential", "Functional"):
             yield "layers", saveable.layers
         key = (type(saveable), obj_type)
@@ -352,14 +360,51 @@ def _fast_walk_saveable(saving_lib: Any) -> Any:
             names = {name for cls in type(saveable).__mro__ for name in vars(cls)}
             class_names[key] = frozenset(n for n in names if not n.startswith("__") and n not in skip)
         own = {n for n in vars(saveable) if not n.startswith("__") and n not in skip}
-        for child_attr in sorted(own | class_names[key], key=saving_lib._name_key):
+        for name in sorted(own | class_names[key], key=sort_key):
             try:
-                child_obj = getattr(saveable, child_attr)
-            except Exception:
+                child = getattr(saveable, name)
+            except Exception:  # Keras' walk skips an attribute that raises; so does the file
                 continue
-            yield child_attr, child_obj
+            yield name, child
 
-    return walk
+    def save_state(saveable: Any, path: str) -> None:
+        if id(saveable) in visited:
+            return
+        if hasattr(saveable, "save_own_variables"):
+            name = getattr(saveable, "name", None)
+            saveable.save_own_variables(make(path, {"name": name} if isinstance(name, str) else None))
+        visited.add(id(saveable))
+        for name, child in attributes(saveable):
+            if isinstance(child, saveable_class):
+                save_state(child, _join(path, name))
+            elif isinstance(child, (list, dict, tuple)):
+                save_container(child, _join(path, name), set())
+
+    def save_container(container: Any, path: str, seen: set[int]) -> None:
+        if id(container) in seen:
+            return
+        seen.add(id(container))
+        used: dict[str, int] = {}
+        for item in list(container.values()) if isinstance(container, dict) else container:
+            if isinstance(item, saveable_class):
+                save_state(item, _join(path, _unique_name(_compat.snake_case(item.__class__.__name__), used)))
+            elif isinstance(item, (list, dict, tuple)):
+                save_container(item, _join(path, _unique_name("container", used)), seen)
+
+    save_state(model, "")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}/{name}" if path else name
+
+
+def _unique_name(name: str, used: dict[str, int]) -> str:
+    """``name``, then ``name_1``, ``name_2``, … for repeats within one container (as Keras numbers them)."""
+    if name in used:
+        used[name] += 1
+        return f"{name}_{used[name]}"
+    used[name] = 0
+    return name
 
 
 def _keras2_keys(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None, str | None]]]:
@@ -388,7 +433,7 @@ def _keras2_keys(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None
                 for variable in layer.weights:
                     out.setdefault(id(variable), f"{path}/{variable.name}")
 
-    if isinstance(model, (keras.Sequential,)) or model.__class__.__name__ == "Functional":
+    if _is_layered(model):
         visit(model, "")
     return out, names
 
@@ -399,7 +444,7 @@ def custom_classes(model: Any) -> set[str]:
     A layer named after its class (``block``, ``block_2``) was named by Keras:
     these are the class names that auto-generated names are built from.
     """
-    return {_snake(layer) for layer in model._flatten_layers(include_self=True, recursive=True)}
+    return {_snake(layer) for layer in _compat.flatten_layers(model)}
 
 
 def save_weights(model: Any, out: str) -> list[str]:
@@ -466,15 +511,13 @@ def layer_graph(model: Any) -> list[GraphLayer]:
     """
     keras = _keras()
     readable = _readable_layer_keys(model)
-    if isinstance(model, keras.Sequential) or type(model).__name__ == "Functional":
+    if _is_layered(model):
         members = {id(layer) for layer in model.layers}
         out = []
         for layer in model.layers:
             if isinstance(layer, keras.layers.InputLayer):
                 continue
-            parents = [
-                p.operation for node in layer._inbound_nodes for p in node.parent_nodes if id(p.operation) in members
-            ]
+            parents = [parent for parent in _compat.inbound_layers(layer) if id(parent) in members]
             inputs = tuple(readable.get(id(p), p.name) for p in parents if not isinstance(p, keras.layers.InputLayer))
             out.append(_graph_layer(layer, readable.get(id(layer), layer.name), inputs))
         return out
@@ -489,7 +532,7 @@ def layer_graph(model: Any) -> list[GraphLayer]:
 def _graph_layer(layer: Any, key: str, inputs: tuple[str, ...]) -> GraphLayer:
     activation = getattr(layer, "activation", None)
     name = getattr(activation, "__name__", None) if activation is not None else None
-    non_negative = name == "relu" or type(layer).__name__ == "ReLU"
+    non_negative = name == "relu" or isinstance(layer, _keras().layers.ReLU)
     return GraphLayer(key, _snake(layer), inputs, name, non_negative)
 
 
@@ -516,8 +559,8 @@ def _readable_layer_keys(model: Any) -> dict[int, str]:
     """Layer id → readable layer key, consistent with the variables' readable keys."""
     by_variable = _readable_keys(model)
     out: dict[int, str] = {}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        own = list(layer._trainable_variables) + list(layer._non_trainable_variables)
+    for layer in _compat.flatten_layers(model, include_self=False):
+        own = _compat.own_variables(layer)
         if own and id(own[0]) in by_variable:
             out[id(layer)] = by_variable[id(own[0])].rpartition("/")[0]
     return out

@@ -1,0 +1,298 @@
+"""Every use of Keras' and TensorFlow's private API, in one place.
+
+regraft computes a model's checkpoint keys by asking the frameworks, and some of
+what it asks is not public: ``Layer._flatten_layers``, the weights saver's
+attribute walk in ``keras.src.saving.saving_lib``, TensorFlow's
+``_trackable_children``, the functional graph's nodes. Each such read is one
+small function below, with the Keras version it exists since (checked against
+Keras' release tags), and a test in ``tests/test_compat.py`` that pins what it
+returns on a small real model.
+
+When a name is missing — a Keras release renamed or removed it — the accessor
+raises :class:`~regraft.errors.TargetError` naming the private name, the version
+it is known from and the Keras installed. Nothing here falls back silently:
+a key regraft cannot compute would otherwise just vanish from matching.
+
+regraft is tested with Keras 3.15 and TensorFlow 2.21 (``pyproject.toml``'s floors).
+Nothing in this module changes any state of Keras or TensorFlow.
+
+Example:
+    >>> from regraft.targets import _compat                           # doctest: +SKIP
+    >>> [layer.name for layer in _compat.flatten_layers(model)]       # doctest: +SKIP
+    ['model', 'dense1', 'dense2']
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from typing import Any, Callable, MutableMapping
+
+from regraft.errors import TargetError
+
+__all__ = [
+    "keras_version",
+    "functional_class",
+    "is_functional",
+    "flatten_layers",
+    "own_variables",
+    "tracked_layers",
+    "snake_case",
+    "checkpoint_children",
+    "inbound_layers",
+    "input_consumers",
+    "functional_inputs",
+    "build_shapes",
+    "saveable_class",
+    "saveable_type",
+    "attribute_skipset",
+    "attribute_sort_key",
+    "run_keras_weights_walk",
+]
+
+_HINT = (
+    "regraft is tested with keras 3.15 and tensorflow 2.21 (see pyproject.toml): install those, "
+    "or report the Keras version to regraft; every private name it reads is in regraft/targets/_compat.py."
+)
+
+
+def keras_version() -> str:
+    """The installed Keras version (``keras.__version__``, public), e.g. ``'3.15.1'``."""
+    import keras
+
+    return str(keras.__version__)
+
+
+def _versions() -> str:
+    """``Keras 3.15.1 (TensorFlow 2.21.0)``: what is installed, for error messages."""
+    text = f"Keras {keras_version()}"
+    tf = sys.modules.get("tensorflow")
+    version = getattr(tf, "__version__", None)
+    return f"{text} (TensorFlow {version})" if version else text
+
+
+def _missing(name: str, since: str, found: str = "") -> TargetError:
+    """The loud error for a private name that the installed Keras/TensorFlow lacks."""
+    where = f" {found}" if found else ""
+    return TargetError(
+        f"regraft reads the private {name} (present since {since}), but{where} it is missing with "
+        f"{_versions()} installed.",
+        hint=_HINT,
+    )
+
+
+def _attribute(obj: Any, name: str, owner: str, since: str) -> Any:
+    """``getattr(obj, name)``, or the loud error naming ``owner.name``."""
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        label = getattr(obj, "name", None)
+        found = f"on {type(obj).__name__} '{label}'" if isinstance(label, str) else f"on an object of type {type(obj).__name__}"
+        raise _missing(f"`{owner}.{name}`", since, found) from None
+
+
+def _import(module: str, name: str, since: str) -> Any:
+    """``from module import name``, or the loud error naming ``module.name``."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise _missing(f"`{module}.{name}`", since) from None
+
+
+# --------------------------------------------------------------------------- model structure
+
+
+@functools.cache
+def functional_class() -> type:
+    """The class of functional models, ``keras.src.models.functional.Functional``.
+
+    ``keras.Model(inputs, outputs)`` returns one (so does a ``keras.Model``
+    subclass initialised with inputs and outputs); Keras exports it under no
+    public name. Since Keras 3.0 (under ``keras.src`` since 3.3). ``Sequential``
+    is not a subclass of it.
+    """
+    return _import("keras.src.models.functional", "Functional", "Keras 3.3")
+
+
+def is_functional(model: Any) -> bool:
+    """Whether ``model`` is a functional model (``isinstance`` of :func:`functional_class`)."""
+    return isinstance(model, functional_class())
+
+
+def flatten_layers(layer: Any, include_self: bool = True, recursive: bool = True) -> list[Any]:
+    """Every layer ``layer`` tracks, depth first: ``Layer._flatten_layers`` (Keras 3.0).
+
+    Each layer once, ``layer`` itself first when ``include_self``; with
+    ``recursive``, the layers of sub-layers too.
+    """
+    method = _attribute(layer, "_flatten_layers", "Layer", "Keras 3.0")
+    return list(method(include_self=include_self, recursive=recursive))
+
+
+def own_variables(layer: Any) -> list[Any]:
+    """The variables a layer created itself, not its sub-layers': trainable first, then non-trainable.
+
+    Reads ``Layer._trainable_variables`` and ``Layer._non_trainable_variables``
+    (Keras 3.0); in this order ``Layer.save_own_variables`` numbers them
+    ``vars/0, vars/1, …``.
+    """
+    trainable = _attribute(layer, "_trainable_variables", "Layer", "Keras 3.0")
+    non_trainable = _attribute(layer, "_non_trainable_variables", "Layer", "Keras 3.0")
+    return list(trainable) + list(non_trainable)
+
+
+def tracked_layers(layer: Any) -> list[Any]:
+    """The direct sub-layers Keras tracks on ``layer``: ``Layer._layers`` (Keras 3.0).
+
+    Every layer assigned to an attribute (or held in a list or dict attribute) is
+    tracked here, so an empty list means a leaf layer.
+    """
+    return list(_attribute(layer, "_layers", "Layer", "Keras 3.0"))
+
+
+@functools.cache
+def _to_snake_case() -> Callable[[str], str]:
+    return _import("keras.src.utils.naming", "to_snake_case", "Keras 3.3")
+
+
+def snake_case(class_name: str) -> str:
+    """Keras' snake case of a class name, as in auto-generated layer names (``Conv2D`` → ``conv2d``).
+
+    ``keras.src.utils.naming.to_snake_case`` (Keras 3.0, under ``keras.src`` since
+    3.3). The weights saver names the items of a list attribute with it too.
+    """
+    return _to_snake_case()(class_name)
+
+
+def checkpoint_children(obj: Any) -> dict[str, Any]:
+    """The named children ``tf.train.Checkpoint`` saves for ``obj``.
+
+    TensorFlow's ``Trackable._trackable_children(save_type="checkpoint")``,
+    overridden by Keras' TensorFlow-backend ``Layer`` since Keras 3.0. Raises
+    :class:`TargetError` when ``obj`` has no such method (it is not trackable).
+    """
+    method = _attribute(obj, "_trackable_children", "Trackable", "TensorFlow 2.x / Keras 3.0")
+    return dict(method(save_type="checkpoint"))
+
+
+def inbound_layers(layer: Any) -> list[Any]:
+    """The operations (layers) whose outputs ``layer`` was called on in its functional graph(s).
+
+    ``Operation._inbound_nodes`` (Keras 3.0), each node's ``parent_nodes``
+    (Keras 3.0) and their ``operation``; one entry per call argument, in call
+    order, for every graph the layer is part of.
+    """
+    nodes = _attribute(layer, "_inbound_nodes", "Operation", "Keras 3.0")
+    return [_attribute(parent, "operation", "Node", "Keras 3.0")
+            for node in nodes for parent in _attribute(node, "parent_nodes", "Node", "Keras 3.0")]
+
+
+def input_consumers(tensor: Any) -> list[Any]:
+    """The layers a functional model's input tensor feeds directly.
+
+    ``KerasTensor._keras_history.operation`` (the ``InputLayer``, Keras 3.0), then
+    its ``Operation._outbound_nodes`` (Keras 3.0) and each node's ``operation``.
+    """
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        raise _missing("`KerasTensor._keras_history`", "Keras 3.0", f"on the input {tensor!r}")
+    source = _attribute(history, "operation", "KerasHistory", "Keras 3.0")
+    return [_attribute(node, "operation", "Node", "Keras 3.0")
+            for node in _attribute(source, "_outbound_nodes", "Operation", "Keras 3.0")]
+
+
+def functional_inputs(model: Any) -> Any:
+    """A functional model's inputs in the structure it was built with, or ``None`` for other models.
+
+    ``Function._inputs_struct`` (Keras 3.0): one ``KerasTensor``, a list, or a
+    dict keyed by input name, exactly as passed to ``keras.Model(inputs, …)``
+    (``model.inputs`` flattens it).
+    """
+    if not is_functional(model):
+        return None
+    return _attribute(model, "_inputs_struct", "Function", "Keras 3.0")
+
+
+def build_shapes(model: Any) -> Any:
+    """The shapes a layer was built with, by call argument: ``Layer._build_shapes_dict`` (Keras 3.0).
+
+    ``{'x': (None, 5)}`` for a subclassed model built by calling it on a batch;
+    ``None`` before it is built that way or for an object that is not a Keras layer.
+    """
+    import keras
+
+    if not isinstance(model, keras.layers.Layer):
+        return None
+    return _attribute(model, "_build_shapes_dict", "Layer", "Keras 3.0")
+
+
+# --------------------------------------------------------------------------- the weights saver's walk
+
+
+@functools.cache
+def saveable_class() -> type:
+    """The base class of what Keras' weights saver visits: ``keras.src.saving.keras_saveable.KerasSaveable``.
+
+    Layers, models, optimizers, metrics and losses are ``KerasSaveable``. Since Keras 3.4.
+    """
+    return _import("keras.src.saving.keras_saveable", "KerasSaveable", "Keras 3.4")
+
+
+def saveable_type(saveable: Any) -> str:
+    """The saver's type tag of ``saveable``: ``KerasSaveable._obj_type()`` (Keras 3.4).
+
+    ``'Layer'``, ``'Functional'``, ``'Sequential'``, ``'Optimizer'``, ``'Metric'``, ``'Loss'``, …
+    """
+    return str(_attribute(saveable, "_obj_type", "KerasSaveable", "Keras 3.4")())
+
+
+@functools.cache
+def attribute_skipset(obj_type: str) -> frozenset[str]:
+    """The attribute names the weights saver does not follow for objects of type ``obj_type``.
+
+    ``saving_lib.get_attr_skipset`` (Keras 3.6; ``get_attr_skiplist`` before).
+    Memoised here: Keras 3.15 caches it under one global name and reads another,
+    so each call builds a throwaway ``Layer`` (5 s for 3,000 layers).
+    """
+    function = _import("keras.src.saving.saving_lib", "get_attr_skipset", "Keras 3.6")
+    return frozenset(function(obj_type))
+
+
+@functools.cache
+def attribute_sort_key() -> Callable[[str], str]:
+    """The key the weights saver sorts attribute names by: ``saving_lib._name_key`` (Keras 3.1;
+    under ``keras.src`` since 3.3, as every module path here).
+
+    Private names (``_x``) sort after public ones.
+    """
+    return _import("keras.src.saving.saving_lib", "_name_key", "Keras 3.3")
+
+
+def run_keras_weights_walk(model: Any, make: Callable[[str, dict | None], MutableMapping[str, Any]]) -> None:
+    """Run Keras' own weights saver walk over ``model``, writing nothing.
+
+    ``saving_lib._save_state`` (Keras 3.0) with a ``saving_lib.H5IOStore``
+    subclass (``make(path, metadata)`` since Keras 3.6) that opens no file:
+    for every object with variables it calls ``make(path, metadata)``
+    (``metadata`` is ``{'name': layer name}`` or ``None``) and the object writes
+    its variables into the mapping returned, as ``store['0'] = variable``. This
+    is what ``model.save_weights`` does; regraft's own walk
+    (``targets.keras._h5_walk``) is checked against it. It is slow on large
+    models (Keras rebuilds its skip set and sorts ``dir()`` for every layer)
+    and patches nothing.
+    """
+    store_class = _import("keras.src.saving.saving_lib", "H5IOStore", "Keras 3.3")
+    save_state = _import("keras.src.saving.saving_lib", "_save_state", "Keras 3.3")
+
+    class _Recorder(store_class):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:  # no file: only hands out mappings
+            pass
+
+        def __bool__(self) -> bool:
+            return True
+
+        def make(self, path: str, metadata: dict | None = None) -> MutableMapping[str, Any]:
+            return make(path, metadata)
+
+    save_state(model, _Recorder(), None, "", set())
