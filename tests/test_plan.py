@@ -334,3 +334,45 @@ def test_plan_file_keeps_an_unconfirmed_pairing_unconfirmed(tmp_path):
     again = regraft.read_plan(tmp_path / "plan.yaml", new)
     assert [a.status for a in again.assignments] == [a.status for a in plan.assignments]
     assert not any(a.writes for a in again.assignments if a.status == "unconfirmed")
+
+
+def containers_model(blocks: list[int], heads: list[str]):
+    """A subclassed model with a list attribute of Dense(units) and a dict attribute of Dense(3) heads."""
+    keras.backend.clear_session()
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.blocks = [keras.layers.Dense(units) for units in blocks]
+            self.heads = {name: keras.layers.Dense(3) for name in heads}
+
+        def call(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return [head(x) for head in self.heads.values()]
+
+    model = Net()
+    model(np.zeros((1, 8), "float32"))
+    return model
+
+
+def test_h5_list_and_dict_items_are_positions_not_names(tmp_path):
+    """.weights.h5 saves list and dict items as blocks/dense_1, heads/dense: never trusted alone."""
+    old = containers_model([8, 8], ["b", "c"])
+    randomize(old, 31)
+    path = save(old, tmp_path, "h5")
+    # A block inserted in front, and dict key 'b' renamed 'a': which is which only the user knows.
+    new = containers_model([8, 8, 8], ["a", "c"])
+    before = snapshot(new)
+    report = regraft.load(new, path, strict=False)
+    assert_state(new, before, {})  # nothing loaded on a guess
+    statuses = {a.target.key: a.status for a in report.plan.assignments}
+    assert set(statuses.values()) == {"unconfirmed"}
+    # Unchanged: the list loads by position, but dict items stay unconfirmed (the file has no dict keys);
+    # accepting order loads it all, each head its own.
+    same = containers_model([8, 8], ["b", "c"])
+    plan = regraft.plan(same, path)
+    assert {a.target.key.split("/")[0]: a.status for a in plan.assignments} == {"blocks": "loaded", "heads": "unconfirmed"}
+    before = snapshot(same)
+    regraft.load(same, path, accept_order=True)
+    assert_state(same, before, {id(t): value_of(s) for s, t in zip(old.weights, same.weights)})

@@ -207,7 +207,12 @@ def _sequences(s: Node, t: Node, namespace: str) -> list[tuple[list[Node], list[
             return [node.children[k] for k in sorted(keys, key=lambda k: int(_NUMBERED.match(k).group(1)))]
 
         return [(order(s_keys, s), order(t_keys, t))]
-    if namespace == "h5" and s.path.rpartition("/")[2] == "layers" and t.path.rpartition("/")[2] == "layers":
+    if namespace == "h5" and (
+        (s.path.rpartition("/")[2] == "layers" and t.path.rpartition("/")[2] == "layers")
+        or _auto_named_items(s) and _auto_named_items(t)
+    ):
+        # A layer list (Functional/Sequential 'layers', or a list or dict attribute): Keras names
+        # its items by class and counter, so only the order within a class is known.
         by_class: dict[str, tuple[list[tuple[int, Node]], list[tuple[int, Node]]]] = {}
         for side, node in ((0, s), (1, t)):
             for key, child in node.children.items():
@@ -219,6 +224,14 @@ def _sequences(s: Node, t: Node, namespace: str) -> list[tuple[list[Node], list[
             for _, (a, b) in sorted(by_class.items())
         ]
     return None
+
+
+def _auto_named_items(node: Node) -> bool:
+    """A ``.weights.h5`` container whose items Keras named by class and counter (``dense``, ``dense_1``)."""
+    from regraft.names import is_auto_name
+
+    return bool(node.children) and all(
+        c.leaf is None and key != "vars" and is_auto_name(key) for key, c in node.children.items())
 
 
 def _score(s: Node, t: Node) -> int:

@@ -89,7 +89,12 @@ def is_positional(key: str, namespace: str) -> bool:
         (True, False)
     """
     pattern = _POSITIONAL.get(namespace)
-    return bool(pattern and pattern.search(key.rpartition("/")[0]))
+    layer = key.rpartition("/")[0]
+    if namespace == "h5":
+        # Items of a list or dict attribute are saved under class-and-counter names
+        # (blocks/dense_1): a position too, whatever the container is called.
+        return bool(pattern.search(layer)) or any(is_auto_name(s) for s in layer.split("/") if s != "vars")
+    return bool(pattern and pattern.search(layer))
 
 
 def choose_root(source: Source, targets: list[TargetVariable], root: str | None) -> str:
@@ -148,6 +153,7 @@ def make_plan(
     model's layer classes in snake case: names built from them are auto-generated.
     """
     namespace = source.namespace
+    targets = _reachable(targets, namespace)
     root = choose_root(source, targets, root)
     prefix = root + "/" if root else ""
     available: dict[str, SourceEntry] = {}
@@ -210,6 +216,13 @@ def make_plan(
     for pair in nested.pairs:
         decided[pair.target.key] = _aligned_decision(pair, namespace, prefix)
         used.add(id(pair.source))
+    if namespace == "h5":
+        for target in _dict_items(targets):
+            decision = decided.get(target.key)
+            if decision is not None and decision.stage in ("exact", "aligned"):
+                decided[target.key] = decision._replace(
+                    reason=decision.reason + "; a dict item: .weights.h5 does not keep dict keys, only order",
+                    confidence=CONFIDENCE_ORDER, order_only=True)
     tied_layers = [layer + "/" for layer in (*alignment.tied, *nested.tied)]
     tied = {t.key for t in targets if t.key not in decided
             and any(t.keys.get(namespace, "").startswith(layer) for layer in tied_layers)}
@@ -242,6 +255,21 @@ def make_plan(
         source_fingerprint=fingerprint_source(source.entries()),
         target_fingerprint=fingerprint_target(targets),
     )
+
+
+def _reachable(targets: list[TargetVariable], namespace: str) -> list[TargetVariable]:
+    """Give a key in ``namespace`` to variables the framework's own walk does not reach.
+
+    Keras 3's object graph leaves out layers held in a plain list attribute
+    (``self.blocks = [...]``), so they have no ``object`` key; tf.keras saved them
+    (``blocks/0/kernel``). Their readable key has the same shape and takes part in
+    matching like any other key (its list index is a position, never trusted alone).
+    """
+    if namespace != "object":
+        return targets
+    taken = {t.keys[namespace] for t in targets if namespace in t.keys}
+    return [t if namespace in t.keys or t.key in taken else replace(t, keys={**t.keys, namespace: t.key})
+            for t in targets]
 
 
 class _Names:
@@ -304,14 +332,36 @@ class _Names:
             return segment.isdigit()
         if self.namespace == "keras2":
             return bool(_KERAS2_POSITION.match(segment))
-        if self.namespace == "h5":
-            return previous == "layers"
+        if self.namespace == "h5":  # a layer list's item, or a list or dict attribute's (blocks/dense_1)
+            return previous == "layers" or is_auto_name(segment)
         return False
 
     def auto_key(self, key: str) -> bool:
         """For keys that are names (TF1, Keras 2 ``.h5``): the owning layer's name is auto-generated."""
         layer = key.rpartition("/")[0].rpartition("/")[2]
         return bool(layer) and is_auto_name(layer, None, self.classes)
+
+
+def _dict_items(targets: list[TargetVariable]) -> list[TargetVariable]:
+    """Model variables held (at some depth) by an item of a dict attribute, where ``.weights.h5`` keys are used.
+
+    Keras saves a dict's items like a list's, under class-and-counter names
+    (``heads/dense_1``), and drops the keys: the readable key (``heads/cls/kernel``)
+    is the only place the dict key shows.
+    """
+    out = []
+    for target in targets:
+        h5 = target.keys.get("h5", "")
+        layer = h5.rpartition("/vars/")[0] if "/vars/" in h5 else h5.rpartition("/")[0]
+        segments = [(seg, i > 0 and layer.split("/")[i - 1] == "layers")
+                    for i, seg in enumerate(layer.split("/")) if seg != "layers"]
+        readable = target.key.rpartition("/")[0].split("/")
+        if len(segments) != len(readable):
+            continue
+        if any(not under_layers and is_auto_name(seg) and name != seg and not name.isdigit()
+               for (seg, under_layers), name in zip(segments, readable)):
+            out.append(target)
+    return out
 
 
 def _split(key: str) -> tuple[str, str]:
