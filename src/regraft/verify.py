@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+import regraft.targets._compat as _compat
 from regraft.errors import RegraftError
 
 __all__ = [
@@ -212,7 +213,7 @@ def _require_built(model: Any) -> None:
 
 def _input_specs(model: Any) -> Any:
     """The structure of input specs: from ``model.inputs``, the build shape, or the first layer's input spec."""
-    struct = getattr(model, "_inputs_struct", None)  # functional models
+    struct = _compat.functional_inputs(model)  # None unless functional
     if struct is None:
         try:
             inputs = model.inputs  # Sequential (a list); raises on subclassed models
@@ -228,7 +229,7 @@ def _input_specs(model: Any) -> Any:
     if first is not None and _is_embedding(first):
         dtype, high = "int32", min(INT_HIGH, int(first.input_dim))
 
-    shapes = getattr(model, "_build_shapes_dict", None)
+    shapes = _compat.build_shapes(model)
     if isinstance(shapes, Mapping) and len(shapes) == 1:
         shape_struct = next(iter(shapes.values()))
         if shape_struct is not None and _has_shapes(shape_struct):
@@ -263,12 +264,8 @@ def _tensor_spec(tensor: Any) -> _Spec:
 
 
 def _consumers(tensor: Any) -> list[Any]:
-    """The layers that take the functional input ``tensor`` directly (best effort)."""
-    try:
-        source = tensor._keras_history.operation
-        return [node.operation for node in source._outbound_nodes]
-    except Exception:  # private Keras structure; a miss only means default ranges
-        return []
+    """The layers that take the functional input ``tensor`` directly."""
+    return _compat.input_consumers(tensor)
 
 
 def _is_embedding(layer: Any) -> bool:
