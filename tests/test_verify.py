@@ -16,6 +16,7 @@ import keras  # noqa: E402
 from conftest import X5, assert_state, randomize, same_bytes, save_h5, snapshot  # noqa: E402
 from conftest import build as build_random  # noqa: E402
 from regraft.cli.output import fail  # noqa: E402
+from regraft.cli.verify import verify_command  # noqa: E402
 from regraft.errors import RegraftError  # noqa: E402
 from regraft.verify import (  # noqa: E402
     INT_HIGH,
@@ -24,7 +25,6 @@ from regraft.verify import (  # noqa: E402
     VerifyReport,
     probe_inputs,
     verify,
-    verify_command,
 )
 
 

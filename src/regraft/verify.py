@@ -34,10 +34,7 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -54,7 +51,6 @@ __all__ = [
     "VerifyReport",
     "probe_inputs",
     "verify",
-    "verify_command",
 ]
 
 INT_HIGH = 10
@@ -560,72 +556,3 @@ def _difference(old: np.ndarray, new: np.ndarray) -> tuple[float, float, int]:
     finite = np.abs(a[finite_mask])
     scale = float(finite.max()) if finite.size else 0.0
     return float(diff.max()), scale, int(a.size - np.count_nonzero(finite_mask))
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def verify_command(args: argparse.Namespace) -> int:
-    """``regraft verify``: load the old checkpoint and the new weights, compare the two models' outputs.
-
-    ``args`` holds ``old_checkpoint`` (checkpoint of the old model), ``old_model``
-    (its ``--model`` spec), ``new_weights`` (a ``.weights.h5`` or TF checkpoint
-    prefix, e.g. written by ``regraft load --out``), ``model`` (the new model's
-    spec), ``tolerance``, ``samples``, ``inputs`` (``None`` or a ``.npy`` file — one
-    array — or an ``.npz`` file: ``arr_0, arr_1, …`` as a list of inputs, other
-    names as a dict keyed by input name) and ``json``. Both loads are strict.
-
-    Exit codes:
-        0: the largest difference is within the tolerance.
-        1: it exceeds the tolerance (the report is printed; one line on stderr
-            says so). Not a user error.
-        2: a user error (bad spec, failed load, incomparable models): raised as a
-            :class:`~regraft.errors.RegraftError` for the CLI's ``main`` to print
-            as ``Error:``/``Hint:`` and turn into exit code 2.
-    """
-    import regraft
-    from regraft.cli.modelspec import build_model
-    from regraft.cli.output import emit, info
-
-    old_model = build_model(args.old_model)
-    regraft.load(old_model, args.old_checkpoint)
-    new_model = build_model(args.model)
-    regraft.load(new_model, args.new_weights)
-    inputs_path = getattr(args, "inputs", None)
-    inputs = _read_inputs(inputs_path) if inputs_path else None
-    report = verify(
-        old_model,
-        new_model,
-        inputs,
-        tolerance=getattr(args, "tolerance", 1e-5),
-        samples=getattr(args, "samples", 8),
-        seed=getattr(args, "seed", 0),
-    )
-    emit(report.to_dict(), str(report), getattr(args, "json", False))
-    if not report.passed:
-        info(f"verify failed: max |Δ| {report.max_abs:.1e} exceeds the tolerance {report.tolerance:g}.")
-        return 1
-    return 0
-
-
-def _read_inputs(path: str) -> Any:
-    """The inputs stored in a ``.npy`` (one array) or ``.npz`` (a list ``arr_0…`` or a dict) file."""
-    if not os.path.isfile(path):
-        raise VerifyError(f"Inputs file {path} does not exist.", hint="Pass a .npy file saved with numpy.save.")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise VerifyError(f"Cannot read inputs file {path}: {_first_line(exc)}",
-                          hint="Pass a .npy file saved with numpy.save (or an .npz saved with numpy.savez).") from exc
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded:
-        keys = list(loaded.files)
-        if not keys:
-            raise VerifyError(f"Inputs file {path} holds no arrays.", hint="Save at least one array.")
-        positional = [re.fullmatch(r"arr_(\d+)", k) for k in keys]
-        if all(positional):
-            ordered = sorted(keys, key=lambda k: int(k[4:]))
-            arrays = [loaded[k] for k in ordered]
-            return arrays[0] if len(arrays) == 1 else arrays
-        return {k: loaded[k] for k in keys}

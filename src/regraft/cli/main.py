@@ -12,6 +12,7 @@ import sys
 
 from regraft.cli import commands
 from regraft.cli.output import fail
+from regraft.cli.verify import verify_command
 from regraft.errors import RegraftError
 
 __all__ = ["main", "build_parser"]
@@ -26,12 +27,6 @@ _EPILOG = """examples:
   regraft load ckpts/run7 --model models.py:build_new --out new.weights.h5 --rename map.yaml
   regraft demo
 """
-
-
-def _verify(args: argparse.Namespace) -> int:
-    from regraft.verify import verify_command
-
-    return verify_command(args)
 
 
 def _add_match_options(p: argparse.ArgumentParser) -> None:
@@ -130,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the probe inputs (default 0)")
     p.add_argument("--inputs", metavar="NPY", help="probe inputs: a .npy array, or an .npz of several inputs")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(run=_verify)
+    p.set_defaults(run=verify_command)
 
     p = sub.add_parser("demo", help="run the built-in examples: three classic model changes",
                        description="Build three classic situations (inserted layer, more filters, renamed layer), "
