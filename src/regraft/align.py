@@ -40,7 +40,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-__all__ = ["Node", "Pair", "Alignment", "build_tree", "align_trees", "align_layers", "forced_pairs", "leaf_layers"]
+__all__ = ["Node", "Pair", "Alignment", "build_tree", "align_trees", "align_layers", "forced_pairs", "leaf_layers",
+           "compatible_roles"]
 
 # Scores (integers: ties must be exact).
 SAME_STRUCTURE = 100  # same variable roles and shapes
@@ -226,6 +227,34 @@ def _sequences(s: Node, t: Node, namespace: str) -> list[tuple[list[Node], list[
     return None
 
 
+def compatible_roles(a: set[str], b: set[str]) -> bool:
+    """Whether two layers' variables can be one layer's, before and after a change: equal, or one has a bias more.
+
+    Variables are named (``kernel``, ``bias``) or, in ``.weights.h5``, numbered in
+    creation order, where a bias comes last.
+
+    Example:
+        >>> compatible_roles({"_kernel", "bias"}, {"_kernel"}), compatible_roles({"0", "1"}, {"0"})
+        (True, True)
+        >>> compatible_roles({"gamma", "beta", "moving_mean", "moving_variance"}, {"gamma", "beta"})
+        False
+    """
+    if a == b:
+        return True
+    if (a ^ b) <= {"bias"}:
+        return True
+    if all(x.isdigit() for x in a | b):
+        small, large = sorted((a, b), key=len)
+        return small == {str(i) for i in range(len(small))} and large == {str(i) for i in range(len(small) + 1)}
+    return False
+
+
+def _holds_variables(node: Node) -> bool:
+    """A layer node whose children are its variables (directly, or in a ``vars`` group)."""
+    holder = node.children.get("vars", node)
+    return bool(holder.children) and all(c.leaf is not None for c in holder.children.values())
+
+
 def _auto_named_items(node: Node) -> bool:
     """A ``.weights.h5`` container whose items Keras named by class and counter (``dense``, ``dense_1``)."""
     from regraft.names import is_auto_name
@@ -256,6 +285,8 @@ def _score(s: Node, t: Node) -> int:
         # Partly alike (a nested block that changed inside, a layer that lost its bias):
         # a share of SAME_ROLES by how much of the roles they have in common.
         s_roles, t_roles = s.roles(), t.roles()
+        if _holds_variables(s) and _holds_variables(t) and not compatible_roles(set(s_roles), set(t_roles)):
+            return 0  # one layer, other variables: another class (BatchNormalization -> LayerNormalization)
         common = sum((s_roles & t_roles).values())
         share = common / max(sum(s_roles.values()), sum(t_roles.values()), 1)
         if share < 0.5:

@@ -30,7 +30,16 @@ import re
 from dataclasses import replace
 from typing import Any, NamedTuple
 
-from regraft.align import Alignment, Node, Pair, align_layers, align_trees, build_tree, leaf_layers
+from regraft.align import (
+    Alignment,
+    Node,
+    Pair,
+    align_layers,
+    align_trees,
+    build_tree,
+    compatible_roles,
+    leaf_layers,
+)
 from regraft.entries import WEIGHT, SourceEntry, TargetVariable
 from regraft.errors import RegraftError
 from regraft.growth import apply_policy, with_steps
@@ -104,10 +113,14 @@ def choose_root(source: Source, targets: list[TargetVariable], root: str | None)
     The user's ``root`` wins; otherwise the candidate whose keys match the most
     target keys, then one named ``model``, then the saved root itself.
     """
-    candidates = [""] + [r for r in source.roots() if r]
+    # Saved objects are named children of the saved root (model, optimizer, ema). A layer group
+    # (.weights.h5, Keras 2 .h5, TF1 scopes) or a numbered layer (layer_with_weights-0) is part of
+    # the one model the file holds, never a root of its own.
+    candidates = [""] + [r for r in source.roots() if r and source.namespace in ("object", "keras2")
+                         and not r.isdigit() and not _KERAS2_POSITION.match(r)]
     if root is not None:
         root = root.strip("/")
-        if root not in candidates:
+        if root not in candidates and root not in source.roots():
             raise RegraftError(
                 f"Root '{root}' is not an object of {source.path}. Objects holding weights: "
                 + ", ".join(repr(c) for c in candidates if c) + ".",
@@ -383,10 +396,12 @@ def _name_stage(targets: list[TargetVariable], available: dict[str, SourceEntry]
         if namespace in target.keys:
             layer, leaf = _split(target.keys[namespace])
             target_groups.setdefault(layer, {})[leaf] = target
-    sources = [NamedLayer(k, names.path("source", k), frozenset(v)) for k, v in source_groups.items()]
-    wanted = [NamedLayer(k, names.path("target", k), frozenset(v)) for k, v in target_groups.items()]
+    sources = [NamedLayer(k, names.path("source", k), frozenset(v), names.source_kinds.get(k))
+               for k, v in source_groups.items()]
+    wanted = [NamedLayer(k, names.path("target", k), frozenset(v), names.target_kinds.get(k))
+              for k, v in target_groups.items()]
     out: dict[str, Decision] = {}
-    for s_layer, t_layer, token in pair_by_names(sources, wanted):
+    for s_layer, t_layer, token in pair_by_names(sources, wanted, compatible_roles):
         for leaf, target in target_groups[t_layer.key].items():
             entry = source_groups[s_layer.key].get(leaf)
             if entry is not None:
@@ -413,17 +428,29 @@ def _nesting_stage(source_tree: Node, target_tree: Node, namespace: str, decided
                    used: set[int], fresh: dict[str, tuple[str, str]], ambiguous: dict[str, tuple[str, ...]]) -> Alignment:
     """Align the leaf layers nothing was decided for, as flat sequences between the pairs already made."""
     s_layers, t_layers = leaf_layers(source_tree), leaf_layers(target_tree)
-    if namespace == "h5":
-        # .weights.h5 keys order layers alphabetically by class, and by creation only within a
-        # class (layers/conv2d, layers/conv2d_1): align class by class.
+    s_kind, t_kind = _kinds_of(s_layers), _kinds_of(t_layers)
+    if namespace in ("h5", "name") and all(s_kind.values()) and all(t_kind.values()):
+        # .weights.h5 and Keras 2 .h5 keys order layers alphabetically (by class where Keras named
+        # them: conv2d, conv2d_1), by creation only within a class: align class by class.
         out = Alignment()
-        for kind in sorted({n.kind or "" for n in s_layers} & {n.kind or "" for n in t_layers}):
-            part = _nesting_stage_of([n for n in s_layers if (n.kind or "") == kind],
-                                     [n for n in t_layers if (n.kind or "") == kind], namespace, decided, used, fresh,
+        for kind in sorted(set(s_kind.values()) & set(t_kind.values())):
+            part = _nesting_stage_of([n for n in s_layers if s_kind[id(n)] == kind],
+                                     [n for n in t_layers if t_kind[id(n)] == kind], namespace, decided, used, fresh,
                                      ambiguous)
             out.pairs.extend(part.pairs)
+            out.tied.extend(part.tied)
         return out
     return _nesting_stage_of(s_layers, t_layers, namespace, decided, used, fresh, ambiguous)
+
+
+def _kinds_of(layers: list[Node]) -> dict[int, str]:
+    """Each layer's class where known: recorded, or read off an auto-generated name (conv2d_1 → conv2d)."""
+    out = {}
+    for node in layers:
+        last = node.path.rpartition("/")[2]
+        match = re.match(r"^(.*?)(?:_\d+)?$", last)
+        out[id(node)] = node.kind or (match.group(1) if match and is_auto_name(last) else "")
+    return out
 
 
 def _nesting_stage_of(s_layers: list[Node], t_layers: list[Node], namespace: str, decided: dict[str, Decision],
@@ -438,8 +465,12 @@ def _nesting_stage_of(s_layers: list[Node], t_layers: list[Node], namespace: str
         anchors.extend((i, j) for i in sources if i is not None)
         if not sources and not any(k in fresh or k in ambiguous for k in keys):
             t_open.append(j)
+    # A tensor some ambiguous variable could take is contested, not free: pairing it here would
+    # settle by elimination what the alignment called a tie.
+    contested = {c for candidates in ambiguous.values() for c in candidates}
     for i, node in enumerate(s_layers):
-        if not any(id(child.leaf) in used for child in _leaf_children(node)):
+        children = _leaf_children(node)
+        if not any(id(c.leaf) in used or c.leaf.key in contested for c in children):
             s_open.append(i)
     return align_layers(s_layers, t_layers, s_open, t_open, anchors, namespace)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 __all__ = ["Token", "NamedLayer", "is_auto_name", "model_prefixes", "pair_by_names"]
 
@@ -92,12 +92,14 @@ class NamedLayer:
     Attributes:
         key: the layer's key in its namespace.
         tokens: the name path, outermost first (levels with no known name are left out).
-        leaves: the segments of its variables (``_kernel``, ``bias``, ``vars/0``).
+        leaves: the segments of its variables (``_kernel``, ``bias``, ``0``).
+        kind: its class in snake case, where known.
     """
 
     key: str
     tokens: tuple[Token, ...]
     leaves: frozenset[str]
+    kind: str | None = None
 
 
 def model_prefixes(source_names: Iterable[str], target_names: Iterable[str], target_model: str = "") -> tuple[str, str]:
@@ -144,13 +146,17 @@ def strip_prefix(name: str, prefix: str) -> str:
     return name[len(prefix):] if prefix and name.startswith(prefix) and len(name) > len(prefix) else name
 
 
-def pair_by_names(sources: list[NamedLayer], targets: list[NamedLayer]) -> list[tuple[NamedLayer, NamedLayer, Token]]:
+def pair_by_names(sources: list[NamedLayer], targets: list[NamedLayer],
+                  compatible: Callable[[set[str], set[str]], bool] = lambda a, b: bool(a & b),
+                  ) -> list[tuple[NamedLayer, NamedLayer, Token]]:
     """Pair layers whose shortest name-path suffix unique on both sides is equal, decided by a strong token.
 
     Returns ``(source, target, deciding token)`` for every pair; layers whose
     deciding token is weak (an auto-generated name) or whose names are not unique
-    on any suffix are left to structural alignment. Paired layers must share at
-    least one variable segment.
+    on any suffix are left to structural alignment. Paired layers must be of one
+    class where both classes are known, and hold the same variables (or one a bias
+    more): a BatchNormalization replaced by a LayerNormalization of the same name
+    is a new layer.
 
     Example:
         >>> t = lambda *names: tuple(Token(n, not n.startswith("dense")) for n in names)
@@ -178,7 +184,9 @@ def pair_by_names(sources: list[NamedLayer], targets: list[NamedLayer]) -> list[
                 continue  # not unique yet: look one level further out
             source = by_suffix.get(suffix) if s_count[suffix] == 1 else None
             deciding = target.tokens[-k]
-            if source is not None and deciding.strong and source.tokens[-k].strong and source.leaves & target.leaves:
+            if (source is not None and deciding.strong and source.tokens[-k].strong
+                    and (source.kind is None or target.kind is None or source.kind == target.kind)
+                    and compatible(set(source.leaves), set(target.leaves))):
                 out.append((source, target, deciding))
             break
     return out
