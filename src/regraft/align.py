@@ -40,6 +40,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from regraft.keys import Namespace
+from regraft.keys import namespace as namespace_of
+from regraft.names import is_auto_name
+
 __all__ = ["Node", "Pair", "Alignment", "build_tree", "align_trees", "align_layers", "forced_pairs", "leaf_layers",
            "compatible_roles"]
 
@@ -172,23 +176,23 @@ def _natural(key: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
-def align_trees(source: Node, target: Node, namespace: str) -> Alignment:
-    """Align two key trees; see the module docstring."""
+def align_trees(source: Node, target: Node, ns: str | Namespace) -> Alignment:
+    """Align two key trees whose keys are in namespace ``ns``; see the module docstring."""
     out = Alignment()
-    _align(source, target, namespace, out, by_order=False, how="exact")
+    _align(source, target, namespace_of(ns), out, by_order=False, how="exact")
     return out
 
 
-def _align(s: Node, t: Node, namespace: str, out: Alignment, by_order: bool, how: str) -> None:
+def _align(s: Node, t: Node, ns: Namespace, out: Alignment, by_order: bool, how: str) -> None:
     if s.leaf is not None and t.leaf is not None:
         out.pairs.append(Pair(s.leaf, t.leaf, _parent(s.path), _parent(t.path), _score(s, t), by_order, how))
         return
-    sequences = _sequences(s, t, namespace)
+    sequences = _sequences(s, t, ns)
     if sequences is not None:
         for s_items, t_items in sequences:
-            _align_sequence(s_items, t_items, namespace, out, by_order)
+            _align_sequence(s_items, t_items, ns, out, by_order)
         return
-    _align_attributes(s, t, namespace, out, by_order, how)
+    _align_attributes(s, t, ns, out, by_order, how)
 
 
 def _parent(path: str) -> str:
@@ -196,7 +200,7 @@ def _parent(path: str) -> str:
     return parent[: -len("/vars")] if parent.endswith("/vars") else parent
 
 
-def _sequences(s: Node, t: Node, namespace: str) -> list[tuple[list[Node], list[Node]]] | None:
+def _sequences(s: Node, t: Node, ns: Namespace) -> list[tuple[list[Node], list[Node]]] | None:
     """Split two ordered containers into the sequences to align, or ``None`` if not ordered."""
     s_keys, t_keys = list(s.children), list(t.children)
     if not s_keys or not t_keys:
@@ -208,9 +212,9 @@ def _sequences(s: Node, t: Node, namespace: str) -> list[tuple[list[Node], list[
             return [node.children[k] for k in sorted(keys, key=lambda k: int(_NUMBERED.match(k).group(1)))]
 
         return [(order(s_keys, s), order(t_keys, t))]
-    if namespace == "h5" and (
-        (s.path.rpartition("/")[2] == "layers" and t.path.rpartition("/")[2] == "layers")
-        or _auto_named_items(s) and _auto_named_items(t)
+    if ns.lists_by_class and not ns.keys_are_names and (
+        (s.path.rpartition("/")[2] in ns.containers and t.path.rpartition("/")[2] in ns.containers)
+        or _auto_named_items(s, ns) and _auto_named_items(t, ns)
     ):
         # A layer list (Functional/Sequential 'layers', or a list or dict attribute): Keras names
         # its items by class and counter, so only the order within a class is known.
@@ -255,12 +259,10 @@ def _holds_variables(node: Node) -> bool:
     return bool(holder.children) and all(c.leaf is not None for c in holder.children.values())
 
 
-def _auto_named_items(node: Node) -> bool:
-    """A ``.weights.h5`` container whose items Keras named by class and counter (``dense``, ``dense_1``)."""
-    from regraft.names import is_auto_name
-
+def _auto_named_items(node: Node, ns: Namespace) -> bool:
+    """A container whose items Keras named by class and counter (``dense``, ``dense_1``)."""
     return bool(node.children) and all(
-        c.leaf is None and key != "vars" and is_auto_name(key) for key, c in node.children.items())
+        c.leaf is None and key != ns.variable_group and is_auto_name(key) for key, c in node.children.items())
 
 
 def _score(s: Node, t: Node) -> int:
@@ -299,15 +301,15 @@ def _score(s: Node, t: Node) -> int:
     return base
 
 
-def _align_attributes(s: Node, t: Node, namespace: str, out: Alignment, by_order: bool, how: str) -> None:
+def _align_attributes(s: Node, t: Node, ns: Namespace, out: Alignment, by_order: bool, how: str) -> None:
     """Pair equal names, then what is left by structure; ties are ambiguous."""
     s_left = dict(s.children)
     t_left = dict(t.children)
-    if namespace == "name":
-        _align_auto_named(s_left, t_left, namespace, out, by_order)
+    if ns.keys_are_names:
+        _align_auto_named(s_left, t_left, ns, out, by_order)
     for key in list(t_left):
         if key in s_left and (s_left[key].leaf is None) == (t_left[key].leaf is None):
-            _align(s_left.pop(key), t_left.pop(key), namespace, out, by_order, how)
+            _align(s_left.pop(key), t_left.pop(key), ns, out, by_order, how)
     if s_left and t_left:
         scores = {(sk, tk): _score(sn, tn) for sk, sn in s_left.items() for tk, tn in t_left.items()}
         for tk in list(t_left):
@@ -321,7 +323,7 @@ def _align_attributes(s: Node, t: Node, namespace: str, out: Alignment, by_order
             # The source must also prefer this target over the other targets left.
             rivals = [tk2 for tk2 in t_left if tk2 != tk and scores.get((top[0], tk2), 0) == best]
             if len(top) == 1 and not rivals:
-                _align(s_left.pop(top[0]), t_left.pop(tk), namespace, out, by_order, "structure")
+                _align(s_left.pop(top[0]), t_left.pop(tk), ns, out, by_order, "structure")
             else:
                 out.ambiguous[t_left[tk].path] = sorted(s_left[sk].path for sk in top)
     contested = {p for ps in out.ambiguous.values() for p in ps}
@@ -329,7 +331,7 @@ def _align_attributes(s: Node, t: Node, namespace: str, out: Alignment, by_order
     out.inserted.extend(n.path for n in t_left.values() if n.signature() and n.path not in out.ambiguous)
 
 
-def _align_auto_named(s_left: dict[str, Node], t_left: dict[str, Node], namespace: str, out: Alignment,
+def _align_auto_named(s_left: dict[str, Node], t_left: dict[str, Node], ns: Namespace, out: Alignment,
                       by_order: bool) -> None:
     """Where keys are names (TF1, Keras 2 ``.h5``): layers with auto-generated names are a sequence per class.
 
@@ -338,8 +340,6 @@ def _align_auto_named(s_left: dict[str, Node], t_left: dict[str, Node], namespac
     like a ``.weights.h5`` ``layers`` group, class by class in counter order, and a
     tie among alike layers stays a tie. Aligned items are removed from both dicts.
     """
-    from regraft.names import is_auto_name
-
     by_class: dict[str, tuple[list[tuple[int, str]], list[tuple[int, str]]]] = {}
     for side, left in ((0, s_left), (1, t_left)):
         for key, node in left.items():
@@ -351,10 +351,10 @@ def _align_auto_named(s_left: dict[str, Node], t_left: dict[str, Node], namespac
         if s_keys and t_keys:
             s_items = [s_left.pop(k) for _, k in sorted(s_keys)]
             t_items = [t_left.pop(k) for _, k in sorted(t_keys)]
-            _align_sequence(s_items, t_items, namespace, out, by_order)
+            _align_sequence(s_items, t_items, ns, out, by_order)
 
 
-def _align_sequence(s_items: list[Node], t_items: list[Node], namespace: str, out: Alignment, by_order: bool) -> None:
+def _align_sequence(s_items: list[Node], t_items: list[Node], ns: Namespace, out: Alignment, by_order: bool) -> None:
     """Global alignment of two sequences of layers; recurse into matched pairs."""
     n, m = len(s_items), len(t_items)
     if n == 0 or m == 0:  # weightless layers are landmarks, not layers anybody lost
@@ -370,7 +370,7 @@ def _align_sequence(s_items: list[Node], t_items: list[Node], namespace: str, ou
         placed_by_order = (i, j) not in forced
         matched_s.add(i)
         matched_t.add(j)
-        _align(s_items[i], t_items[j], namespace, out, by_order or placed_by_order, "sequence")
+        _align(s_items[i], t_items[j], ns, out, by_order or placed_by_order, "sequence")
     out.removed.extend(s_items[i].path for i in range(n) if i not in matched_s and s_items[i].signature())
     out.inserted.extend(t_items[j].path for j in range(m) if j not in matched_t and t_items[j].signature())
     out.tied.extend(t_items[j].path for j in sorted(pairable - matched_t))
@@ -556,7 +556,7 @@ def align_layers(
     s_open: list[int],
     t_open: list[int],
     anchors: list[tuple[int, int]],
-    namespace: str,
+    ns: str | Namespace,
 ) -> Alignment:
     """Align the open leaf layers of two flat layer sequences, between anchors already paired.
 
@@ -574,7 +574,7 @@ def align_layers(
         s_items = [s_layers[i] for i in range(i0 + 1, i1) if i in s_open_set]
         t_items = [t_layers[j] for j in range(j0 + 1, j1) if j in t_open_set]
         if s_items and t_items:
-            _align_sequence(s_items, t_items, namespace, out, False)
+            _align_sequence(s_items, t_items, namespace_of(ns), out, False)
     out.pairs = [Pair(p.source, p.target, p.source_layer, p.target_layer, p.score, p.by_order, "nesting")
                  for p in out.pairs]
     return out

@@ -43,6 +43,8 @@ from regraft.align import (
 from regraft.entries import WEIGHT, SourceEntry, TargetVariable
 from regraft.errors import RegraftError
 from regraft.growth import apply_policy, with_steps
+from regraft.keys import OBJECT, Namespace
+from regraft.keys import namespace as namespace_of
 from regraft.naming import matches_any
 from regraft.names import NamedLayer, Token, is_auto_name, model_prefixes, pair_by_names, strip_prefix
 from regraft.plans import (
@@ -62,11 +64,6 @@ from regraft.sources.base import Source
 
 __all__ = ["make_plan", "choose_root", "is_positional"]
 
-_POSITIONAL = {
-    "object": re.compile(r"(^|/)\d+(/|$)"),
-    "keras2": re.compile(r"(^|/)layer(_with_weights)?-\d+(/|$)"),
-    "h5": re.compile(r"(^|/)layers/"),
-}
 
 class Decision(NamedTuple):
     """Which tensor a variable takes, decided by which stage, why, and how surely."""
@@ -85,25 +82,16 @@ CONFIDENCE_NESTING = 0.8  # same structure, found through a change of nesting
 CONFIDENCE_RESIZED = 0.5  # the same position, some shapes differ
 CONFIDENCE_ORDER = 0.3  # a tie among alike layers broken by order: unconfirmed
 
-# Segments that only hold other layers and name nothing.
-_CONTAINERS = frozenset({"_operations", "_functional", "_layers", "layers", "_self_tracked_trackables"})
-_KERAS2_POSITION = re.compile(r"^layer(_with_weights)?-\d+$")
 
 
-def is_positional(key: str, namespace: str) -> bool:
-    """True when ``key`` addresses a layer by its position rather than by a name.
+def is_positional(key: str, ns: str | Namespace) -> bool:
+    """True when ``key`` addresses a layer by its position rather than by a name (see :mod:`regraft.keys`).
 
     Example:
         >>> is_positional("_operations/3/_kernel", "object"), is_positional("encoder/d/_kernel", "object")
         (True, False)
     """
-    pattern = _POSITIONAL.get(namespace)
-    layer = key.rpartition("/")[0]
-    if namespace == "h5":
-        # Items of a list or dict attribute are saved under class-and-counter names
-        # (blocks/dense_1): a position too, whatever the container is called.
-        return bool(pattern.search(layer)) or any(is_auto_name(s) for s in layer.split("/") if s != "vars")
-    return bool(pattern and pattern.search(layer))
+    return namespace_of(ns).is_positional(key)
 
 
 def choose_root(source: Source, targets: list[TargetVariable], root: str | None) -> str:
@@ -116,8 +104,8 @@ def choose_root(source: Source, targets: list[TargetVariable], root: str | None)
     # Saved objects are named children of the saved root (model, optimizer, ema). A layer group
     # (.weights.h5, Keras 2 .h5, TF1 scopes) or a numbered layer (layer_with_weights-0) is part of
     # the one model the file holds, never a root of its own.
-    candidates = [""] + [r for r in source.roots() if r and source.namespace in ("object", "keras2")
-                         and not r.isdigit() and not _KERAS2_POSITION.match(r)]
+    ns = namespace_of(source.namespace)
+    candidates = [""] + [r for r in source.roots() if r and ns.saved_objects and not ns.position(r, "")]
     if root is not None:
         root = root.strip("/")
         if root not in candidates and root not in source.roots():
@@ -166,7 +154,8 @@ def make_plan(
     model's layer classes in snake case: names built from them are auto-generated.
     """
     namespace = source.namespace
-    targets = _reachable(targets, namespace)
+    ns = namespace_of(namespace)
+    targets = _reachable(targets, ns)
     root = choose_root(source, targets, root)
     prefix = root + "/" if root else ""
     available: dict[str, SourceEntry] = {}
@@ -195,20 +184,20 @@ def make_plan(
             fresh[target.key] = (f"{rule}: left fresh on purpose", str(rule))
 
     source_layers = {k[len(prefix) :]: v for k, v in source.layers().items() if k.startswith(prefix)}
-    names = _Names(namespace, source_layers, target_layers or {}, available, model_name, model_classes)
+    names = _Names(ns, source_layers, target_layers or {}, available, model_name, model_classes)
     open_targets = [t for t in targets if t.key not in fresh]
     decided.update(_rename_stage(open_targets, available, namespace, rules, rule_counts))
     used = {id(d[0]) for d in decided.values()}
-    decided.update(_rename_layers_stage([t for t in open_targets if t.key not in decided], available, namespace,
+    decided.update(_rename_layers_stage([t for t in open_targets if t.key not in decided], available, ns,
                                         rules, rule_counts, source_layers, used))
     used = {id(d[0]) for d in decided.values()}
-    decided.update(_exact_stage([t for t in open_targets if t.key not in decided], available, namespace, used, names))
+    decided.update(_exact_stage([t for t in open_targets if t.key not in decided], available, ns, used, names))
     used = {id(d[0]) for d in decided.values()}
-    decided.update(_name_stage([t for t in open_targets if t.key not in decided], available, namespace, used, names))
+    decided.update(_name_stage([t for t in open_targets if t.key not in decided], available, ns, used, names))
     used = {id(d[0]) for d in decided.values()}
 
     source_tree, target_tree = _trees(targets, available, namespace, names)
-    alignment = align_trees(source_tree, target_tree, namespace)
+    alignment = align_trees(source_tree, target_tree, ns)
     ambiguous: dict[str, tuple[str, ...]] = {}
     for pair in alignment.pairs:
         target, entry = pair.target, pair.source
@@ -225,12 +214,12 @@ def make_plan(
                 ambiguous[target.key] = tuple(found) or tuple(prefix + c for c in candidates)
     # What is left on both sides: aligned again as flat sequences of leaf layers, between the
     # layers already paired (a model split into a sub-model and a head, Sequential made functional).
-    nested = _nesting_stage(source_tree, target_tree, namespace, decided, used, fresh, ambiguous)
+    nested = _nesting_stage(source_tree, target_tree, ns, decided, used, fresh, ambiguous)
     for pair in nested.pairs:
         decided[pair.target.key] = _aligned_decision(pair, namespace, prefix)
         used.add(id(pair.source))
-    if namespace == "h5":
-        for target in _dict_items(targets):
+    if ns.drops_dict_keys:
+        for target in _dict_items(targets, ns):
             decision = decided.get(target.key)
             if decision is not None and decision.stage in ("exact", "aligned"):
                 decided[target.key] = decision._replace(
@@ -270,7 +259,7 @@ def make_plan(
     )
 
 
-def _reachable(targets: list[TargetVariable], namespace: str) -> list[TargetVariable]:
+def _reachable(targets: list[TargetVariable], ns: Namespace) -> list[TargetVariable]:
     """Give a key in ``namespace`` to variables the framework's own walk does not reach.
 
     Keras 3's object graph leaves out layers held in a plain list attribute
@@ -278,10 +267,10 @@ def _reachable(targets: list[TargetVariable], namespace: str) -> list[TargetVari
     (``blocks/0/kernel``). Their readable key has the same shape and takes part in
     matching like any other key (its list index is a position, never trusted alone).
     """
-    if namespace != "object":
+    if ns is not OBJECT:
         return targets
-    taken = {t.keys[namespace] for t in targets if namespace in t.keys}
-    return [t if namespace in t.keys or t.key in taken else replace(t, keys={**t.keys, namespace: t.key})
+    taken = {t.keys[ns.name] for t in targets if ns.name in t.keys}
+    return [t if ns.name in t.keys or t.key in taken else replace(t, keys={**t.keys, ns.name: t.key})
             for t in targets]
 
 
@@ -293,12 +282,12 @@ class _Names:
     change with the model (``convnext_tiny_…`` → ``convnext_small_…``) are stripped.
     """
 
-    def __init__(self, namespace: str, source_layers: dict[str, tuple[str | None, str | None]],
+    def __init__(self, ns: Namespace, source_layers: dict[str, tuple[str | None, str | None]],
                  target_layers: dict[str, tuple[str | None, str | None]], available: dict[str, SourceEntry],
                  model_name: str, model_classes: frozenset[str]) -> None:
-        self.namespace = namespace
+        self.ns = ns
         self.classes = model_classes
-        if namespace == "name":  # the keys are the names: every segment of a layer key is one
+        if ns.keys_are_names:  # every segment of a layer key is a name
             source_raw = {seg for key in available for seg in key.split("/")[:-1]}
             target_raw = {seg for key in target_layers for seg in key.split("/")}
         else:
@@ -327,27 +316,18 @@ class _Names:
         segments = layer_key.split("/") if layer_key else []
         tokens = []
         for i, segment in enumerate(segments):
-            if self.namespace == "name":
+            if self.ns.keys_are_names:
                 tokens.append(Token(strip_prefix(segment, prefix), not is_auto_name(segment, None, self.classes)))
-            elif self._positional(segment, segments[i - 1] if i else ""):
+            elif self.ns.position(segment, segments[i - 1] if i else ""):
                 token = table.get("/".join(segments[: i + 1]))
                 if token is not None:
                     tokens.append(token)
-            elif segment not in _CONTAINERS:
-                token = table.get("/".join(segments[: i + 1])) if self.namespace == "h5" else None
-                # An attribute: named in code. In .weights.h5 both sides also record the layer's
-                # own name at every level; a chosen one says more (a layer moved into a custom layer).
+            elif segment not in self.ns.containers:
+                token = table.get("/".join(segments[: i + 1])) if self.ns.records_layer_names else None
+                # An attribute: named in code. Where both sides also record the layer's own name at
+                # every level (.weights.h5), a chosen one says more (a layer moved into a custom layer).
                 tokens.append(token if token is not None and token.strong else Token(segment, True))
         return tuple(tokens)
-
-    def _positional(self, segment: str, previous: str) -> bool:
-        if self.namespace == "object":
-            return segment.isdigit()
-        if self.namespace == "keras2":
-            return bool(_KERAS2_POSITION.match(segment))
-        if self.namespace == "h5":  # a layer list's item, or a list or dict attribute's (blocks/dense_1)
-            return previous == "layers" or is_auto_name(segment)
-        return False
 
     def auto_key(self, key: str) -> bool:
         """For keys that are names (TF1, Keras 2 ``.h5``): the owning layer's name is auto-generated."""
@@ -355,7 +335,7 @@ class _Names:
         return bool(layer) and is_auto_name(layer, None, self.classes)
 
 
-def _dict_items(targets: list[TargetVariable]) -> list[TargetVariable]:
+def _dict_items(targets: list[TargetVariable], ns: Namespace) -> list[TargetVariable]:
     """Model variables held (at some depth) by an item of a dict attribute, where ``.weights.h5`` keys are used.
 
     Keras saves a dict's items like a list's, under class-and-counter names
@@ -364,10 +344,10 @@ def _dict_items(targets: list[TargetVariable]) -> list[TargetVariable]:
     """
     out = []
     for target in targets:
-        h5 = target.keys.get("h5", "")
-        layer = h5.rpartition("/vars/")[0] if "/vars/" in h5 else h5.rpartition("/")[0]
-        segments = [(seg, i > 0 and layer.split("/")[i - 1] == "layers")
-                    for i, seg in enumerate(layer.split("/")) if seg != "layers"]
+        layer = ns.split(target.keys.get(ns.name, ""))[0]
+        parts = layer.split("/")
+        segments = [(seg, i > 0 and parts[i - 1] in ns.containers)
+                    for i, seg in enumerate(parts) if seg not in ns.containers]
         readable = target.key.rpartition("/")[0].split("/")
         if len(segments) != len(readable):
             continue
@@ -377,24 +357,18 @@ def _dict_items(targets: list[TargetVariable]) -> list[TargetVariable]:
     return out
 
 
-def _split(key: str) -> tuple[str, str]:
-    """A variable key's layer and leaf segment: ``layers/dense/vars/0`` → (``layers/dense``, ``0``)."""
-    layer, _, leaf = key.rpartition("/")
-    return (layer[: -len("/vars")] if layer.endswith("/vars") else ("" if layer == "vars" else layer)), leaf
-
-
-def _name_stage(targets: list[TargetVariable], available: dict[str, SourceEntry], namespace: str,
+def _name_stage(targets: list[TargetVariable], available: dict[str, SourceEntry], ns: Namespace,
                 used: set[int], names: _Names) -> dict[str, Decision]:
     """Pair layers by the strong names both sides record, then their variables by segment."""
     source_groups: dict[str, dict[str, SourceEntry]] = {}
     for key, entry in available.items():
         if id(entry) not in used:
-            layer, leaf = _split(key)
+            layer, leaf = ns.split(key)
             source_groups.setdefault(layer, {})[leaf] = entry
     target_groups: dict[str, dict[str, TargetVariable]] = {}
     for target in targets:
-        if namespace in target.keys:
-            layer, leaf = _split(target.keys[namespace])
+        if ns.name in target.keys:
+            layer, leaf = ns.split(target.keys[ns.name])
             target_groups.setdefault(layer, {})[leaf] = target
     sources = [NamedLayer(k, names.path("source", k), frozenset(v), names.source_kinds.get(k))
                for k, v in source_groups.items()]
@@ -424,23 +398,23 @@ def _trees(targets: list[TargetVariable], available: dict[str, SourceEntry], nam
     return source_tree, target_tree
 
 
-def _nesting_stage(source_tree: Node, target_tree: Node, namespace: str, decided: dict[str, Decision],
+def _nesting_stage(source_tree: Node, target_tree: Node, ns: Namespace, decided: dict[str, Decision],
                    used: set[int], fresh: dict[str, tuple[str, str]], ambiguous: dict[str, tuple[str, ...]]) -> Alignment:
     """Align the leaf layers nothing was decided for, as flat sequences between the pairs already made."""
     s_layers, t_layers = leaf_layers(source_tree), leaf_layers(target_tree)
     s_kind, t_kind = _kinds_of(s_layers), _kinds_of(t_layers)
-    if namespace in ("h5", "name") and all(s_kind.values()) and all(t_kind.values()):
+    if ns.lists_by_class and all(s_kind.values()) and all(t_kind.values()):
         # .weights.h5 and Keras 2 .h5 keys order layers alphabetically (by class where Keras named
         # them: conv2d, conv2d_1), by creation only within a class: align class by class.
         out = Alignment()
         for kind in sorted(set(s_kind.values()) & set(t_kind.values())):
             part = _nesting_stage_of([n for n in s_layers if s_kind[id(n)] == kind],
-                                     [n for n in t_layers if t_kind[id(n)] == kind], namespace, decided, used, fresh,
+                                     [n for n in t_layers if t_kind[id(n)] == kind], ns, decided, used, fresh,
                                      ambiguous)
             out.pairs.extend(part.pairs)
             out.tied.extend(part.tied)
         return out
-    return _nesting_stage_of(s_layers, t_layers, namespace, decided, used, fresh, ambiguous)
+    return _nesting_stage_of(s_layers, t_layers, ns, decided, used, fresh, ambiguous)
 
 
 def _kinds_of(layers: list[Node]) -> dict[int, str]:
@@ -453,7 +427,7 @@ def _kinds_of(layers: list[Node]) -> dict[int, str]:
     return out
 
 
-def _nesting_stage_of(s_layers: list[Node], t_layers: list[Node], namespace: str, decided: dict[str, Decision],
+def _nesting_stage_of(s_layers: list[Node], t_layers: list[Node], ns: Namespace, decided: dict[str, Decision],
                       used: set[int], fresh: dict[str, tuple[str, str]],
                       ambiguous: dict[str, tuple[str, ...]]) -> Alignment:
     owner = {id(child.leaf): i for i, node in enumerate(s_layers) for child in _leaf_children(node)}
@@ -472,7 +446,7 @@ def _nesting_stage_of(s_layers: list[Node], t_layers: list[Node], namespace: str
         children = _leaf_children(node)
         if not any(id(c.leaf) in used or c.leaf.key in contested for c in children):
             s_open.append(i)
-    return align_layers(s_layers, t_layers, s_open, t_open, anchors, namespace)
+    return align_layers(s_layers, t_layers, s_open, t_open, anchors, ns)
 
 
 def _leaf_children(node: Node) -> list[Node]:
@@ -551,15 +525,15 @@ def _transform_rules(assignments: list[Assignment], rules: tuple[Rule, ...], cou
 
 
 def _exact_stage(
-    targets: list[TargetVariable], available: dict[str, SourceEntry], namespace: str, used: set[int], names: _Names
+    targets: list[TargetVariable], available: dict[str, SourceEntry], ns: Namespace, used: set[int], names: _Names
 ) -> dict[str, Decision]:
     """Equal keys, where the key names things: not a position, not an auto-generated layer name."""
     out = {}
     for target in targets:
-        key = target.keys.get(namespace)
-        if key is None or key not in available or id(available[key]) in used or is_positional(key, namespace):
+        key = target.keys.get(ns.name)
+        if key is None or key not in available or id(available[key]) in used or ns.is_positional(key):
             continue
-        if namespace == "name" and names.auto_key(key):
+        if ns.keys_are_names and names.auto_key(key):
             continue  # dense_3/kernel: the counter depends on what the program built first
         out[target.key] = Decision(available[key], "exact", "exact key", CONFIDENCE_RULE)
     return out
@@ -568,7 +542,7 @@ def _exact_stage(
 def _rename_layers_stage(
     targets: list[TargetVariable],
     available: dict[str, SourceEntry],
-    namespace: str,
+    ns: Namespace,
     rules: tuple[Rule, ...],
     counts: dict[int, int],
     source_layers: dict[str, tuple[str | None, str | None]],
@@ -582,16 +556,16 @@ def _rename_layers_stage(
     goes to the model layer ``my_dense_layer``, variable by variable.
     """
     renames = [r for r in rules if r.kind == RENAME and r.pattern.endswith("/")]
-    if not renames or namespace == "name":  # there the keys are the names: the key rename did it
+    if not renames or ns.keys_are_names:  # there the keys are the names: the key rename did it
         return {}
     by_layer: dict[str, dict[str, TargetVariable]] = {}
     for target in targets:
-        if namespace in target.keys:
-            by_layer.setdefault(target.key.rpartition("/")[0], {})[_split(target.keys[namespace])[1]] = target
+        if ns.name in target.keys:
+            by_layer.setdefault(target.key.rpartition("/")[0], {})[ns.split(target.keys[ns.name])[1]] = target
     groups: dict[str, dict[str, SourceEntry]] = {}
     for key, entry in available.items():
         if id(entry) not in used:
-            layer, leaf = _split(key)
+            layer, leaf = ns.split(key)
             groups.setdefault(layer, {})[leaf] = entry
     out: dict[str, Decision] = {}
     for layer, (name, _) in source_layers.items():
