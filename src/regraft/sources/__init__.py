@@ -1,4 +1,9 @@
-"""Checkpoint formats. :func:`open_source` detects the format from the files themselves."""
+"""Checkpoint formats: a registry that detects the format from the files themselves.
+
+A format is one module with one :class:`~regraft.sources.base.Source` subclass,
+registered here with :func:`register_format`; :func:`open_source` asks each
+registered format, in order, whether it recognises the path.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,20 @@ from regraft.errors import SourceError, UnsupportedFormatError
 from regraft.sources import keras_h5, tf_checkpoint
 from regraft.sources.base import Source
 
-__all__ = ["Source", "open_source"]
+__all__ = ["Source", "open_source", "register_format", "FORMATS"]
+
+FORMATS: list[type[Source]] = []
+
+
+def register_format(cls: type[Source]) -> type[Source]:
+    """Add a format to the registry (usable as a class decorator); later ones are asked last."""
+    if cls not in FORMATS:
+        FORMATS.append(cls)
+    return cls
+
+
+register_format(keras_h5.KerasH5)  # HDF5 signature first: cheap and unambiguous
+register_format(tf_checkpoint.TFCheckpoint)
 
 
 def open_source(path: str | os.PathLike[str]) -> Source:
@@ -24,10 +42,9 @@ def open_source(path: str | os.PathLike[str]) -> Source:
         CorruptCheckpointError: the file is damaged.
     """
     path = os.fspath(path)
-    if keras_h5.looks_like(path):
-        return keras_h5.KerasH5(path)
-    if tf_checkpoint.looks_like(path):
-        return tf_checkpoint.TFCheckpoint(path)
+    for fmt in FORMATS:
+        if fmt.detect(path):
+            return fmt(path)
     if not os.path.exists(path) and not os.path.exists(path + ".index"):
         parent = os.path.dirname(path) or "."
         raise SourceError(

@@ -1,24 +1,38 @@
-"""The interface every checkpoint format implements."""
+"""The contract every checkpoint format implements."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Iterable
 
 import numpy as np
 
-from regraft.entries import SourceEntry
+from regraft.entries import WEIGHT, SourceEntry
 
 __all__ = ["Source"]
 
 
-class Source:
+class Source(ABC):
     """A checkpoint opened lazily: metadata on open, tensor bytes on :meth:`read`.
+
+    A format is one subclass in its own module, registered with
+    :func:`regraft.sources.register_format`. It implements:
+
+    * :meth:`detect` — whether a path is in this format, from the files' contents;
+    * ``__init__(path)`` — open it and build the :class:`SourceEntry` list from
+      metadata only, then call ``super().__init__(path, entries)``; it sets
+      :attr:`format`, :attr:`namespace` (a name from :mod:`regraft.keys`) and
+      :attr:`files`;
+    * :meth:`read` — one tensor's bytes, verified where the format allows;
+    * optionally :meth:`layers` (every layer the file records, with its Keras name
+      and class where known: name evidence and landmarks for matching),
+      :meth:`native_location` and :meth:`close`.
 
     Attributes:
         path: the path the user gave.
         format: a short format name (``tf-object``, ``tf-keras``, ``tf1-names``,
             ``keras-h5``, ``keras2-h5``).
-        namespace: the key namespace of :attr:`entries` (see :mod:`regraft.entries`).
+        namespace: the key namespace of :meth:`entries` (see :mod:`regraft.keys`).
         files: the files that make up the checkpoint.
     """
 
@@ -31,17 +45,22 @@ class Source:
         self.path = path
         self._entries = {e.key: e for e in entries}
 
+    @classmethod
+    @abstractmethod
+    def detect(cls, path: str) -> bool:
+        """True when ``path`` holds a checkpoint of this format (judged by content, not by name)."""
+
+    @abstractmethod
+    def read(self, key: str) -> np.ndarray:
+        """Read one tensor (a fresh, writable array) by canonical key."""
+
     def entries(self) -> list[SourceEntry]:
         """Every tensor of the checkpoint, weights first, in key order."""
         return list(self._entries.values())
 
-    def entry(self, key: str) -> SourceEntry:
-        """The entry with canonical key ``key``."""
-        return self._entries[key]
-
     def roots(self) -> list[str]:
         """Top-level objects that hold weights (``""`` is the saved root itself)."""
-        tops = {e.key.split("/", 1)[0] for e in self._entries.values() if "/" in e.key and e.kind == "weight"}
+        tops = {e.key.split("/", 1)[0] for e in self._entries.values() if "/" in e.key and e.kind == WEIGHT}
         return sorted(tops)
 
     def layers(self) -> dict[str, tuple[str | None, str | None]]:
@@ -55,10 +74,6 @@ class Source:
     def native_location(self, key: str) -> tuple[str, str] | None:
         """``(checkpoint prefix, tensor name)`` when the backend can read this tensor itself, else ``None``."""
         return None
-
-    def read(self, key: str) -> np.ndarray:
-        """Read one tensor (a fresh, writable array) by canonical key."""
-        raise NotImplementedError
 
     def close(self) -> None:
         """Release open files."""

@@ -18,25 +18,28 @@ from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
 from regraft.errors import CorruptCheckpointError, UnsupportedFormatError
 from regraft.sources.base import Source
 
-__all__ = ["KerasH5", "looks_like", "keras2_key"]
+__all__ = ["KerasH5", "keras2_key"]
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _VAR = re.compile(r"(^|/)vars/\d+$")
 
 
-def looks_like(path: str) -> bool:
-    """True when ``path`` is an HDF5 file (by its signature, not its name)."""
-    if not os.path.isfile(path):
-        return False
-    with open(path, "rb") as f:
-        return f.read(8) == _HDF5_SIGNATURE
-
-
 class KerasH5(Source):
     """A Keras HDF5 weights file, opened read-only; datasets are read on demand."""
 
+    @classmethod
+    def detect(cls, path: str) -> bool:
+        """True when ``path`` is an HDF5 file (by its signature, not its name)."""
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            return f.read(8) == _HDF5_SIGNATURE
+
     def __init__(self, path: str) -> None:
         import h5py
+
+        self._layers: dict[str, tuple[str | None, str | None]] = {}  # layer key -> (Keras name, class)
+        self._dataset_path: dict[str, str] = {}  # canonical key -> HDF5 dataset path
 
         try:
             self._file = h5py.File(path, "r")
@@ -93,7 +96,6 @@ class KerasH5(Source):
         import h5py
 
         out = []
-        self._dataset_path = {}
         # Names first (h5py's visit), objects only for what is needed: building an
         # object for every node (visititems) costs 5x more on large models.
         names: list[str] = []
@@ -107,7 +109,6 @@ class KerasH5(Source):
                 if isinstance(oid, h5py.h5d.DatasetID):
                     dtype = oid.dtype.name if oid.dtype.kind != "V" else _dtype_name(h5py.Dataset(oid))
                     found.append((name, tuple(int(d) for d in oid.shape), dtype))
-        self._layers = {}
         for name in groups:
             layer = name[: -len("vars")].rstrip("/")
             if layer == "optimizer" or layer.startswith("optimizer/") or not layer:
@@ -132,9 +133,7 @@ class KerasH5(Source):
         return sorted(out, key=lambda e: (order[e.kind], e.layer, e.index or 0))
 
     def _keras2_entries(self) -> list[SourceEntry]:
-        out = []
-        self._dataset_path = {}
-        self._layers = {}  # keys are the weights' own names: nothing to add
+        out = []  # keys are the weights' own names: no layers to add
         owner: dict[str, str] = {}
         for layer_name in _strings(self._file.attrs["layer_names"]):
             group = self._file[layer_name]

@@ -26,23 +26,13 @@ from regraft.errors import SourceError
 from regraft.sources._bundle import Bundle
 from regraft.sources.base import Source
 
-__all__ = ["TFCheckpoint", "resolve_prefix", "looks_like"]
+__all__ = ["TFCheckpoint", "resolve_prefix"]
 
-VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 _OPTIMIZER_EDGES = {"optimizer", "_optimizer"}
 _OPTIMIZER_MARKERS = {"_iterations", "iter", "_momentums", "_velocities"}
 _OPTIMIZER_OWN_LISTS = {"_variables", "_trainable_variables", "_index_dict"}
 _DATA_FILE = re.compile(r"^(?P<prefix>.*)\.data-\d{5}-of-\d{5}$")
 _TF1_SLOT_SUFFIX = re.compile(r"/(Adam|Adam_1|Momentum|RMSProp|RMSProp_1|Adagrad|Adadelta|Adadelta_1|Ftrl|Ftrl_1)$")
-
-
-def looks_like(path: str) -> bool:
-    """True when ``path`` names a tensor bundle (prefix, .index, .data-* or a folder of one)."""
-    try:
-        resolve_prefix(path)
-    except SourceError:
-        return False
-    return True
 
 
 def resolve_prefix(path: str) -> str:
@@ -100,14 +90,24 @@ def _latest_from_state(state: str) -> str:
 class TFCheckpoint(Source):
     """A TensorFlow tensor-bundle checkpoint, in any of its three key styles."""
 
+    @classmethod
+    def detect(cls, path: str) -> bool:
+        """True when ``path`` names a tensor bundle (prefix, .index, .data-* or a folder of one)."""
+        try:
+            resolve_prefix(path)
+        except SourceError:
+            return False
+        return True
+
     def __init__(self, path: str) -> None:
+        self._layer_names: dict[str, tuple[str | None, str | None]] = {}  # positional layer -> (name, class)
+        self._bundle_key: dict[str, str] = {}  # canonical key -> tensor name in the bundle
         prefix = resolve_prefix(path)
         self.prefix = prefix
         self.bundle = Bundle(prefix)
         self.files = (prefix + ".index",) + tuple(
             f"{prefix}.data-{i:05d}-of-{self.bundle.header.num_shards:05d}" for i in range(self.bundle.header.num_shards)
         )
-        self._bundle_key: dict[str, str] = {}
         graph = self.bundle.object_graph()
         if graph is not None:
             entries = self._object_entries(graph)
@@ -123,7 +123,7 @@ class TFCheckpoint(Source):
         without a name (they have no variables to record one). Classes are not
         recorded in a TF checkpoint.
         """
-        return dict(getattr(self, "_layer_names", {}))
+        return dict(self._layer_names)
 
     def native_location(self, key: str) -> tuple[str, str] | None:
         """TensorFlow reads bundles natively: ``(prefix, tensor name in the bundle)``."""
@@ -159,7 +159,7 @@ class TFCheckpoint(Source):
         slot_owner = _slot_owners(nodes, optimizer_nodes)
         keras2 = any(c.local_name.startswith("layer_with_weights-") for n in nodes for c in n.children)
         # Weightless items of layer lists (pooling, activation, input): empty nodes reached by a numbered edge.
-        self._landmarks = {
+        landmarks: dict[str, tuple[str | None, str | None]] = {
             path: (None, None)
             for node_id, found in paths.items()
             for path in found[:1]
@@ -198,7 +198,7 @@ class TFCheckpoint(Source):
                 out.append(
                     SourceEntry(canonical, b.shape, _dtype_name(b.dtype), kind, layer, role.lstrip("_"), None, None, aliases, slot_of)
                 )
-        self._layer_names = {**self._landmarks, **_positional_layer_names(full_names)}
+        self._layer_names = {**landmarks, **_positional_layer_names(full_names)}
         return _with_layer_indices(out)
 
 
