@@ -22,9 +22,40 @@ namespace it can be reached by, so exact matching is a dictionary lookup.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
-__all__ = ["SourceEntry", "TargetVariable", "WEIGHT", "OPTIMIZER_SLOT", "BOOKKEEPING"]
+__all__ = ["SourceEntry", "TargetVariable", "Status", "Stage", "WEIGHT", "OPTIMIZER_SLOT", "BOOKKEEPING"]
+
+
+class _Text(str, Enum):
+    """An enum whose members are also their text (compares equal to it, prints as it)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Status(_Text):
+    """What happens to a model variable (see :class:`regraft.plans.Assignment`)."""
+
+    LOADED = "loaded"
+    CAST = "cast"
+    TRANSFORMED = "transformed"
+    SHAPE_MISMATCH = "shape-mismatch"
+    MISSING = "missing"
+    AMBIGUOUS = "ambiguous"
+    UNCONFIRMED = "unconfirmed"  # a pairing only order supports: proposed, left fresh until confirmed
+
+
+class Stage(_Text):
+    """Which matching stage decided a variable's source."""
+
+    NONE = ""
+    RULE = "rule"
+    EXACT = "exact"
+    NAME = "name"
+    ALIGNED = "aligned"
+    PLAN = "plan"  # chosen in an edited plan file
 
 WEIGHT = "weight"
 OPTIMIZER_SLOT = "optimizer_slot"

@@ -22,6 +22,7 @@ import zlib
 from dataclasses import dataclass, replace
 from typing import Any
 
+from regraft.entries import Stage
 from regraft.errors import RegraftError
 from regraft.plans import CAST, LOADED, MISSING, SHAPE_MISMATCH, TRANSFORMED, Assignment
 
@@ -47,6 +48,15 @@ class _Channels:
     old: int
     mapping: tuple[int, ...] | None = None  # widened: new unit j copies old unit mapping[j]
 
+
+class _Unknown:
+    """The channel layout cannot be followed past this layer (a merge, a reshape, a layer not grown)."""
+
+    def __repr__(self) -> str:
+        return "<unknown channel layout>"
+
+
+_UNKNOWN = _Unknown()
 
 Steps = tuple[tuple[str, dict[str, Any]], ...]
 
@@ -133,12 +143,12 @@ def _preserve(assignments: list[Assignment], graph: list[Any], noise: float) -> 
         by_layer.setdefault(a.target.layer, []).append(i)
     out = list(assignments)
     _shift_past_inserted(out, by_layer, graph)
-    channels: dict[str, _Channels | None | str] = {}
+    channels: dict[str, _Channels | None | _Unknown] = {}
     for layer in graph:
         incoming = _incoming(layer, channels)
         indices = by_layer.get(layer.key, [])
         if not indices:
-            channels[layer.key] = incoming if layer.kind in _PASS_THROUGH or incoming is None else "broken"
+            channels[layer.key] = incoming if layer.kind in _PASS_THROUGH or incoming is None else _UNKNOWN
             continue
         roles = {out[i].target.role: i for i in indices}
         if layer.kind == "batch_normalization":
@@ -147,18 +157,18 @@ def _preserve(assignments: list[Assignment], graph: list[Any], noise: float) -> 
             previous = next((g for g in graph if g.key in layer.inputs), None)
             channels[layer.key] = _preserve_producer(out, roles, incoming, layer, previous, noise)
         else:
-            channels[layer.key] = None if incoming is None else "broken"
+            channels[layer.key] = None if incoming is None else _UNKNOWN
             _explain(out, indices, f"{layer.kind} layers are not grown function-preservingly")
     return out
 
 
-def _incoming(layer: Any, channels: dict[str, Any]) -> _Channels | None | str:
+def _incoming(layer: Any, channels: dict[str, Any]) -> _Channels | None | _Unknown:
     found = [channels.get(key) for key in layer.inputs]
     changed = [c for c in found if c is not None]
     if not changed:
         return None
     if len(found) > 1:
-        return "broken"  # merging several inputs: their channel layouts need not agree
+        return _UNKNOWN  # merging several inputs: their channel layouts need not agree
     return changed[0]
 
 
@@ -190,14 +200,14 @@ def _preserve_producer(out: list[Assignment], roles: dict[str, int], incoming: A
     in_axis = len(new) - 2
     if len(old) != len(new) or any(o != n for k, (o, n) in enumerate(zip(old, new)) if k not in (in_axis, len(new) - 1)):
         _explain(out, list(roles.values()), f"kernel {old} -> {new} changes more than its input and output units")
-        return "broken"
+        return _UNKNOWN
     kernel_steps: list[tuple[str, dict[str, Any]]] = []
     bias_steps: list[tuple[str, dict[str, Any]]] = []
     outgoing: _Channels | None = None
     if new[-1] != old[-1]:
         if new[-1] < old[-1]:
             _explain(out, list(roles.values()), "fewer output units cannot compute the same function")
-            return "broken"
+            return _UNKNOWN
         mapping = _mapping(old[-1], new[-1], layer.key)
         kernel_steps.append(("widen_out", {"mapping": mapping, "axis": -1}))
         bias_steps.append(("widen_out", {"mapping": mapping, "axis": -1}))
@@ -213,7 +223,7 @@ def _preserve_producer(out: list[Assignment], roles: dict[str, int], incoming: A
         else:
             _explain(out, list(roles.values()), f"its input units changed ({old[in_axis]} -> {new[in_axis]}) "
                      "without a widened or inserted layer before it that regraft can follow")
-            return "broken"
+            return _UNKNOWN
     if kernel_steps:
         out[roles["kernel"]] = with_steps(kernel, kernel_steps, "preserve: " + _describe(kernel_steps))
     if bias_index is not None and bias_steps and out[bias_index].source is not None:
@@ -226,11 +236,11 @@ def _identity(out: list[Assignment], roles: dict[str, int], incoming: Any, layer
     shape = kernel.target.shape
     if incoming is not None:
         _explain(out, list(roles.values()), "an inserted layer after a widened one is not handled")
-        return "broken"
+        return _UNKNOWN
     exact = layer.activation in (None, "linear") or (previous is not None and previous.non_negative)
     if not exact:
         _explain(out, list(roles.values()), f"an identity {layer.activation} layer is exact only after a ReLU")
-        return "broken"
+        return _UNKNOWN
     try:
         out[roles["kernel"]] = with_steps(kernel, [("identity_init", {"role": "kernel"})],
                                           "preserve: inserted layer starts as an identity")
@@ -239,7 +249,7 @@ def _identity(out: list[Assignment], roles: dict[str, int], incoming: Any, layer
                                             "preserve: inserted layer starts as an identity")
     except RegraftError as exc:
         _explain(out, list(roles.values()), exc.message)
-        return "broken"
+        return _UNKNOWN
     return _Channels(shape[-2]) if shape[-1] > shape[-2] else None
 
 
@@ -274,7 +284,7 @@ def _shift_past_inserted(out: list[Assignment], by_layer: dict[str, list[int]], 
             source = moved.source  # not None: checked above
             status = SHAPE_MISMATCH if source.shape != emptied.target.shape else (
                 CAST if source.dtype != emptied.target.dtype else LOADED)
-            out[there[role]] = replace(emptied, source=moved.source, status=status, stage="aligned",
+            out[there[role]] = replace(emptied, source=moved.source, status=status, stage=Stage.ALIGNED,
                                        reason=f"preserve: '{layer.key}' looks inserted; its old tensor moves here",
                                        confidence=moved.confidence)
             out[here[role]] = replace(moved, source=None, status=MISSING, reason="preserve: treated as inserted")

@@ -40,7 +40,7 @@ from regraft.align import (
     compatible_roles,
     leaf_layers,
 )
-from regraft.entries import WEIGHT, SourceEntry, TargetVariable
+from regraft.entries import WEIGHT, SourceEntry, Stage, TargetVariable
 from regraft.errors import RegraftError
 from regraft.growth import apply_policy, with_steps
 from regraft.keys import OBJECT, Namespace
@@ -69,7 +69,7 @@ class Decision(NamedTuple):
     """Which tensor a variable takes, decided by which stage, why, and how surely."""
 
     entry: SourceEntry
-    stage: str
+    stage: Stage
     reason: str
     confidence: float
     order_only: bool = False  # only order among alike layers supports it: the user confirms
@@ -221,7 +221,7 @@ def make_plan(
     if ns.drops_dict_keys:
         for target in _dict_items(targets, ns):
             decision = decided.get(target.key)
-            if decision is not None and decision.stage in ("exact", "aligned"):
+            if decision is not None and decision.stage in (Stage.EXACT, Stage.ALIGNED):
                 decided[target.key] = decision._replace(
                     reason=decision.reason + "; a dict item: .weights.h5 does not keep dict keys, only order",
                     confidence=CONFIDENCE_ORDER, order_only=True)
@@ -380,7 +380,7 @@ def _name_stage(targets: list[TargetVariable], available: dict[str, SourceEntry]
             entry = source_groups[s_layer.key].get(leaf)
             if entry is not None:
                 reason = f"same layer name '{token.text}' recorded in the checkpoint (layer {s_layer.key} -> {t_layer.key})"
-                out[target.key] = Decision(entry, "name", reason, CONFIDENCE_NAME)
+                out[target.key] = Decision(entry, Stage.NAME, reason, CONFIDENCE_NAME)
     return out
 
 
@@ -481,19 +481,19 @@ def _assignment(
 ) -> Assignment:
     allowed = matches_any([target.key, *target.keys.values()], allow_missing)
     if fresh is not None:
-        return Assignment(target, None, MISSING, "rule", fresh[0], fresh[1], 1.0)
+        return Assignment(target, None, MISSING, Stage.RULE, fresh[0], fresh[1], 1.0)
     if decision is None and tied:
         # Inserted *somewhere* in a run of alike layers: taking the old layers to come first leaves
         # this one fresh, but another, equally good placement gives it an old layer.
         reason = "left fresh by order only: a tie among alike layers (another placement gives it an old layer)"
         if accept_order:
-            return Assignment(target, None, MISSING, "aligned", reason + "; order accepted", allowed,
+            return Assignment(target, None, MISSING, Stage.ALIGNED, reason + "; order accepted", allowed,
                               CONFIDENCE_ORDER, order_only=True)
-        return Assignment(target, None, UNCONFIRMED, "aligned", reason, allowed, CONFIDENCE_ORDER, order_only=True)
+        return Assignment(target, None, UNCONFIRMED, Stage.ALIGNED, reason, allowed, CONFIDENCE_ORDER, order_only=True)
     if decision is None:
         if candidates:
-            return Assignment(target, None, AMBIGUOUS, "aligned", "equally good candidates", allowed, None, candidates)
-        return Assignment(target, None, MISSING, "", "no counterpart in the checkpoint", allowed)
+            return Assignment(target, None, AMBIGUOUS, Stage.ALIGNED, "equally good candidates", allowed, None, candidates)
+        return Assignment(target, None, MISSING, Stage.NONE, "no counterpart in the checkpoint", allowed)
     entry, stage, reason, confidence, order_only = decision
     if order_only and not accept_order:
         return Assignment(target, entry, UNCONFIRMED, stage, reason, allowed, confidence, order_only=True)
@@ -535,7 +535,7 @@ def _exact_stage(
             continue
         if ns.keys_are_names and names.auto_key(key):
             continue  # dense_3/kernel: the counter depends on what the program built first
-        out[target.key] = Decision(available[key], "exact", "exact key", CONFIDENCE_RULE)
+        out[target.key] = Decision(available[key], Stage.EXACT, "exact key", CONFIDENCE_RULE)
     return out
 
 
@@ -579,7 +579,7 @@ def _rename_layers_stage(
             for leaf, target in wanted.items():
                 entry = groups[layer].get(leaf)
                 if entry is not None and target.key not in out:
-                    out[target.key] = Decision(entry, "rule", f"{rule} (layer named '{name}' in the checkpoint)",
+                    out[target.key] = Decision(entry, Stage.RULE, f"{rule} (layer named '{name}' in the checkpoint)",
                                                CONFIDENCE_RULE)
             counts[rule.number] += bool(wanted)
             break
@@ -619,7 +619,7 @@ def _rename_stage(
                         f"{rule} renames both '{out[target.key][0].key}' and '{entry.key}' onto variable '{target.key}'.",
                         hint="Make the rule more specific so that one tensor maps to each variable.",
                     )
-                out[target.key] = Decision(entry, "rule", f"{rule}", CONFIDENCE_RULE)
+                out[target.key] = Decision(entry, Stage.RULE, f"{rule}", CONFIDENCE_RULE)
                 counts[rule.number] += 1
             break
     return out
@@ -642,9 +642,9 @@ def _align(
 def _aligned_decision(pair: Pair, namespace: str, prefix: str) -> Decision:
     entry, target = pair.source, pair.target
     if entry.key == prefix + target.keys.get(namespace, "") and not pair.by_order:
-        return Decision(entry, "exact", "exact key (position confirmed by alignment)", CONFIDENCE_RULE)
+        return Decision(entry, Stage.EXACT, "exact key (position confirmed by alignment)", CONFIDENCE_RULE)
     if pair.by_order:
-        return Decision(entry, "aligned",
+        return Decision(entry, Stage.ALIGNED,
                         f"aligned: layer {pair.source_layer} -> {pair.target_layer}, placed by order only "
                         "(a tie among alike layers, no names to tell them apart)", CONFIDENCE_ORDER, True)
     how = {"name": "same layer name", "structure": "same structure under another name",
@@ -655,7 +655,7 @@ def _aligned_decision(pair: Pair, namespace: str, prefix: str) -> Decision:
         confidence = CONFIDENCE_NESTING if pair.how == "nesting" else CONFIDENCE_STRUCTURE
     shapes = "shapes equal" if entry.shape == target.shape else "shapes differ"
     reason = f"aligned: layer {pair.source_layer} -> {pair.target_layer} ({how.get(pair.how, pair.how)}, {shapes})"
-    return Decision(entry, "aligned", reason, confidence)
+    return Decision(entry, Stage.ALIGNED, reason, confidence)
 
 
 def _named(key: str, name: str | None) -> str:
@@ -668,6 +668,6 @@ def _inserted_layers(assignments: list[Assignment]) -> tuple[str, ...]:
     reshape policy), and not because a rule or an ambiguity said so."""
     layers: dict[str, bool] = {}
     for a in assignments:
-        counterpart = a.source is not None or a.stage == "rule" or a.status == AMBIGUOUS
+        counterpart = a.source is not None or a.stage == Stage.RULE or a.status == AMBIGUOUS
         layers[a.target.layer] = layers.get(a.target.layer, False) or counterpart
     return tuple(sorted(layer for layer, has in layers.items() if not has))

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from regraft.entries import WEIGHT, SourceEntry, TargetVariable
+from regraft.entries import WEIGHT, SourceEntry, Stage, TargetVariable
 from regraft.errors import RegraftError
 from regraft.files import read_text
 from regraft.growth import check_steps
@@ -309,7 +309,7 @@ def _kind_name(kind: Any) -> str:
 def _assignment(target: TargetVariable, entry: dict[str, Any], entries: dict[str, SourceEntry],
                 check: _Checker) -> Assignment:
     key, proposed = entry.get("source"), entry.get("proposed")
-    status, stage = entry.get("status"), entry.get("stage") or ""
+    status, stage = entry.get("status"), _stage(entry.get("stage"), check, ("variables", target.key, "stage"))
     reason, confidence, allowed = entry.get("reason") or "", entry.get("confidence"), entry.get("allowed_by")
     order_only = bool(entry.get("order_only"))
     where = ("variables", target.key)
@@ -327,13 +327,13 @@ def _assignment(target: TargetVariable, entry: dict[str, Any], entries: dict[str
     if key is None:
         if status == MISSING:  # as planned
             return Assignment(target, None, MISSING, stage, reason, allowed, confidence, order_only=order_only)
-        return Assignment(target, None, MISSING, "plan", "left fresh in the plan", "plan")
+        return Assignment(target, None, MISSING, Stage.PLAN, "left fresh in the plan", "plan")
     if key not in entries:
         raise check.error((*where, "source"), f"names '{key}', which is not in the checkpoint",
                           "a key listed by `regraft inspect CKPT`, or null to leave the variable fresh")
     source = entries[key]
     if status == UNCONFIRMED or not stage:
-        stage, reason = "plan", "chosen in the plan file"  # the user confirmed or chose it
+        stage, reason = Stage.PLAN, "chosen in the plan file"  # the user confirmed or chose it
     if entry.get("steps"):
         return _transformed(target, source, entry, stage, reason, confidence, check)
     if source.shape != target.shape:  # reported, left fresh: what a plan says of a mismatch
@@ -341,6 +341,13 @@ def _assignment(target: TargetVariable, entry: dict[str, Any], entries: dict[str
     if source.dtype != target.dtype:
         return Assignment(target, source, CAST, stage, reason, None, confidence, order_only=order_only)
     return Assignment(target, source, LOADED, stage, reason, None, confidence, order_only=order_only)
+
+
+def _stage(text: Any, check: _Checker, where: tuple[str, ...]) -> Stage:
+    try:
+        return Stage(text or "")
+    except ValueError:
+        raise check.error(where, f"is {text!r}", "one of " + ", ".join(repr(s.value) for s in Stage if s.value)) from None
 
 
 def _transformed(target: TargetVariable, source: SourceEntry | None, entry: dict[str, Any], stage: str, reason: str,

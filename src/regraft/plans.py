@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
-from regraft.entries import SourceEntry, TargetVariable
+from regraft.entries import SourceEntry, Stage, Status, TargetVariable
 from regraft.naming import collapse
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,15 +36,10 @@ __all__ = [
     "fingerprint_target",
 ]
 
-LOADED = "loaded"
-CAST = "cast"
-SHAPE_MISMATCH = "shape-mismatch"
-MISSING = "missing"
-AMBIGUOUS = "ambiguous"
-TRANSFORMED = "transformed"
-UNCONFIRMED = "unconfirmed"  # a pairing only order supports: proposed, left fresh until the user confirms it
+LOADED, CAST, TRANSFORMED = Status.LOADED, Status.CAST, Status.TRANSFORMED
+SHAPE_MISMATCH, MISSING, AMBIGUOUS, UNCONFIRMED = Status.SHAPE_MISMATCH, Status.MISSING, Status.AMBIGUOUS, Status.UNCONFIRMED
 PLAN_VERSION = 1
-STATUSES = (LOADED, CAST, TRANSFORMED, SHAPE_MISMATCH, MISSING, AMBIGUOUS, UNCONFIRMED)
+STATUSES = tuple(Status)
 
 
 @dataclass(frozen=True)
@@ -74,8 +69,8 @@ class Assignment:
 
     target: TargetVariable
     source: SourceEntry | None
-    status: str
-    stage: str = ""
+    status: Status
+    stage: Stage = Stage.NONE
     reason: str = ""
     allowed: str | None = None
     confidence: float | None = None
@@ -182,9 +177,9 @@ class Plan:
 
     def counts(self) -> dict[str, int]:
         """Number of target variables per status, plus unused/outside/optimizer tensors."""
-        out = dict.fromkeys(STATUSES, 0)
+        out = {str(status): 0 for status in STATUSES}
         for a in self.assignments:
-            out[a.status] += 1
+            out[str(a.status)] += 1
         out["unused"] = len(self.unused)
         out["outside_root"] = len(self.outside)
         out["optimizer_and_bookkeeping"] = len(self.optimizer)
@@ -255,9 +250,9 @@ class Plan:
         for a in self.assignments:
             entry: dict[str, Any] = {
                 "source": a.source.key if a.source and a.status != UNCONFIRMED else None,
-                "status": a.status,
+                "status": str(a.status),
                 "transform": a.transform,
-                "stage": a.stage or None,
+                "stage": str(a.stage) or None,
                 "reason": a.reason,
             }
             if a.confidence is not None:

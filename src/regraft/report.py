@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from regraft.entries import Stage
 from regraft.naming import collapse
 from regraft.plans import (
     AMBIGUOUS,
@@ -76,14 +77,14 @@ class LoadReport:
         out = []
         for a in self.plan.assignments:
             row: dict[str, Any] = {
-                "status": a.status,
+                "status": str(a.status),
                 "target": a.target.key,
                 "source": a.source.key if a.source else None,
                 "target_shape": list(a.target.shape),
                 "source_shape": list(a.source.shape) if a.source else None,
                 "target_dtype": a.target.dtype,
                 "source_dtype": a.source.dtype if a.source else None,
-                "stage": a.stage or None,
+                "stage": str(a.stage) or None,
                 "reason": a.reason,
                 "confidence": a.confidence,
                 "transform": a.transform,
@@ -146,8 +147,8 @@ class LoadReport:
             if a.status == TRANSFORMED:
                 label = f"transformed, {a.transform}"
             elif a.status in (LOADED, CAST):
-                label = f"{a.status}, {'exact key' if a.stage == 'exact' else a.stage or 'exact key'}"
-                if a.confidence is not None and a.confidence < 1.0 and a.stage == "aligned":
+                label = f"{a.status}, {'exact key' if a.stage in (Stage.EXACT, Stage.NONE) else a.stage}"
+                if a.confidence is not None and a.confidence < 1.0 and a.stage == Stage.ALIGNED:
                     label += f" (confidence {a.confidence:.1f})"
             else:
                 label = a.status + (" (allowed)" if a.allowed else "")
