@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from regraft.errors import CorruptCheckpointError, SourceError, UnsupportedFormatError
-from regraft.sources import _crc32c
 from regraft.sources._bundle import (
     DAMAGED_HINT,
     OBJECT_GRAPH_KEY,
@@ -295,16 +294,6 @@ def test_bundle_does_not_import_tensorflow(v2_ckpt: str) -> None:
     subprocess.run([sys.executable, "-c", code, v2_ckpt], check=True, env=env)
 
 
-def test_bfloat16_without_ml_dtypes(v2_ckpt: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # makes `import ml_dtypes` fail
-    bundle = Bundle(v2_ckpt)
-    assert bundle.entries["bf16/.ATTRIBUTES/VARIABLE_VALUE"].dtype == "bfloat16"
-    assert bundle.read("v_float32/.ATTRIBUTES/VARIABLE_VALUE").shape == (3, 5)
-    with pytest.raises(UnsupportedFormatError) as info:
-        bundle.read("bf16/.ATTRIBUTES/VARIABLE_VALUE")
-    assert "bfloat16" in info.value.message and "ml_dtypes" in info.value.hint
-
-
 def test_read_wrong_kind_of_tensor(v2_ckpt: str) -> None:
     bundle = Bundle(v2_ckpt)
     with pytest.raises(UnsupportedFormatError, match="read_string"):
@@ -549,7 +538,7 @@ def test_random_bytes_never_crash_the_parsers() -> None:
 # --- crc32c --------------------------------------------------------------------------------
 
 
-def test_crc32c_known_values_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crc32c_known_values_against_the_reference() -> None:
     assert crc32c(b"123456789") == 0xE3069283
     assert crc32c(b"6789", crc32c(b"12345")) == 0xE3069283
     assert pure_python_crc32c(b"123456789") == 0xE3069283
@@ -558,8 +547,3 @@ def test_crc32c_known_values_and_fallback(monkeypatch: pytest.MonkeyPatch) -> No
     assert pure_python_crc32c(data[5000:], pure_python_crc32c(data[:5000])) == crc32c(data)
     assert masked_crc32c(b"") == 0xA282EAD8
     assert all(unmask(mask(v)) == v for v in (0, 1, 0xFFFFFFFF, 0xE3069283))
-
-    monkeypatch.setitem(sys.modules, "crc32c", None)
-    monkeypatch.setitem(sys.modules, "google_crc32c", None)
-    name, function = _crc32c._select_backend()
-    assert name == "pure-python" and function(b"123456789", 0) == 0xE3069283

@@ -24,7 +24,7 @@ from typing import Any
 
 from regraft.entries import Stage
 from regraft.errors import RegraftError
-from regraft.plans import CAST, LOADED, MISSING, SHAPE_MISMATCH, TRANSFORMED, Assignment
+from regraft.plans import CAST, LOADED, MISSING, SHAPE_MISMATCH, TRANSFORMED, Assignment, status_for
 
 __all__ = ["POLICIES", "apply_policy", "with_steps", "check_steps", "run_steps", "steps_need_fresh"]
 
@@ -282,8 +282,7 @@ def _shift_past_inserted(out: list[Assignment], by_layer: dict[str, list[int]], 
         for role in here:
             moved, emptied = out[here[role]], out[there[role]]
             source = moved.source  # not None: checked above
-            status = SHAPE_MISMATCH if source.shape != emptied.target.shape else (
-                CAST if source.dtype != emptied.target.dtype else LOADED)
+            status = status_for(source, emptied.target)
             out[there[role]] = replace(emptied, source=moved.source, status=status, stage=Stage.ALIGNED,
                                        reason=f"preserve: '{layer.key}' looks inserted; its old tensor moves here",
                                        confidence=moved.confidence)

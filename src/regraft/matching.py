@@ -58,6 +58,7 @@ from regraft.plans import (
     Plan,
     fingerprint_source,
     fingerprint_target,
+    status_for,
 )
 from regraft.rules import IGNORE, INIT, RENAME, TRANSFORM, Rule
 from regraft.sources.base import Source
@@ -499,12 +500,11 @@ def _assignment(
         return Assignment(target, entry, UNCONFIRMED, stage, reason, allowed, confidence, order_only=True)
     if order_only:
         reason += "; confirmed by accept_order"
-    if tuple(entry.shape) != tuple(target.shape):
-        return Assignment(target, entry, SHAPE_MISMATCH, stage, reason, allowed, confidence, order_only=order_only)
-    if entry.dtype != target.dtype:
-        return Assignment(target, entry, CAST, stage, f"{reason}; cast {entry.dtype} -> {target.dtype}", None,
-                          confidence, order_only=order_only)
-    return Assignment(target, entry, LOADED, stage, reason, None, confidence, order_only=order_only)
+    status = status_for(entry, target)
+    if status == CAST:
+        reason += f"; cast {entry.dtype} -> {target.dtype}"
+    return Assignment(target, entry, status, stage, reason, allowed if status == SHAPE_MISMATCH else None, confidence,
+                      order_only=order_only)
 
 
 def _transform_rules(assignments: list[Assignment], rules: tuple[Rule, ...], counts: dict[int, int]) -> list[Assignment]:

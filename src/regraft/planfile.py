@@ -52,6 +52,7 @@ from regraft.plans import (
     Plan,
     fingerprint_source,
     fingerprint_target,
+    status_for,
 )
 from regraft.sources import open_source
 from regraft.targets import describe
@@ -336,11 +337,9 @@ def _assignment(target: TargetVariable, entry: dict[str, Any], entries: dict[str
         stage, reason = Stage.PLAN, "chosen in the plan file"  # the user confirmed or chose it
     if entry.get("steps"):
         return _transformed(target, source, entry, stage, reason, confidence, check)
-    if source.shape != target.shape:  # reported, left fresh: what a plan says of a mismatch
-        return Assignment(target, source, SHAPE_MISMATCH, stage, reason, allowed, confidence, order_only=order_only)
-    if source.dtype != target.dtype:
-        return Assignment(target, source, CAST, stage, reason, None, confidence, order_only=order_only)
-    return Assignment(target, source, LOADED, stage, reason, None, confidence, order_only=order_only)
+    status = status_for(source, target)  # a mismatch is reported and left fresh: what a plan says of it
+    return Assignment(target, source, status, stage, reason, allowed if status == SHAPE_MISMATCH else None, confidence,
+                      order_only=order_only)
 
 
 def _stage(text: Any, check: _Checker, where: tuple[str, ...]) -> Stage:

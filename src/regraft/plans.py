@@ -32,6 +32,7 @@ __all__ = [
     "UNCONFIRMED",
     "PLAN_VERSION",
     "STATUSES",
+    "status_for",
     "fingerprint_source",
     "fingerprint_target",
 ]
@@ -285,6 +286,13 @@ class Plan:
             "removed_layers": list(self.removed),
             "rules": [{"rule": str(rule), "used": count} for rule, count in self.rules],
         }
+
+def status_for(source: SourceEntry, target: TargetVariable) -> Status:
+    """What loading ``source`` into ``target`` is, from shapes and dtypes alone."""
+    if tuple(source.shape) != tuple(target.shape):
+        return SHAPE_MISMATCH
+    return CAST if source.dtype != target.dtype else LOADED
+
 
 def fingerprint_source(entries: Iterable[SourceEntry]) -> str:
     """A short hash of every checkpoint entry's key, shape, dtype and kind."""

@@ -42,6 +42,7 @@ import numpy as np
 
 import regraft.targets._compat as _compat
 from regraft.errors import RegraftError
+from regraft.naming import dtype_of
 
 __all__ = [
     "INT_HIGH",
@@ -188,12 +189,8 @@ def _draw(spec: _Spec, samples: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
     try:
-        return np.dtype(name)
+        return dtype_of(name)
     except TypeError:
         raise VerifyError(f"Cannot make probe inputs of dtype {name}.", hint=_INPUTS_HINT) from None
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from regraft.naming import dtype_of
+
 from regraft.errors import CorruptCheckpointError, SourceError, UnsupportedFormatError
 from regraft.sources._crc32c import crc32c, mask
 from regraft.sources._proto import (
@@ -112,21 +114,12 @@ def data_file_path(prefix: str, shard_id: int, num_shards: int) -> str:
     return f"{prefix}.data-{shard_id:05d}-of-{num_shards:05d}"
 
 
-def _bfloat16_dtype() -> np.dtype | str:
-    """Returns ml_dtypes' bfloat16, or ``"bfloat16"`` if ml_dtypes is not installed."""
-    try:
-        import ml_dtypes
-    except ImportError:
-        return "bfloat16"
-    return np.dtype(ml_dtypes.bfloat16)
-
-
 def _entry_dtype(enum: int) -> EntryDType:
     """Maps a ``tensorflow.DataType`` enum value to a :data:`EntryDType`."""
     if enum in _NUMPY_DTYPES:
         return np.dtype(_NUMPY_DTYPES[enum])
     if enum == _DT_BFLOAT16:
-        return _bfloat16_dtype()
+        return dtype_of("bfloat16")
     if 0 <= enum < len(_DTYPE_NAMES):
         return _DTYPE_NAMES[enum]
     return f"DataType({enum})"

@@ -1,20 +1,21 @@
 """CRC-32C (Castagnoli) checksums as used by TensorFlow checkpoints.
 
-Uses the fast ``crc32c`` package when it is installed, else ``google_crc32c``,
-else a pure-Python table implementation (correct but slow: about 5 MB/s).
+Uses the ``crc32c`` package (a dependency); :func:`pure_python_crc32c` is a
+table implementation kept as the reference the tests check it against.
 TensorFlow stores *masked* checksums (see :func:`mask`), so that a checksum of
 data that itself contains checksums stays well distributed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+import crc32c as crc32c_package
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["BACKEND", "crc32c", "mask", "masked_crc32c", "pure_python_crc32c", "unmask"]
+__all__ = ["crc32c", "mask", "masked_crc32c", "pure_python_crc32c", "unmask"]
 
 _MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF
@@ -36,7 +37,7 @@ _TABLE = _make_table()
 
 
 def pure_python_crc32c(data: Buffer, value: int = 0) -> int:
-    """Computes CRC-32C byte by byte; the fallback when no C extension is installed.
+    """Computes CRC-32C byte by byte: the reference implementation (about 5 MB/s).
 
     Args:
         data: bytes-like object to checksum.
@@ -52,28 +53,8 @@ def pure_python_crc32c(data: Buffer, value: int = 0) -> int:
     return crc ^ _U32
 
 
-def _select_backend() -> tuple[str, Callable[[Buffer, int], int]]:
-    """Returns the name and function of the fastest available implementation."""
-    try:
-        import crc32c as crc32c_package
-    except ImportError:
-        pass
-    else:
-        return "crc32c", lambda data, value: crc32c_package.crc32c(data, value=value)
-    try:
-        import google_crc32c
-    except ImportError:
-        pass
-    else:
-        return "google_crc32c", lambda data, value: google_crc32c.extend(value, bytes(data))
-    return "pure-python", pure_python_crc32c
-
-
-BACKEND, _extend = _select_backend()
-
-
 def crc32c(data: Buffer, value: int = 0) -> int:
-    """Computes the CRC-32C of ``data``, optionally extending an earlier checksum.
+    """Computes the CRC-32C of ``data``, optionally extending an earlier checksum (the ``crc32c`` package).
 
     Args:
         data: bytes-like object (bytes, memoryview, C-contiguous numpy array...).
@@ -82,7 +63,7 @@ def crc32c(data: Buffer, value: int = 0) -> int:
     Returns:
         The unsigned 32-bit checksum.
     """
-    return _extend(data, value)
+    return crc32c_package.crc32c(data, value=value)
 
 
 def mask(crc: int) -> int:
