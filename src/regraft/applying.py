@@ -31,7 +31,7 @@ from regraft.plans import CAST, LOADED, TRANSFORMED, Assignment, Plan, fingerpri
 from regraft.report import AppliedTensor, LoadReport
 from regraft.sources import open_source
 from regraft.sources.base import Source
-from regraft.targets import assign, describe, read_value, restore_tensor
+from regraft.targets import assign, describe, read_value, restore_tensor, unique_variables
 from regraft.transforms import cast_array
 
 __all__ = ["apply", "apply_plan", "convert", "freeze_loaded", "Progress"]
@@ -79,7 +79,7 @@ def _bind(plan: Plan, model: Any) -> Plan:
     """The plan with its targets bound to ``model``'s variables (another object built the same way)."""
     from dataclasses import replace
 
-    if [id(v) for v in _unique_weights(model)] == [id(a.target.variable) for a in plan.assignments]:
+    if [id(v) for v in unique_variables(model)] == [id(a.target.variable) for a in plan.assignments]:
         return plan
     targets = describe(model, ())
     if fingerprint_target(targets) != plan.target_fingerprint:
@@ -89,11 +89,6 @@ def _bind(plan: Plan, model: Any) -> Plan:
         )
     by_key = {t.key: t for t in targets}
     return replace(plan, assignments=tuple(replace(a, target=by_key[a.target.key]) for a in plan.assignments))
-
-
-def _unique_weights(model: Any) -> list[Any]:
-    seen: set[int] = set()
-    return [v for v in model.weights if not (id(v) in seen or seen.add(id(v)))]
 
 
 def convert(value: np.ndarray, target: TargetVariable, source_key: str) -> tuple[np.ndarray, float | None]:

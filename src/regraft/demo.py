@@ -1,4 +1,4 @@
-"""The built-in demo: the three situations of the classic "load weights into a changed model" tutorial.
+"""The built-in demo: four model changes, starting with the three of the classic "load weights into a changed model" tutorial.
 
 Each ``build_*`` function returns a built model, so they double as ``--model``
 specs (``--model regraft.demo:build_inserted_new``).

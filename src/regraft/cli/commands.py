@@ -127,9 +127,9 @@ def _write(model, report, args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """``regraft demo``: the three classic situations, end to end."""
+    """``regraft demo``: four model changes, end to end."""
     from regraft.demo import run_demo
 
-    info("Building three example models and their checkpoints in a temporary folder…")
+    info("Building four pairs of example models and their checkpoints in a temporary folder…")
     run_demo()
     return 0

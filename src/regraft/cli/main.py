@@ -127,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=verify_command)
 
-    p = sub.add_parser("demo", help="run the built-in examples: three classic model changes",
-                       description="Build three classic situations (inserted layer, more filters, renamed layer), "
-                       "save each original model, load it into the modified one and print what regraft did.")
+    p = sub.add_parser("demo", help="run the built-in examples: four model changes",
+                       description="Build four model changes (inserted layer, more filters, renamed layer, a layer "
+                       "inserted in a functional model), save each original model, load it into the modified one and print what regraft did.")
     p.set_defaults(run=commands.demo)
     return parser
 

@@ -9,6 +9,7 @@ from regraft.targets.keras import (
     read_value,
     restore_tensor,
     save_weights,
+    unique_variables,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "read_value",
     "restore_tensor",
     "save_weights",
+    "unique_variables",
 ]

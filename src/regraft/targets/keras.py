@@ -37,6 +37,7 @@ __all__ = [
     "layer_graph",
     "GraphLayer",
     "custom_classes",
+    "unique_variables",
 ]
 
 
@@ -76,7 +77,7 @@ def describe_with_layers(
     Weightless layers are included: alignment uses them as landmarks.
     """
     _check_model(model)
-    variables = _unique(model.weights)
+    variables = unique_variables(model)
     owners = _owners(model)
     readable = _readable_keys(model)
     tables: dict[str, dict[int, str]] = {}
@@ -154,14 +155,10 @@ def restore_tensor(prefix: str, name: str, dtype: str) -> Any:
     return tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""], dtypes=[tf.as_dtype(dtype)])[0]
 
 
-def _unique(variables: list[Any]) -> list[Any]:
+def unique_variables(model: Any) -> list[Any]:
+    """``model.weights`` without repeats (a shared layer lists its variables once per use), in order."""
     seen: set[int] = set()
-    out = []
-    for v in variables:
-        if id(v) not in seen:
-            seen.add(id(v))
-            out.append(v)
-    return out
+    return [v for v in model.weights if not (id(v) in seen or seen.add(id(v)))]
 
 
 def _unique_key(path: str, used: dict[str, int]) -> str:
