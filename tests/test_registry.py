@@ -71,3 +71,28 @@ def test_a_registered_format_loads_into_a_changed_model(tmp_path):
     assert_state(new, before, loaded)
     assert {a.target.key: a.status for a in report.plan.assignments if a.target.layer == "inserted"} == {
         "inserted/kernel": "missing", "inserted/bias": "missing"}
+
+
+def test_applying_goes_through_the_target_protocol(tmp_path):
+    """Loading reads and assigns only through a Target: a recording wrapper sees every write."""
+    from regraft.applying import apply
+    from regraft.targets import KerasTarget, Target, target_for
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(keras.layers.Dense(3, name="enc")(inputs)))
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)
+
+    class Recording(KerasTarget):
+        def __init__(self, m):
+            super().__init__(m)
+            self.assigned = []
+
+        def assign(self, variable, value):
+            self.assigned.append(variable.key)
+            super().assign(variable, value)
+
+    target = Recording(model)
+    assert isinstance(target, Target) and target_for(target) is target
+    apply(regraft.plan(model, path), target)
+    assert target.assigned == ["enc/kernel", "enc/bias", "head/kernel", "head/bias"]

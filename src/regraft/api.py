@@ -15,7 +15,7 @@ from regraft.plans import Plan
 from regraft.report import LoadReport
 from regraft.rules import parse_rules
 from regraft.sources import Source, open_source
-from regraft.targets import custom_classes, describe_with_layers, layer_graph
+from regraft.targets import target_for
 
 __all__ = ["open", "plan", "diff", "load"]
 
@@ -109,7 +109,8 @@ def _plan(model: Any, source: Source, rules: Rules, rename: Any, allow_missing: 
 
 def _make(model: Any, source: Source, rules: Rules, rename: Any, allow_missing: Iterable[str],
           allow_unused: Iterable[str], root: str | None, reshape: str, noise: float, accept_order: bool) -> Plan:
-    targets, layers = describe_with_layers(model, (source.namespace,))
+    target = target_for(model)
+    targets, layers = target.describe((source.namespace,))
     return make_plan(
         targets,
         source,
@@ -118,12 +119,12 @@ def _make(model: Any, source: Source, rules: Rules, rename: Any, allow_missing: 
         allow_missing=tuple(allow_missing),
         allow_unused=tuple(allow_unused),
         root=root,
-        model_name=model.name,
+        model_name=target.name,
         reshape=reshape,
-        graph=layer_graph(model) if reshape == "preserve" else None,
+        graph=target.layer_graph() if reshape == "preserve" else None,
         noise=noise,
         accept_order=accept_order,
-        model_classes=frozenset(custom_classes(model)),
+        model_classes=target.layer_classes(),
     )
 
 

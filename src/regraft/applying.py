@@ -31,7 +31,7 @@ from regraft.plans import CAST, LOADED, TRANSFORMED, Assignment, Plan, fingerpri
 from regraft.report import AppliedTensor, LoadReport
 from regraft.sources import open_source
 from regraft.sources.base import Source
-from regraft.targets import assign, describe, read_value, restore_tensor, unique_variables
+from regraft.targets import Target, target_for
 from regraft.transforms import cast_array
 
 __all__ = ["apply", "apply_plan", "convert", "freeze_loaded", "Progress"]
@@ -56,9 +56,10 @@ def apply(plan: Plan, model: Any, source: Source | None = None, *, freeze: bool 
     Example:
         >>> report = regraft.apply(regraft.read_plan("plan.yaml", model), model)   # doctest: +SKIP
     """
-    plan = _bind(plan, model)
+    target = target_for(model)
+    plan = _bind(plan, target)
     if source is not None:
-        return _apply(plan, source, freeze, progress)
+        return _apply(plan, source, target, freeze, progress)
     with open_source(plan.source_path) as opened:
         if fingerprint_source(opened.entries()) != plan.source_fingerprint:
             raise RegraftError(
@@ -66,25 +67,25 @@ def apply(plan: Plan, model: Any, source: Source | None = None, *, freeze: bool 
                 "(its keys, shapes or dtypes differ).",
                 hint="Make a new plan against the checkpoint as it is now.",
             )
-        return _apply(plan, opened, freeze, progress)
+        return _apply(plan, opened, target, freeze, progress)
 
 
-def _apply(plan: Plan, source: Source, freeze: bool, progress: Progress | None) -> LoadReport:
-    applied = apply_plan(plan, source, progress)
-    frozen = freeze_loaded(plan) if freeze else []
+def _apply(plan: Plan, source: Source, target: Target, freeze: bool, progress: Progress | None) -> LoadReport:
+    applied = apply_plan(plan, source, target, progress)
+    frozen = freeze_loaded(plan, target) if freeze else []
     return LoadReport.build(plan, applied, frozen)
 
 
-def _bind(plan: Plan, model: Any) -> Plan:
-    """The plan with its targets bound to ``model``'s variables (another object built the same way)."""
+def _bind(plan: Plan, target: Target) -> Plan:
+    """The plan with its targets bound to this model's variables (another object built the same way)."""
     from dataclasses import replace
 
-    if [id(v) for v in unique_variables(model)] == [id(a.target.variable) for a in plan.assignments]:
+    if [id(v) for v in target.variables()] == [id(a.target.variable) for a in plan.assignments]:
         return plan
-    targets = describe(model, ())
+    targets = target.describe(())[0]
     if fingerprint_target(targets) != plan.target_fingerprint:
         raise RegraftError(
-            f"This plan was made for another model than '{model.name}' (its variable keys, shapes or dtypes differ).",
+            f"This plan was made for another model than '{target.name}' (its variable keys, shapes or dtypes differ).",
             hint="Make a new plan for this model (regraft.plan / regraft plan).",
         )
     by_key = {t.key: t for t in targets}
@@ -103,12 +104,13 @@ def convert(value: np.ndarray, target: TargetVariable, source_key: str) -> tuple
     return cast_array(value, target.dtype, source_key, target_key=target.key)
 
 
-def apply_plan(plan: Plan, source: Source, progress: Progress | None = None) -> dict[str, AppliedTensor]:
+def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | None = None) -> dict[str, AppliedTensor]:
     """Write every ``loaded``/``cast`` assignment of ``plan`` into the model, all-or-nothing.
 
     Args:
         plan: a plan whose strict checks have already passed.
         source: the opened checkpoint the plan was made from.
+        target: the model the plan is bound to.
         progress: called as ``progress(done, total, key)`` after each tensor.
 
     Returns:
@@ -123,17 +125,17 @@ def apply_plan(plan: Plan, source: Source, progress: Progress | None = None) -> 
     # journaling and assigning the current one; at most one read is ahead.
     with tempfile.TemporaryFile(prefix="regraft-undo-", buffering=0) as journal, ThreadPoolExecutor(1) as reader:
         undo: list[tuple[Assignment, int, tuple[int, ...], np.dtype]] = []
-        ahead: Future | None = reader.submit(_fetch, writes[0], source, plan) if writes else None
+        ahead: Future | None = reader.submit(_fetch, writes[0], source, plan, target) if writes else None
         try:
             for i, a in enumerate(writes):
                 assert ahead is not None
                 value, error = ahead.result()
-                ahead = reader.submit(_fetch, writes[i + 1], source, plan) if i + 1 < len(writes) else None
-                old = read_value(a.target)
+                ahead = reader.submit(_fetch, writes[i + 1], source, plan, target) if i + 1 < len(writes) else None
+                old = target.read(a.target)
                 undo.append((a, journal.tell(), old.shape, old.dtype))
                 journal.write(_bytes_of(old))
                 del old
-                assign(a.target, value)
+                target.assign(a.target, value)
                 done[a.target.key] = AppliedTensor(a.target.key, error)
                 del value
                 if progress is not None:
@@ -141,12 +143,12 @@ def apply_plan(plan: Plan, source: Source, progress: Progress | None = None) -> 
         except BaseException:
             if ahead is not None:
                 ahead.cancel()
-            _roll_back(journal, undo)
+            _roll_back(journal, undo, target)
             raise
     return done
 
 
-def _fetch(a: Assignment, source: Source, plan: Plan) -> tuple[Any, float | None]:
+def _fetch(a: Assignment, source: Source, plan: Plan, target: Target) -> tuple[Any, float | None]:
     """Read (and for a cast, convert) the tensor an assignment needs; checks its shape.
 
     Uncast tensors of a TF checkpoint are read by TensorFlow straight into a
@@ -155,13 +157,13 @@ def _fetch(a: Assignment, source: Source, plan: Plan) -> tuple[Any, float | None
     """
     entry = a.source
     if a.status == TRANSFORMED:
-        return _transformed(a, source)
+        return _transformed(a, source, target)
     if entry is None:  # loaded and cast assignments always have a source
         raise LoadError(f"Variable '{a.target.key}' has no source to load.")
     location = source.native_location(entry.key) if a.status != CAST else None
     if location is not None:
         try:
-            value = restore_tensor(*location, a.target.dtype)
+            value = target.read_native(*location, a.target.dtype)
         except Exception as exc:
             source.read(entry.key)  # regraft's reader says precisely what is wrong, if it can tell
             raise CorruptCheckpointError(
@@ -181,24 +183,24 @@ def _fetch(a: Assignment, source: Source, plan: Plan) -> tuple[Any, float | None
     return value, error
 
 
-def _transformed(a: Assignment, source: Source) -> tuple[np.ndarray, float | None]:
+def _transformed(a: Assignment, source: Source, target: Target) -> tuple[np.ndarray, float | None]:
     """Read the source (if any), run the transform pipeline, cast to the variable's dtype."""
     value = source.read(a.source.key) if a.source is not None else None
-    fresh = read_value(a.target) if steps_need_fresh(a.steps) else None
+    fresh = target.read(a.target) if steps_need_fresh(a.steps) else None
     value = run_steps(a.steps, value, fresh, a.target.shape, a.target.key)
     if value.dtype != dtype_of(a.target.dtype):
         return convert(value, a.target, a.source.key if a.source else a.target.key)
     return value, None
 
 
-def _roll_back(journal: Any, undo: list[tuple[Assignment, int, tuple[int, ...], np.dtype]]) -> None:
+def _roll_back(journal: Any, undo: list[tuple[Assignment, int, tuple[int, ...], np.dtype]], target: Target) -> None:
     """Restore every variable already assigned, last first, from the undo journal."""
     for a, offset, shape, dtype in reversed(undo):
         journal.seek(offset)
         old = np.empty(shape, dtype)
         if old.nbytes:
             journal.readinto(_bytes_of(old))
-        assign(a.target, old)
+        target.assign(a.target, old)
 
 
 def _bytes_of(array: np.ndarray) -> memoryview:
@@ -206,24 +208,21 @@ def _bytes_of(array: np.ndarray) -> memoryview:
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
 
-def freeze_loaded(plan: Plan) -> list[str]:
+def freeze_loaded(plan: Plan, target: Target) -> list[str]:
     """Set ``trainable=False`` on every layer whose own variables were all loaded unchanged.
 
     Returns the frozen layers' paths. Layers with any variable cast, mismatched or
     missing stay trainable.
     """
     by_layer: dict[int, list[Assignment]] = {}
-    layers: dict[int, Any] = {}
     for a in plan.assignments:
         layer = a.target.layer_object
-        if layer is None:
-            continue
-        by_layer.setdefault(id(layer), []).append(a)
-        layers[id(layer)] = layer
+        if layer is not None:
+            by_layer.setdefault(id(layer), []).append(a)
     frozen = []
-    for layer_id, assignments in by_layer.items():
+    for assignments in by_layer.values():
         if all(a.status == LOADED for a in assignments):
-            layers[layer_id].trainable = False
+            target.freeze(assignments[0].target)
             frozen.append(assignments[0].target.layer)
     return frozen
 

@@ -55,7 +55,7 @@ from regraft.plans import (
     status_for,
 )
 from regraft.sources import open_source
-from regraft.targets import describe
+from regraft.targets import target_for
 
 __all__ = ["save_plan", "read_plan"]
 
@@ -125,7 +125,7 @@ def read_plan(path: str | os.PathLike[str], model: Any) -> Plan:
     ignored_items = check.list_of(data, ("ignored",), (str, dict))
     root = checkpoint.get("root") or ""
 
-    targets = describe(model, ())
+    targets = target_for(model).describe(())[0]
     if fingerprint_target(targets) != model_section["fingerprint"]:
         raise RegraftError(
             f"Plan {path} was made for another model than '{model.name}' (its variable keys, shapes or dtypes differ).",

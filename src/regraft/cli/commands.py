@@ -117,9 +117,9 @@ def apply(args: argparse.Namespace) -> int:
 
 
 def _write(model, report, args: argparse.Namespace) -> int:
-    from regraft.targets import save_weights
+    from regraft.targets import target_for
 
-    written = save_weights(model, args.out)
+    written = target_for(model).save(args.out)
     data = report.to_dict()
     data["written"] = written
     emit(data, str(report) + "\nwrote " + ", ".join(os.path.relpath(w) for w in written), args.json)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from regraft.entries import NAMESPACES, TargetVariable
+from regraft.targets.base import GraphLayer, LayerTable
 from regraft.errors import TargetError
 import regraft.targets._compat as _compat
 
@@ -38,6 +39,7 @@ __all__ = [
     "GraphLayer",
     "custom_classes",
     "unique_variables",
+    "KerasTarget",
 ]
 
 
@@ -479,25 +481,6 @@ def save_weights(model: Any, out: str) -> list[str]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-@dataclass(frozen=True)
-class GraphLayer:
-    """One layer of the model's computation, for function-preserving growth.
-
-    Attributes:
-        key: the layer's readable key (``TargetVariable.layer`` of its variables).
-        kind: the class in snake case (``dense``, ``conv2d``, ``batch_normalization``).
-        inputs: readable keys of the layers feeding it.
-        activation: the activation's name for layers that have one (``relu``, ``linear``).
-        non_negative: its output is never negative (ReLU activation or a ReLU layer).
-    """
-
-    key: str
-    kind: str
-    inputs: tuple[str, ...]
-    activation: str | None
-    non_negative: bool
-
-
 def layer_graph(model: Any) -> list[GraphLayer]:
     """The model's layers in computation order, each with the layers that feed it.
 
@@ -561,3 +544,40 @@ def _readable_layer_keys(model: Any) -> dict[int, str]:
         if own and id(own[0]) in by_variable:
             out[id(layer)] = by_variable[id(own[0])].rpartition("/")[0]
     return out
+
+
+class KerasTarget:
+    """A built Keras 3 model on the TensorFlow backend: the first :class:`~regraft.targets.base.Target`."""
+
+    def __init__(self, model: Any) -> None:
+        _check_model(model)
+        self.model = model
+        self.name = str(model.name)
+
+    def describe(self, namespaces: tuple[str, ...]) -> tuple[list[TargetVariable], dict[str, LayerTable]]:
+        return describe_with_layers(self.model, namespaces)
+
+    def layer_graph(self) -> list[GraphLayer]:
+        return layer_graph(self.model)
+
+    def layer_classes(self) -> frozenset[str]:
+        return frozenset(custom_classes(self.model))
+
+    def variables(self) -> list[Any]:
+        return unique_variables(self.model)
+
+    def read(self, variable: TargetVariable) -> np.ndarray:
+        return read_value(variable)
+
+    def assign(self, variable: TargetVariable, value: Any) -> None:
+        assign(variable, value)
+
+    def read_native(self, prefix: str, name: str, dtype: str) -> Any | None:
+        return restore_tensor(prefix, name, dtype)
+
+    def freeze(self, variable: TargetVariable) -> None:
+        if variable.layer_object is not None:
+            variable.layer_object.trainable = False
+
+    def save(self, path: str) -> list[str]:
+        return save_weights(self.model, path)

@@ -1,0 +1,85 @@
+"""The contract every target (a model framework a plan is applied to) implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from regraft.entries import TargetVariable
+
+__all__ = ["Target", "GraphLayer", "LayerTable"]
+
+LayerTable = dict[str, tuple[str | None, str | None]]  # layer key -> (framework's layer name, class in snake case)
+
+
+@dataclass(frozen=True)
+class GraphLayer:
+    """One layer of the model's computation, for function-preserving growth.
+
+    Attributes:
+        key: the layer's readable key (``TargetVariable.layer`` of its variables).
+        kind: the class in snake case (``dense``, ``conv2d``, ``batch_normalization``).
+        inputs: readable keys of the layers feeding it.
+        activation: the activation's name for layers that have one (``relu``, ``linear``).
+        non_negative: its output is never negative (ReLU activation or a ReLU layer).
+    """
+
+    key: str
+    kind: str
+    inputs: tuple[str, ...]
+    activation: str | None
+    non_negative: bool
+
+
+@runtime_checkable
+class Target(Protocol):
+    """A built model, as matching and applying see it.
+
+    Keras 3 on TensorFlow (:class:`regraft.targets.keras.KerasTarget`) is the first
+    implementation; :func:`regraft.targets.target_for` picks one for a model.
+    Matching only needs :meth:`describe` (keys in the checkpoint's namespace,
+    computed the way the framework itself would write them), :meth:`layer_graph`
+    and :meth:`layer_classes`; applying needs :meth:`variables`, :meth:`read`,
+    :meth:`assign`, :meth:`read_native` and :meth:`freeze`; the CLI :meth:`save`.
+    """
+
+    model: Any
+    name: str
+
+    def describe(self, namespaces: tuple[str, ...]) -> tuple[list[TargetVariable], dict[str, LayerTable]]:
+        """Every variable with its readable key and its key in each namespace; every layer per namespace."""
+        ...
+
+    def layer_graph(self) -> list[GraphLayer]:
+        """The layers in computation order, each with the layers feeding it."""
+        ...
+
+    def layer_classes(self) -> frozenset[str]:
+        """Snake-case class names of the model's layers (auto-generated names are built from them)."""
+        ...
+
+    def variables(self) -> list[Any]:
+        """The live variables, each once, in the order :meth:`describe` lists them."""
+        ...
+
+    def read(self, variable: TargetVariable) -> np.ndarray:
+        """A variable's current value."""
+        ...
+
+    def assign(self, variable: TargetVariable, value: Any) -> None:
+        """Give a variable a value of its shape and dtype (an array, or what :meth:`read_native` returned)."""
+        ...
+
+    def read_native(self, prefix: str, name: str, dtype: str) -> Any | None:
+        """Read one TF-checkpoint tensor with the framework's own reader, or ``None`` if it has none."""
+        ...
+
+    def freeze(self, variable: TargetVariable) -> None:
+        """Make the layer owning ``variable`` not trainable."""
+        ...
+
+    def save(self, path: str) -> list[str]:
+        """Write the model's weights to ``path`` atomically; return the files written."""
+        ...
