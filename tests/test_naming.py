@@ -34,4 +34,4 @@ def test_matches_any_returns_the_first_matching_pattern():
 
 def test_docstring_examples():
     result = doctest.testmod(naming)
-    assert result.attempted == 3 and result.failed == 0
+    assert result.attempted == 4 and result.failed == 0

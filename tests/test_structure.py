@@ -20,7 +20,7 @@ LAYERS = [
     {"rules", "transforms", "plans"},
     {"report", "growth", "align"},
     {"matching", "planfile"},
-    {"applying", "verify"},
+    {"applying", "verification"},
     {"api", "demo"},
     {"cli", "__init__", "__main__"},
 ]

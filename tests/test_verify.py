@@ -18,7 +18,7 @@ from conftest import build as build_random  # noqa: E402
 from regraft.cli.output import fail  # noqa: E402
 from regraft.cli.verify import verify_command  # noqa: E402
 from regraft.errors import RegraftError  # noqa: E402
-from regraft.verify import (  # noqa: E402
+from regraft.verification import (  # noqa: E402
     INT_HIGH,
     UNKNOWN_DIM,
     VerifyError,

@@ -21,7 +21,7 @@ from regraft.errors import (
 from regraft.planfile import read_plan, save_plan
 from regraft.plans import Assignment, Plan
 from regraft.report import LoadReport
-from regraft.verify import VerifyReport, verify
+from regraft.verification import VerifyReport, verify
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,7 @@ import fnmatch
 import re
 from typing import Iterable
 
-__all__ = ["collapse", "matches_any", "dtype_of"]
+__all__ = ["collapse", "matches_any", "dtype_of", "text_table"]
 
 _NUMBER = re.compile(r"(\d+)")
 
@@ -82,3 +82,16 @@ def dtype_of(name: str):
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
+
+
+def text_table(rows: Iterable[Iterable[object]]) -> str:
+    """Rows as left-aligned columns two spaces apart (the first row is the header).
+
+    Example:
+        >>> print(text_table([("KEY", "SHAPE"), ("d/kernel", "(4, 3)")]))
+        KEY       SHAPE
+        d/kernel  (4, 3)
+    """
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))] if cells else []
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
 from regraft.entries import SourceEntry, Stage, Status, TargetVariable
-from regraft.naming import collapse
+from regraft.naming import collapse, text_table
 
 if TYPE_CHECKING:  # pragma: no cover
     from regraft.rules import Rule
@@ -238,9 +238,7 @@ class Plan:
             lines.append((status, a.target.key, source, shape, dtype))
         for entry, allowed in self.unused:
             lines.append(("unused" + (" (allowed)" if allowed else ""), "-", entry.key, _shape(entry.shape), entry.dtype))
-        widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
-        text = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *lines]]
-        return "\n".join(text)
+        return text_table([header, *lines])
 
     def __str__(self) -> str:
         return "\n".join([self.heading(), self.table(), self.summary()])

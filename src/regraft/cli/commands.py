@@ -7,6 +7,7 @@ import os
 from collections import Counter
 
 from regraft.cli.output import emit, info, progress_printer
+from regraft.naming import text_table
 
 __all__ = ["inspect", "diff", "plan", "load", "apply", "demo"]
 
@@ -37,8 +38,7 @@ def inspect(args: argparse.Namespace) -> int:
         rows = [("KEY", "SHAPE", "DTYPE", "KIND", "LAYER NAME")] + [
             (e.key, str(tuple(e.shape)), e.dtype, e.kind, e.layer_name or "") for e in shown
         ]
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        table = text_table(rows)
         objects = f"; objects: {', '.join(data['objects'])}" if data["objects"] else ""
         hidden = len(entries) - len(shown)
         text = (

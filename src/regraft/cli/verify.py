@@ -1,4 +1,4 @@
-"""``regraft verify``: load the old and the new model, compare their outputs (:func:`regraft.verify.verify`)."""
+"""``regraft verify``: load the old and the new model, compare their outputs (:func:`regraft.verification.verify`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from regraft.cli.output import emit, info
-from regraft.verify import VerifyError, verify
+from regraft.verification import VerifyError, verify
 
 __all__ = ["verify_command", "read_inputs"]
 

@@ -27,7 +27,7 @@ Differences:
   near-zero activations from blowing the number up.
 
 Example:
-    >>> report = regraft.verify.verify(old_model, new_model)   # doctest: +SKIP
+    >>> report = regraft.verification.verify(old_model, new_model)   # doctest: +SKIP
     >>> print(report)                                           # doctest: +SKIP
     max |Δ| 3.1e-07 (rel 2.0e-07) over 8 probe inputs: within 1e-05
 """
