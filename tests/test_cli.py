@@ -185,3 +185,49 @@ def test_help_explains_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("inspect", "diff", "load", "demo"):
         assert command in out
+
+
+def test_strict_refusal_hint_speaks_flags(capsys, tmp_path, inserted_ckpt):
+    prefix, _ = inserted_ckpt
+    code, _, err = run(capsys, "load", prefix, "--model", "regraft.demo:build_inserted_new",
+                       "--out", str(tmp_path / "n.weights.h5"))
+    assert code == 2
+    hint = next(line for line in err.splitlines() if line.startswith("Hint:"))
+    assert "--rename" in hint and "--allow-missing" in hint and "--accept-order" in hint and "--no-strict" in hint
+    assert "=" not in hint  # no Python keyword arguments
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["dif", "x"], "invalid choice: 'dif'"),
+        (["diff", "x", "--model", "m:f", "--reshap", "preserve"], "unrecognized arguments: --reshap preserve"),
+        (["load", "x", "--model", "m:f", "--out", "o", "--no-stric"], "unrecognized arguments: --no-stric"),
+    ],
+)
+def test_mistyped_commands_and_flags_are_refused_with_a_suggestion(capsys, argv, expected):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "did you mean" in err
+    command = argv[0] if argv[0] != "dif" else None
+    if command:  # the subcommand's own usage, not the top-level one
+        assert f"usage: regraft {command}" in err
+
+
+def test_piping_into_a_closed_reader_exits_quietly(tmp_path):
+    """`regraft inspect CKPT | head`: more output than a pipe buffer holds, so the write fails mid-way."""
+    import subprocess
+    import sys
+
+    from conftest import save_tf1
+
+    arrays = {f"scope_{i:04d}/a_rather_long_variable_name": np.zeros((2,), "float32") for i in range(2500)}
+    prefix = save_tf1(arrays, tmp_path / "many" / "model.ckpt")
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"), TF_CPP_MIN_LOG_LEVEL="3")
+    for extra in ("", "--json"):
+        shell = f"{sys.executable} -m regraft inspect {prefix} {extra} | head -c 10; exit ${{PIPESTATUS[0]}}"
+        done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

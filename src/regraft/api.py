@@ -190,7 +190,8 @@ def load(
                 + "\n  ".join(problems),
                 problems,
                 hint="Map renamed keys with rename=, allow expected gaps with allow_missing=/allow_unused=, "
-                "or pass strict=False to load what matches and report the rest.",
+                "confirm placements by order with accept_order=True, or pass strict=False to load what matches "
+                "and report the rest.",
             )
         for rule in the_plan.unused_rules():
             warnings.warn(f"regraft: {rule} matched nothing", stacklevel=2)

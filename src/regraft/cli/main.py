@@ -8,12 +8,14 @@ stderr. A user error prints ``Error:``/``Hint:`` and exits 2, never a traceback
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import NoReturn
 
 from regraft.cli import commands
 from regraft.cli.output import fail
 from regraft.cli.verify import verify_command
-from regraft.errors import RegraftError
+from regraft.errors import LoadError, RegraftError
 
 __all__ = ["main", "build_parser"]
 
@@ -58,21 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     from regraft import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="regraft", description=__doc__.split("\n\n")[0].split("— ", 1)[1],
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"regraft {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("inspect", help="list a checkpoint's tensors (metadata only, no tensor data read)",
+    p = sub.add_parser(allow_abbrev=False, name="inspect", help="list a checkpoint's tensors (metadata only, no tensor data read)",
                        description="List every tensor of a checkpoint: key, shape, dtype, kind. Reads no tensor data.")
     p.add_argument("checkpoint", help="TF checkpoint prefix, its folder, or a Keras .weights.h5 / .h5 file")
     p.add_argument("--all", action="store_true", help="also list optimizer slots and bookkeeping one by one")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=commands.inspect)
 
-    p = sub.add_parser("diff", help="show what a load would do; loads nothing",
+    p = sub.add_parser(allow_abbrev=False, name="diff", help="show what a load would do; loads nothing",
                        description="Match the checkpoint against the new model and print the plan grouped by "
                        "outcome (keys collapsed, inserted and removed layers named): what each variable would "
                        "get, what stays fresh, what goes unused. Nothing is loaded or written.")
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", action="store_true", help="also print one line per variable")
     p.set_defaults(run=commands.diff)
 
-    p = sub.add_parser("plan", help="write the load plan as a YAML file a person can review and edit",
+    p = sub.add_parser(allow_abbrev=False, name="plan", help="write the load plan as a YAML file a person can review and edit",
                        description="Match the checkpoint against the new model and write the plan: for every "
                        "variable its source (or none), transform, deciding stage, reason and confidence, plus "
                        "fingerprints of the checkpoint and model. Edit a 'source' and run `regraft apply`.")
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="PLAN.yaml", help="where to write the plan")
     p.set_defaults(run=commands.plan)
 
-    p = sub.add_parser("apply", help="apply a (possibly edited) plan file and save the new model's weights",
+    p = sub.add_parser(allow_abbrev=False, name="apply", help="apply a (possibly edited) plan file and save the new model's weights",
                        description="Apply a plan file exactly as written: each variable takes the source the "
                        "file names, or stays fresh. A plan made for another checkpoint or model is refused.")
     p.add_argument("plan_file", metavar="PLAN.yaml", help="a plan written by `regraft plan`")
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=commands.apply)
 
-    p = sub.add_parser("load", help="load a checkpoint into the new model and save the new model's weights",
+    p = sub.add_parser(allow_abbrev=False, name="load", help="load a checkpoint into the new model and save the new model's weights",
                        description="Load the checkpoint into the model built by --model (strict unless told "
                        "otherwise) and write the model's weights to --out: a .weights.h5 file by extension, "
                        "otherwise a TF checkpoint prefix. Written to a temporary name, then renamed into place.")
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mark layers loaded unchanged as non-trainable (saved with the weights only if the format keeps it)")
     p.set_defaults(run=commands.load)
 
-    p = sub.add_parser("verify", help="check that the new model computes what the old one did",
+    p = sub.add_parser(allow_abbrev=False, name="verify", help="check that the new model computes what the old one did",
                        description="Load the old checkpoint into the old model and the new weights (e.g. written by "
                        "`regraft load --reshape preserve --out`) into the new model, run both on the same probe "
                        "inputs (random of the right shape unless --inputs is given) and report the largest absolute "
@@ -127,23 +129,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=verify_command)
 
-    p = sub.add_parser("demo", help="run the built-in examples: four model changes",
+    p = sub.add_parser(allow_abbrev=False, name="demo", help="run the built-in examples: four model changes",
                        description="Build four model changes (inserted layer, more filters, renamed layer, a layer "
                        "inserted in a functional model), save each original model, load it into the modified one and print what regraft did.")
     p.set_defaults(run=commands.demo)
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors suggest the closest command or flag."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)}\n")
+
+    def _suggestion(self, message: str) -> str:
+        import difflib
+        import re
+
+        choice = re.search(r"invalid choice: '([^']*)'", message)
+        if choice:
+            commands = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+            close = difflib.get_close_matches(choice.group(1), commands, n=1)
+            return f" (did you mean '{close[0]}'?)" if close else ""
+        flags = re.findall(r"(--?[\w-]+)", message.split(":", 1)[-1]) if "unrecognized" in message else []
+        known = [o for a in self._actions for o in a.option_strings]
+        for flag in flags:
+            close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
+            if close:
+                return f" (did you mean '{close[0]}'?)"
+        return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``regraft`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # report it with the subcommand's own usage, not the top-level one
+        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args) or 0
+    except LoadError as exc:
+        if getattr(exc, "problems", None):  # a strict refusal: say the fix in flags, not keyword arguments
+            exc.hint = _CLI_STRICT_HINT
+        return fail(exc)
     except RegraftError as exc:
         return fail(exc)
     except KeyboardInterrupt:
         print("Interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`regraft inspect X | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+_CLI_STRICT_HINT = (
+    "Map renamed keys with --rename, allow expected gaps with --allow-missing / --allow-unused, confirm "
+    "placements by order with --accept-order, or pass --no-strict to load what matches and report the rest."
+)
 
 
 if __name__ == "__main__":
