@@ -40,7 +40,7 @@ from conftest import (
 
 STRICT_HINT = (
     "Hint: Map renamed keys with rename=, allow expected gaps with allow_missing=/allow_unused=, "
-    "or pass strict=False to load what matches and report the rest."
+    "confirm placements by order with accept_order=True, or pass strict=False to load what matches and report the rest."
 )
 RULE = "rule 1 (rename 'dense2/' -> 'dense3/')"
 X16 = np.linspace(-1.0, 1.0, 32, dtype="float32").reshape(2, 16)
