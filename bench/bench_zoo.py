@@ -9,6 +9,10 @@ applies:
   tf        tf.train.Checkpoint(model=old).write(prefix)          (Keras 3 and tf-keras old models)
   tf-keras  old.save_weights(prefix), TF format                    (tf-keras old models only)
   h5        old.save_weights("old.weights.h5") (Keras 3) or old.save_weights("old.h5") (tf-keras, Keras 2 h5)
+  tf-opt    the folder of a tf.train.CheckpointManager of Checkpoint(model=old, optimizer=...)  (pairs with
+            train=True: the old model takes one Adam step first, so every format of such a pair holds
+            optimizer slots where the library saves them; the folder holds an older save of the trained,
+            not yet randomised values, and a loader that reads it instead of the newest gets WRONG values)
 
 Old and new models are built as if by separate programs: ``clear_session()`` runs
 before each build, so auto-generated layer names restart.
@@ -77,7 +81,7 @@ from bench_align import digest, pct, quiet  # noqa: E402  (shared helpers of the
 ELIGIBLE, MISMATCH, ABSENT, NEW = "eligible", "mismatch", "absent", "new"
 KERAS3_FORMATS = ("tf", "h5")
 TF_KERAS_FORMATS = ("tf", "tf-keras", "h5")
-ALL_FORMATS = ("tf", "tf-keras", "h5")
+ALL_FORMATS = ("tf", "tf-keras", "h5", "tf-opt")
 
 Layer = Any
 Model = Any
@@ -328,11 +332,23 @@ def custom() -> types.SimpleNamespace:
                                  DenseStack=DenseStack, Residual=Residual, Tower=Tower, NormProj=NormProj)
 
 
-def call(fn: Callable[..., Model], *args: Any) -> Callable[[], Model]:
-    """``fn(*args)`` as a builder that ``--list`` can describe."""
-    builder = functools.partial(fn, *args)
-    builder.label = f"{fn.__name__}({', '.join(map(repr, args))})"  # type: ignore[attr-defined]
+def call(fn: Callable[..., Model], *args: Any, **kwargs: Any) -> Callable[[], Model]:
+    """``fn(*args, **kwargs)`` as a builder that ``--list`` can describe."""
+    builder = functools.partial(fn, *args, **kwargs)
+    shown = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
+    builder.label = f"{fn.__name__}({', '.join(shown)})"  # type: ignore[attr-defined]
     return builder
+
+
+def lib(framework: str) -> Any:
+    """The library a framework name stands for: ``keras`` (Keras 3) or ``tf_keras``."""
+    if framework == "tf_keras":
+        import tf_keras
+
+        return tf_keras
+    import keras
+
+    return keras
 
 
 def _named(named: bool) -> Callable[[str], str | None]:
@@ -361,14 +377,15 @@ def cnn_flat(named: bool, k: Any = None) -> Model:
     return k.Model(inputs, chain(inputs, cnn_layers(k, named)), name="cnn" if named else None)
 
 
-def cnn_nested(named: bool) -> Model:
+def cnn_nested(named: bool, k: Any = None) -> Model:
     import keras
 
-    layers = cnn_layers(keras, named)
-    inner = keras.Input((16, 16, 3))
-    backbone = keras.Model(inner, chain(inner, layers[:-1]), name="backbone" if named else None)
-    inputs = keras.Input((16, 16, 3))
-    return keras.Model(inputs, layers[-1](backbone(inputs)), name="cnn" if named else None)
+    k = k or keras
+    layers = cnn_layers(k, named)
+    inner = k.Input((16, 16, 3))
+    backbone = k.Model(inner, chain(inner, layers[:-1]), name="backbone" if named else None)
+    inputs = k.Input((16, 16, 3))
+    return k.Model(inputs, layers[-1](backbone(inputs)), name="cnn" if named else None)
 
 
 def cnn_sequential(named: bool) -> Model:
@@ -469,6 +486,350 @@ def tf_keras_cnn(named: bool) -> Model:
     return cnn_flat(named, tf_keras)
 
 
+def tf_keras_cnn_nested(named: bool) -> Model:
+    import tf_keras
+
+    return cnn_nested(named, tf_keras)
+
+
+# ------------------------------------------------------------------ the red-team pairs' models
+# Held-out pairs written to break the matcher. ``framework`` is "keras" (Keras 3) or "tf_keras".
+
+
+def enc_dec(framework: str = "keras", decoder_insert: bool = False) -> Model:
+    """An autoencoder of two sub-models, ``encoder`` (10 -> 16 -> 8) and ``decoder`` (8 -> 16 -> 10), whose inner
+    layers have the SAME names (proj, norm, out); ``decoder_insert`` adds a Dense ``proj2`` after the decoder's
+    proj."""
+    k = lib(framework)
+    L = k.layers
+    i = k.Input((10,))
+    encoder = k.Model(i, L.Dense(8, name="out")(L.LayerNormalization(name="norm")(L.Dense(16, name="proj")(i))),
+                      name="encoder")
+    j = k.Input((8,))
+    d = L.Dense(16, name="proj")(j)
+    if decoder_insert:
+        d = L.Dense(16, name="proj2")(d)
+    decoder = k.Model(j, L.Dense(10, name="out")(L.LayerNormalization(name="norm")(d)), name="decoder")
+    x = k.Input((10,))
+    return k.Model(x, decoder(encoder(x)), name="ae")
+
+
+def enc_dec_flat() -> Model:
+    """``enc_dec`` flattened into one Keras 3 model: the layers are renamed enc_proj, ..., dec_out."""
+    import keras
+    from keras import layers as L
+
+    x = keras.Input((10,))
+    h = L.Dense(8, name="enc_out")(L.LayerNormalization(name="enc_norm")(L.Dense(16, name="enc_proj")(x)))
+    h = L.Dense(10, name="dec_out")(L.LayerNormalization(name="dec_norm")(L.Dense(16, name="dec_proj")(h)))
+    return keras.Model(x, h, name="ae")
+
+
+def enc_dec_symmetric(framework: str = "keras") -> Model:
+    """Like ``enc_dec``, but encoder and decoder are identical 16 -> 16 -> 16 stacks: only the sub-model
+    name tells their proj / norm / out apart."""
+    k = lib(framework)
+    L = k.layers
+
+    def sub(name: str) -> Model:
+        j = k.Input((16,))
+        return k.Model(j, L.Dense(16, name="out")(L.LayerNormalization(name="norm")(L.Dense(16, name="proj")(j))),
+                       name=name)
+
+    encoder, decoder = sub("encoder"), sub("decoder")
+    x = k.Input((16,))
+    return k.Model(x, decoder(encoder(x)), name="ae")
+
+
+ENC_DEC = ["encoder/proj", "encoder/norm", "encoder/out", "decoder/proj", "decoder/norm", "decoder/out"]
+
+
+@functools.cache
+def net_class(framework: str, insert_renamed: bool) -> type:
+    """A subclassed CNN with auto-named attribute layers conv1, bn1, conv2, fc1, fc2, out. ``insert_renamed``:
+    a Conv2D ``conv_extra`` is inserted after bn1 and the attribute ``fc1`` is renamed ``hidden``."""
+    k = lib(framework)
+    L = k.layers
+    fc1 = "hidden" if insert_renamed else "fc1"
+
+    class Net(k.Model):
+        def __init__(self) -> None:
+            super().__init__(name="net")
+            self.conv1 = L.Conv2D(8, 3, padding="same")
+            self.bn1 = L.BatchNormalization()
+            if insert_renamed:
+                self.conv_extra = L.Conv2D(8, 3, padding="same")
+            self.conv2 = L.Conv2D(16, 3)
+            self.pool = L.GlobalAveragePooling2D()
+            setattr(self, fc1, L.Dense(32))
+            self.fc2 = L.Dense(32)
+            self.out = L.Dense(4)
+
+        def call(self, x: Any) -> Any:
+            x = self.bn1(self.conv1(x))
+            if insert_renamed:
+                x = self.conv_extra(x)
+            return self.out(self.fc2(getattr(self, fc1)(self.pool(self.conv2(x)))))
+
+    return Net
+
+
+def subclassed_net(framework: str = "keras", insert_renamed: bool = False) -> Model:
+    import numpy as np
+
+    model = net_class(framework, insert_renamed)()
+    model(np.zeros((1, 12, 12, 3), "float32"))
+    return model
+
+
+def net_expect(new: Model, old: Model) -> list[tuple[Layer, Layer]]:
+    """Every attribute continues the old one of the same name; ``hidden`` continues ``fc1``."""
+    return [(new.conv1, old.conv1), (new.bn1, old.bn1), (new.conv2, old.conv2),
+            (getattr(new, "hidden", None) or new.fc1, old.fc1), (new.fc2, old.fc2), (new.out, old.out)]
+
+
+@functools.cache
+def stack_class(framework: str) -> type:
+    """Subclassed model whose Dense(16) blocks live in a plain Python list, plus a Dense(3) head."""
+    k = lib(framework)
+    L = k.layers
+
+    class Stack(k.Model):
+        def __init__(self, depth: int) -> None:
+            super().__init__(name="stack")
+            self.blocks = [L.Dense(16) for _ in range(depth)]
+            self.head = L.Dense(3)
+
+        def call(self, x: Any) -> Any:
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    return Stack
+
+
+def list_stack(framework: str, depth: int) -> Model:
+    """All blocks have one shape (16 -> 16): only the code tells where a block was added."""
+    import numpy as np
+
+    model = stack_class(framework)(depth)
+    model(np.zeros((1, 16), "float32"))
+    return model
+
+
+@functools.cache
+def heads_class(keys: str) -> type:
+    """Keras 3 subclassed model with a Dense(8) trunk and a dict of Dense(4) heads, one per letter of ``keys``."""
+    import keras
+    from keras import layers as L
+
+    class Heads(keras.Model):
+        def __init__(self) -> None:
+            super().__init__(name="heads")
+            self.trunk = L.Dense(8)
+            self.heads = {key: L.Dense(4) for key in keys}
+
+        def call(self, x: Any) -> Any:
+            h = self.trunk(x)
+            return [self.heads[key](h) for key in keys]
+
+    return Heads
+
+
+def dict_heads(keys: str) -> Model:
+    import numpy as np
+
+    model = heads_class(keys)()
+    model(np.zeros((1, 5), "float32"))
+    return model
+
+
+def dict_expect(*keys: str) -> Expect:
+    """The trunk and the heads of ``keys`` continue their old selves."""
+    return by_object(lambda new, old: [(new.trunk, old.trunk), *((new.heads[key], old.heads[key]) for key in keys)])
+
+
+# An MLP as (kind, name): Dense units, or a normalization.
+MLP_SPEC = [(20, "a"), ("bn", "bn_a"), (24, "b"), (12, "c"), ("ln", "ln_c"), (28, "d"), (3, "head")]
+
+
+def mlp_chain(removed: tuple[str, ...] = (), named: bool = False, framework: str = "keras") -> Model:
+    """``MLP_SPEC`` as a functional model, without the layers named in ``removed``."""
+    k = lib(framework)
+    L = k.layers
+    x = inputs = k.Input((6,))
+    for kind, name in MLP_SPEC:
+        if name in removed:
+            continue
+        name = name if named else None
+        if kind == "bn":
+            x = L.BatchNormalization(name=name)(x)
+        elif kind == "ln":
+            x = L.LayerNormalization(name=name)(x)
+        else:
+            x = L.Dense(kind, name=name)(x)
+    return k.Model(inputs, x, name="m" if named else None)
+
+
+def sequential_mlp(framework: str = "keras", prepend: bool = False, named: bool = False) -> Model:
+    """Sequential Dense(10) l1 -> Dense(10) l2 -> Dense(3) l3; ``prepend`` puts a Dense(6) ``pre`` first."""
+    k = lib(framework)
+    n = _named(named)
+    layers = [k.Input((6,))]
+    if prepend:
+        layers.append(k.layers.Dense(6, name=n("pre")))
+    layers += [k.layers.Dense(10, name=n("l1")), k.layers.Dense(10, name=n("l2")), k.layers.Dense(3, name=n("l3"))]
+    return k.Sequential(layers, name="seq" if named else None)
+
+
+def shared_dense(framework: str = "keras", insert: bool = False) -> Model:
+    """Dense -> shared Dense -> (inserted Dense) -> the shared Dense again -> head; all Dense(8), unnamed."""
+    k = lib(framework)
+    L = k.layers
+    inputs = k.Input((8,))
+    x = L.Dense(8)(inputs)
+    shared = L.Dense(8)
+    x = shared(x)
+    if insert:
+        x = L.Dense(8)(x)
+    x = shared(x)
+    return k.Model(inputs, L.Dense(2)(x))
+
+
+def auto_looking_names(framework: str = "keras", insert: bool = False) -> Model:
+    """User names that look auto-generated (dense_3, dense_2) around one auto-named Dense; ``insert`` puts
+    another auto-named Dense before it (so the old ``dense`` becomes ``dense_1``)."""
+    k = lib(framework)
+    L = k.layers
+    inputs = k.Input((8,))
+    x = L.Dense(16, name="dense_3")(L.Dense(16, name="dense_layer")(inputs))
+    if insert:
+        x = L.Dense(16)(x)
+    x = L.Dense(16, name="conv_block_1")(L.Dense(16)(x))
+    return k.Model(inputs, L.Dense(2, name="dense_2")(x))
+
+
+def swapped(framework: str = "keras", swap: bool = False) -> Model:
+    """first -> alpha -> beta -> head, all Dense(8) but the head; ``swap`` applies beta before alpha."""
+    k = lib(framework)
+    L = k.layers
+    inputs = k.Input((8,))
+    x = L.Dense(8, name="first")(inputs)
+    alpha, beta = L.Dense(8, name="alpha"), L.Dense(8, name="beta")
+    x = alpha(beta(x)) if swap else beta(alpha(x))
+    return k.Model(inputs, L.Dense(2, name="head")(x))
+
+
+def text_model(framework: str = "keras", extra: bool = False, named: bool = False) -> Model:
+    """Embedding -> Conv1D -> LSTM -> GRU -> Dense; ``extra`` adds a second LSTM and a Dense(12) before the head."""
+    k = lib(framework)
+    L, n = k.layers, _named(named)
+    tokens = k.Input((12,), dtype="int32")
+    x = L.Conv1D(16, 3, padding="same", name=n("conv"))(L.Embedding(40, 16, name=n("emb"))(tokens))
+    x = L.LSTM(16, return_sequences=True, name=n("lstm"))(x)
+    if extra:
+        x = L.LSTM(16, return_sequences=True, name=n("lstm2"))(x)
+    x = L.GRU(12, name=n("gru"))(x)
+    if extra:
+        x = L.Dense(12, name=n("extra"))(x)
+    return k.Model(tokens, L.Dense(3, name=n("out"))(x))
+
+
+def conv_norm(norm: str = "bn", named: bool = False) -> Model:
+    """Conv2D c1 -> BatchNormalization or LayerNormalization ``norm`` -> Conv2D c2 -> pool -> Dense fc."""
+    import keras
+    from keras import layers as L
+
+    n = _named(named)
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, name=n("c1"))(inputs)
+    x = (L.BatchNormalization if norm == "bn" else L.LayerNormalization)(name=n("norm"))(x)
+    x = L.GlobalAveragePooling2D()(L.Conv2D(8, 3, name=n("c2"))(x))
+    return keras.Model(inputs, L.Dense(2, name=n("fc"))(x))
+
+
+def tf_keras_sequential_in_functional() -> Model:
+    """tf-keras: a Sequential ``tower`` (t1, tbn, t2) inside a functional model with a ``head``."""
+    import tf_keras as k
+
+    L = k.layers
+    tower = k.Sequential([L.Dense(12, name="t1"), L.BatchNormalization(name="tbn"), L.Dense(10, name="t2")],
+                         name="tower")
+    inputs = k.Input((6,))
+    return k.Model(inputs, L.Dense(3, name="head")(tower(inputs)), name="m")
+
+
+def flat_tower() -> Model:
+    """Keras 3: the same layers in one flat functional model."""
+    import keras
+    from keras import layers as L
+
+    inputs = keras.Input((6,))
+    x = L.Dense(10, name="t2")(L.BatchNormalization(name="tbn")(L.Dense(12, name="t1")(inputs)))
+    return keras.Model(inputs, L.Dense(3, name="head")(x), name="m")
+
+
+def siamese(framework: str = "keras", mix: bool = False) -> Model:
+    """A sub-model ``enc`` (e1, e2) shared by two inputs, concatenated, scored by Dense(1) ``score``;
+    ``mix`` inserts a Dense(16) before the score (whose kernel keeps its shape, 16 x 1)."""
+    k = lib(framework)
+    L = k.layers
+    j = k.Input((6,))
+    enc = k.Model(j, L.Dense(8, name="e2")(L.Dense(8, name="e1")(j)), name="enc")
+    a, b = k.Input((6,)), k.Input((6,))
+    h = L.Concatenate()([enc(a), enc(b)])
+    if mix:
+        h = L.Dense(16, name="mix")(h)
+    return k.Model([a, b], L.Dense(1, name="score")(h), name="siam")
+
+
+def two_towers(framework: str = "keras", insert_second: bool = False) -> Model:
+    """Two alike unnamed tower sub-models (Dense(8) -> Dense(4)); ``insert_second`` adds a Dense(8) to the second."""
+    k = lib(framework)
+    L = k.layers
+
+    def tower(extra: bool) -> Model:
+        j = k.Input((6,))
+        x = L.Dense(8)(j)
+        if extra:
+            x = L.Dense(8)(x)
+        return k.Model(j, L.Dense(4)(x))
+
+    first, second = tower(False), tower(insert_second)
+    a = k.Input((6,))
+    return k.Model(a, L.Dense(2)(L.Concatenate()([first(a), second(a)])))
+
+
+def resnet_like(framework: str = "keras", depth: int = 2) -> Model:
+    """A conv-BN stem and ``depth`` residual blocks with chosen names block{i}_conv / block{i}_bn."""
+    k = lib(framework)
+    L = k.layers
+    inputs = k.Input((8, 8, 3))
+    x = L.BatchNormalization(name="stem_bn")(L.Conv2D(8, 3, padding="same", name="stem_conv")(inputs))
+    for b in range(depth):
+        h = L.BatchNormalization(name=f"block{b}_bn")(L.Conv2D(8, 3, padding="same", name=f"block{b}_conv")(x))
+        x = L.Add(name=f"block{b}_add")([x, h])
+    return k.Model(inputs, L.Dense(3, name="fc")(L.GlobalAveragePooling2D(name="pool")(x)), name="rn")
+
+
+def resnet_like_expect(old_depth: int, new_depth: int) -> Expect:
+    return explicit({"stem_conv": "stem_conv", "stem_bn": "stem_bn", "fc": "fc"}
+                    | {f"block{b}_{s}": (f"block{b}_{s}" if b < old_depth else None)
+                       for b in range(new_depth) for s in ("conv", "bn")})
+
+
+def train_one_step(model: Model, framework: str) -> Any:
+    """Compile with Adam and take one training step, so the optimizer has its slot variables; return it."""
+    import numpy as np
+
+    model.compile(optimizer=lib(framework).optimizers.Adam(1e-3), loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.random((4, *model.inputs[0].shape[1:])).astype("float32")
+    y = rng.random((4, *model.outputs[0].shape[1:])).astype("float32")
+    model.train_on_batch(x, y)
+    return model.optimizer
+
+
 # =============================================================================== keras.applications
 
 
@@ -520,17 +881,20 @@ class Pair:
     """One old -> new architecture change with its hand-written ground truth."""
 
     name: str
-    group: str  # apps | refactor | insert | list-grow | transformer | tf_keras | unchanged | move
+    group: str  # apps | refactor | insert | remove | replace | reorder | list-grow | containers | transformer
+    #             | tf_keras | unchanged | move | optimizer
     build_old: Callable[[], Model]
     build_new: Callable[[], Model]
     expect: Expect
     framework: str = "keras"  # the OLD model's library: keras (Keras 3) or tf_keras
     unchanged: bool = False  # same architecture: must load 100% with strict=True and no problems
     note: str = ""
+    train: bool = False  # the old model takes one Adam step before it is saved; adds the "tf-opt" format
 
     @property
     def formats(self) -> tuple[str, ...]:
-        return TF_KERAS_FORMATS if self.framework == "tf_keras" else KERAS3_FORMATS
+        base = TF_KERAS_FORMATS if self.framework == "tf_keras" else KERAS3_FORMATS
+        return (*base, "tf-opt") if self.train else base
 
 
 CNN_NAMED = ["conv1", "bn1", "conv2", "bn2", "fc"]
@@ -643,7 +1007,148 @@ def pairs() -> list[Pair]:
         Pair("layers-out-of-custom-layer", "move", call(moved, True), call(moved, False),
              explicit({"d1": "d1", "bn": "block/bn", "d2": "block/d2", "out": "out"})),
     ]
-    return apps + synthetic
+    # Held-out pairs from a red-team review of the matcher: sub-models with the same inner names,
+    # list- and dict-held layers, class changes, removals, prepends, shared layers, optimizer state.
+    mlp_insert_truth = explicit({"dense": "dense", "batch_normalization": "batch_normalization", "dense_1": None,
+                                 "dense_2": "dense_1", "dense_3": "dense_2", "dense_4": "dense_3"})
+    two_towers_truth = {"functional/dense": "functional/dense", "functional/dense_1": "functional/dense_1",
+                        "functional_1/dense_2": "functional_1/dense_2", "functional_1/dense_3": None,
+                        "functional_1/dense_4": "functional_1/dense_3", "dense_5": "dense_4"}
+    prepend_unnamed_truth = explicit({"dense": None, "dense_1": "dense", "dense_2": "dense_1", "dense_3": "dense_2"})
+    list_front_truth = by_object(lambda new, old: [*zip(new.blocks[1:], old.blocks), (new.head, old.head)])
+    redteam = [
+        # sub-models whose inner layers have the same names
+        Pair("tfk-encdec-symmetric-unchanged", "unchanged", call(enc_dec_symmetric, "tf_keras"),
+             call(enc_dec_symmetric), explicit(identity_paths(ENC_DEC)), framework="tf_keras", unchanged=True,
+             note="encoder and decoder alike in shapes and inner names (proj, norm, out)"),
+        Pair("tfk-encdec-samenames-unchanged", "unchanged", call(enc_dec, "tf_keras"), call(enc_dec),
+             explicit(identity_paths(ENC_DEC)), framework="tf_keras", unchanged=True,
+             note="encoder and decoder with the same inner names"),
+        Pair("encdec-samenames-decoder-insert", "insert", call(enc_dec), call(enc_dec, decoder_insert=True),
+             explicit(identity_paths(ENC_DEC) | {"decoder/proj2": None}), note="Dense proj2 added in the decoder"),
+        Pair("tfk-encdec-samenames-decoder-insert", "insert", call(enc_dec, "tf_keras"),
+             call(enc_dec, decoder_insert=True), explicit(identity_paths(ENC_DEC) | {"decoder/proj2": None}),
+             framework="tf_keras", note="the same from tf.keras"),
+        Pair("tfk-encdec-nested-to-flat", "refactor", call(enc_dec, "tf_keras"), call(enc_dec_flat),
+             explicit({"enc_proj": "encoder/proj", "enc_norm": "encoder/norm", "enc_out": "encoder/out",
+                       "dec_proj": "decoder/proj", "dec_norm": "decoder/norm", "dec_out": "decoder/out"}),
+             framework="tf_keras",
+             note="the two sub-models flattened into one, their layers renamed enc_* / dec_*"),
+        # layers held in a list or a dict
+        Pair("list-insert-front", "containers", call(list_stack, "keras", 3), call(list_stack, "keras", 4),
+             list_front_truth, note="self.blocks gets a Dense(16) at index 0; all blocks alike; TF drops the list"),
+        Pair("tfk-list-insert-front", "containers", call(list_stack, "tf_keras", 3), call(list_stack, "keras", 4),
+             list_front_truth, framework="tf_keras", note="the same from tf.keras, whose checkpoints keep the list"),
+        Pair("tfk-list-unchanged", "unchanged", call(list_stack, "tf_keras", 3), call(list_stack, "keras", 3),
+             by_object(lambda new, old: [*zip(new.blocks, old.blocks), (new.head, old.head)]),
+             framework="tf_keras", unchanged=True, note="list-held layers, tf.keras -> Keras 3"),
+        Pair("dict-heads-grow", "containers", call(dict_heads, "ab"), call(dict_heads, "abc"),
+             dict_expect("a", "b"), note="a dict of heads gains key c"),
+        Pair("dict-heads-key-inserted-first", "containers", call(dict_heads, "bc"), call(dict_heads, "abc"),
+             dict_expect("b", "c"), note="a dict of heads gains key a, before the others"),
+        Pair("dict-heads-key-renamed", "containers", call(dict_heads, "bc"), call(dict_heads, "ac"),
+             dict_expect("c"), note="key b removed, key a added"),
+        # a layer replaced by one of another class
+        Pair("bn-to-ln-named", "replace", call(conv_norm, "bn", True), call(conv_norm, "ln", True),
+             explicit({"c1": "c1", "norm": None, "c2": "c2", "fc": "fc"}),
+             note="BatchNormalization 'norm' -> LayerNormalization 'norm': same name, new layer"),
+        Pair("bn-to-ln-unnamed", "replace", call(conv_norm, "bn"), call(conv_norm, "ln"),
+             explicit({"conv2d": "conv2d", "layer_normalization": None, "conv2d_1": "conv2d_1", "dense": "dense"}),
+             note="BatchNormalization -> LayerNormalization, auto-generated names"),
+        # nesting changes from tf.keras to Keras 3
+        Pair("tfk-nested-to-k3-flat-named", "refactor", call(tf_keras_cnn_nested, True), call(cnn_flat, True),
+             explicit({p: f"backbone/{p}" for p in CNN_NAMED[:-1]} | {"fc": "fc"}), framework="tf_keras"),
+        Pair("tfk-nested-to-k3-flat-unnamed", "refactor", call(tf_keras_cnn_nested, False), call(cnn_flat, False),
+             explicit({p: f"model/{p}" for p in CNN_UNNAMED[:-1]} | {"dense": "dense"}), framework="tf_keras"),
+        Pair("tfk-flat-to-k3-nested-named", "refactor", call(tf_keras_cnn, True), call(cnn_nested, True),
+             explicit({f"backbone/{p}": p for p in CNN_NAMED[:-1]} | {"fc": "fc"}), framework="tf_keras"),
+        Pair("tfk-flat-to-k3-nested-unnamed", "refactor", call(tf_keras_cnn, False), call(cnn_nested, False),
+             explicit({f"functional/{p}": p for p in CNN_UNNAMED[:-1]} | {"dense": "dense"}), framework="tf_keras"),
+        Pair("tfk-seq-in-functional-to-flat", "refactor", tf_keras_sequential_in_functional, flat_tower,
+             explicit({"t1": "tower/t1", "tbn": "tower/tbn", "t2": "tower/t2", "head": "head"}),
+             framework="tf_keras", note="a Sequential inside a functional model, flattened"),
+        # subclassed models with auto-named attribute layers
+        Pair("tfk-subclassed-same", "unchanged", call(subclassed_net, "tf_keras"), call(subclassed_net),
+             by_object(net_expect), framework="tf_keras", unchanged=True),
+        Pair("k3-subclassed-insert-renamed", "insert", call(subclassed_net),
+             call(subclassed_net, insert_renamed=True),
+             by_object(net_expect), note="conv_extra inserted, attribute fc1 renamed hidden"),
+        Pair("tfk-subclassed-insert-renamed", "insert", call(subclassed_net, "tf_keras"),
+             call(subclassed_net, insert_renamed=True), by_object(net_expect), framework="tf_keras",
+             note="the same from tf.keras; TF formats key by attribute: hidden is another chosen name"),
+        # insertions
+        Pair("two-towers-insert-second", "insert", call(two_towers), call(two_towers, insert_second=True),
+             explicit(two_towers_truth), note="two alike unnamed tower sub-models; a Dense(8) added in the second"),
+        Pair("tfk-two-towers-insert-second", "insert", call(two_towers, "tf_keras"),
+             call(two_towers, insert_second=True),
+             explicit({n: (o.replace("functional", "model") if o else None) for n, o in two_towers_truth.items()}),
+             framework="tf_keras"),
+        Pair("siamese-head-added", "insert", call(siamese), call(siamese, mix=True),
+             explicit({"enc/e1": "enc/e1", "enc/e2": "enc/e2", "mix": None, "score": "score"}),
+             note="shared sub-model; Dense 'mix' before 'score', which keeps its shape"),
+        Pair("prepend-named-seq", "insert", call(sequential_mlp, named=True),
+             call(sequential_mlp, prepend=True, named=True),
+             explicit({"pre": None, "l1": "l1", "l2": "l2", "l3": "l3"}), note="Dense 'pre' put first"),
+        Pair("prepend-unnamed-seq", "insert", call(sequential_mlp), call(sequential_mlp, prepend=True),
+             prepend_unnamed_truth, note="a Dense put first: every auto-generated name shifts"),
+        Pair("tfk-prepend-unnamed-seq", "insert", call(sequential_mlp, "tf_keras"),
+             call(sequential_mlp, prepend=True),
+             prepend_unnamed_truth, framework="tf_keras"),
+        Pair("shared-dense-insert", "insert", call(shared_dense), call(shared_dense, insert=True),
+             explicit({"dense": "dense", "dense_1": "dense_1", "dense_2": None, "dense_3": "dense_2"}),
+             note="a Dense called twice; another inserted between the two calls"),
+        Pair("auto-looking-names-insert", "insert", call(auto_looking_names), call(auto_looking_names, insert=True),
+             explicit({"dense_layer": "dense_layer", "dense_3": "dense_3", "dense": None, "dense_1": "dense",
+                       "conv_block_1": "conv_block_1", "dense_2": "dense_2"}),
+             note="chosen names dense_3 / dense_2 look auto-generated; an auto-named Dense inserted"),
+        Pair("tfk-auto-looking-names-insert", "insert", call(auto_looking_names, "tf_keras"),
+             call(auto_looking_names, insert=True),
+             explicit({"dense_layer": "dense_layer", "dense_3": "dense_3", "dense": None, "dense_1": "dense",
+                       "conv_block_1": "conv_block_1", "dense_2": "dense_2"}), framework="tf_keras"),
+        Pair("text-lstm-added-unnamed", "insert", call(text_model), call(text_model, extra=True),
+             explicit({"embedding": "embedding", "conv1d": "conv1d", "lstm/lstm_cell": "lstm/lstm_cell",
+                       "lstm_1/lstm_cell": None, "gru/gru_cell": "gru/gru_cell", "dense": None, "dense_1": "dense"}),
+             note="an LSTM and a Dense inserted, auto-generated names"),
+        Pair("tfk-text-lstm-added-named", "insert", call(text_model, "tf_keras", named=True),
+             call(text_model, extra=True, named=True),
+             explicit({"emb": "emb", "conv": "conv", "lstm/lstm_cell": "lstm/lstm_cell", "lstm2/lstm_cell": None,
+                       "gru/gru_cell": "gru/gru_cell", "extra": None, "out": "out"}), framework="tf_keras"),
+        Pair("resnet-like-2-to-3", "insert", call(resnet_like, depth=2), call(resnet_like, depth=3),
+             resnet_like_expect(2, 3), note="named residual blocks block0..: one appended"),
+        # removals and reordering
+        Pair("mid-removed-named", "remove", call(mlp_chain, named=True), call(mlp_chain, ("c", "ln_c"), named=True),
+             explicit({"a": "a", "bn_a": "bn_a", "b": "b", "d": "d", "head": "head"}),
+             note="Dense c and LayerNormalization ln_c removed from the middle"),
+        Pair("mid-removed-unnamed", "remove", call(mlp_chain), call(mlp_chain, ("c", "ln_c")),
+             explicit({"dense": "dense", "batch_normalization": "batch_normalization", "dense_1": "dense_1",
+                       "dense_2": "dense_3", "dense_3": "dense_4"}), note="the same, auto-generated names"),
+        Pair("tfk-resnet-like-3-to-2", "remove", call(resnet_like, "tf_keras", depth=3), call(resnet_like, depth=2),
+             resnet_like_expect(3, 2), framework="tf_keras", note="the last named block removed"),
+        Pair("named-swap", "reorder", call(swapped), call(swapped, swap=True),
+             explicit(identity_paths(["first", "alpha", "beta", "head"])),
+             note="two alike named Dense applied in the other order"),
+        Pair("tfk-siamese-unchanged", "unchanged", call(siamese, "tf_keras"), call(siamese),
+             explicit(identity_paths(["enc/e1", "enc/e2", "score"])), framework="tf_keras", unchanged=True),
+        # checkpoints that hold optimizer state
+        Pair("opt-mlp-insert", "optimizer", call(mlp_insert, False), call(mlp_insert, True), mlp_insert_truth,
+             train=True, note="unnamed-dense-insert after one Adam step: optimizer slots in the checkpoint"),
+        Pair("tfk-opt-mlp-insert", "optimizer", tf_keras_mlp_insert, call(mlp_insert, True), mlp_insert_truth,
+             framework="tf_keras", train=True, note="the same from tf.keras (save_weights keeps the optimizer)"),
+        # keras.applications
+        Pair("vgg16top-vgg19top", "apps", app("VGG16", 32, include_top=True, classes=10),
+             app("VGG19", 32, include_top=True, classes=10), by_name(), note="with the top: fc1, fc2, predictions"),
+        Pair("resnet50top-samecount-renamed-head", "apps", app("ResNet50", 32, include_top=True, classes=10),
+             new_head_flat("ResNet50", 32, 10, "new_fc"), by_name(),
+             note="10-class 'predictions' -> a new 10-class head 'new_fc' of the same shape"),
+        Pair("mobilenetv2-a0.35-a0.5", "apps", app("MobileNetV2", 32, alpha=0.35), app("MobileNetV2", 32, alpha=0.5),
+             by_name(), note="width"),
+        Pair("efficientnetv2b2-b3", "apps", app("EfficientNetV2B2", 32), app("EfficientNetV2B3", 32), by_name()),
+        Pair("densenet121-32-to-64", "apps", app("DenseNet121", 32), app("DenseNet121", 64), by_name(),
+             unchanged=True, note="input size only: the same variables"),
+        Pair("nasnetmobile-unchanged", "unchanged", app("NASNetMobile", 32), app("NASNetMobile", 32), by_name(),
+             unchanged=True),
+    ]
+    return apps + synthetic + redteam
 
 
 # =============================================================================== building and saving
@@ -696,13 +1201,21 @@ def randomise(labelled: list[tuple[str, Any]], seed: int) -> dict[str, str]:
     return by_digest
 
 
-def save(old: Model, framework: str, formats: tuple[str, ...], workdir: Path) -> dict[str, str]:
-    """Save the old model in each format; return format -> path."""
+def save(old: Model, framework: str, formats: tuple[str, ...], workdir: Path,
+         manager: Any = None) -> dict[str, str]:
+    """Save the old model in each format; return format -> path.
+
+    ``tf-opt`` saves through ``manager``, a ``tf.train.CheckpointManager`` of ``Checkpoint(model=old,
+    optimizer=...)`` that already holds one older save; its path is the manager's folder (the newest save).
+    """
     import tensorflow as tf
 
     files: dict[str, str] = {}
     for fmt in formats:
-        if fmt == "tf":
+        if fmt == "tf-opt":
+            manager.save()
+            files[fmt] = str(manager.directory)
+        elif fmt == "tf":
             files[fmt] = str(workdir / "tf" / "ckpt")
             tf.train.Checkpoint(model=old).write(files[fmt])
         elif fmt == "tf-keras":
@@ -721,7 +1234,7 @@ def file_digests(fmt: str, path: str) -> set[str]:
     import tensorflow as tf
 
     out: set[str] = set()
-    if fmt in ("tf", "tf-keras"):
+    if fmt in ("tf", "tf-keras", "tf-opt"):
         reader = tf.train.load_checkpoint(path)
         for name in reader.get_variable_to_shape_map():
             value = np.asarray(reader.get_tensor(name))
@@ -884,9 +1397,18 @@ def prepare(pair: Pair, formats: tuple[str, ...], seed: int, workdir: Path) -> P
     start = time.perf_counter()
     clear_sessions(pair.framework)
     old = pair.build_old()
+    manager = None
+    if pair.train:
+        import tensorflow as tf
+
+        optimizer = train_one_step(old, pair.framework)
+        if "tf-opt" in formats:
+            manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=old, optimizer=optimizer),
+                                                 str(workdir / "tf-opt"), max_to_keep=5)
+            manager.save()  # an older save holding the trained, not yet randomised values: must not be read
     old_labelled = labelled_variables(old)
     old_labels = randomise(old_labelled, seed)
-    files = save(old, pair.framework, formats, workdir)
+    files = save(old, pair.framework, formats, workdir, manager)
     clear_sessions("keras")
     new = pair.build_new()
 
@@ -1166,7 +1688,7 @@ def select(all_pairs: list[Pair], only: str | None) -> list[Pair]:
     if not only:
         return all_pairs
     needles = [s.strip().lower() for s in only.split(",") if s.strip()]
-    return [p for p in all_pairs if any(n in p.name.lower() or n == p.group for n in needles)]
+    return [p for p in all_pairs if any(n in p.name.lower() or n in (p.group, p.framework) for n in needles)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1176,9 +1698,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--only", default=None,
-                        help="comma-separated substrings of pair names (or group names) to run; see --list")
+                        help="comma-separated substrings of pair names, group names or tf_keras (every pair "
+                        "whose old model is tf-keras) to run; see --list")
     parser.add_argument("--formats", default=",".join(ALL_FORMATS),
-                        help="comma-separated formats: tf, tf-keras (tf-keras old models only), h5")
+                        help="comma-separated formats: tf, tf-keras (tf-keras old models only), h5, "
+                        "tf-opt (trained old models only)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the old models' random values")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="write the results as JSON to PATH ('-': stdout, the tables then go to stderr)")
@@ -1198,7 +1722,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = select(pairs(), args.only)
     if args.list:
         for p in chosen:
-            print(f"{p.name:34} {p.group:11} {p.framework:8} {','.join(p.formats):14} "
+            print(f"{p.name:36} {p.group:11} {p.framework:8} {','.join(p.formats):21} "
                   f"{label(p.build_old)} -> {label(p.build_new)}"
                   + (f"  ({p.note})" if p.note else ""))
         return 0

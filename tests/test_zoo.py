@@ -51,11 +51,19 @@ FAST = {
     "layers-into-custom-layer": "refactor: layers moved into a custom layer",
     "layers-out-of-custom-layer": "refactor: layers moved out of a custom layer",
     "subclassed-unchanged": "unchanged subclassed model",
+    # from the red-team review
+    "tfk-encdec-symmetric-unchanged": "unchanged, tf.keras -> Keras 3: sub-models alike in shapes and inner names",
+    "tfk-encdec-samenames-decoder-insert": "sub-models with the same inner names, a layer inserted in one",
+    "bn-to-ln-named": "a layer replaced by one of another class under the same name: new, never loaded",
+    "dict-heads-key-inserted-first": "dict-held heads gain a key that sorts first",
+    "tfk-subclassed-insert-renamed": "tf.keras subclassed: a layer inserted, an attribute renamed",
+    "opt-mlp-insert": "checkpoints with optimizer state, and a CheckpointManager folder (tf-opt)",
 }
 RECOVERY_PAIRS = [
     "cnn-flat-to-nested-named", "cnn-flat-to-nested-unnamed", "sequential-to-functional-unnamed",
     "unnamed-dense-insert", "tf-keras-to-keras3-named", "tf-keras-to-keras3-unnamed",
     "transformer-2-to-3-unnamed", "layers-into-custom-layer", "layers-out-of-custom-layer",
+    "tfk-encdec-samenames-decoder-insert", "bn-to-ln-named", "dict-heads-key-inserted-first", "opt-mlp-insert",
 ]
 PAIRS = {p.name: p for p in zoo.pairs()}
 
@@ -81,7 +89,7 @@ def runs(tmp_path_factory):
 
 def test_the_zoo_has_enough_distinct_pairs_with_every_format():
     pairs = zoo.pairs()
-    assert len(pairs) >= 24
+    assert len(pairs) >= 75
     assert len({p.name for p in pairs}) == len(pairs)
     assert {f for p in pairs for f in p.formats} == set(zoo.ALL_FORMATS)
     assert set(FAST) <= set(PAIRS)
@@ -101,8 +109,9 @@ def test_nothing_is_ever_wrong(runs, name):
         assert c.strict in ("loaded", "refused"), _case_id(c)
 
 
-def test_unchanged_model_loads_fully_and_strictly(runs):
-    _, cases = runs["subclassed-unchanged"]
+@pytest.mark.parametrize("name", [name for name in FAST if PAIRS[name].unchanged])
+def test_unchanged_model_loads_fully_and_strictly(runs, name):
+    _, cases = runs[name]
     assert zoo.unchanged_failures(cases, PAIRS) == []
     for c in cases:
         assert c.eligible == c.new_variables == c.old_variables, _case_id(c)
@@ -117,6 +126,19 @@ def test_list_held_layers_are_absent_from_the_tf_checkpoint_only(runs):
     by_format = {c.format: c for c in cases}
     assert by_format["tf"].absent == 6 and len(by_format["tf"].old_absent) == 6  # blocks[0..2]: kernel, bias
     assert by_format["h5"].absent == 0 and by_format["h5"].eligible == 8
+
+
+def test_optimizer_checkpoint_holds_slots_and_an_older_save(runs):
+    """tf-opt is what a training loop leaves: optimizer slots, and the newest of several saves is the one to read."""
+    import tensorflow as tf
+
+    prep, cases = runs["opt-mlp-insert"]
+    folder = prep.files["tf-opt"]
+    assert len(tf.train.get_checkpoint_state(folder).all_model_checkpoint_paths) == 2
+    keys = tf.train.load_checkpoint(folder).get_variable_to_shape_map()
+    assert any(key.startswith("optimizer/") for key in keys)
+    (case,) = [c for c in cases if c.format == "tf-opt"]
+    assert case.eligible == 12 and case.fresh.recovered == 12, case.fresh.missed_variables
 
 
 @pytest.mark.parametrize("name", RECOVERY_PAIRS)
