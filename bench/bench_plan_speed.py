@@ -160,12 +160,12 @@ def report_mismatches(report: Any, new_vars: dict[str, Any], old: Snapshot) -> l
 
 
 def outcome(fmt: str, plan: Any) -> PlanOutcome:
-    statuses = Counter(a.status for a in plan.assignments)
+    statuses = Counter(str(a.status) for a in plan.assignments)
     loaded = sum(1 for a in plan.assignments if a.status in ("loaded", "cast"))
     return PlanOutcome(
         format=fmt, statuses=dict(statuses), loaded=loaded, fresh=len(plan.assignments) - loaded,
         unused=len(plan.unused), inserted=list(plan.inserted), removed=list(plan.removed),
-        stages=dict(Counter(a.stage or "-" for a in plan.assignments)),
+        stages=dict(Counter(str(a.stage) or "-" for a in plan.assignments)),
     )
 
 

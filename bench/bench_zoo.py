@@ -1341,9 +1341,10 @@ def category(t: Target, in_file: set[str]) -> str:
 
 
 def left_to_confirm(assignment: Any) -> bool:
-    """The plan left this variable fresh for the user to confirm (``accept_order=True``)."""
-    return assignment is not None and (getattr(assignment, "status", "") == "unconfirmed"
-                                       or bool(getattr(assignment, "confirm", False)))
+    """The plan left this variable fresh for the user to decide: ``unconfirmed`` (placed by order only,
+    confirmed with ``accept_order=True``) or ``ambiguous`` (equally good candidates, settled by a rule)."""
+    return assignment is not None and (getattr(assignment, "status", "") in ("unconfirmed", "ambiguous")
+                                       or bool(getattr(assignment, "order_only", False)))
 
 
 def score_values(targets: list[Target], categories: dict[int, str], old_labels: dict[str, str],

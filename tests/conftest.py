@@ -261,3 +261,16 @@ ARCHITECTURES = ("subclassed", "functional", "sequential", "nested_functional", 
 def tf_keras():
     """The tf-keras package (Keras 2), or skip."""
     return pytest.importorskip("tf_keras")
+
+
+def unnamed_stack(n_hidden: int):
+    """Input(8) -> n_hidden x Dense(8) -> Dense(2), all with Keras' own names, built as in a program of its
+    own (the name counters restart): alike layers that only order tells apart."""
+    import keras
+
+    keras.backend.clear_session()
+    inputs = keras.Input((8,))
+    x = inputs
+    for _ in range(n_hidden):
+        x = keras.layers.Dense(8)(x)
+    return keras.Model(inputs, keras.layers.Dense(2)(x))

@@ -113,15 +113,7 @@ def test_h5_layers_align_per_class_and_by_name():
 
 
 def _best_score_brute_force(scores: np.ndarray) -> int:
-    n, m = scores.shape
-    best = -GAP * (n + m)
-    for k in range(0, min(n, m) + 1):
-        for rows in itertools.combinations(range(n), k):
-            for cols in itertools.combinations(range(m), k):
-                if all(scores[i, j] > 0 for i, j in zip(rows, cols)):
-                    total = sum(int(scores[i, j]) for i, j in zip(rows, cols)) - GAP * (n + m - 2 * k)
-                    best = max(best, total)
-    return best
+    return _optimal_pairings_brute_force(scores)[0]
 
 
 @pytest.mark.parametrize("seed", range(25))
@@ -140,9 +132,11 @@ def test_dynamic_programme_is_optimal_and_both_tracebacks_agree_on_the_score(see
         assert total == expected
 
 
-def _optimal_pairings_brute_force(scores: np.ndarray) -> list[set[tuple[int, int]]]:
+def _optimal_pairings_brute_force(scores: np.ndarray) -> tuple[int, list[set[tuple[int, int]]]]:
+    """The best total score of aligning two sequences, and every pairing that reaches it, by enumeration."""
     n, m = scores.shape
-    found, best = [], None
+    found: list[set[tuple[int, int]]] = []
+    best = None
     for k in range(0, min(n, m) + 1):
         for rows in itertools.combinations(range(n), k):
             for cols in itertools.combinations(range(m), k):
@@ -152,7 +146,7 @@ def _optimal_pairings_brute_force(scores: np.ndarray) -> list[set[tuple[int, int
                         best, found = total, [set(zip(rows, cols))]
                     elif total == best:
                         found.append(set(zip(rows, cols)))
-    return found
+    return best, found
 
 
 @pytest.mark.parametrize("seed", range(60))
@@ -161,7 +155,7 @@ def test_forced_pairs_are_exactly_those_in_every_optimal_alignment(seed):
     n, m = rng.randint(1, 5), rng.randint(1, 6)
     # Few distinct values, so that ties (runs of alike layers) are common.
     scores = np.array([[rng.choice([0, 50, 100, 100]) for _ in range(m)] for _ in range(n)], dtype=np.int64)
-    optimal = _optimal_pairings_brute_force(scores)
+    optimal = _optimal_pairings_brute_force(scores)[1]
     expected = set.intersection(*optimal) if optimal else set()
     assert forced_pairs(scores) == expected
 
@@ -173,5 +167,5 @@ def test_pairable_targets_are_exactly_those_some_optimal_alignment_pairs(seed):
     rng = random.Random(2000 + seed)
     n, m = rng.randint(1, 5), rng.randint(1, 6)
     scores = np.array([[rng.choice([0, 50, 100, 100]) for _ in range(m)] for _ in range(n)], dtype=np.int64)
-    optimal = _optimal_pairings_brute_force(scores)
+    optimal = _optimal_pairings_brute_force(scores)[1]
     assert _certainty(scores)[1] == {j for pairing in optimal for _, j in pairing}

@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
+import keras  # noqa: E402
 from regraft.cli.main import main  # noqa: E402
 from regraft.demo import build_inserted_new, build_inserted_old  # noqa: E402
 
@@ -231,3 +232,41 @@ def test_piping_into_a_closed_reader_exits_quietly(tmp_path):
         done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 0, done.stderr
         assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("out_name", ["new.keras", "new.h5", "new.safetensors"])
+def test_out_with_an_extension_regraft_does_not_write_is_refused_before_any_work(capsys, tmp_path, inserted_ckpt,
+                                                                                  out_name):
+    prefix, _ = inserted_ckpt
+    code, _, err = run(capsys, "load", prefix, "--model", "regraft.demo:build_inserted_new", "--no-strict",
+                       "--out", str(tmp_path / out_name))
+    assert code == 2 and "does not write" in err and "Hint: End --out with .weights.h5" in err
+    assert sorted(os.listdir(tmp_path)) == ["old"]
+
+
+def test_out_into_a_new_folder_creates_it(capsys, tmp_path, inserted_ckpt):
+    prefix, _ = inserted_ckpt
+    out = tmp_path / "runs" / "new" / "ckpt"
+    code, _, err = run(capsys, "load", prefix, "--model", "regraft.demo:build_inserted_new", "--no-strict",
+                       "--out", str(out))
+    assert code == 0, err
+    assert (tmp_path / "runs" / "new" / "ckpt.index").exists()
+
+
+def test_a_load_that_loads_nothing_is_an_error_and_writes_nothing(capsys, tmp_path, models_py):
+    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(7, name="unrelated")])
+    weights = tmp_path / "other.weights.h5"
+    other.save_weights(str(weights))
+    out = tmp_path / "new.weights.h5"
+    code, _, err = run(capsys, "load", str(weights), "--model", "regraft.demo:build_inserted_new", "--no-strict",
+                       "--out", str(out))
+    assert code == 2 and "Nothing was loaded" in err
+    assert not out.exists()
+
+
+def test_freeze_with_a_weights_file_warns_which_layers_to_freeze_in_code(capsys, tmp_path, inserted_ckpt):
+    prefix, _ = inserted_ckpt
+    code, _, err = run(capsys, "load", prefix, "--model", "regraft.demo:build_inserted_new", "--no-strict",
+                       "--freeze", "--out", str(tmp_path / "n.weights.h5"))
+    assert code == 0
+    assert "do not keep trainable flags" in err and "dense1" in err

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import X5, assert_state, randomize, same_bytes, save_h5, save_tf, snapshot, value_of
+from conftest import X5, assert_state, randomize, same_bytes, save_h5, save_tf, snapshot, unnamed_stack, value_of
 
 import keras  # noqa: E402  (conftest set the TF log level first)
 
@@ -273,16 +273,6 @@ def test_unknown_rules_section_lists_every_kind(tmp_path):
     with pytest.raises(regraft.RegraftError) as info:
         regraft.plan(mlp(None, "new"), path, rules={"renmae": {"a/": "b/"}})
     assert "Unknown section 'renmae' in the rules given; expected rename, init, ignore or transform." in str(info.value)
-
-
-def unnamed_stack(n_hidden: int):
-    """Dense(8) layers with Keras' own names, built as in a program of its own (counters restart)."""
-    keras.backend.clear_session()
-    inputs = keras.Input((8,))
-    x = inputs
-    for _ in range(n_hidden):
-        x = keras.layers.Dense(8)(x)
-    return keras.Model(inputs, keras.layers.Dense(2)(x))
 
 
 @pytest.mark.parametrize("fmt", ["tf", "h5"])

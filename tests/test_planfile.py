@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from conftest import randomize, save_h5, save_tf
+from conftest import randomize, save_h5, save_tf, unnamed_stack
 
 import keras  # noqa: E402  (conftest set the TF log level first)
 
@@ -23,15 +23,6 @@ def mlp(insert: bool, name: str):
         x = keras.layers.Dense(16, name="inserted")(x)
     x = keras.layers.Dense(12, name="d2")(x)
     return keras.Model(inputs, keras.layers.Dense(4, name="head")(keras.layers.Dense(12, name="aux")(x)), name=name)
-
-
-def alike(n: int):
-    keras.backend.clear_session()
-    inputs = keras.Input((8,))
-    x = inputs
-    for _ in range(n):
-        x = keras.layers.Dense(8)(x)
-    return keras.Model(inputs, keras.layers.Dense(2)(x))
 
 
 @pytest.fixture
@@ -57,21 +48,21 @@ def test_every_section_round_trips(planned):
 
 @pytest.mark.parametrize("fmt", ["tf", "h5"])
 def test_unconfirmed_and_accepted_order_round_trip(tmp_path, fmt):
-    old = alike(3)
+    old = unnamed_stack(3)
     randomize(old, 2)
     path = save_tf(tmp_path / "ckpt" / "ckpt", model=old) if fmt == "tf" else save_h5(old, tmp_path / "o.weights.h5")
     for accept in (False, True):
-        new = alike(4)
+        new = unnamed_stack(4)
         plan = regraft.plan(new, path, accept_order=accept)
         regraft.save_plan(plan, tmp_path / "plan.yaml")
         assert regraft.read_plan(tmp_path / "plan.yaml", new).to_dict() == plan.to_dict()
 
 
 def test_confirming_a_proposal_by_copying_it_into_source_loads_it(tmp_path):
-    old = alike(3)
+    old = unnamed_stack(3)
     randomize(old, 3)
     path = save_tf(tmp_path / "ckpt" / "ckpt", model=old)
-    new = alike(4)
+    new = unnamed_stack(4)
     regraft.save_plan(regraft.plan(new, path), tmp_path / "plan.yaml")
     data = yaml.safe_load((tmp_path / "plan.yaml").read_text())
     key, entry = next((k, e) for k, e in data["variables"].items() if e.get("proposed"))

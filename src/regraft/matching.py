@@ -212,7 +212,9 @@ def make_plan(
             if key.startswith(layer + "/") and target.key not in decided:
                 relative = key[len(layer) :]
                 found = [available[c + relative].key for c in candidates if c + relative in available]
-                ambiguous[target.key] = tuple(found) or tuple(prefix + c for c in candidates)
+                # Every candidate holds this variable: name the tensors; otherwise the layers.
+                ambiguous[target.key] = (tuple(found) if len(found) == len(candidates)
+                                         else tuple(prefix + c for c in candidates))
     # What is left on both sides: aligned again as flat sequences of leaf layers, between the
     # layers already paired (a model split into a sub-model and a head, Sequential made functional).
     nested = _nesting_stage(source_tree, target_tree, ns, decided, used, fresh, ambiguous)
@@ -442,10 +444,14 @@ def _nesting_stage_of(s_layers: list[Node], t_layers: list[Node], ns: Namespace,
             t_open.append(j)
     # A tensor some ambiguous variable could take is contested, not free: pairing it here would
     # settle by elimination what the alignment called a tie.
-    contested = {c for candidates in ambiguous.values() for c in candidates}
+    contested = {c for candidates in ambiguous.values() for c in candidates}  # tensor keys or layer keys
+
+    def is_contested(key: str) -> bool:
+        return key in contested or any(key.startswith(c + "/") for c in contested)
+
     for i, node in enumerate(s_layers):
         children = _leaf_children(node)
-        if not any(id(c.leaf) in used or c.leaf.key in contested for c in children):
+        if not any(id(c.leaf) in used or is_contested(c.leaf.key) for c in children):
             s_open.append(i)
     return align_layers(s_layers, t_layers, s_open, t_open, anchors, ns)
 

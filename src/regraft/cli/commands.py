@@ -7,6 +7,7 @@ import os
 from collections import Counter
 
 from regraft.cli.output import emit, info, progress_printer
+from regraft.errors import RegraftError
 from regraft.naming import text_table
 
 __all__ = ["inspect", "diff", "plan", "load", "apply", "demo"]
@@ -98,6 +99,7 @@ def load(args: argparse.Namespace) -> int:
     import regraft
     from regraft.cli.modelspec import build_model
 
+    _check_out(args.out)
     model = build_model(args.model)
     report = regraft.load(model, args.checkpoint, strict=args.strict, freeze=args.freeze,
                           progress=progress_printer(not args.json), **_options(args))
@@ -110,16 +112,44 @@ def apply(args: argparse.Namespace) -> int:
     from regraft.applying import apply
     from regraft.planfile import read_plan
 
+    _check_out(args.out)
     model = build_model(args.model)
     the_plan = read_plan(args.plan_file, model)
     report = apply(the_plan, model, freeze=args.freeze, progress=progress_printer(not args.json))
     return _write(model, report, args)
 
 
+_NOT_WRITTEN = (".keras", ".h5", ".hdf5", ".safetensors", ".npz", ".npy", ".json", ".pb", ".pt", ".ckpt.index")
+
+
+def _check_out(out: str) -> None:
+    """Refuse an output name whose extension promises a format regraft does not write (before any work)."""
+    if out.endswith(".weights.h5"):
+        return
+    for ext in _NOT_WRITTEN:
+        if out.endswith(ext):
+            raise RegraftError(
+                f"--out {out}: regraft does not write {ext} files; it would write a TensorFlow checkpoint "
+                f"named {os.path.basename(out)}.index instead.",
+                hint="End --out with .weights.h5 for a Keras weights file, or give a checkpoint prefix "
+                "without an extension (out/ckpt).",
+            )
+
+
 def _write(model, report, args: argparse.Namespace) -> int:
     from regraft.targets import target_for
 
+    counts = report.counts()
+    if not (counts["loaded"] + counts["cast"] + counts["transformed"]):
+        raise RegraftError(
+            f"Nothing was loaded from {report.plan.source_path}: no variable of the model matched "
+            "(the checkpoint may belong to another model); nothing was written.",
+            hint="Check the checkpoint and --model; `regraft diff` shows what matched and what did not.",
+        )
     written = target_for(model).save(args.out)
+    if report.frozen:
+        info("Warning: weights files do not keep trainable flags; freeze these layers in code after loading: "
+             + ", ".join(report.frozen))
     data = report.to_dict()
     data["written"] = written
     emit(data, str(report) + "\nwrote " + ", ".join(os.path.relpath(w) for w in written), args.json)

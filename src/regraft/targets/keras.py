@@ -459,8 +459,11 @@ def save_weights(model: Any, out: str) -> list[str]:
     import tempfile
 
     folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise TargetError(f"Output folder {folder} does not exist.", hint="Create it first, or choose another --out.")
+    try:
+        os.makedirs(folder, exist_ok=True)  # as TensorFlow does for a checkpoint prefix
+    except OSError as exc:
+        raise TargetError(f"Cannot create the output folder {folder}: {exc.strerror or exc}.",
+                          hint="Choose another --out.") from None
     staging = tempfile.mkdtemp(prefix=".regraft-out-", dir=folder)
     try:
         if out.endswith(".weights.h5"):
