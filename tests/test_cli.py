@@ -270,3 +270,58 @@ def test_freeze_with_a_weights_file_warns_which_layers_to_freeze_in_code(capsys,
                        "--freeze", "--out", str(tmp_path / "n.weights.h5"))
     assert code == 0
     assert "do not keep trainable flags" in err and "dense1" in err
+
+
+def test_diff_lists_each_shape_mismatch_once(capsys, tmp_path):
+    """Many widened layers: each mismatch is shown once, the details are capped, the refusal counts them."""
+    def mlp(width):
+        keras.backend.clear_session()
+        inputs = keras.Input((4,))
+        x = inputs
+        for i in range(15):
+            x = keras.layers.Dense(width, name=f"fc{i}")(x)
+        return keras.Model(inputs, x)
+
+    path = tmp_path / "old.weights.h5"
+    mlp(8).save_weights(str(path))
+    models = tmp_path / "wide.py"
+    models.write_text("import keras\n\ndef build():\n    inputs = keras.Input((4,))\n    x = inputs\n"
+                      "    for i in range(15):\n        x = keras.layers.Dense(12, name=f'fc{i}')(x)\n"
+                      "    return keras.Model(inputs, x)\n")
+    code, out, _ = run(capsys, "diff", str(path), "--model", f"{models}:build")
+    assert code == 0
+    assert out.count("fc3/kernel: (8, 8) in") == 1 and "shape mismatch: tensor" not in out
+    assert "… and 18 more shape mismatches" in out
+    assert "30 shape mismatches (see above; --table lists every variable)" in out
+    assert len(out.splitlines()) < 40
+
+
+def test_inspect_all_names_each_slots_weight_and_h5_has_no_objects_line(capsys, tmp_path, tf_keras):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.ones((2, 3), "float32"), np.ones((2, 2), "float32"), verbose=0)
+    prefix = tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp_path / "ck" / "ck"))
+    code, out, _ = run(capsys, "inspect", prefix, "--all")
+    assert code == 0 and "SLOT OF" in out.splitlines()[1]
+    slot_rows = [line for line in out.splitlines() if " optimizer_slot " in line]
+    assert slot_rows and all(line.rstrip().endswith(("_kernel", "bias")) for line in slot_rows)
+
+    old = tf_keras.Sequential([tf_keras.Input((3,))] + [tf_keras.layers.Dense(2) for _ in range(30)])
+    old.save_weights(str(tmp_path / "k2.h5"))
+    code, out, _ = run(capsys, "inspect", str(tmp_path / "k2.h5"))
+    assert code == 0 and "objects:" not in out.splitlines()[0]
+
+
+def test_no_tensorflow_start_up_lines_on_the_terminal(tmp_path, models_py):
+    import subprocess
+    import sys
+
+    old = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d")])
+    old.save_weights(str(tmp_path / "o.weights.h5"))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.path.join(os.path.dirname(__file__), "..", "src")
+    done = subprocess.run([sys.executable, "-m", "regraft", "diff", str(tmp_path / "o.weights.h5"), "--model",
+                           "regraft.demo:build_inserted_new"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert "would load" in done.stdout or "missing" in done.stdout, done.stderr
+    assert "I0000" not in done.stderr and "absl::InitializeLog" not in done.stderr, done.stderr

@@ -1,5 +1,9 @@
 """The built-in demo: four model changes, starting with the three of the classic "load weights into a changed model" tutorial.
 
+The tutorial (TensorFlow's guide to loading weights after changing a model) builds a
+small model, saves it, changes it and tries to load the old weights; its cases
+(a)-(c) are the ones below.
+
 Each ``build_*`` function returns a built model, so they double as ``--model``
 specs (``--model regraft.demo:build_inserted_new``).
 
@@ -122,6 +126,14 @@ def build_functional_new() -> Any:
     return _mlp(True)
 
 
+# What changed in each situation, in words (the model names Keras makes up say nothing).
+CHANGES = {
+    "(a) inserted layer": "dense1 -> dense2(10) becomes dense1 -> dense2(128) -> dense3(10), subclassed, TF checkpoint",
+    "(b) more filters": "Conv2D(32) becomes Conv2D(64) before Flatten -> Dense head, Sequential, TF checkpoint",
+    "(c) renamed layer": "the first layer's name dense_layer_1 becomes my_dense_layer, functional, .weights.h5",
+    "(d) inserted layer, functional": "Dense 'inserted' between d2 and d3 of a functional MLP, TF checkpoint",
+}
+
 SITUATIONS: list[tuple[str, Callable[[], Any], Callable[[], Any], str]] = [
     ("(a) inserted layer", build_inserted_old, build_inserted_new, "ckpt"),
     ("(b) more filters", build_conv_old, build_conv_new, "ckpt"),
@@ -150,7 +162,7 @@ def run_demo(out: Callable[[str], None] = print, workdir: str | None = None) -> 
                 path = tf.train.Checkpoint(model=old).write(path)
             else:
                 old.save_weights(path)
-            out(f"\n=== {title}: {type(old).__name__} '{old.name}' -> '{new.name}' ({os.path.basename(path)}) ===")
+            out(f"\n=== {title}: {CHANGES[title]} ===")
             try:
                 regraft.load(new, path)
                 out("strict load: OK")

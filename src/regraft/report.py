@@ -21,6 +21,8 @@ from regraft.plans import (
 
 __all__ = ["LoadReport", "AppliedTensor"]
 
+_MISMATCH_LINES = 12  # details (shape mismatches, candidates, proposals) shown one per line in the grouped view
+
 
 @dataclass(frozen=True)
 class AppliedTensor:
@@ -158,13 +160,19 @@ class LoadReport:
         order = [LOADED, CAST, TRANSFORMED, SHAPE_MISMATCH, AMBIGUOUS, UNCONFIRMED, MISSING]
         ranked = sorted(groups.items(), key=lambda kv: order.index(kv[0].split(",")[0].split(" ")[0]))
         lines = [f"{label} ({len(keys)}): " + ", ".join(collapse(keys)) for label, keys in ranked]
-        for a in self.plan.assignments:
-            if a.status == SHAPE_MISMATCH and a.source is not None:
-                lines.append(f"  {a.target.key}: {_shape(a.source.shape)} in '{a.source.key}' -> {_shape(a.target.shape)}")
-            if a.status == AMBIGUOUS:
-                lines.append(f"  {a.target.key}: candidates " + ", ".join(a.candidates))
-            if a.status == UNCONFIRMED and a.source is not None:
-                lines.append(f"  {a.target.key}: proposed '{a.source.key}'")
+        mismatched = [a for a in self.plan.assignments if a.status == SHAPE_MISMATCH and a.source is not None]
+        for a in mismatched[:_MISMATCH_LINES]:
+            lines.append(f"  {a.target.key}: {_shape(a.source.shape)} in '{a.source.key}' -> {_shape(a.target.shape)}")
+        if len(mismatched) > _MISMATCH_LINES:
+            lines.append(f"  … and {len(mismatched) - _MISMATCH_LINES} more shape mismatches (the table lists every one)")
+        ambiguous = [f"  {a.target.key}: candidates " + ", ".join(a.candidates)
+                     for a in self.plan.assignments if a.status == AMBIGUOUS]
+        proposed = [f"  {a.target.key}: proposed '{a.source.key}'"
+                    for a in self.plan.assignments if a.status == UNCONFIRMED and a.source is not None]
+        for details, what in ((ambiguous, "ambiguous variables"), (proposed, "proposals")):
+            lines.extend(details[:_MISMATCH_LINES])
+            if len(details) > _MISMATCH_LINES:
+                lines.append(f"  … and {len(details) - _MISMATCH_LINES} more {what} (the table lists every one)")
         unused = [e.key for e, _ in self.plan.unused]
         if unused:
             lines.append(f"unused ({len(unused)}): " + ", ".join(collapse(unused)))

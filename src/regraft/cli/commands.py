@@ -8,7 +8,8 @@ from collections import Counter
 
 from regraft.cli.output import emit, info, progress_printer
 from regraft.errors import RegraftError
-from regraft.naming import text_table
+from regraft.keys import namespace
+from regraft.naming import collapse, text_table
 
 __all__ = ["inspect", "diff", "plan", "load", "apply", "demo"]
 
@@ -26,7 +27,7 @@ def inspect(args: argparse.Namespace) -> int:
             "format": source.format,
             "namespace": source.namespace,
             "files": list(source.files),
-            "objects": [r for r in source.roots() if r],
+            "objects": [r for r in source.roots() if r] if namespace(source.namespace).saved_objects else [],
             "counts": dict(kinds),
             "parameters": sum(e.size for e in weights),
             "entries": [
@@ -36,11 +37,13 @@ def inspect(args: argparse.Namespace) -> int:
             ],
         }
         shown = entries if args.all else weights
-        rows = [("KEY", "SHAPE", "DTYPE", "KIND", "LAYER NAME")] + [
-            (e.key, str(tuple(e.shape)), e.dtype, e.kind, e.layer_name or "") for e in shown
+        header = ("KEY", "SHAPE", "DTYPE", "KIND", "LAYER NAME") + (("SLOT OF",) if args.all else ())
+        rows = [header] + [
+            (e.key, str(tuple(e.shape)), e.dtype, e.kind, e.layer_name or "") + ((e.slot_of or "",) if args.all else ())
+            for e in shown
         ]
         table = text_table(rows)
-        objects = f"; objects: {', '.join(data['objects'])}" if data["objects"] else ""
+        objects = f"; objects: {', '.join(collapse(data['objects']))}" if data["objects"] else ""
         hidden = len(entries) - len(shown)
         text = (
             f"{source.path} [{source.format}]{objects}\n{table}\n"
@@ -70,7 +73,13 @@ def diff(args: argparse.Namespace) -> int:
     problems = plan.problems()
     text = report.grouped() + (("\n\n" + report.table()) if args.table else "")
     if problems:
-        text += "\nA strict load would refuse:\n  " + "\n  ".join(problems)
+        # Shape mismatches are listed above already: count them here instead of listing them twice.
+        mismatches = sum(1 for p in problems if p.startswith("shape mismatch:"))
+        rest = [p for p in problems if not p.startswith("shape mismatch:")]
+        if mismatches:
+            rest.insert(0, f"{mismatches} shape mismatch{'es' if mismatches > 1 else ''} (see above; "
+                           "--table lists every variable)")
+        text += "\nA strict load would refuse:\n  " + "\n  ".join(rest)
     data = report.to_dict()
     data["strict_problems"] = problems
     emit(data, text, args.json)

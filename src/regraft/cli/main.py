@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # report it with the subcommand's own usage, not the top-level one
         command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
         command.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command != "inspect":  # every other command builds Keras models
+        _quiet_tensorflow()
     try:
         return args.run(args) or 0
     except LoadError as exc:
@@ -183,6 +185,29 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+
+
+def _quiet_tensorflow() -> None:
+    """Import TensorFlow with its C++ start-up log lines (oneDNN, CUDA probing) kept off the terminal.
+
+    TF 2.21 writes them through absl before TF_CPP_MIN_LOG_LEVEL takes effect, so the
+    variable alone does not silence them; stderr is pointed at /dev/null for the import
+    and the device probe only. Python errors still surface: they are raised after.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    sys.stderr.flush()
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    except ImportError:
+        pass  # the command itself will say what is missing
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 _CLI_STRICT_HINT = (
