@@ -204,7 +204,7 @@ def make_plan(
         target, entry = pair.target, pair.source
         if target.key in decided or target.key in fresh or id(entry) in used:
             continue
-        decided[target.key] = _aligned_decision(pair, namespace, prefix)
+        decided[target.key] = _aligned_decision(pair, namespace, prefix, names)
         used.add(id(entry))
     for layer, candidates in alignment.ambiguous.items():
         for target in targets:
@@ -219,7 +219,7 @@ def make_plan(
     # layers already paired (a model split into a sub-model and a head, Sequential made functional).
     nested = _nesting_stage(source_tree, target_tree, ns, decided, used, fresh, ambiguous)
     for pair in nested.pairs:
-        decided[pair.target.key] = _aligned_decision(pair, namespace, prefix)
+        decided[pair.target.key] = _aligned_decision(pair, namespace, prefix, names)
         used.add(id(pair.source))
     if ns.drops_dict_keys:
         for target in _dict_items(targets, ns):
@@ -331,6 +331,14 @@ class _Names:
                 # every level (.weights.h5), a chosen one says more (a layer moved into a custom layer).
                 tokens.append(token if token is not None and token.strong else Token(segment, True))
         return tuple(tokens)
+
+    def label(self, side: str, layer_key: str) -> str:
+        """A layer key for people: with the layer's recorded name where the key is a position (``_operations/89 (conv4_block3_1_conv)``)."""
+        table = self.source if side == "source" else self.target
+        token = table.get(layer_key)
+        if token is None or token.text == layer_key.rpartition("/")[2]:
+            return layer_key
+        return f"{layer_key} ({token.text})"
 
     def auto_key(self, key: str) -> bool:
         """For keys that are names (TF1, Keras 2 ``.h5``): the owning layer's name is auto-generated."""
@@ -645,13 +653,14 @@ def _align(
     return align_trees(source_tree, target_tree, namespace)
 
 
-def _aligned_decision(pair: Pair, namespace: str, prefix: str) -> Decision:
+def _aligned_decision(pair: Pair, namespace: str, prefix: str, names: "_Names") -> Decision:
     entry, target = pair.source, pair.target
+    source_layer, target_layer = names.label("source", pair.source_layer), names.label("target", pair.target_layer)
     if entry.key == prefix + target.keys.get(namespace, "") and not pair.by_order:
         return Decision(entry, Stage.EXACT, "exact key (position confirmed by alignment)", CONFIDENCE_RULE)
     if pair.by_order:
         return Decision(entry, Stage.ALIGNED,
-                        f"aligned: layer {pair.source_layer} -> {pair.target_layer}, placed by order only "
+                        f"aligned: layer {source_layer} -> {target_layer}, placed by order only "
                         "(a tie among alike layers, no names to tell them apart)", CONFIDENCE_ORDER, True)
     how = {"name": "same layer name", "structure": "same structure under another name",
            "sequence": "by sequence alignment", "nesting": "by sequence alignment through a change of nesting"}
@@ -660,7 +669,7 @@ def _aligned_decision(pair: Pair, namespace: str, prefix: str) -> Decision:
     else:
         confidence = CONFIDENCE_NESTING if pair.how == "nesting" else CONFIDENCE_STRUCTURE
     shapes = "shapes equal" if entry.shape == target.shape else "shapes differ"
-    reason = f"aligned: layer {pair.source_layer} -> {pair.target_layer} ({how.get(pair.how, pair.how)}, {shapes})"
+    reason = f"aligned: layer {source_layer} -> {target_layer} ({how.get(pair.how, pair.how)}, {shapes})"
     return Decision(entry, Stage.ALIGNED, reason, confidence)
 
 

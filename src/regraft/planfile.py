@@ -80,7 +80,7 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
     import yaml
 
     path = os.fspath(path)
-    text = _HEADER + yaml.safe_dump(plan.to_dict(), sort_keys=False, allow_unicode=True, width=120)
+    text = _HEADER + _dump(plan.to_dict())
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise RegraftError(f"Cannot write the plan to {path}: it is a folder.", hint="Give a file name, e.g. plan.yaml.")
@@ -99,6 +99,22 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
             pass
         raise RegraftError(f"Cannot write the plan to {path}: {exc.strerror or exc}.",
                            hint="Choose a writable folder.") from None
+
+
+def _dump(data: dict[str, Any]) -> str:
+    """YAML with one line per variable (its entry as a flow mapping), so a reviewer reads a plan as a table."""
+    import yaml
+
+    class _Line(dict):
+        pass
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    _Dumper.add_representer(_Line, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v.items(), flow_style=True))
+    variables = {key: _Line(entry) for key, entry in data["variables"].items()}
+    return yaml.dump({**data, "variables": variables}, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
+                     width=100_000)
 
 
 def read_plan(path: str | os.PathLike[str], model: Any) -> Plan:
