@@ -231,23 +231,31 @@ def _sequences(s: Node, t: Node, ns: Namespace) -> list[tuple[list[Node], list[N
     return None
 
 
-def compatible_roles(a: set[str], b: set[str]) -> bool:
+# Layer classes whose bias, when they have one, is their last variable (.weights.h5 numbers variables).
+_BIAS_LAST = frozenset({"dense", "einsum_dense", "conv1d", "conv2d", "conv3d", "conv1d_transpose", "conv2d_transpose",
+                        "conv3d_transpose", "depthwise_conv1d", "depthwise_conv2d", "separable_conv1d",
+                        "separable_conv2d"})
+
+
+def compatible_roles(a: set[str], b: set[str], kind: str | None = None) -> bool:
     """Whether two layers' variables can be one layer's, before and after a change: equal, or one has a bias more.
 
-    Variables are named (``kernel``, ``bias``) or, in ``.weights.h5``, numbered in
-    creation order, where a bias comes last.
+    Variables are named (``kernel``, ``bias``) or, in ``.weights.h5``, only numbered
+    in creation order: then a missing bias can be told only for a ``kind`` (the
+    layers' common class) whose bias comes last. A BatchNormalization that lost
+    its ``gamma`` shifts every index after it, so numbered sets must otherwise be equal.
 
     Example:
-        >>> compatible_roles({"_kernel", "bias"}, {"_kernel"}), compatible_roles({"0", "1"}, {"0"})
+        >>> compatible_roles({"_kernel", "bias"}, {"_kernel"}), compatible_roles({"0", "1"}, {"0"}, "dense")
         (True, True)
-        >>> compatible_roles({"gamma", "beta", "moving_mean", "moving_variance"}, {"gamma", "beta"})
-        False
+        >>> compatible_roles({"0", "1", "2", "3"}, {"0", "1", "2"}), compatible_roles({"gamma", "beta"}, {"beta"})
+        (False, False)
     """
     if a == b:
         return True
     if (a ^ b) <= {"bias"}:
         return True
-    if all(x.isdigit() for x in a | b):
+    if kind in _BIAS_LAST and all(x.isdigit() for x in a | b):
         small, large = sorted((a, b), key=len)
         return small == {str(i) for i in range(len(small))} and large == {str(i) for i in range(len(small) + 1)}
     return False
@@ -287,7 +295,8 @@ def _score(s: Node, t: Node) -> int:
         # Partly alike (a nested block that changed inside, a layer that lost its bias):
         # a share of SAME_ROLES by how much of the roles they have in common.
         s_roles, t_roles = s.roles(), t.roles()
-        if _holds_variables(s) and _holds_variables(t) and not compatible_roles(set(s_roles), set(t_roles)):
+        kind = s.kind if s.kind and s.kind == t.kind else None
+        if _holds_variables(s) and _holds_variables(t) and not compatible_roles(set(s_roles), set(t_roles), kind):
             return 0  # one layer, other variables: another class (BatchNormalization -> LayerNormalization)
         common = sum((s_roles & t_roles).values())
         share = common / max(sum(s_roles.values()), sum(t_roles.values()), 1)

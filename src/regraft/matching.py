@@ -27,6 +27,7 @@ user confirms it (``accept_order=True``) or writes a rule.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -74,6 +75,7 @@ class Decision(NamedTuple):
     reason: str
     confidence: float
     order_only: bool = False  # only order among alike layers supports it: the user confirms
+    structural: bool = False  # made by aligning the architectures (not by a rule, a key or a name)
 
 # Confidence of each kind of decision (see docs/design.md; bench/bench_zoo.py checks them by value).
 CONFIDENCE_RULE = 1.0
@@ -124,10 +126,32 @@ def choose_root(source: Source, targets: list[TargetVariable], root: str | None)
         hits = sum(1 for k in keys if k.startswith(prefix) and k[len(prefix) :] in wanted)
         return (hits, candidate == "model", candidate == "")
 
-    best = max(candidates, key=score)
-    if best == "" and len(candidates) == 2 and score(best)[0] == 0:
-        return candidates[1]  # a single saved object: that is the model
+    ranked = sorted(candidates, key=score, reverse=True)
+    best = ranked[0]
+    if score(best)[0] == 0:
+        # No key says which object is the model. Two objects holding the same keys are copies
+        # (a model and its EMA): which one the user means, only the user knows.
+        by_keys: dict[frozenset[str], list[str]] = {}
+        for candidate in candidates[1:]:
+            relative = frozenset(k[len(candidate) + 1 :] for k in keys if k.startswith(candidate + "/"))
+            by_keys.setdefault(relative, []).append(candidate)
+        copies = next((group for group in by_keys.values() if len(group) > 1), None)
+        if copies and "model" not in candidates:
+            raise _several_roots(source, copies)
+        if best == "" and len(candidates) == 2:
+            return candidates[1]  # a single saved object: that is the model
+    elif len(ranked) > 1 and score(ranked[1]) == score(best):
+        raise _several_roots(source, [c for c in ranked if score(c) == score(best)])
     return best
+
+
+def _several_roots(source: Source, candidates: list[str]) -> RegraftError:
+    names = " and ".join(repr(c) for c in sorted(candidates))
+    return RegraftError(
+        f"{source.path} holds several objects that fit the model equally well: {names} (a model and a copy of it, "
+        "such as an EMA?). regraft does not pick one.",
+        hint=f"Choose with root={sorted(candidates)[0]!r} (CLI --root {sorted(candidates)[0]}).",
+    )
 
 
 def make_plan(
@@ -231,6 +255,7 @@ def make_plan(
     tied_layers = [layer + "/" for layer in (*alignment.tied, *nested.tied)]
     tied = {t.key for t in targets if t.key not in decided
             and any(t.keys.get(namespace, "").startswith(layer) for layer in tied_layers)}
+    tied |= _elsewhere_alike(source_tree, target_tree, ns, decided, used, prefix)
     removed = [key for key in alignment.removed if not _has_used(source_tree, key, used)]
 
     assignments = []
@@ -299,6 +324,8 @@ class _Names:
         self.source_prefix, self.target_prefix = model_prefixes(source_raw, target_raw, model_name)
         self.source = {key: self._token(name, kind, self.source_prefix) for key, (name, kind) in source_layers.items()}
         self.target = {key: self._token(name, kind, self.target_prefix) for key, (name, kind) in target_layers.items()}
+        self._source_counts = Counter(t.text for t in self.source.values() if t is not None)
+        self._target_counts = Counter(t.text for t in self.target.values() if t is not None)
         self.source_kinds = {key: kind for key, (_, kind) in source_layers.items()}
         self.target_kinds = {key: kind for key, (_, kind) in target_layers.items()}
 
@@ -308,9 +335,17 @@ class _Names:
         return Token(strip_prefix(name, prefix), not is_auto_name(name, kind, self.classes))
 
     def strong(self, side: str, key: str) -> str | None:
-        """The strong, normalised name of the layer at ``key`` on ``side`` (``source`` or ``target``), if any."""
-        token = (self.source if side == "source" else self.target).get(key)
-        return token.text if token is not None and token.strong else None
+        """The strong, normalised name of the layer at ``key`` on ``side`` (``source`` or ``target``), if any.
+
+        A name that two layers of one side carry (an outer head named like the wrapped
+        model's last layer) tells them apart from nothing: it is not evidence here.
+        """
+        table = self.source if side == "source" else self.target
+        token = table.get(key)
+        if token is None or not token.strong:
+            return None
+        counts = self._source_counts if side == "source" else self._target_counts
+        return token.text if counts[token.text] == 1 else None
 
     def path(self, side: str, layer_key: str) -> tuple[Token, ...]:
         """The name path of a layer: one token per named level (see :mod:`regraft.names`)."""
@@ -470,6 +505,55 @@ def _leaf_children(node: Node) -> list[Node]:
     return [c for c in holder.children.values() if c.leaf is not None]
 
 
+def _elsewhere_alike(source_tree: Node, target_tree: Node, ns: Namespace, decided: dict[str, Decision],
+                     used: set[int], prefix: str) -> set[str]:
+    """Positional pairs that an alike layer in another container could equally explain: made order-only.
+
+    A model wrapped in another with a head shaped like its last layer, or unwrapped:
+    the alignment pairs the layers at the same depth, but the alike layer one level
+    down (or up) is just as good a counterpart. Such a pair is not certain; the
+    alike layer left without a source is returned (it is a confirmation too).
+    """
+    s_layers, t_layers = leaf_layers(source_tree), leaf_layers(target_tree)
+    owner = {id(c.leaf): node for node in s_layers for c in _leaf_children(node)}
+
+    def signature(node: Node) -> tuple:
+        return tuple(sorted((c.path.rpartition("/")[2], c.shape) for c in _leaf_children(node)))
+
+    def container(node: Node) -> str:
+        return ns.split(node.path + "/x")[0].rpartition("/")[0]
+
+    free_sources: dict[tuple, list[Node]] = {}
+    for node in s_layers:
+        if not any(id(c.leaf) in used for c in _leaf_children(node)):
+            free_sources.setdefault(signature(node), []).append(node)
+    free_targets: dict[tuple, list[Node]] = {}
+    for node in t_layers:
+        if not any(c.leaf.key in decided for c in _leaf_children(node)):
+            free_targets.setdefault(signature(node), []).append(node)
+    left: set[str] = set()
+    for t_node in t_layers:
+        children = _leaf_children(t_node)
+        decisions = [decided[c.leaf.key] for c in children if c.leaf.key in decided]
+        if not decisions or any(not d.structural or d.order_only for d in decisions):
+            continue  # rules, exact keys that name things and recorded names are not in question here
+        s_node = owner.get(id(decisions[0].entry))
+        if s_node is None:
+            continue
+        rivals_t = [n for n in free_targets.get(signature(t_node), []) if container(n) != container(t_node)]
+        rivals_s = [n for n in free_sources.get(signature(s_node), []) if container(n) != container(s_node)]
+        if not rivals_t and not rivals_s:
+            continue
+        for child in children:
+            d = decided.get(child.leaf.key)
+            if d is not None:
+                decided[child.leaf.key] = d._replace(
+                    reason=d.reason + "; an alike layer in another container fits as well (wrapped or unwrapped?)",
+                    confidence=CONFIDENCE_ORDER, order_only=True)
+        left.update(c.leaf.key for n in rivals_t for c in _leaf_children(n))
+    return left
+
+
 def _has_used(tree: Node, key: str, used: set[int]) -> bool:
     node = tree
     for segment in key.split("/") if key else []:
@@ -509,7 +593,7 @@ def _assignment(
         if candidates:
             return Assignment(target, None, AMBIGUOUS, Stage.ALIGNED, "equally good candidates", allowed, None, candidates)
         return Assignment(target, None, MISSING, Stage.NONE, "no counterpart in the checkpoint", allowed)
-    entry, stage, reason, confidence, order_only = decision
+    entry, stage, reason, confidence, order_only = decision[:5]
     if order_only and not accept_order:
         return Assignment(target, entry, UNCONFIRMED, stage, reason, allowed, confidence, order_only=True)
     if order_only:
@@ -541,14 +625,19 @@ def _transform_rules(assignments: list[Assignment], rules: tuple[Rule, ...], cou
 def _exact_stage(
     targets: list[TargetVariable], available: dict[str, SourceEntry], ns: Namespace, used: set[int], names: _Names
 ) -> dict[str, Decision]:
-    """Equal keys, where the key names things: not a position, not an auto-generated layer name."""
+    """Equal keys, where the key names things: not a position, not an auto-generated layer name,
+    and (where keys are names) not a layer name that two layers of one side carry."""
     out = {}
+    layer_names = Counter(ns.split(t.keys[ns.name])[0].rpartition("/")[2] for t in targets if ns.name in t.keys)
+    layer_names.update(ns.split(k)[0].rpartition("/")[2] for k in available)
     for target in targets:
         key = target.keys.get(ns.name)
         if key is None or key not in available or id(available[key]) in used or ns.is_positional(key):
             continue
         if ns.keys_are_names and names.auto_key(key):
             continue  # dense_3/kernel: the counter depends on what the program built first
+        if ns.keys_are_names and layer_names[ns.split(key)[0].rpartition("/")[2]] > 2:
+            continue  # 'fc' is the wrapped model's last layer and the new head: a key, not evidence
         out[target.key] = Decision(available[key], Stage.EXACT, "exact key", CONFIDENCE_RULE)
     return out
 
@@ -657,11 +746,12 @@ def _aligned_decision(pair: Pair, namespace: str, prefix: str, names: "_Names") 
     entry, target = pair.source, pair.target
     source_layer, target_layer = names.label("source", pair.source_layer), names.label("target", pair.target_layer)
     if entry.key == prefix + target.keys.get(namespace, "") and not pair.by_order:
-        return Decision(entry, Stage.EXACT, "exact key (position confirmed by alignment)", CONFIDENCE_RULE)
+        return Decision(entry, Stage.EXACT, "exact key (position confirmed by alignment)", CONFIDENCE_RULE,
+                        structural=True)
     if pair.by_order:
         return Decision(entry, Stage.ALIGNED,
                         f"aligned: layer {source_layer} -> {target_layer}, placed by order only "
-                        "(a tie among alike layers, no names to tell them apart)", CONFIDENCE_ORDER, True)
+                        "(a tie among alike layers, no names to tell them apart)", CONFIDENCE_ORDER, True, True)
     how = {"name": "same layer name", "structure": "same structure under another name",
            "sequence": "by sequence alignment", "nesting": "by sequence alignment through a change of nesting"}
     if pair.score < 100:
@@ -670,7 +760,7 @@ def _aligned_decision(pair: Pair, namespace: str, prefix: str, names: "_Names") 
         confidence = CONFIDENCE_NESTING if pair.how == "nesting" else CONFIDENCE_STRUCTURE
     shapes = "shapes equal" if entry.shape == target.shape else "shapes differ"
     reason = f"aligned: layer {source_layer} -> {target_layer} ({how.get(pair.how, pair.how)}, {shapes})"
-    return Decision(entry, Stage.ALIGNED, reason, confidence)
+    return Decision(entry, Stage.ALIGNED, reason, confidence, structural=True)
 
 
 def _named(key: str, name: str | None) -> str:

@@ -147,7 +147,7 @@ def strip_prefix(name: str, prefix: str) -> str:
 
 
 def pair_by_names(sources: list[NamedLayer], targets: list[NamedLayer],
-                  compatible: Callable[[set[str], set[str]], bool] = lambda a, b: bool(a & b),
+                  compatible: Callable[[set[str], set[str], str | None], bool] = lambda a, b, kind: bool(a & b),
                   ) -> list[tuple[NamedLayer, NamedLayer, Token]]:
     """Pair layers whose shortest name-path suffix unique on both sides is equal, decided by a strong token.
 
@@ -186,7 +186,8 @@ def pair_by_names(sources: list[NamedLayer], targets: list[NamedLayer],
             deciding = target.tokens[-k]
             if (source is not None and deciding.strong and source.tokens[-k].strong
                     and (source.kind is None or target.kind is None or source.kind == target.kind)
-                    and compatible(set(source.leaves), set(target.leaves))):
+                    and compatible(set(source.leaves), set(target.leaves),
+                                   source.kind if source.kind == target.kind else None)):
                 out.append((source, target, deciding))
             break
     return out
