@@ -366,3 +366,71 @@ def test_h5_list_and_dict_items_are_positions_not_names(tmp_path):
     before = snapshot(same)
     regraft.load(same, path, accept_order=True)
     assert_state(same, before, {id(t): value_of(s) for s, t in zip(old.weights, same.weights)})
+
+
+def test_copies_of_the_model_are_never_chosen_silently_as_root(tmp_path):
+    import tensorflow as tf
+
+    net = mlp(None, "net")
+    randomize(net, 41)
+    ema = mlp(None, "ema")
+    randomize(ema, 42)
+    prefix = tf.train.Checkpoint(net=net, ema_net=ema).write(str(tmp_path / "ck" / "ck"))
+    new = mlp(None, "new")
+    before = snapshot(new)
+    with pytest.raises(regraft.RegraftError, match=r"several objects that fit the model equally well: 'ema_net' and 'net'"):
+        regraft.load(new, prefix, strict=False)
+    assert_state(new, before, {})
+    regraft.load(new, prefix, root="net")
+    assert_state(new, before, {id(t): value_of(s) for s, t in zip(net.weights, new.weights)})
+
+
+@pytest.mark.parametrize("fmt", ["tf", "h5"])
+def test_a_variable_set_that_changed_is_not_matched_by_index(tmp_path, fmt):
+    """BatchNormalization(scale=False): .weights.h5 numbers variables, so every index after gamma shifts."""
+    def net(scale):
+        keras.backend.clear_session()
+        inputs = keras.Input((4,))
+        x = keras.layers.BatchNormalization(scale=scale, name="bn")(keras.layers.Dense(4, name="d")(inputs))
+        return keras.Model(inputs, x)
+
+    old = net(True)
+    randomize(old, 43)
+    path = save(old, tmp_path, fmt)
+    new = net(False)
+    before = snapshot(new)
+    regraft.load(new, path, strict=False)
+    loaded = {id(t): value_of(s) for s, t in zip(old.weights[:2], new.weights[:2])}  # d/kernel, d/bias
+    assert_state(new, before, loaded)  # bn's beta and moving statistics stay fresh, never shifted by one
+
+
+@pytest.mark.parametrize("fmt", ["tf", "h5"])
+def test_a_wrapped_model_with_an_alike_head_is_a_confirmation(tmp_path, fmt):
+    """old: dense -> dense_1 (unnamed); new: outer(inner(dense -> dense_1)) -> a head shaped like dense_1.
+    Which of the two alike layers is the old one only the user knows; with names (fc, head) names decide."""
+    def inner_model():
+        inputs = keras.Input((5,))
+        return keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Dense(4)(inputs)))
+
+    keras.backend.clear_session()
+    old = inner_model()
+    randomize(old, 44)
+    path = save(old, tmp_path, fmt)
+    keras.backend.clear_session()
+    inner = inner_model()
+    inputs = keras.Input((5,))
+    new = keras.Model(inputs, keras.layers.Dense(4)(inner(inputs)))
+    before = snapshot(new)
+    report = regraft.load(new, path, strict=False)
+    inner_vars = [a for a in report.plan.assignments if a.target.key.count("/") == 2]
+    first = [a for a in inner_vars if a.target.layer == next(x.target.layer for x in inner_vars if x.target.shape == (5, 4))]
+    inner_last = [a for a in inner_vars if a not in first]
+    head = [a for a in report.plan.assignments if a.target.key.count("/") == 1]
+    # 5 -> 4: only one layer fits. The TF checkpoint's order finds it; .weights.h5 orders layers by
+    # class counter only, so there it may stay fresh (missed, never wrong).
+    assert {a.status for a in first} == {"loaded"} if fmt == "tf" else {a.status for a in first} <= {"loaded", "missing"}
+    assert inner_last and head and {a.status for a in inner_last + head} == {"unconfirmed"}
+    old_first = next(layer for layer in old.layers if layer.weights and tuple(layer.kernel.shape) == (5, 4))
+    new_first = next(layer for layer in inner.layers if layer.weights and tuple(layer.kernel.shape) == (5, 4))
+    expected = {id(n): value_of(o) for n, o in zip(new_first.weights, old_first.weights)}
+    assert_state(new, before, expected if first[0].status == "loaded" else {})
