@@ -531,6 +531,27 @@ def _elsewhere_alike(source_tree: Node, target_tree: Node, ns: Namespace, decide
     for node in t_layers:
         if not any(c.leaf.key in decided for c in _leaf_children(node)):
             free_targets.setdefault(signature(node), []).append(node)
+    # Which source containers each target container's decided layers came from, and back: a rival
+    # counts only in a container that corresponds to the pair's own (the wrapped model holds the
+    # rest of the old model), not in a new block that merely has alike layers.
+    sources_of: dict[str, set[str]] = {}
+    targets_of: dict[str, set[str]] = {}
+    for t_node in t_layers:
+        for c in _leaf_children(t_node):
+            d = decided.get(c.leaf.key)
+            s_node = owner.get(id(d.entry)) if d is not None else None
+            if s_node is not None:
+                sources_of.setdefault(container(t_node), set()).add(container(s_node))
+                targets_of.setdefault(container(s_node), set()).add(container(t_node))
+    # ... or one whose other free layers could take free layers of the pair's own container.
+    free_sigs_s: dict[str, set[tuple]] = {}
+    for sig, nodes in free_sources.items():
+        for node in nodes:
+            free_sigs_s.setdefault(container(node), set()).add(sig)
+    free_sigs_t: dict[str, set[tuple]] = {}
+    for sig, nodes in free_targets.items():
+        for node in nodes:
+            free_sigs_t.setdefault(container(node), set()).add(sig)
     left: set[str] = set()
     for t_node in t_layers:
         children = _leaf_children(t_node)
@@ -540,8 +561,12 @@ def _elsewhere_alike(source_tree: Node, target_tree: Node, ns: Namespace, decide
         s_node = owner.get(id(decisions[0].entry))
         if s_node is None:
             continue
-        rivals_t = [n for n in free_targets.get(signature(t_node), []) if container(n) != container(t_node)]
-        rivals_s = [n for n in free_sources.get(signature(s_node), []) if container(n) != container(s_node)]
+        rivals_t = [n for n in free_targets.get(signature(t_node), []) if container(n) != container(t_node)
+                    and (container(s_node) in sources_of.get(container(n), set())
+                         or free_sigs_t.get(container(n), set()) & free_sigs_s.get(container(s_node), set()))]
+        rivals_s = [n for n in free_sources.get(signature(s_node), []) if container(n) != container(s_node)
+                    and (container(t_node) in targets_of.get(container(n), set())
+                         or free_sigs_s.get(container(n), set()) & free_sigs_t.get(container(t_node), set()))]
         if not rivals_t and not rivals_s:
             continue
         for child in children:
