@@ -434,3 +434,27 @@ def test_a_wrapped_model_with_an_alike_head_is_a_confirmation(tmp_path, fmt):
     new_first = next(layer for layer in inner.layers if layer.weights and tuple(layer.kernel.shape) == (5, 4))
     expected = {id(n): value_of(o) for n, o in zip(new_first.weights, old_first.weights)}
     assert_state(new, before, expected if first[0].status == "loaded" else {})
+
+
+def test_lora_enabled_layers_take_their_old_kernel_and_bias(tmp_path):
+    """enable_lora adds lora_kernel_a/b beside the same kernel and bias (TF checkpoint, where variables are named)."""
+    def net(lora):
+        keras.backend.clear_session()
+        inputs = keras.Input((6,))
+        d1 = keras.layers.Dense(8, name="d1")
+        model = keras.Model(inputs, keras.layers.Dense(4, name="d2")(d1(inputs)))
+        if lora:
+            d1.enable_lora(2)
+        return model
+
+    old = net(False)
+    randomize(old, 45)
+    path = save(old, tmp_path, "tf")
+    new = net(True)
+    before = snapshot(new)
+    report = regraft.load(new, path, strict=False)
+    statuses = {a.target.key: a.status for a in report.plan.assignments}
+    assert statuses["d1/lora_kernel_a"] == "missing" and statuses["d1/lora_kernel_b"] == "missing"
+    by_path = {v.path: v for v in new.weights}
+    expected = {id(by_path[v.path]): value_of(v) for v in old.weights}
+    assert_state(new, before, expected)

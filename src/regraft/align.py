@@ -250,7 +250,11 @@ def compatible_roles(a: set[str], b: set[str], kind: str | None = None) -> bool:
         (True, True)
         >>> compatible_roles({"0", "1", "2", "3"}, {"0", "1", "2"}), compatible_roles({"gamma", "beta"}, {"beta"})
         (False, False)
+        >>> compatible_roles({"_kernel", "bias"}, {"_kernel", "bias", "lora_kernel_a", "lora_kernel_b"})
+        True
     """
+    # LoRA adapters (enable_lora) add lora_kernel_a/b beside the same kernel and bias: the layer is the same.
+    a, b = {x for x in a if not x.startswith("lora_")}, {x for x in b if not x.startswith("lora_")}
     if a == b:
         return True
     if (a ^ b) <= {"bias"}:
