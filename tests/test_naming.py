@@ -35,3 +35,12 @@ def test_matches_any_returns_the_first_matching_pattern():
 def test_docstring_examples():
     result = doctest.testmod(naming)
     assert result.attempted == 4 and result.failed == 0
+
+
+@pytest.mark.parametrize("module", ["regraft.names", "regraft.keys", "regraft.align", "regraft.matching",
+                                    "regraft.sources.tf_checkpoint", "regraft.sources.keras_h5"])
+def test_matching_docstring_examples_run(module):
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0

@@ -42,10 +42,10 @@ import numpy as np
 
 from regraft.keys import Namespace
 from regraft.keys import namespace as namespace_of
-from regraft.names import is_auto_name
+from regraft.names import is_auto_name, split_counter
 
 __all__ = ["Node", "Pair", "Alignment", "build_tree", "align_trees", "align_layers", "forced_pairs", "leaf_layers",
-           "compatible_roles"]
+           "leaf_children", "compatible_roles"]
 
 # Scores (integers: ties must be exact).
 SAME_STRUCTURE = 100  # same variable roles and shapes
@@ -57,7 +57,6 @@ SAME_NAME = 100  # equal strong layer names (different strong names: never paire
 GAP = 25  # skipping one item of a sequence
 
 _NUMBERED = re.compile(r"^(?:layer_with_weights-|layer-)?(\d+)$")
-_CLASS_COUNTER = re.compile(r"^(?P<cls>.*?)(?:_(?P<n>\d+))?$")
 
 
 @dataclass
@@ -221,9 +220,8 @@ def _sequences(s: Node, t: Node, ns: Namespace) -> list[tuple[list[Node], list[N
         by_class: dict[str, tuple[list[tuple[int, Node]], list[tuple[int, Node]]]] = {}
         for side, node in ((0, s), (1, t)):
             for key, child in node.children.items():
-                m = _CLASS_COUNTER.match(key)
-                assert m is not None  # the pattern matches every string
-                by_class.setdefault(m.group("cls"), ([], []))[side].append((int(m.group("n") or 0), child))
+                cls, n = split_counter(key)
+                by_class.setdefault(cls, ([], []))[side].append((n, child))
         return [
             ([n for _, n in sorted(a, key=lambda x: x[0])], [n for _, n in sorted(b, key=lambda x: x[0])])
             for _, (a, b) in sorted(by_class.items())
@@ -265,10 +263,15 @@ def compatible_roles(a: set[str], b: set[str], kind: str | None = None) -> bool:
     return False
 
 
+def leaf_children(node: Node) -> list[Node]:
+    """A layer node's variables (under its ``vars`` group for ``.weights.h5`` keys)."""
+    return [c for c in node.children.get("vars", node).children.values() if c.leaf is not None]
+
+
 def _holds_variables(node: Node) -> bool:
-    """A layer node whose children are its variables (directly, or in a ``vars`` group)."""
+    """A layer node whose children are all its variables (directly, or in a ``vars`` group)."""
     holder = node.children.get("vars", node)
-    return bool(holder.children) and all(c.leaf is not None for c in holder.children.values())
+    return bool(holder.children) and len(leaf_children(node)) == len(holder.children)
 
 
 def _auto_named_items(node: Node, ns: Namespace) -> bool:
@@ -357,9 +360,8 @@ def _align_auto_named(s_left: dict[str, Node], t_left: dict[str, Node], ns: Name
     for side, left in ((0, s_left), (1, t_left)):
         for key, node in left.items():
             if node.leaf is None and is_auto_name(key):
-                m = _CLASS_COUNTER.match(key)
-                assert m is not None  # the pattern matches every string
-                by_class.setdefault(m.group("cls"), ([], []))[side].append((int(m.group("n") or 0), key))
+                cls, n = split_counter(key)
+                by_class.setdefault(cls, ([], []))[side].append((n, key))
     for s_keys, t_keys in by_class.values():
         if s_keys and t_keys:
             s_items = [s_left.pop(k) for _, k in sorted(s_keys)]

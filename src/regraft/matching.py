@@ -26,7 +26,6 @@ user confirms it (``accept_order=True``) or writes a rule.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -39,6 +38,7 @@ from regraft.align import (
     align_trees,
     build_tree,
     compatible_roles,
+    leaf_children,
     leaf_layers,
 )
 from regraft.entries import WEIGHT, SourceEntry, Stage, TargetVariable
@@ -47,7 +47,7 @@ from regraft.growth import apply_policy, with_steps
 from regraft.keys import OBJECT, Namespace
 from regraft.keys import namespace as namespace_of
 from regraft.naming import matches_any
-from regraft.names import NamedLayer, Token, is_auto_name, model_prefixes, pair_by_names, strip_prefix
+from regraft.names import NamedLayer, Token, is_auto_name, model_prefixes, pair_by_names, split_counter, strip_prefix
 from regraft.plans import (
     AMBIGUOUS,
     CAST,
@@ -468,19 +468,18 @@ def _kinds_of(layers: list[Node]) -> dict[int, str]:
     out = {}
     for node in layers:
         last = node.path.rpartition("/")[2]
-        match = re.match(r"^(.*?)(?:_\d+)?$", last)
-        out[id(node)] = node.kind or (match.group(1) if match and is_auto_name(last) else "")
+        out[id(node)] = node.kind or (split_counter(last)[0] if is_auto_name(last) else "")
     return out
 
 
 def _nesting_stage_of(s_layers: list[Node], t_layers: list[Node], ns: Namespace, decided: dict[str, Decision],
                       used: set[int], fresh: dict[str, tuple[str, str]],
                       ambiguous: dict[str, tuple[str, ...]]) -> Alignment:
-    owner = {id(child.leaf): i for i, node in enumerate(s_layers) for child in _leaf_children(node)}
+    owner = {id(child.leaf): i for i, node in enumerate(s_layers) for child in leaf_children(node)}
     anchors: list[tuple[int, int]] = []
     s_open, t_open = [], []
     for j, node in enumerate(t_layers):
-        keys = [child.leaf.key for child in _leaf_children(node)]
+        keys = [child.leaf.key for child in leaf_children(node)]
         sources = {owner.get(id(decided[k][0])) for k in keys if k in decided}
         anchors.extend((i, j) for i in sources if i is not None)
         if not sources and not any(k in fresh or k in ambiguous for k in keys):
@@ -493,16 +492,10 @@ def _nesting_stage_of(s_layers: list[Node], t_layers: list[Node], ns: Namespace,
         return key in contested or any(key.startswith(c + "/") for c in contested)
 
     for i, node in enumerate(s_layers):
-        children = _leaf_children(node)
+        children = leaf_children(node)
         if not any(id(c.leaf) in used or is_contested(c.leaf.key) for c in children):
             s_open.append(i)
     return align_layers(s_layers, t_layers, s_open, t_open, anchors, ns)
-
-
-def _leaf_children(node: Node) -> list[Node]:
-    """A layer node's variables (under its ``vars`` group for ``.weights.h5`` keys)."""
-    holder = node.children.get("vars", node)
-    return [c for c in holder.children.values() if c.leaf is not None]
 
 
 def _elsewhere_alike(source_tree: Node, target_tree: Node, ns: Namespace, decided: dict[str, Decision],
@@ -515,21 +508,21 @@ def _elsewhere_alike(source_tree: Node, target_tree: Node, ns: Namespace, decide
     alike layer left without a source is returned (it is a confirmation too).
     """
     s_layers, t_layers = leaf_layers(source_tree), leaf_layers(target_tree)
-    owner = {id(c.leaf): node for node in s_layers for c in _leaf_children(node)}
+    owner = {id(c.leaf): node for node in s_layers for c in leaf_children(node)}
 
     def signature(node: Node) -> tuple:
-        return tuple(sorted((c.path.rpartition("/")[2], c.shape) for c in _leaf_children(node)))
+        return tuple(sorted((c.path.rpartition("/")[2], c.shape) for c in leaf_children(node)))
 
     def container(node: Node) -> str:
         return ns.split(node.path + "/x")[0].rpartition("/")[0]
 
     free_sources: dict[tuple, list[Node]] = {}
     for node in s_layers:
-        if not any(id(c.leaf) in used for c in _leaf_children(node)):
+        if not any(id(c.leaf) in used for c in leaf_children(node)):
             free_sources.setdefault(signature(node), []).append(node)
     free_targets: dict[tuple, list[Node]] = {}
     for node in t_layers:
-        if not any(c.leaf.key in decided for c in _leaf_children(node)):
+        if not any(c.leaf.key in decided for c in leaf_children(node)):
             free_targets.setdefault(signature(node), []).append(node)
     # Which source containers each target container's decided layers came from, and back: a rival
     # counts only in a container that corresponds to the pair's own (the wrapped model holds the
@@ -537,7 +530,7 @@ def _elsewhere_alike(source_tree: Node, target_tree: Node, ns: Namespace, decide
     sources_of: dict[str, set[str]] = {}
     targets_of: dict[str, set[str]] = {}
     for t_node in t_layers:
-        for c in _leaf_children(t_node):
+        for c in leaf_children(t_node):
             d = decided.get(c.leaf.key)
             s_node = owner.get(id(d.entry)) if d is not None else None
             if s_node is not None:
@@ -554,7 +547,7 @@ def _elsewhere_alike(source_tree: Node, target_tree: Node, ns: Namespace, decide
             free_sigs_t.setdefault(container(node), set()).add(sig)
     left: set[str] = set()
     for t_node in t_layers:
-        children = _leaf_children(t_node)
+        children = leaf_children(t_node)
         decisions = [decided[c.leaf.key] for c in children if c.leaf.key in decided]
         if not decisions or any(not d.structural or d.order_only for d in decisions):
             continue  # rules, exact keys that name things and recorded names are not in question here
@@ -575,7 +568,7 @@ def _elsewhere_alike(source_tree: Node, target_tree: Node, ns: Namespace, decide
                 decided[child.leaf.key] = d._replace(
                     reason=d.reason + "; an alike layer in another container fits as well (wrapped or unwrapped?)",
                     confidence=CONFIDENCE_ORDER, order_only=True)
-        left.update(c.leaf.key for n in rivals_t for c in _leaf_children(n))
+        left.update(c.leaf.key for n in rivals_t for c in leaf_children(n))
     return left
 
 
@@ -653,8 +646,10 @@ def _exact_stage(
     """Equal keys, where the key names things: not a position, not an auto-generated layer name,
     and (where keys are names) not a layer name that two layers of one side carry."""
     out = {}
-    layer_names = Counter(ns.split(t.keys[ns.name])[0].rpartition("/")[2] for t in targets if ns.name in t.keys)
-    layer_names.update(ns.split(k)[0].rpartition("/")[2] for k in available)
+    layer_names: Counter = Counter()
+    if ns.keys_are_names:  # only there are keys names that two layers may share
+        layer_names.update(ns.split(t.keys[ns.name])[0].rpartition("/")[2] for t in targets if ns.name in t.keys)
+        layer_names.update(ns.split(k)[0].rpartition("/")[2] for k in available)
     for target in targets:
         key = target.keys.get(ns.name)
         if key is None or key not in available or id(available[key]) in used or ns.is_positional(key):

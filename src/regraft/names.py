@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-__all__ = ["Token", "NamedLayer", "is_auto_name", "model_prefixes", "pair_by_names"]
+__all__ = ["Token", "NamedLayer", "is_auto_name", "split_counter", "model_prefixes", "pair_by_names"]
 
 # Snake-case class names of Keras layers and models (Keras 3 and tf.keras): a layer
 # named like one of these, plus an optional counter, was named by Keras.
@@ -55,7 +55,19 @@ _AUTO_BASES = frozenset(
     up_sampling2d up_sampling3d zero_padding1d zero_padding2d zero_padding3d tf_op_lambda
     """.split()
 )
-_COUNTER = re.compile(r"^(?P<base>.+?)(?:_\d+)?$")
+_COUNTER = re.compile(r"^(?P<base>.*?)(?:_(?P<n>\d+))?$")
+
+
+def split_counter(name: str) -> tuple[str, int]:
+    """A name's base and Keras-style counter: ``dense_3`` → (``dense``, 3), ``dense`` → (``dense``, 0).
+
+    Example:
+        >>> split_counter("conv2d_12"), split_counter("conv1_conv")
+        (('conv2d', 12), ('conv1_conv', 0))
+    """
+    match = _COUNTER.match(name)
+    assert match is not None  # the pattern matches every string
+    return match.group("base"), int(match.group("n") or 0)
 
 
 def is_auto_name(name: str, kind: str | None = None, extra_bases: Iterable[str] = ()) -> bool:
@@ -68,10 +80,7 @@ def is_auto_name(name: str, kind: str | None = None, extra_bases: Iterable[str] 
         >>> is_auto_name("dense_3"), is_auto_name("conv1_conv"), is_auto_name("block_2", "block")
         (True, False, True)
     """
-    bases = {name}
-    match = _COUNTER.match(name)
-    if match:
-        bases.add(match.group("base"))
+    bases = {name, split_counter(name)[0]}
     if kind and kind in bases:
         return True
     return bool(bases & _AUTO_BASES) or bool(bases & set(extra_bases))
