@@ -23,14 +23,17 @@ PathLike = str | os.PathLike[str]
 Rules = Mapping[str, Any] | list[Any] | PathLike | None
 
 
-def open(path: PathLike) -> Source:  # noqa: A001 - the public verb is regraft.open
+def open(path: PathLike, *, allow_outside_state: bool = False) -> Source:  # noqa: A001 - the public verb is regraft.open
     """Open a checkpoint for its metadata; no tensor bytes are read until ``read(key)``.
+
+    A folder's ``checkpoint`` state file that names a checkpoint outside the folder
+    is refused unless ``allow_outside_state=True`` (then a warning names what was opened).
 
     Example:
         >>> with regraft.open("ckpts/run7") as src:          # doctest: +SKIP
         ...     for e in src.entries(): print(e.key, e.shape, e.dtype, e.kind)
     """
-    return open_source(path)
+    return open_source(path, allow_outside_state=allow_outside_state)
 
 
 def plan(
@@ -45,6 +48,7 @@ def plan(
     reshape: str = "error",
     noise: float = 0.0,
     accept_order: bool = False,
+    allow_outside_state: bool = False,
 ) -> Plan:
     """Decide what each variable of ``model`` takes from the checkpoint, from metadata only.
 
@@ -69,6 +73,8 @@ def plan(
             layers with no names to tell them apart: VGG16 → VGG19 saved without
             names). By default they are ``unconfirmed``: proposed, left fresh,
             and a strict problem.
+        allow_outside_state: follow a folder's ``checkpoint`` state file that names a
+            checkpoint outside the folder (see :func:`open`).
 
     Returns:
         An immutable :class:`Plan`; print it, save it (:func:`regraft.save_plan`), or
@@ -81,7 +87,7 @@ def plan(
     if isinstance(source, Source):
         return _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
     with _without_gc():
-        opened = open_source(source)
+        opened = open_source(source, allow_outside_state=allow_outside_state)
     with opened:
         return _plan(model, opened, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
 
@@ -151,6 +157,7 @@ def load(
     noise: float = 0.0,
     accept_order: bool = False,
     progress: Progress | None = None,
+    allow_outside_state: bool = False,
 ) -> LoadReport:
     """Load a checkpoint into a (possibly changed) built Keras model: :func:`plan`, then apply.
 
@@ -158,7 +165,8 @@ def load(
         model: the built Keras 3 model to load into.
         path: a TF checkpoint (prefix, ``.index``, or folder with a ``checkpoint``
             file), a Keras ``.weights.h5`` or a Keras 2 ``.h5`` file.
-        rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order: as for :func:`plan`.
+        rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order, allow_outside_state:
+            as for :func:`plan`.
         strict: raise :class:`~regraft.errors.LoadError` before touching the model
             when anything is missing, unused, ambiguous or shape-mismatched, or a
             rule matched nothing (except what the allow patterns cover), listing
@@ -179,7 +187,7 @@ def load(
         3 loaded, 0 shape-mismatch, 2 missing, 2 unused — 61.0% of parameters from the checkpoint
     """
     with _without_gc():
-        source = open_source(path)
+        source = open_source(path, allow_outside_state=allow_outside_state)
     with source:
         the_plan = _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
         problems = the_plan.problems()

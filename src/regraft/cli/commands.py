@@ -18,7 +18,7 @@ def inspect(args: argparse.Namespace) -> int:
     """``regraft inspect CKPT``: every tensor's key, shape, dtype and kind, from metadata only."""
     from regraft.sources import open_source
 
-    with open_source(args.checkpoint) as source:
+    with open_source(args.checkpoint, allow_outside_state=args.allow_outside_state) as source:
         entries = source.entries()
         kinds = Counter(e.kind for e in entries)
         weights = [e for e in entries if e.kind == "weight"]
@@ -58,7 +58,7 @@ def inspect(args: argparse.Namespace) -> int:
 def _options(args: argparse.Namespace) -> dict:
     return dict(rules=args.rules, rename=args.rename, allow_missing=args.allow_missing,
                 allow_unused=args.allow_unused, root=args.root, reshape=args.reshape, noise=args.noise,
-                accept_order=args.accept_order)
+                accept_order=args.accept_order, allow_outside_state=args.allow_outside_state)
 
 
 def diff(args: argparse.Namespace) -> int:

@@ -54,6 +54,13 @@ def _add_match_options(p: argparse.ArgumentParser) -> None:
                    help="load pairings that only order supports (alike layers with no names to tell them apart); "
                    "by default they are 'unconfirmed': proposed, left fresh, and a strict problem")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_outside_state_option(p)
+
+
+def _add_outside_state_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-outside-state", action="store_true",
+                   help="follow a folder's 'checkpoint' state file that names a checkpoint outside the folder "
+                   "(refused by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="TF checkpoint prefix, its folder, or a Keras .weights.h5 / .h5 file")
     p.add_argument("--all", action="store_true", help="also list optimizer slots and bookkeeping one by one")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_outside_state_option(p)
     p.set_defaults(run=commands.inspect)
 
     p = sub.add_parser(allow_abbrev=False, name="diff", help="show what a load would do; loads nothing",

@@ -29,12 +29,14 @@ register_format(keras_h5.KerasH5)  # HDF5 signature first: cheap and unambiguous
 register_format(tf_checkpoint.TFCheckpoint)
 
 
-def open_source(path: str | os.PathLike[str]) -> Source:
+def open_source(path: str | os.PathLike[str], *, allow_outside_state: bool = False) -> Source:
     """Open a checkpoint lazily, detecting its format from its contents.
 
     Args:
         path: a TF checkpoint prefix, its ``.index`` file, a folder holding a
             ``checkpoint`` state file, a Keras ``.weights.h5`` or Keras 2 ``.h5`` file.
+        allow_outside_state: let a folder's ``checkpoint`` state file name a
+            checkpoint outside that folder (refused by default; a warning names it).
 
     Raises:
         SourceError: the path does not exist or holds no checkpoint.
@@ -44,6 +46,8 @@ def open_source(path: str | os.PathLike[str]) -> Source:
     path = os.fspath(path)
     for fmt in FORMATS:
         if fmt.detect(path):
+            if fmt is tf_checkpoint.TFCheckpoint:
+                return fmt(path, allow_outside_state=allow_outside_state)
             return fmt(path)
     if not os.path.exists(path) and not os.path.exists(path + ".index"):
         parent = os.path.dirname(path) or "."

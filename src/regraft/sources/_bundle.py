@@ -51,7 +51,9 @@ _FILE_SUFFIX = re.compile(r"\.(index|data-\d{5}-of-\d{5})$")
 _DT_BFLOAT16 = 14
 _UINT32_MAX = 0xFFFFFFFF
 _READ_CHUNK = 1 << 30  # a single read() syscall is capped near 2 GiB on Linux
-_MAX_ELEMENTS = (1 << 63) // 16  # numpy's limit on array bytes, for the widest dtype
+_MAX_SHARDS_UNLISTED = 4096  # data files checked one by one when the folder cannot be listed
+_MAX_ELEMENTS = (1 << 63) // 16
+_MAX_NDIM = 64  # numpy's limit; TensorFlow allows 254  # numpy's limit on array bytes, for the widest dtype
 
 # tensorflow/core/framework/types.proto DataType -> numpy type (bfloat16 is lazy).
 _NUMPY_DTYPES: dict[int, type[np.generic]] = {
@@ -97,6 +99,9 @@ class BundleEntry:
         size: number of bytes stored.
         crc32c: masked CRC-32C of the stored bytes.
         sliced: True for a partitioned variable stored as several slices.
+        raw_key: the key's bytes as stored. ``key`` is their UTF-8 text, with
+            ``\\xNN`` escapes for bytes that are not UTF-8 (TensorFlow keys are
+            bytes); ``raw_key`` is the name TensorFlow itself looks the tensor up by.
     """
 
     key: str
@@ -107,6 +112,7 @@ class BundleEntry:
     size: int
     crc32c: int
     sliced: bool
+    raw_key: bytes = b""
 
 
 def data_file_path(prefix: str, shard_id: int, num_shards: int) -> str:
@@ -447,10 +453,18 @@ class Bundle:
             if raw_key.startswith(_SLICE_KEY_PREFIX):
                 continue
             key = raw_key.decode("utf-8", errors="backslashreplace")
-            entries[key] = self._make_entry(key, value)
+            if key in entries:  # b"w\xff" and the text "w\\xff" display alike: never let one stand for the other
+                raise UnsupportedFormatError(
+                    f"{self.index_path}: the tensor keys {entries[key].raw_key!r} and {raw_key!r} are both "
+                    f"shown as {key!r} (a key that is not UTF-8 is shown with \\x escapes); regraft cannot "
+                    "tell them apart",
+                    hint="Rename one of the two tensors in TensorFlow (tf.raw_ops.RestoreV2 reads by raw key) "
+                    "and save the checkpoint again.",
+                )
+            entries[key] = self._make_entry(key, value, raw_key)
         return entries
 
-    def _make_entry(self, key: str, value: bytes) -> BundleEntry:
+    def _make_entry(self, key: str, value: bytes, raw_key: bytes) -> BundleEntry:
         """Parses and checks one BundleEntryProto."""
         try:
             proto = parse_bundle_entry(value)
@@ -473,6 +487,7 @@ class Bundle:
             size=proto.size,
             crc32c=proto.crc32c,
             sliced=proto.num_slices > 0,
+            raw_key=raw_key,
         )
 
     def _entry_problem(self, proto: BundleEntryProto) -> str:
@@ -488,16 +503,43 @@ class Bundle:
         return ""
 
     def _check_data_files(self) -> None:
-        """Raises SourceError unless every data shard file exists."""
-        paths = (self.data_path(i) for i in range(self.header.num_shards))
-        missing = [path for path in paths if not os.path.isfile(path)]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise SourceError(
-                f"{self.index_path} expects {self.header.num_shards} data file(s), but "
-                f"{missing[0]} does not exist{more}",
-                hint="Copy every PREFIX.data-*-of-* file together with the .index file.",
-            )
+        """Raises SourceError unless every data shard file exists.
+
+        The folder is listed once: a header may claim any number of shards (up to
+        2**31 - 1), and asking the file system about each one would take hours.
+        """
+        count = self.header.num_shards
+        folder = os.path.dirname(self.prefix) or "."
+        pattern = re.compile(re.escape(os.path.basename(self.prefix)) + rf"\.data-(\d{{5,}})-of-{count:05d}$")
+        try:
+            with os.scandir(folder) as listing:
+                present = {
+                    int(m.group(1))
+                    for item in listing
+                    if (m := pattern.match(item.name)) and item.is_file() and m.group(1) == f"{int(m.group(1)):05d}"
+                }
+        except OSError as exc:  # a folder one may enter but not list: ask per file, if they are few
+            if count > _MAX_SHARDS_UNLISTED:
+                raise SourceError(
+                    f"cannot list the folder {folder} of checkpoint {self.index_path} to find its {count:,} "
+                    f"data files: {exc.strerror or exc}",
+                    hint="Check the folder's permissions.",
+                ) from None
+            present = {i for i in range(count) if os.path.isfile(self.data_path(i))}
+        present = {i for i in present if i < count}
+        if len(present) == count:
+            return
+        first = next(i for i in range(len(present) + 1) if i not in present)
+        missing = count - len(present)
+        more = f" (and {missing - 1:,} more)" if missing > 1 else ""
+        raise SourceError(
+            f"{self.index_path} expects {count:,} data file(s), but {self.data_path(first)} does not "
+            f"exist{more}",
+            hint="Copy every PREFIX.data-*-of-* file together with the .index file."
+            if missing <= 1000
+            else f"The folder holds {len(present):,} of them: a count so far above the files present means "
+            "the index is damaged; re-save the checkpoint or restore the file from a backup.",
+        )
 
     # --- tensor reading helpers -------------------------------------------------
 
@@ -527,6 +569,12 @@ class Bundle:
                 hint=hint,
             )
         self._check_not_sliced(entry)
+        if len(entry.shape) > _MAX_NDIM:
+            raise UnsupportedFormatError(
+                f"{self.index_path}: tensor {key!r} has {len(entry.shape)} dimensions; numpy arrays hold at "
+                f"most {_MAX_NDIM}",
+                hint="Reshape it to fewer dimensions in TensorFlow and save the checkpoint again.",
+            )
         return entry, entry.dtype
 
     def _check_not_sliced(self, entry: BundleEntry) -> None:

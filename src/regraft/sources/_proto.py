@@ -190,12 +190,17 @@ def _bytes(number: int, wire_type: int, value: FieldValue) -> bytes:
 
 
 def _str(number: int, wire_type: int, value: FieldValue) -> str:
-    """Decodes a string field (must be UTF-8)."""
-    raw = _bytes(number, wire_type, value)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DecodeError(f"string field {number} is not UTF-8: {exc}") from None
+    """Decodes a string field; bytes that are not UTF-8 become ``\\xNN`` escapes.
+
+    TensorFlow writes names and keys as bytes; a checkpoint key is shown the way
+    :class:`regraft.sources._bundle.Bundle` shows the index's keys, so the two match.
+    """
+    return _text(_bytes(number, wire_type, value))
+
+
+def _text(raw: bytes) -> str:
+    """UTF-8 text of ``raw``, with ``\\xNN`` escapes for bytes that are not UTF-8."""
+    return raw.decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -492,7 +497,8 @@ def _compiled_classes() -> dict[str, Any]:
     installed (it comes with TensorFlow) both take milliseconds. The pure-Python
     decoder stays the reference: it runs without protobuf, and on any input the
     compiled parser rejects, to say precisely what is wrong. Strings are declared
-    as bytes so that a name that is not valid UTF-8 decodes as in the pure path.
+    as bytes so that a name that is not valid UTF-8 decodes as in the pure path
+    (with ``\\xNN`` escapes, as the bundle's keys are shown).
     """
     try:
         from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -536,9 +542,7 @@ def _compiled_classes() -> dict[str, Any]:
 
 
 def _from_message(graph: Any) -> list[ObjectNode]:
-    def text(b: bytes) -> str:
-        return b.decode("utf-8", "backslashreplace")
-
+    text = _text
     return [
         ObjectNode(
             children=tuple(ObjectReference(c.node_id, text(c.local_name)) for c in node.children),

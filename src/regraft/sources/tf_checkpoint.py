@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections import Counter, deque
 
 import numpy as np
 
 from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
-from regraft.errors import SourceError
-from regraft.sources._bundle import Bundle
+from regraft.errors import CorruptCheckpointError, SourceError
+from regraft.sources._bundle import DAMAGED_HINT, OBJECT_GRAPH_KEY, Bundle
 from regraft.sources.base import Source
 
 __all__ = ["TFCheckpoint", "resolve_prefix"]
@@ -35,15 +36,22 @@ _DATA_FILE = re.compile(r"^(?P<prefix>.*)\.data-\d{5}-of-\d{5}$")
 _TF1_SLOT_SUFFIX = re.compile(r"/(Adam|Adam_1|Momentum|RMSProp|RMSProp_1|Adagrad|Adadelta|Adadelta_1|Ftrl|Ftrl_1)$")
 
 
-def resolve_prefix(path: str) -> str:
+def resolve_prefix(path: str, allow_outside_state: bool = False) -> str:
     """Turn what a user typed into a checkpoint prefix.
 
     Accepts a prefix (``dir/ckpt-3``), its ``.index`` or ``.data-*`` file, or a
     folder holding a ``checkpoint`` state file (its latest checkpoint is taken)
     or exactly one ``*.index`` file.
 
+    Args:
+        path: what the user gave.
+        allow_outside_state: follow a state file that names a checkpoint outside
+            its own folder (an absolute path elsewhere, ``../other/ckpt-1``). By
+            default that is refused: the folder given is not what would be read.
+
     Raises:
-        SourceError: when no checkpoint is found there; the message says what was found.
+        SourceError: when no checkpoint is found there, or the state file points
+            outside its folder; the message says what was found.
     """
     if path.endswith(".index") and os.path.isfile(path):
         return path[: -len(".index")]
@@ -57,13 +65,26 @@ def resolve_prefix(path: str) -> str:
         if os.path.isfile(state):
             latest = _latest_from_state(state)
             prefix = latest if os.path.isabs(latest) else os.path.join(path, latest)
+            if not allow_outside_state and not _inside(prefix, path):
+                raise SourceError(
+                    f"{state} names '{latest}' as the latest checkpoint, which is outside the folder {path} "
+                    f"({os.path.abspath(prefix)}); regraft opens only a checkpoint in the folder it was given.",
+                    hint="Pass that checkpoint's prefix itself, or allow the state file to point elsewhere with "
+                    "allow_outside_state=True (on the command line: --allow-outside-state).",
+                )
             if not os.path.isfile(prefix + ".index"):
                 raise SourceError(
                     f"{state} names '{latest}' as the latest checkpoint, but {prefix}.index does not exist.",
                     hint="Pass the prefix of a checkpoint that exists (e.g. dir/ckpt-3) or fix the state file.",
                 )
             return prefix
-        indexes = sorted(f for f in os.listdir(path) if f.endswith(".index"))
+        try:
+            indexes = sorted(f for f in os.listdir(path) if f.endswith(".index"))
+        except OSError as exc:
+            raise SourceError(
+                f"cannot list the folder {path}: {exc.strerror or exc}",
+                hint="Check the folder's permissions, or pass the checkpoint prefix itself (e.g. dir/ckpt-3).",
+            ) from None
         if len(indexes) == 1:
             return os.path.join(path, indexes[0][: -len(".index")])
         if len(indexes) > 1:
@@ -75,12 +96,31 @@ def resolve_prefix(path: str) -> str:
     raise SourceError(f"{path} is not a TensorFlow checkpoint (no {os.path.basename(path)}.index found).")
 
 
+def _inside(prefix: str, folder: str) -> bool:
+    """Whether checkpoint ``prefix`` lies in ``folder`` or below it, as written or with links resolved.
+
+    Both readings count: a TF1 ``Saver`` writes absolute paths, which may spell the
+    folder through another link, and a link inside the folder is the user's own.
+    """
+    for resolve in (os.path.abspath, os.path.realpath):
+        where, top = resolve(os.path.dirname(prefix) or "."), resolve(folder)
+        if os.path.commonpath([where, top]) == top:
+            return True
+    return False
+
+
 def _latest_from_state(state: str) -> str:
-    with open(state, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            m = re.match(r'\s*model_checkpoint_path:\s*"(.*)"\s*$', line)
-            if m:
-                return m.group(1)
+    try:
+        with open(state, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                m = re.match(r'\s*model_checkpoint_path:\s*"(.*)"\s*$', line)
+                if m:
+                    return m.group(1)
+    except OSError as exc:
+        raise SourceError(
+            f"cannot read the checkpoint state file {state}: {exc.strerror or exc}",
+            hint="Check the file's permissions, or pass the checkpoint prefix itself (e.g. dir/ckpt-3).",
+        ) from None
     raise SourceError(
         f"{state} has no model_checkpoint_path line.",
         hint="Pass the checkpoint prefix itself (e.g. dir/ckpt-3).",
@@ -94,15 +134,24 @@ class TFCheckpoint(Source):
     def detect(cls, path: str) -> bool:
         """True when ``path`` names a tensor bundle (prefix, .index, .data-* or a folder of one)."""
         try:
-            resolve_prefix(path)
+            resolve_prefix(path, allow_outside_state=True)  # where a state file may point is for __init__ to judge
         except SourceError:
             return False
         return True
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, allow_outside_state: bool = False) -> None:
+        """Open the checkpoint at ``path`` (see :func:`resolve_prefix`; it says what ``allow_outside_state`` allows)."""
         self._layer_names: dict[str, tuple[str | None, str | None]] = {}  # positional layer -> (name, class)
         self._bundle_key: dict[str, str] = {}  # canonical key -> tensor name in the bundle
-        prefix = resolve_prefix(path)
+        prefix = resolve_prefix(path, allow_outside_state)
+        outside = os.path.isdir(path) and not _inside(prefix, path)
+        if outside:  # allowed: say so, and go by the checkpoint itself from here on (reports, plan files)
+            prefix = os.path.abspath(prefix)
+            warnings.warn(
+                f"regraft: the state file {os.path.join(path, 'checkpoint')} points outside its folder; "
+                f"opened {prefix}",
+                stacklevel=2,
+            )
         self.prefix = prefix
         self.bundle = Bundle(prefix)
         self.files = (prefix + ".index",) + tuple(
@@ -114,7 +163,7 @@ class TFCheckpoint(Source):
         else:
             self.format, self.namespace = "tf1-names", "name"
             entries = self._name_entries()
-        super().__init__(path, entries)
+        super().__init__(prefix if outside else path, entries)
 
     def layers(self) -> dict[str, tuple[str | None, str | None]]:
         """Layers reached by position, with the Keras name their variables' ``full_name`` records.
@@ -126,9 +175,15 @@ class TFCheckpoint(Source):
         return dict(self._layer_names)
 
     def native_location(self, key: str) -> tuple[str, str] | None:
-        """TensorFlow reads bundles natively: ``(prefix, tensor name in the bundle)``."""
+        """TensorFlow reads bundles natively: ``(prefix, tensor name in the bundle)``.
+
+        ``None`` (regraft reads it) for a partitioned tensor, and for a name that is
+        not UTF-8: its text form is escaped, and TensorFlow would look up the escape.
+        """
         entry = self.bundle.entries[self._bundle_key[key]]
-        return None if entry.sliced else (self.prefix, entry.key)
+        if entry.sliced or entry.raw_key != entry.key.encode("utf-8"):
+            return None
+        return (self.prefix, entry.key)
 
     def read(self, key: str) -> np.ndarray:
         """Read the tensor with canonical ``key`` (checksum verified)."""
@@ -152,7 +207,55 @@ class TFCheckpoint(Source):
 
     # -- TF2 object graph ------------------------------------------------------------
 
+    def _graph_error(self, problem: str) -> CorruptCheckpointError:
+        """The error for an object graph that does not hold together."""
+        shard = self.bundle.entries[OBJECT_GRAPH_KEY].shard_id
+        return CorruptCheckpointError(
+            f"{self.bundle.data_path(shard)}: the object graph of checkpoint {self.prefix} is invalid: {problem}.",
+            hint=DAMAGED_HINT,
+        )
+
+    def _check_graph(self, nodes: list) -> None:
+        """Check every reference in the object graph before following any.
+
+        A child or slot must name a node of the graph (``-1`` is not "the last one"),
+        a node's children must have distinct names, and every tensor a node saves
+        must be in the index: TensorFlow writes graphs that way, and a reader that
+        followed anything else would give a tensor another's path.
+        """
+        count = len(nodes)
+        if not count:
+            raise self._graph_error("it has no nodes (node 0 is the saved object)")
+
+        def check(node_id: int, owner: int, what: str) -> None:
+            if not 0 <= node_id < count:
+                raise self._graph_error(
+                    f"node {owner} has {what} pointing to node {node_id}, but the graph has {count} nodes "
+                    f"(0 to {count - 1})"
+                )
+
+        for owner, node in enumerate(nodes):
+            names: dict[str, int] = {}
+            for child in node.children:
+                check(child.node_id, owner, f"child '{child.local_name}'")
+                if child.local_name in names:
+                    raise self._graph_error(
+                        f"node {owner} has two children named '{child.local_name}' "
+                        f"(nodes {names[child.local_name]} and {child.node_id})"
+                    )
+                names[child.local_name] = child.node_id
+            for slot in node.slot_variables:
+                check(slot.original_variable_node_id, owner, f"slot variable '{slot.slot_name}' of a variable")
+                check(slot.slot_variable_node_id, owner, f"slot variable '{slot.slot_name}'")
+            for attr in node.attributes:
+                if attr.checkpoint_key not in self.bundle.entries:
+                    raise self._graph_error(
+                        f"node {owner} saves its {attr.name or 'tensor'} under key '{attr.checkpoint_key}', "
+                        f"which {self.bundle.index_path} does not hold"
+                    )
+
     def _object_entries(self, nodes: list) -> list[SourceEntry]:
+        self._check_graph(nodes)
         optimizer_nodes = _optimizer_nodes(nodes)
         paths = _paths(nodes, skip=optimizer_nodes)  # canonical: not through an optimizer
         all_paths = _paths(nodes, skip=set(), every=True)
@@ -171,8 +274,6 @@ class TFCheckpoint(Source):
         full_names: dict[str, str] = {}
         for node_id, node in enumerate(nodes):
             for attr in node.attributes:
-                if attr.checkpoint_key not in self.bundle.entries:
-                    continue
                 node_paths = all_paths.get(node_id, [])
                 # A node reached by no child edge (a legacy optimizer's slot) keeps its
                 # checkpoint key minus the "/.ATTRIBUTES/<name>" tail, like every other key.
@@ -192,6 +293,11 @@ class TFCheckpoint(Source):
                     kind, slot_of = (BOOKKEEPING if b.shape == () else OPTIMIZER_SLOT), None
                 layer, _, role = canonical.rpartition("/")
                 aliases = tuple(p for p in node_paths if p != canonical)
+                if canonical in self._bundle_key:
+                    raise self._graph_error(
+                        f"node {node_id} saves tensor '{attr.checkpoint_key}' under the path '{canonical}', "
+                        f"which already names tensor '{self._bundle_key[canonical]}'"
+                    )
                 self._bundle_key[canonical] = attr.checkpoint_key
                 if kind == WEIGHT and attr.full_name:
                     full_names[canonical] = attr.full_name
