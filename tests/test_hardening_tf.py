@@ -253,6 +253,22 @@ def test_attribute_key_pointing_nowhere(keras_ckpt: Any, tmp_path: Path) -> None
         f"which {prefix}.index does not hold")
 
 
+def test_a_table_saved_under_suffixed_keys_is_not_a_key_pointing_nowhere(tmp_path: Path) -> None:
+    """A hash table's attribute "table" is saved as "…/table-keys" and "…/table-values"."""
+    module = tf.Module()
+    module.v = tf.Variable(np.arange(6, dtype=np.float32).reshape(2, 3))
+    module.t = tf.lookup.experimental.MutableHashTable(tf.string, tf.int64, -1)
+    module.t.insert(tf.constant(["a"]), tf.constant([1], tf.int64))
+    prefix = tf.train.Checkpoint(m=module).write(str(tmp_path / "ckpt"))
+    graph = _graph(_tensors(prefix))
+    _, table = _node(graph, "m", "t")
+    assert [a.checkpoint_key for a in table.attributes] == ["m/t/.ATTRIBUTES/table"]
+    assert {b"m/t/.ATTRIBUTES/table-keys", b"m/t/.ATTRIBUTES/table-values"} <= set(_tensors(prefix))
+    with regraft.open(prefix) as src:
+        assert [e.key for e in src.entries() if e.kind == "weight"] == ["m/v"]
+        assert same_bytes(src.read("m/v"), module.v.numpy())
+
+
 def test_duplicate_child_names(keras_ckpt: Any, tmp_path: Path) -> None:
     def edit(graph: Any) -> None:
         _, layers = _node(graph, *LAYERS)

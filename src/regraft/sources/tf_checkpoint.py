@@ -219,9 +219,9 @@ class TFCheckpoint(Source):
         """Check every reference in the object graph before following any.
 
         A child or slot must name a node of the graph (``-1`` is not "the last one"),
-        a node's children must have distinct names, and every tensor a node saves
-        must be in the index: TensorFlow writes graphs that way, and a reader that
-        followed anything else would give a tensor another's path.
+        a node's children must have distinct names, and every variable value a node
+        saves must be in the index: TensorFlow writes graphs that way, and a reader
+        that followed anything else would give a tensor another's path or lose it.
         """
         count = len(nodes)
         if not count:
@@ -248,7 +248,9 @@ class TFCheckpoint(Source):
                 check(slot.original_variable_node_id, owner, f"slot variable '{slot.slot_name}' of a variable")
                 check(slot.slot_variable_node_id, owner, f"slot variable '{slot.slot_name}'")
             for attr in node.attributes:
-                if attr.checkpoint_key not in self.bundle.entries:
+                # Other attributes may save several tensors under suffixed keys (a hash table's
+                # "table" is "…/table-keys" and "…/table-values"); a variable's value is one tensor.
+                if attr.name == "VARIABLE_VALUE" and attr.checkpoint_key not in self.bundle.entries:
                     raise self._graph_error(
                         f"node {owner} saves its {attr.name or 'tensor'} under key '{attr.checkpoint_key}', "
                         f"which {self.bundle.index_path} does not hold"
@@ -274,6 +276,8 @@ class TFCheckpoint(Source):
         full_names: dict[str, str] = {}
         for node_id, node in enumerate(nodes):
             for attr in node.attributes:
+                if attr.checkpoint_key not in self.bundle.entries:
+                    continue  # saved under suffixed keys (tables) or not at all: no tensor of that name
                 node_paths = all_paths.get(node_id, [])
                 # A node reached by no child edge (a legacy optimizer's slot) keeps its
                 # checkpoint key minus the "/.ATTRIBUTES/<name>" tail, like every other key.
