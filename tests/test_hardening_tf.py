@@ -484,6 +484,35 @@ def test_a_load_through_a_key_that_is_not_utf8(keras_ckpt: Any, tmp_path: Path) 
     assert_state(model, before, {id(v): state[id(o)] for v, o in zip(model.weights, original.weights)})
 
 
+def test_both_graph_parsers_spell_a_name_that_is_not_utf8_alike(keras_ckpt: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from regraft.sources import _proto
+
+    graph = _graph(_tensors(keras_ckpt[0]))
+    _, layers = _node(graph, *LAYERS)
+    layers.children[1].local_name = "~1"
+    serialized = graph.SerializeToString().replace(b"\x02~1", b"\x02\xff1")
+    compiled = _proto.parse_object_graph(serialized)
+    monkeypatch.setattr(_proto, "_compiled_classes", lambda: {})
+    pure = _proto.parse_object_graph(serialized)
+    assert pure == compiled
+    assert "\\xff1" in [c.local_name for node in pure for c in node.children]
+
+
+def test_a_tensor_of_more_dimensions_than_numpy_holds_is_refused_when_read(tmp_path: Path) -> None:
+    prefix = str(tmp_path / "ckpt")
+    names = [b"deep", b"flat"]
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=["", ""],
+                      tensors=[tf.reshape(tf.constant([2.5]), [1] * 65), tf.constant([1.0, 2.0])])
+    with regraft.open(prefix) as src:
+        assert dict((e.key, len(e.shape)) for e in src.entries()) == {"deep": 65, "flat": 1}
+        assert same_bytes(src.read("flat"), np.array([1.0, 2.0], np.float32))
+        with pytest.raises(UnsupportedFormatError) as info:
+            src.read("deep")
+    assert str(info.value) == (f"{prefix}.index: tensor 'deep' has 65 dimensions; numpy arrays hold at most 64\n"
+                               "Hint: Reshape it to fewer dimensions in TensorFlow and save the checkpoint again.")
+
+
 def test_an_escaped_key_that_collides_with_a_real_one_is_refused(tmp_path: Path) -> None:
     prefix = _save(str(tmp_path / "ckpt"), {b"w\xff": np.zeros(2, np.float32), b"w\\xff": np.ones(2, np.float32)})
     with pytest.raises(UnsupportedFormatError) as info:

@@ -52,8 +52,8 @@ _DT_BFLOAT16 = 14
 _UINT32_MAX = 0xFFFFFFFF
 _READ_CHUNK = 1 << 30  # a single read() syscall is capped near 2 GiB on Linux
 _MAX_SHARDS_UNLISTED = 4096  # data files checked one by one when the folder cannot be listed
-_MAX_ELEMENTS = (1 << 63) // 16
-_MAX_NDIM = 64  # numpy's limit; TensorFlow allows 254  # numpy's limit on array bytes, for the widest dtype
+_MAX_ELEMENTS = (1 << 63) // 16  # numpy's limit on array bytes, for the widest dtype
+_MAX_NDIM = 64  # numpy's limit on dimensions; TensorFlow allows 254
 
 # tensorflow/core/framework/types.proto DataType -> numpy type (bfloat16 is lazy).
 _NUMPY_DTYPES: dict[int, type[np.generic]] = {

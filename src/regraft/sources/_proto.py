@@ -542,7 +542,7 @@ def _compiled_classes() -> dict[str, Any]:
 
 
 def _from_message(graph: Any) -> list[ObjectNode]:
-    text = _text
+    text = _text  # the pure path's decoding: one spelling of a key that is not UTF-8
     return [
         ObjectNode(
             children=tuple(ObjectReference(c.node_id, text(c.local_name)) for c in node.children),
