@@ -525,6 +525,81 @@ def test_an_escaped_key_that_collides_with_a_real_one_is_refused(tmp_path: Path)
     )
 
 
+# --------------------------------------------------------------------------- single entry edits
+
+
+def _with_entry(source: str, folder: Path, edit: Callable[[Any], None]) -> tuple[str, str]:
+    """A copy of ``source`` whose (4, 3) float32 kernel entry was changed by ``edit``; returns (prefix, key)."""
+    prefix = _copy(source, folder)
+    entries = _index_entries(prefix)
+    for i, (key, value) in enumerate(entries[1:], start=1):
+        entry = tensor_bundle_pb2.BundleEntryProto.FromString(value)
+        if entry.dtype == 1 and [d.size for d in entry.shape.dim] == [4, 3]:
+            break
+    edit(entry)
+    entries[i] = (key, entry.SerializeToString())
+    _write_index(prefix + ".index", entries)
+    return prefix, key.decode()
+
+
+def _set_dims(*sizes: int) -> Callable[[Any], None]:
+    def edit(entry: Any) -> None:
+        del entry.shape.dim[:]
+        for size in sizes:
+            entry.shape.dim.add(size=size)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (_set_dims(-1, 3), "shape [-1, 3] (unknown_rank=False) is not fully defined"),
+        (_set_dims(4, -(2**63)), f"shape [4, {-(2**63)}] (unknown_rank=False) is not fully defined"),
+        (_set_dims(2**40, 2**40), f"shape [{2**40}, {2**40}] has more elements than any array can hold"),
+        (lambda e: setattr(e, "shard_id", 1), "shard 1, expected 0 to 0"),
+        (lambda e: setattr(e, "shard_id", -1), "shard -1, expected 0 to 0"),
+        (lambda e: setattr(e, "offset", -1), "offset -1 and size 48 must not be negative"),
+    ],
+    ids=["minus-one-dim", "most-negative-dim", "huge-product", "shard-past-end", "shard-minus-one", "negative-offset"],
+)
+def test_an_invalid_entry_is_refused_on_open(keras_ckpt: Any, tmp_path: Path, edit: Any, problem: str) -> None:
+    prefix, key = _with_entry(keras_ckpt[0], tmp_path, edit)
+    with pytest.raises(CorruptCheckpointError) as info:
+        regraft.open(prefix)
+    assert str(info.value) == f"{prefix}.index: the entry of tensor {key!r} is invalid: {problem}\n{GRAPH_HINT}"
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda e: setattr(e, "size", 2**62),
+         "{index}: tensor {key!r} of shape [4, 3] and dtype float32 should take 48 bytes, but its entry says "
+         f"{2**62}"),
+        (_set_dims(2**20, 2**20),
+         "{index}: tensor {key!r} of shape [1048576, 1048576] and dtype float32 should take 4398046511104 bytes, "
+         "but its entry says 48"),
+        (lambda e: setattr(e, "offset", 2**40),
+         "{data}: tensor {key!r} needs 48 bytes at offset 1099511627776, found only 0; the data file is truncated"),
+    ],
+    ids=["huge-size", "huge-shape", "offset-past-the-end"],
+)
+def test_an_entry_that_does_not_fit_its_data_is_refused_when_read(keras_ckpt: Any, tmp_path: Path, edit: Any,
+                                                                  problem: str) -> None:
+    prefix, key = _with_entry(keras_ckpt[0], tmp_path, edit)
+    with regraft.open(prefix) as src:
+        (entry,) = [e for e in src.entries() if src._bundle_key[e.key] == key]
+        with pytest.raises(CorruptCheckpointError) as info:
+            src.read(entry.key)
+    expected = problem.format(index=prefix + ".index", data=prefix + ".data-00000-of-00001", key=key)
+    assert str(info.value) == f"{expected}\n{GRAPH_HINT}"
+    model = _dense_model()
+    before = snapshot(model)
+    with pytest.raises(RegraftError):  # damaged data, or (the huge shape) a shape mismatch
+        regraft.load(model, prefix)
+    assert_state(model, before)
+
+
 # --------------------------------------------------------------------------- index mutations (fixed seed)
 
 
