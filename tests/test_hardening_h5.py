@@ -83,6 +83,22 @@ def _link(path: str, link):
     return mutate
 
 
+def _vlen_attribute(path: str, name: str):
+    def mutate(f):
+        values = np.empty(2, dtype=object)
+        values[0], values[1] = np.array([100, 47], "int8"), np.array([101], "int8")
+        f[path].attrs.create(name, values, dtype=h5py.vlen_dtype("int8"))
+
+    return mutate
+
+
+def _compound_attribute(path: str, name: str):
+    def mutate(f):
+        f[path].attrs[name] = np.zeros((), dtype=[("a", "f4"), ("b", "i4")])
+
+    return mutate
+
+
 def _virtual(f):
     layout = h5py.VirtualLayout(shape=(4, 3), dtype="f4")
     layout[:] = h5py.VirtualSource("other.h5", "x", shape=(4, 3))
@@ -161,6 +177,14 @@ CASES = [
      "{path}: '/d' has attribute 'weight_names' with a name that is not UTF-8: b'\\xff\\xfe'.\n" + _NOT_KERAS),
     ("weight_names names a group", "k2", _set_attr("d", "weight_names", [b"d"]), CorruptCheckpointError,
      "{path}: '/d/d' is listed in the weight_names of '/d' but is not a dataset.\n" + _NOT_KERAS),
+    ("weight_names of variable-length int sequences", "k2", _vlen_attribute("d", "weight_names"), CorruptCheckpointError,
+     "{path}: '/d' has attribute 'weight_names' of HDF5 type class variable-length sequence, where Keras writes "
+     "strings; it was not decoded.\nHint: The file is damaged or was altered; save the weights again with "
+     "model.save_weights()."),
+    ("name of compound type", "k3", _compound_attribute("layers/dense/vars", "name"), CorruptCheckpointError,
+     "{path}: '/layers/dense/vars' has attribute 'name' of HDF5 type class compound, where Keras writes "
+     "strings; it was not decoded.\nHint: The file is damaged or was altered; save the weights again with "
+     "model.save_weights()."),
     ("layer_names = 7", "k2", lambda f: f.attrs.__setitem__("layer_names", 7), CorruptCheckpointError,
      "{path}: '/' has attribute 'layer_names' = 7; expected a list of names.\n" + _NOT_KERAS),
     ("layer_names names a missing group", "k2", lambda f: f.attrs.__setitem__("layer_names", [b"d", b"ghost"]),
@@ -218,6 +242,33 @@ def test_external_link_out_of_the_folder_is_not_followed(originals, tmp_path):
     assert str(info.value) == (
         f"{path} holds 1 link(s) that regraft does not follow: '/d/d/kernel:0' -> external file '{outside}', "
         "object '/x'. Keras never writes links; a link can lead out of the file or in a loop.\n" + _REFUSED_LINK_HINT
+    )
+
+
+def test_damaged_attribute_type_is_refused_before_h5py_decodes_it(originals, tmp_path):
+    """Item 5: two damaged bytes in the type of a real tf-keras ``weight_names`` attribute (found by flipping
+    bytes near attributes) turn its variable-length strings into variable-length int sequences, and h5py
+    dies with SIGSEGV decoding them. regraft refuses the type without decoding. Run in a child process so
+    that a regression fails this test instead of killing the test run."""
+    import subprocess
+    import sys
+
+    data = bytearray(open(originals["k2"], "rb").read())
+    at = data.index(b"weight_names\x00")  # the attribute message: name padded to 16 bytes, then the datatype
+    assert data[at + 16] == 0x19 and data[at + 17] == 0x01  # guard: version 1, variable-length, of strings
+    data[at + 17], data[at + 18] = 0x7F, 0x7B
+    path = tmp_path / "damaged.h5"
+    path.write_bytes(bytes(data))
+    with h5py.File(path) as f:  # guard: the damage really made it a sequence type
+        assert isinstance(h5py.h5a.open(f["d"].id, b"weight_names").get_type(), h5py.h5t.TypeVlenID)
+    code = "import sys, regraft\ntry:\n    regraft.open(sys.argv[1])\nexcept regraft.RegraftError as e:\n    print(e)"
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == (
+        f"{path}: '/d' has attribute 'weight_names' of HDF5 type class variable-length sequence, where Keras "
+        "writes strings; it was not decoded.\nHint: The file is damaged or was altered; save the weights again "
+        "with model.save_weights().\n"
     )
 
 

@@ -43,6 +43,7 @@ _NUMERIC = "biufc"
 _MAX_BYTES = np.iinfo(np.intp).max  # numpy cannot hold a larger array
 _MAX_EXPANSION = 1024  # a compressed dataset may decode to at most this many times its stored bytes (gzip: ~1032)
 _EXPANSION_FLOOR = 1 << 26  # below 64 MiB any ratio is allowed: a zero bias compresses very well
+_TYPE_CLASSES = {2: "time", 4: "bitfield", 5: "opaque", 6: "compound", 7: "reference", 8: "enum", 9: "variable-length sequence", 10: "array"}
 _NOT_KERAS = "Keras does not write this; save the weights again with model.save_weights()."
 
 
@@ -76,9 +77,12 @@ class KerasH5(Source):
         try:
             with self._reading("its list of groups and datasets"):
                 names = self._hard_links()
-            if self._attribute_names(self._file, "/", "layer_names"):
+            with self._reading("the root group"):
+                self._root = self._file["/"].id
+            layer_names = self._attribute_names(self._root, "/", "layer_names")
+            if layer_names is not None:
                 self.format, self.namespace = "keras2-h5", "name"
-                entries = self._keras2_entries()
+                entries = self._keras2_entries(layer_names)
             elif "layers" in names or "vars" in names:
                 self.format, self.namespace = "keras-h5", "h5"
                 entries = self._keras3_entries(names)
@@ -201,29 +205,41 @@ class KerasH5(Source):
                 ) from None
 
     def _attribute(self, oid: object, where: str, name: str) -> object:
-        """One attribute of an object, or ``None``; only attributes regraft needs are ever decoded."""
+        """One attribute of an object (a low-level id), or ``None`` when absent; only needed attributes are decoded."""
         import h5py
 
         with self._reading(f"attribute '{name}' of '{where}'"):
-            attrs = h5py.AttributeManager(h5py.Group(oid) if isinstance(oid, h5py.h5g.GroupID) else h5py.Dataset(oid))
-            return attrs[name] if name in attrs else None
+            if not h5py.h5a.exists(oid, name.encode()):  # type: ignore[arg-type]
+                return None
+            kind = h5py.h5a.open(oid, name.encode()).get_type()  # type: ignore[arg-type]
+            # Decode only strings and plain numbers: h5py crashes (SIGSEGV) decoding a
+            # variable-length sequence whose type bytes were damaged, and Keras writes none.
+            if not isinstance(kind, (h5py.h5t.TypeStringID, h5py.h5t.TypeIntegerID, h5py.h5t.TypeFloatID)):
+                raise self._refuse(
+                    where,
+                    f"has attribute '{name}' of HDF5 type class {_TYPE_CLASSES.get(kind.get_class(), kind.get_class())}, "
+                    "where Keras writes strings; it was not decoded",
+                    hint="The file is damaged or was altered; save the weights again with model.save_weights().",
+                )
+            owner = h5py.Group(oid) if isinstance(oid, h5py.h5g.GroupID) else h5py.Dataset(oid)
+            return h5py.AttributeManager(owner)[name]
 
-    def _attribute_names(self, group: object, where: str, name: str) -> list[str] | None:
+    def _attribute_names(self, oid: object, where: str, name: str) -> list[str] | None:
         """A Keras 2 list-of-names attribute (``layer_names``, ``weight_names``), joined from its chunks.
 
         tf-keras splits a list longer than an object header holds into ``name0``,
         ``name1``, ...; ``None`` when the attribute is absent.
         """
-        with self._reading(f"attribute '{name}' of '{where}'"):
-            attrs = group.attrs  # type: ignore[attr-defined]
-            if name in attrs:
-                parts = [(name, attrs[name])]
-            else:
-                parts = []
-                while f"{name}{len(parts)}" in attrs:
-                    parts.append((f"{name}{len(parts)}", attrs[f"{name}{len(parts)}"]))
-                if not parts:
-                    return None
+        value = self._attribute(oid, where, name)
+        parts = [(name, value)] if value is not None else []
+        while value is None:
+            chunk = f"{name}{len(parts)}"
+            found = self._attribute(oid, where, chunk)
+            if found is None:
+                break
+            parts.append((chunk, found))
+        if not parts:
+            return None
         out: list[str] = []
         for attr, value in parts:
             array = np.asarray(value)
@@ -350,17 +366,17 @@ class KerasH5(Source):
             )
         return text
 
-    def _keras2_entries(self) -> list[SourceEntry]:
+    def _keras2_entries(self, layer_names: list[str]) -> list[SourceEntry]:
         import h5py
 
         out = []  # keys are the weights' own names: no layers to add
         owner: dict[str, str] = {}
-        for layer_name in self._attribute_names(self._file, "/", "layer_names") or []:
+        for layer_name in layer_names:
             where = "/" + layer_name.lstrip("/")
             group = self._open(self._file.id, layer_name, where, "the root's layer_names")
             if not isinstance(group, h5py.h5g.GroupID):
                 raise self._refuse(where, "is listed in the root's layer_names but is not a group")
-            for index, weight_name in enumerate(self._attribute_names(h5py.Group(group), where, "weight_names") or []):
+            for index, weight_name in enumerate(self._attribute_names(group, where, "weight_names") or []):
                 path = where.rstrip("/") + "/" + weight_name
                 dataset = self._open(group, weight_name, path, f"the weight_names of '{where}'")
                 if not isinstance(dataset, h5py.h5d.DatasetID):
