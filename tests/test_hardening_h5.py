@@ -406,3 +406,31 @@ def test_directory_named_like_weights(tmp_path):
     with pytest.raises(SourceError) as info:
         regraft.open(str(folder))
     assert str(info.value).startswith(f"{folder} is a folder but holds no checkpoint (found: nothing).")
+
+
+def test_wrong_shapes_dtypes_and_groups_reach_the_plan_not_the_reader(originals, tmp_path):
+    """A sound file that does not fit: each misfit is a plan problem (strict refuses, listing all), not a crash."""
+
+    def mutate(f):
+        del f["layers/dense/vars/0"]
+        f["layers/dense/vars/0"] = np.zeros((5, 3), "f4")  # wrong shape
+        del f["layers/dense/vars/1"]
+        f["layers/dense/vars/1"] = np.arange(3, dtype="i8")  # integer bias: cast exactly
+        del f["layers/dense_1"]  # missing group
+        f["layers/dense_9/vars/0"] = np.zeros(3, "f4")  # extra group
+        f["layers/dense_9/vars"].attrs["name"] = "z"
+
+    path = _crafted(originals, tmp_path, "k3", mutate)
+    model = _model()
+    before = snapshot(model)
+    with pytest.raises(regraft.LoadError) as info:
+        regraft.load(model, path)
+    assert info.value.problems == [
+        "shape mismatch: tensor 'layers/dense/vars/0' has shape (5, 3); variable 'd/kernel' needs (4, 3)",
+        "missing from the checkpoint (2): e/{bias,kernel}",
+        "unused checkpoint tensors (1): layers/dense_9/vars/0",
+    ]
+    assert_state(model, before)
+    report = regraft.load(model, path, strict=False)
+    assert (report.counts()["cast"], report.counts()["shape-mismatch"], report.counts()["missing"]) == (1, 1, 2)
+    assert_state(model, before, {id(model.weights[1]): np.arange(3, dtype="float32")})
