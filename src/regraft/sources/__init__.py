@@ -45,7 +45,11 @@ def open_source(path: str | os.PathLike[str], *, allow_outside_state: bool = Fal
     """
     path = os.fspath(path)
     for fmt in FORMATS:
-        if fmt.detect(path):
+        try:
+            found = fmt.detect(path)
+        except OSError as exc:  # sniffing reads a few bytes: unreadable file, /proc/self/mem, a device
+            raise _unreadable(path, exc) from None
+        if found:
             if fmt is tf_checkpoint.TFCheckpoint:
                 return fmt(path, allow_outside_state=allow_outside_state)
             return fmt(path)
@@ -75,3 +79,13 @@ def open_source(path: str | os.PathLike[str], *, allow_outside_state: bool = Fal
         f"{path} is neither a TensorFlow checkpoint nor an HDF5 Keras weights file.",
         hint="Pass a checkpoint prefix (dir/ckpt-3) or a file written by model.save_weights().",
     )
+
+
+def _unreadable(path: str, exc: OSError) -> SourceError:
+    """The error for a path whose first bytes cannot be read while detecting its format."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, PermissionError):
+        hint = f"Give your user read access to {path} (chmod u+r) or copy the file somewhere you can read it."
+    else:
+        hint = "Pass a checkpoint file or prefix on a regular disk; this path cannot be read as a file."
+    return SourceError(f"Cannot read {path} to detect its format: {reason} (errno {exc.errno}).", hint=hint)

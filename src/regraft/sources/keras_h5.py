@@ -5,23 +5,46 @@ from the model with class-name counters for list items (``layers/dense_1``), and
 stores the layer's own name as the ``name`` attribute of each ``vars`` group.
 Keras 2 writes one group per layer (root attribute ``layer_names``) whose
 ``weight_names`` attribute lists datasets named like ``dense/kernel:0``.
+
+Metadata is checked on open, before any tensor is read, so that what reaches
+matching and applying is numbers of a known size stored in this file:
+
+* every link must be a hard link: a soft or external link (which Keras never
+  writes) can leave the file or loop, so the file is refused and each link named;
+* datasets must hold numbers (bool, int, float, complex; Keras' bfloat16 tagged
+  opaque type), not strings, references or compound records;
+* a dataset's bytes must be in the file: no virtual or external storage, no
+  declared size beyond what is stored (an unwritten or sparse dataset would read
+  as fill values) and no more than :data:`_MAX_EXPANSION` times its stored bytes
+  when compressed;
+* of attributes, only ``name`` (Keras 3 ``vars`` groups), ``dtype`` (opaque
+  datasets), ``layer_names`` and ``weight_names`` (Keras 2) are read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import re
+from typing import Iterator
 
 import numpy as np
 
 from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
-from regraft.errors import CorruptCheckpointError, UnsupportedFormatError
+from regraft.errors import CorruptCheckpointError, RegraftError, SourceError, UnsupportedFormatError
 from regraft.sources.base import Source
 
 __all__ = ["KerasH5", "keras2_key"]
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _VAR = re.compile(r"(^|/)vars/\d+$")
+_NUMERIC = "biufc"
+_MAX_BYTES = np.iinfo(np.intp).max  # numpy cannot hold a larger array
+_MAX_EXPANSION = 1024  # a compressed dataset may decode to at most this many times its stored bytes (gzip: ~1032)
+_EXPANSION_FLOOR = 1 << 26  # below 64 MiB any ratio is allowed: a zero bias compresses very well
+_TYPE_CLASSES = {2: "time", 4: "bitfield", 5: "opaque", 6: "compound", 7: "reference", 8: "enum", 9: "variable-length sequence", 10: "array"}
+_NOT_KERAS = "Keras does not write this; save the weights again with model.save_weights()."
 
 
 class KerasH5(Source):
@@ -38,11 +61,13 @@ class KerasH5(Source):
     def __init__(self, path: str) -> None:
         import h5py
 
+        self.path = path
         self._layers: dict[str, tuple[str | None, str | None]] = {}  # layer key -> (Keras name, class)
         self._dataset_path: dict[str, str] = {}  # canonical key -> HDF5 dataset path
 
         try:
             self._file = h5py.File(path, "r")
+            self._size = os.path.getsize(path)
         except OSError as exc:
             raise CorruptCheckpointError(
                 f"{path} has an HDF5 signature but h5py cannot open it ({exc}).",
@@ -50,39 +75,50 @@ class KerasH5(Source):
             ) from None
         self.files = (path,)
         try:
-            if "layer_names" in self._file.attrs:
+            with self._reading("its list of groups and datasets"):
+                names = self._hard_links()
+            with self._reading("the root group"):
+                self._root = self._file["/"].id
+            layer_names = self._attribute_names(self._root, "/", "layer_names")
+            if layer_names is not None:
                 self.format, self.namespace = "keras2-h5", "name"
-                entries = self._keras2_entries()
-            elif "layers" in self._file or "vars" in self._file:
+                entries = self._keras2_entries(layer_names)
+            elif "layers" in names or "vars" in names:
                 self.format, self.namespace = "keras-h5", "h5"
-                entries = self._keras3_entries()
+                entries = self._keras3_entries(names)
             else:
-                top = ", ".join(sorted(self._file.keys())[:6]) or "nothing"
+                top = ", ".join(sorted(n for n in names if "/" not in n)[:6]) or "nothing"
                 raise UnsupportedFormatError(
                     f"{path} is an HDF5 file but not Keras weights: its top level holds {top}, "
                     "not the 'layers'/'vars' groups of model.save_weights() nor Keras 2's 'layer_names'.",
                     hint="Pass a file written by model.save_weights('x.weights.h5') or a TensorFlow checkpoint.",
                 )
-        except Exception:
+        except BaseException:
             self._file.close()
             raise
         super().__init__(path, entries)
 
     def read(self, key: str) -> np.ndarray:
-        """Read one dataset by canonical key into a fresh array."""
-        dataset = self._file[self._dataset_path[key]]
+        """Read one dataset by canonical key into a fresh array in native byte order."""
+        where = self._dataset_path[key]
         try:
+            dataset = self._file[where]
             array = np.array(dataset[()], copy=True)
-            if array.dtype.kind == "V":  # Keras stores bfloat16 as opaque bytes with a 'dtype' attribute
-                from regraft.naming import dtype_of
-
-                array = array.view(dtype_of(_dtype_name(dataset)))
-            return array
-        except OSError as exc:
+        except MemoryError:
+            raise SourceError(
+                f"Not enough memory to read tensor '{key}' ('/{where}', {_nbytes(dataset)} bytes) from {self.path}.",
+                hint="Free memory or load on a machine with more of it.",
+            ) from None
+        except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
             raise CorruptCheckpointError(
-                f"Cannot read tensor '{key}' from {self.path}: {exc}.",
+                f"Cannot read tensor '{key}' (dataset '/{where}') from {self.path}: {_reason(exc)}.",
                 hint="The file is damaged; save the weights again.",
             ) from None
+        if array.dtype.kind == "V":  # Keras stores bfloat16 as opaque bytes with a 'dtype' attribute
+            from regraft.naming import dtype_of
+
+            return array.view(dtype_of("bfloat16"))
+        return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
     def layers(self) -> dict[str, tuple[str | None, str | None]]:
         """Every saved layer (weightless ones too), with its Keras name and, for list items, its class."""
@@ -92,31 +128,214 @@ class KerasH5(Source):
         """Close the HDF5 file."""
         self._file.close()
 
-    def _keras3_entries(self) -> list[SourceEntry]:
+    # ----------------------------------------------------------------------------------------- metadata
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Turn h5py's failures on damaged metadata (KeyError, RuntimeError, OSError, ...) into one error."""
+        try:
+            yield
+        except RegraftError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise CorruptCheckpointError(
+                f"{self.path}: cannot read {what}: {_reason(exc)}.",
+                hint="The file is damaged or was not written by Keras; save the weights again with model.save_weights().",
+            ) from None
+
+    def _refuse(self, where: str, problem: str, hint: str = _NOT_KERAS) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{self.path}: '{where}' {problem}.", hint=hint)
+
+    def _hard_links(self) -> set[str]:
+        """Every path in the file; refuses the file if any link is soft, external or user-defined."""
+        import h5py
+
+        names: set[str] = set()
+        others: list[str] = []
+
+        def visit(name: bytes, info: object) -> None:
+            text = name.decode("utf-8")  # a UnicodeDecodeError is reported by _reading
+            if info.type == h5py.h5l.TYPE_HARD:  # type: ignore[attr-defined]
+                names.add(text)
+            else:
+                others.append(text)
+
+        self._file.id.links.visit(visit, info=True)
+        if others:
+            shown = "; ".join(self._describe_link(name) for name in sorted(others)[:5])
+            more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+            raise UnsupportedFormatError(
+                f"{self.path} holds {len(others)} link(s) that regraft does not follow: {shown}{more}. "
+                "Keras never writes links; a link can lead out of the file or in a loop.",
+                hint="Save the weights again with model.save_weights(), or replace each link by a copy of its data.",
+            )
+        return names
+
+    def _describe_link(self, name: str) -> str:
+        import h5py
+
+        try:
+            value = self._file.id.links.get_val(name.encode())
+        except (KeyError, RuntimeError, OSError, ValueError):
+            return f"'/{name}' (unreadable link)"
+        if isinstance(value, tuple):  # external: (file, object)
+            return f"'/{name}' -> external file '{value[0].decode(errors='replace')}', object '{value[1].decode(errors='replace')}'"
+        if isinstance(value, bytes) and self._file.id.links.get_info(name.encode()).type == h5py.h5l.TYPE_SOFT:
+            return f"'/{name}' -> soft link to '{value.decode(errors='replace')}'"
+        return f"'/{name}' (a user-defined link)"
+
+    def _open(self, base: object, name: str, where: str, listed_in: str = "") -> object:
+        """The object at ``name`` relative to ``base`` (a low-level id); ``where`` is its full path for messages.
+
+        ``listed_in`` says which attribute named it (Keras 2), so that a missing
+        object is told apart from a damaged one.
+        """
+        import h5py
+
+        with self._reading(f"'{where}'"):
+            try:
+                return h5py.h5o.open(base, name.encode())  # type: ignore[arg-type]
+            except KeyError as exc:
+                if not listed_in or not any(m in str(exc) for m in ("doesn't exist", "component not found")):
+                    raise
+                raise self._refuse(
+                    where,
+                    f"is listed in {listed_in} but does not exist",
+                    hint="The file is incomplete or was altered; save the weights again with model.save_weights().",
+                ) from None
+
+    def _attribute(self, oid: object, where: str, name: str) -> object:
+        """One attribute of an object (a low-level id), or ``None`` when absent; only needed attributes are decoded."""
+        import h5py
+
+        with self._reading(f"attribute '{name}' of '{where}'"):
+            if not h5py.h5a.exists(oid, name.encode()):  # type: ignore[arg-type]
+                return None
+            kind = h5py.h5a.open(oid, name.encode()).get_type()  # type: ignore[arg-type]
+            # Decode only strings and plain numbers: h5py crashes (SIGSEGV) decoding a
+            # variable-length sequence whose type bytes were damaged, and Keras writes none.
+            if not isinstance(kind, (h5py.h5t.TypeStringID, h5py.h5t.TypeIntegerID, h5py.h5t.TypeFloatID)):
+                raise self._refuse(
+                    where,
+                    f"has attribute '{name}' of HDF5 type class {_TYPE_CLASSES.get(kind.get_class(), kind.get_class())}, "
+                    "where Keras writes strings; it was not decoded",
+                    hint="The file is damaged or was altered; save the weights again with model.save_weights().",
+                )
+            owner = h5py.Group(oid) if isinstance(oid, h5py.h5g.GroupID) else h5py.Dataset(oid)
+            return h5py.AttributeManager(owner)[name]
+
+    def _attribute_names(self, oid: object, where: str, name: str) -> list[str] | None:
+        """A Keras 2 list-of-names attribute (``layer_names``, ``weight_names``), joined from its chunks.
+
+        tf-keras splits a list longer than an object header holds into ``name0``,
+        ``name1``, ...; ``None`` when the attribute is absent.
+        """
+        value = self._attribute(oid, where, name)
+        parts = [(name, value)] if value is not None else []
+        while value is None:
+            chunk = f"{name}{len(parts)}"
+            found = self._attribute(oid, where, chunk)
+            if found is None:
+                break
+            parts.append((chunk, found))
+        if not parts:
+            return None
+        out: list[str] = []
+        for attr, value in parts:
+            array = np.asarray(value)
+            if array.size == 0 and array.ndim == 1:  # tf-keras writes [] as an empty float array
+                continue
+            if array.ndim != 1 or not all(isinstance(v, (bytes, str)) for v in array.tolist()):
+                raise self._refuse(where, f"has attribute '{attr}' = {_short(value)}; expected a list of names")
+            for item in array.tolist():
+                try:
+                    text = item.decode("utf-8") if isinstance(item, bytes) else item
+                except UnicodeDecodeError:
+                    raise self._refuse(where, f"has attribute '{attr}' with a name that is not UTF-8: {item!r}") from None
+                if not text:
+                    raise self._refuse(where, f"has attribute '{attr}' with an empty name")
+                out.append(text)
+        return out
+
+    def _describe(self, oid: object, where: str) -> tuple[tuple[int, ...], str]:
+        """Shape and dtype name of a dataset, refusing what is not numbers stored in this file."""
+        import h5py
+
+        with self._reading(f"dataset '{where}'"):
+            dtype, shape = oid.dtype, oid.shape  # type: ignore[attr-defined]
+            plist = oid.get_create_plist()  # type: ignore[attr-defined]
+            layout, external, filters = plist.get_layout(), plist.get_external_count(), plist.get_nfilters()
+            stored = int(oid.get_storage_size())  # type: ignore[attr-defined]
+        if dtype.kind in _NUMERIC and dtype.fields is None and dtype.subdtype is None:
+            name = dtype.name
+        elif dtype.kind == "V" and dtype.fields is None and dtype.subdtype is None:
+            tag = self._attribute(oid, where, "dtype")
+            if _text(tag) != "bfloat16" or dtype.itemsize != 2:
+                raise self._refuse(
+                    where,
+                    f"holds opaque {dtype.itemsize}-byte values tagged dtype={_short(tag)}; "
+                    "regraft reads Keras' opaque type only as 2-byte values tagged 'bfloat16'",
+                )
+            name = "bfloat16"
+        else:
+            raise self._refuse(
+                where,
+                f"holds {_dtype_words(dtype)}, not numbers",
+                hint="regraft loads numeric weights only (bool, int, float, complex, bfloat16); "
+                "remove or convert this dataset, or save the weights again with model.save_weights().",
+            )
+        if shape is None:
+            raise self._refuse(where, "holds no data (an HDF5 null dataspace), not an array")
+        shape = tuple(int(d) for d in shape)
+        if layout == h5py.h5d.VIRTUAL or external:
+            raise self._refuse(
+                where,
+                "keeps its bytes in other files (a virtual dataset)" if layout == h5py.h5d.VIRTUAL
+                else "keeps its bytes in external raw files",
+                hint="regraft reads only bytes stored in the weights file itself; save the weights again with model.save_weights().",
+            )
+        declared = math.prod(shape) * dtype.itemsize
+        size = f"shape {shape} of {name} ({declared:,} bytes)"
+        if declared > _MAX_BYTES:
+            raise self._refuse(where, f"declares {size}, more than any array can hold")
+        if stored > self._size:
+            raise self._refuse(where, f"claims {stored:,} bytes of storage but the whole file is {self._size:,} bytes")
+        if not filters and stored < declared:
+            raise self._refuse(
+                where,
+                f"declares {size} but stores {stored:,} bytes: the rest was never written and would read as fill values",
+            )
+        if filters and declared > _EXPANSION_FLOOR and declared > _MAX_EXPANSION * stored:
+            raise self._refuse(
+                where,
+                f"declares {size} from {stored:,} compressed bytes, more than {_MAX_EXPANSION}x; "
+                "it would not fit in memory or was never written",
+            )
+        return shape, name
+
+    def _keras3_entries(self, names: set[str]) -> list[SourceEntry]:
         import h5py
 
         out = []
-        # Names first (h5py's visit), objects only for what is needed: building an
-        # object for every node (visititems) costs 5x more on large models.
-        names: list[str] = []
-        self._file.visit(names.append)
-        groups = [n for n in names if n == "vars" or n.endswith("/vars")]
+        root = self._file.id
         found: list[tuple[str, tuple[int, ...], str]] = []
-        for name in names:
+        for name in sorted(names):
             if _VAR.search(name):
                 # The low-level handle gives shape and dtype 4x faster than file[name].
-                oid = h5py.h5o.open(self._file.id, name.encode())
+                oid = self._open(root, name, "/" + name)
                 if isinstance(oid, h5py.h5d.DatasetID):
-                    dtype = oid.dtype.name if oid.dtype.kind != "V" else _dtype_name(h5py.Dataset(oid))
-                    found.append((name, tuple(int(d) for d in oid.shape), dtype))
-        for name in groups:
+                    found.append((name, *self._describe(oid, "/" + name)))
+        for name in sorted(n for n in names if n == "vars" or n.endswith("/vars")):
             layer = name[: -len("vars")].rstrip("/")
             if layer == "optimizer" or layer.startswith("optimizer/") or not layer:
                 continue
-            layer_name = h5py.Group(h5py.h5o.open(self._file.id, name.encode())).attrs.get("name")
+            oid = self._open(root, name, "/" + name)
+            if not isinstance(oid, h5py.h5g.GroupID):
+                raise self._refuse("/" + name, "is a dataset where Keras writes the group of a layer's variables")
+            layer_name = self._layer_name(oid, "/" + name)
             parent, _, segment = layer.rpartition("/")
             kind = re.sub(r"_\d+$", "", segment) if parent.rpartition("/")[2] == "layers" else None
-            self._layers[layer] = (layer_name.decode() if isinstance(layer_name, bytes) else layer_name, kind)
+            self._layers[layer] = (layer_name, kind)
         for name, shape, dtype in found:
             layer, marker, index = name.rpartition("/vars/")
             if not marker:
@@ -132,13 +351,37 @@ class KerasH5(Source):
         order = {WEIGHT: 0, OPTIMIZER_SLOT: 1, BOOKKEEPING: 2}
         return sorted(out, key=lambda e: (order[e.kind], e.layer, e.index or 0))
 
-    def _keras2_entries(self) -> list[SourceEntry]:
+    def _layer_name(self, oid: object, where: str) -> str | None:
+        """The ``name`` attribute Keras 3 writes on a ``vars`` group: a non-empty string, or absent."""
+        value = self._attribute(oid, where, "name")
+        if value is None:
+            return None
+        text = _text(value)
+        if not text or "/" in text:
+            raise self._refuse(
+                where,
+                f"has attribute name = {_short(value)}; Keras writes the layer's name there, a non-empty string without '/'",
+                hint=f"Delete or fix the attribute (with h5py: del f['{where}'].attrs['name']), "
+                "or save the weights again with model.save_weights().",
+            )
+        return text
+
+    def _keras2_entries(self, layer_names: list[str]) -> list[SourceEntry]:
+        import h5py
+
         out = []  # keys are the weights' own names: no layers to add
         owner: dict[str, str] = {}
-        for layer_name in _strings(self._file.attrs["layer_names"]):
-            group = self._file[layer_name]
-            for index, weight_name in enumerate(_strings(group.attrs.get("weight_names", []))):
-                dataset = group[weight_name]
+        for layer_name in layer_names:
+            where = "/" + layer_name.lstrip("/")
+            group = self._open(self._file.id, layer_name, where, "the root's layer_names")
+            if not isinstance(group, h5py.h5g.GroupID):
+                raise self._refuse(where, "is listed in the root's layer_names but is not a group")
+            for index, weight_name in enumerate(self._attribute_names(group, where, "weight_names") or []):
+                path = where.rstrip("/") + "/" + weight_name
+                dataset = self._open(group, weight_name, path, f"the weight_names of '{where}'")
+                if not isinstance(dataset, h5py.h5d.DatasetID):
+                    raise self._refuse(path, f"is listed in the weight_names of '{where}' but is not a dataset")
+                shape, dtype = self._describe(dataset, path)
                 key = keras2_key(layer_name, weight_name)
                 if key in owner:
                     raise UnsupportedFormatError(
@@ -148,9 +391,9 @@ class KerasH5(Source):
                     )
                 owner[key] = layer_name
                 parent, _, role = key.rpartition("/")
-                self._dataset_path[key] = dataset.name
-                shape = tuple(int(d) for d in dataset.shape)
-                out.append(SourceEntry(key, shape, _dtype_name(dataset), WEIGHT, parent, role, index, layer_name))
+                with self._reading(f"the name of dataset '{path}'"):
+                    self._dataset_path[key] = h5py.h5i.get_name(dataset).decode("utf-8").lstrip("/")
+                out.append(SourceEntry(key, shape, dtype, WEIGHT, parent, role, index, layer_name))
         return out
 
 
@@ -176,11 +419,47 @@ def keras2_key(group: str, weight_name: str) -> str:
     return f"{group}/{name}"
 
 
-def _strings(values: object) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]  # type: ignore[union-attr]
+def _text(value: object) -> str | None:
+    """A string attribute as ``str`` (h5py gives ``str``, ``bytes`` or a 0-d array); ``None`` otherwise."""
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value.item()
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) else None
 
 
-def _dtype_name(dataset: object) -> str:
-    dtype = dataset.dtype  # type: ignore[attr-defined]
-    # Keras stores bfloat16 as an opaque/void type or via ml_dtypes; keep the name it reports.
-    return dtype.name if dtype.kind != "V" else str(dataset.attrs.get("dtype", dtype.name))  # type: ignore[attr-defined]
+def _short(value: object) -> str:
+    text = repr(value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _dtype_words(dtype: np.dtype) -> str:
+    import h5py
+
+    string = h5py.check_string_dtype(dtype)
+    if string is not None:
+        return "variable-length strings" if string.length is None else "fixed-length strings"
+    if h5py.check_ref_dtype(dtype) is not None:
+        return "HDF5 object references"
+    if h5py.check_vlen_dtype(dtype) is not None:
+        return "variable-length sequences"
+    if dtype.fields is not None:
+        return f"compound records (fields {', '.join(dtype.fields)})"
+    if dtype.subdtype is not None:
+        return f"an array type ({dtype.subdtype[0].name} x {dtype.subdtype[1]})"
+    return f"values of type {dtype}"
+
+
+def _nbytes(dataset: object) -> str:
+    try:
+        return f"{math.prod(dataset.shape) * dataset.dtype.itemsize:,}"  # type: ignore[attr-defined]
+    except Exception:  # only for a message
+        return "?"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().rstrip(".")
+    return text[0].lower() + text[1:] if text else type(exc).__name__
