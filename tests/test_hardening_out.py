@@ -441,3 +441,28 @@ def test_sigkill_of_the_cli_during_out(capsys, tmp_path, setup, out_name, seed):
     assert same_values(values_at(module, out, "build_big"), new_values)
     if not out.endswith(".h5"):
         assert_clean_bundle(tmp_path / "out", "ckpt")
+
+
+def test_weights_h5_bytes_equal_what_keras_save_weights_writes(tmp_path, setup):
+    """regraft builds the .weights.h5 in memory (_compat.save_weights_to_buffer): the same groups, attributes and
+    values as Keras' own save_weights file."""
+    import h5py
+
+    _, module, _, _ = setup
+    model = module.build()
+    randomize(model, 3)
+    model.save_weights(str(tmp_path / "keras.weights.h5"))
+    save_weights(model, str(tmp_path / "regraft.weights.h5"))
+
+    def contents(path):
+        found = {}
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: found.__setitem__(name, (
+                dict(obj.attrs), obj[()] if isinstance(obj, h5py.Dataset) else None)))
+        return found
+
+    keras_file, regraft_file = contents(tmp_path / "keras.weights.h5"), contents(tmp_path / "regraft.weights.h5")
+    assert sorted(keras_file) == sorted(regraft_file) and len(keras_file) > 4
+    for name, (attrs, value) in keras_file.items():
+        assert {k: str(v) for k, v in attrs.items()} == {k: str(v) for k, v in regraft_file[name][0].items()}, name
+        assert (value is None and regraft_file[name][1] is None) or same_bytes(value, regraft_file[name][1]), name

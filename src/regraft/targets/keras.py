@@ -469,15 +469,22 @@ def save_weights(model: Any, out: str) -> list[str]:
 
 
 def _write_h5(model: Any, tmp: str, out: str) -> None:
-    """Keras' ``save_weights`` into ``tmp``; h5py's own error types become a ``RegraftError``."""
-    from regraft.writing import write_error
+    """Keras' ``.weights.h5`` bytes, built in memory, then written to ``tmp`` with plain writes.
 
-    try:
-        model.save_weights(tmp)
-    except OSError:
-        raise  # regraft.writing names the errno
-    except (RuntimeError, ValueError) as exc:  # h5py reports some failed writes (a full disk) this way
-        raise write_error(out, "the weights", exc) from None
+    HDF5 never writes to disk here, so a full disk is an ``OSError`` of the plain
+    write (regraft.writing names it), never an HDF5 error that crashes the process
+    at exit. The cost: the file's size in memory while writing.
+    """
+    import io
+
+    if not getattr(model, "built", True):
+        raise TargetError(f"Cannot write the weights {out}: the model is not built.",
+                          hint="Build the model (call it on a batch, or model.build(shape)) before saving.")
+    buffer = io.BytesIO()
+    _compat.save_weights_to_buffer(model, buffer)
+    with open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
+    del buffer
 
 
 def _write_checkpoint(model: Any, tmp: str, shards: int, out: str) -> None:
