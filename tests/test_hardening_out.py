@@ -108,7 +108,8 @@ def same_values(a, b) -> bool:
 
 
 def leftovers(folder) -> list[str]:
-    return sorted(n for n in os.listdir(folder) if n.startswith(".regraft") or "regraft-tmp" in n or n.endswith("_temp"))
+    return sorted(n for n in os.listdir(folder)
+                  if n.startswith(".regraft") or "regraft-tmp" in n or n.endswith("_temp"))
 
 
 def assert_clean_bundle(folder, base) -> None:
@@ -219,17 +220,20 @@ def test_read_only_folder_is_refused(capsys, tmp_path, setup):
             pytest.skip("running as root: a read-only folder is writable")
         code, _, err = run_cli(capsys, "load", prefix, "--model", f"{models_py}:build", "--out", locked / "ckpt")
         assert code == 2
-        assert err.splitlines()[0] == f"Error: Cannot write the checkpoint {locked}/ckpt: the folder {locked} is not writable."
+        assert err.splitlines()[0] == (f"Error: Cannot write the checkpoint {locked}/ckpt: the folder {locked} is "
+                                       "not writable.")
         code, _, err = run_cli(capsys, "plan", prefix, "--model", f"{models_py}:build", "-o", locked / "p.yaml")
         assert code == 2
-        assert err.splitlines()[0] == f"Error: Cannot write the plan {locked}/p.yaml: the folder {locked} is not writable."
+        assert err.splitlines()[0] == (f"Error: Cannot write the plan {locked}/p.yaml: the folder {locked} is "
+                                       "not writable.")
         assert os.listdir(locked) == []
     finally:
         locked.chmod(0o755)
 
 
 def test_write_errors_name_the_problem_from_errno_or_framework_text():
-    assert writing.explain(28, "/d") == ("the disk is full", "Free space on the disk holding /d, or write somewhere else.")
+    assert writing.explain(28, "/d") == ("the disk is full",
+                                         "Free space on the disk holding /d, or write somewhere else.")
     assert writing.explain("{{function_node SaveV2}} /d/x_temp/part; File too large [Op:SaveV2]", "/d")[0] == (
         "a file grew beyond the size limit (ulimit -f, or the file system's largest file)")
     assert writing.explain("Unable to create file (unable to open file: errno = 13, error message = 'Permission "
@@ -466,3 +470,21 @@ def test_weights_h5_bytes_equal_what_keras_save_weights_writes(tmp_path, setup):
     for name, (attrs, value) in keras_file.items():
         assert {k: str(v) for k, v in attrs.items()} == {k: str(v) for k, v in regraft_file[name][0].items()}, name
         assert (value is None and regraft_file[name][1] is None) or same_bytes(value, regraft_file[name][1]), name
+
+
+def test_a_folder_the_system_refuses_is_a_regraft_error(setup):
+    """/sys refuses new files even to root (EPERM), while os.access calls it writable: the errno path."""
+    _, module, _, _ = setup
+    out = "/sys/regraft-test.weights.h5"
+    if not os.path.isdir("/sys"):
+        pytest.skip("no /sys")
+    with pytest.raises(RegraftError) as caught:
+        save_weights(module.build(), out)
+    message = str(caught.value)
+    assert message in (
+        f"Cannot write the weights {out}: operation not permitted. Nothing was written; any previous {out} is "
+        "unchanged.\nHint: Choose a folder you can write to.",
+        f"Cannot write the weights {out}: the folder /sys is not writable.\nHint: Choose a folder you can write "
+        "to, or change its permissions.",
+    )
+    assert not [n for n in os.listdir("/sys") if n.startswith(".regraft") or n.startswith("regraft")]
