@@ -72,33 +72,28 @@ _HEADER = """\
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
-    """Write ``plan`` as YAML to ``path`` (a temporary name in the same folder, then renamed into place).
+    """Write ``plan`` as YAML to ``path`` atomically (:func:`regraft.writing.replace_file`).
 
     Raises:
-        RegraftError: the folder is missing or not writable; nothing is left behind.
+        RegraftError: ``path`` is a folder, its folder is missing or not writable, or
+            the disk is full; nothing is left behind and a previous file is unchanged.
     """
-    import yaml
+    from regraft.writing import replace_file
 
     path = os.fspath(path)
     text = _HEADER + _dump(plan.to_dict())
-    folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise RegraftError(f"Cannot write the plan to {path}: it is a folder.", hint="Give a file name, e.g. plan.yaml.")
+    folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise RegraftError(f"Cannot write the plan to {path}: the folder {folder} does not exist.",
                            hint="Create the folder first, or choose another path.")
-    tmp = f"{path}.regraft-tmp"
-    try:
+
+    def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise RegraftError(f"Cannot write the plan to {path}: {exc.strerror or exc}.",
-                           hint="Choose a writable folder.") from None
+
+    replace_file(path, write, what="the plan", example="plan.yaml")
 
 
 def _dump(data: dict[str, Any]) -> str:

@@ -132,8 +132,15 @@ _NOT_WRITTEN = (".keras", ".h5", ".hdf5", ".safetensors", ".npz", ".npy", ".json
 
 
 def _check_out(out: str) -> None:
-    """Refuse an output name whose extension promises a format regraft does not write (before any work)."""
+    """Refuse, before any work, an ``--out`` regraft would not write.
+
+    A format it does not write, a folder, a name too long, a folder that is not
+    writable. The writer checks again, and reports what only writing finds (a full disk).
+    """
+    from regraft.writing import bundle_names, check_out_path
+
     if out.endswith(".weights.h5"):
+        check_out_path(out, what="the weights", example="model.weights.h5")
         return
     for ext in _NOT_WRITTEN:
         if out.endswith(ext):
@@ -143,6 +150,9 @@ def _check_out(out: str) -> None:
                 hint="End --out with .weights.h5 for a Keras weights file, or give a checkpoint prefix "
                 "without an extension (out/ckpt).",
             )
+    base = os.path.basename(out)
+    check_out_path(out, what="the checkpoint", suffixes=tuple(n[len(base):] for n in bundle_names(base, 2)),
+                   example="ckpt")
 
 
 def _write(model, report, args: argparse.Namespace) -> int:

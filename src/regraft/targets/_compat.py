@@ -33,6 +33,7 @@ from regraft.errors import TargetError
 
 __all__ = [
     "keras_version",
+    "save_weights_to_buffer",
     "functional_class",
     "is_functional",
     "flatten_layers",
@@ -296,3 +297,22 @@ def run_keras_weights_walk(model: Any, make: Callable[[str, dict | None], Mutabl
             return make(path, metadata)
 
     save_state(model, _Recorder(), None, "", set())
+
+
+def save_weights_to_buffer(model: Any, buffer: Any) -> None:
+    """What ``model.save_weights("x.weights.h5")`` writes, into ``buffer`` (an ``io.BytesIO``).
+
+    The steps of ``saving_lib.save_weights_only`` (Keras 3.15): ``_save_state``
+    (Keras 3.0) into a ``saving_lib.H5IOStore`` (Keras 3.3) opened on the buffer
+    (``io.BytesIO`` accepted since Keras 3.4). regraft writes the bytes to disk
+    itself: HDF5 meeting a full disk leaves its library in a state that crashes
+    the process at exit (seen with h5py 3.x), while a failed plain write is an
+    ``OSError`` like any other.
+    """
+    store_class = _import("keras.src.saving.saving_lib", "H5IOStore", "Keras 3.4")
+    save_state = _import("keras.src.saving.saving_lib", "_save_state", "Keras 3.3")
+    store = store_class(buffer, mode="w")
+    try:
+        save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
+    finally:
+        store.close()

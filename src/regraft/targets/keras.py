@@ -451,37 +451,76 @@ def save_weights(model: Any, out: str) -> list[str]:
 
     ``*.weights.h5`` is written with Keras' ``save_weights``; anything else is a TF
     checkpoint prefix written with ``tf.train.Checkpoint(model=model).write``.
-    Files are written under a temporary name in the same folder, then renamed
-    into place, so a failure leaves no half-written output.
+    Both go through :mod:`regraft.writing`: written in a staging folder next to
+    ``out``, then moved into place so that, killed at any moment, ``out`` is the
+    previous file or checkpoint (or absent) or the complete new one.
+
+    Raises:
+        RegraftError: ``out`` cannot be written (disk full, permission, name too
+            long, …); nothing was written and a previous ``out`` is unchanged.
     """
-    import os
-    import shutil
-    import tempfile
+    from regraft.writing import replace_bundle, replace_file
 
-    folder = os.path.dirname(os.path.abspath(out))
-    try:
-        os.makedirs(folder, exist_ok=True)  # as TensorFlow does for a checkpoint prefix
-    except OSError as exc:
-        raise TargetError(f"Cannot create the output folder {folder}: {exc.strerror or exc}.",
-                          hint="Choose another --out.") from None
-    staging = tempfile.mkdtemp(prefix=".regraft-out-", dir=folder)
-    try:
-        if out.endswith(".weights.h5"):
-            staged = os.path.join(staging, "model.weights.h5")
-            model.save_weights(staged)
-            os.replace(staged, out)
-            return [out]
-        import tensorflow as tf
+    if out.endswith(".weights.h5"):
+        return replace_file(out, lambda tmp: _write_h5(model, tmp, out), what="the weights",
+                            example="model.weights.h5")
+    return replace_bundle(out, lambda tmp, shards: _write_checkpoint(model, tmp, shards, out),
+                          what="the checkpoint", example="ckpt")
 
-        base = os.path.basename(out)
-        tf.train.Checkpoint(model=model).write(os.path.join(staging, base))
-        written = []
-        for name in sorted(os.listdir(staging)):
-            os.replace(os.path.join(staging, name), os.path.join(folder, name))
-            written.append(os.path.join(folder, name))
-        return written
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+def _write_h5(model: Any, tmp: str, out: str) -> None:
+    """Keras' ``.weights.h5`` bytes, built in memory, then written to ``tmp`` with plain writes.
+
+    HDF5 never writes to disk here, so a full disk is an ``OSError`` of the plain
+    write (regraft.writing names it), never an HDF5 error that crashes the process
+    at exit. The cost: the file's size in memory while writing.
+    """
+    import io
+
+    if not getattr(model, "built", True):
+        raise TargetError(f"Cannot write the weights {out}: the model is not built.",
+                          hint="Build the model (call it on a batch, or model.build(shape)) before saving.")
+    buffer = io.BytesIO()
+    _compat.save_weights_to_buffer(model, buffer)
+    with open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
+    del buffer
+
+
+def _write_checkpoint(model: Any, tmp: str, shards: int, out: str) -> None:
+    """``tf.train.Checkpoint(model=model).write(tmp)`` in exactly ``shards`` data files."""
+    import tensorflow as tf
+
+    from regraft.writing import write_error
+
+    options = None
+    if shards > 1:
+        options = tf.train.CheckpointOptions(experimental_sharding_callback=_shards_policy(shards))
+    try:
+        tf.train.Checkpoint(model=model).write(tmp, options=options)
+    except tf.errors.OpError as exc:  # OutOfRangeError (file too large), ResourceExhausted, InvalidArgument, …
+        raise write_error(out, "the checkpoint", exc) from None
+
+
+def _shards_policy(shards: int) -> Any:
+    """A ``tf.train.experimental.ShardingCallback`` spreading the tensors over exactly ``shards`` data files."""
+    import tensorflow as tf
+
+    class _Spread(tf.train.experimental.ShardingCallback):
+        @property
+        def description(self) -> str:
+            return f"regraft: {shards} shards"
+
+        def __call__(self, shardable_tensors):
+            if len(shardable_tensors) < shards:
+                raise TargetError(f"Cannot write a checkpoint of {len(shardable_tensors)} tensors in {shards} "
+                                  "data files.", hint="Write to another prefix.")
+            out = [{} for _ in range(shards)]
+            for i, tensor in enumerate(shardable_tensors):
+                out[i % shards].setdefault(tensor.checkpoint_key, {})[tensor.slice_spec] = tensor.tensor
+            return out
+
+    return _Spread()
 
 
 def layer_graph(model: Any) -> list[GraphLayer]:
