@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import numpy as np
 
@@ -36,18 +37,10 @@ class KerasH5(Source):
             return f.read(8) == _HDF5_SIGNATURE
 
     def __init__(self, path: str) -> None:
-        import h5py
-
         self._layers: dict[str, tuple[str | None, str | None]] = {}  # layer key -> (Keras name, class)
         self._dataset_path: dict[str, str] = {}  # canonical key -> HDF5 dataset path
 
-        try:
-            self._file = h5py.File(path, "r")
-        except OSError as exc:
-            raise CorruptCheckpointError(
-                f"{path} has an HDF5 signature but h5py cannot open it ({exc}).",
-                hint="The file is damaged or still being written; save it again.",
-            ) from None
+        self._file = self._open_h5(path)
         self.files = (path,)
         try:
             if "layer_names" in self._file.attrs:
@@ -67,6 +60,18 @@ class KerasH5(Source):
             self._file.close()
             raise
         super().__init__(path, entries)
+
+    def _open_h5(self, path: str) -> Any:
+        """Open the HDF5 file read-only (a subclass opens it from elsewhere, e.g. inside a zip)."""
+        import h5py
+
+        try:
+            return h5py.File(path, "r")
+        except OSError as exc:
+            raise CorruptCheckpointError(
+                f"{path} has an HDF5 signature but h5py cannot open it ({exc}).",
+                hint="The file is damaged or still being written; save it again.",
+            ) from None
 
     def read(self, key: str) -> np.ndarray:
         """Read one dataset by canonical key into a fresh array."""
