@@ -44,7 +44,7 @@ class NpzFile(Source):
         return bool(names) and all(n.endswith(".npy") for n in names)
 
     def __init__(self, path: str) -> None:
-        self.format, self.files = "npz", (path,)
+        self.path, self.format, self.files = path, "npz", (path,)
         try:
             self._zip = zipfile.ZipFile(path)
         except zipfile.BadZipFile as exc:
