@@ -114,6 +114,47 @@ def test_damaged_keras_archives(tmp_path):
 # --------------------------------------------------------------------------- sharded Keras weights
 
 
+def wide_chain(inserted: bool = False, seed: int = 0) -> keras.Model:
+    """Sizes chosen so that 0.0000935 GB shards split BatchNormalization's four variables 2 + 2."""
+    inputs = keras.Input((80,))
+    x = keras.layers.Dense(300, name="enc")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    if inserted:
+        x = keras.layers.Dense(300, name="ins")(x)
+    model = keras.Model(inputs, keras.layers.Dense(20, name="head")(x))
+    randomize(model, seed)
+    return model
+
+
+def test_sharded_keras_weights(tmp_path):
+    old = wide_chain()
+    path = tmp_path / "old.weights.json"
+    old.save_weights(str(path), max_shard_size=0.0000935)
+    index = json.loads(path.read_text())
+    shards = sorted(p.name for p in tmp_path.glob("old_*.weights.h5"))
+    assert shards == ["old_00000.weights.h5", "old_00001.weights.h5"]
+    assert index["weight_map"] == {"/layers/dense/vars": shards[:1],  # Keras 3.15 writes lists
+                                   "/layers/batch_normalization/vars": shards,  # a layer split in two
+                                   "/layers/dense_1/vars": shards[1:]}
+    with regraft.open(str(path)) as src:
+        assert (src.format, src.namespace) == ("keras-sharded", "h5")
+        assert src.files == (str(path), *(str(tmp_path / s) for s in shards))
+        assert {e.layer_name for e in src.entries()} == {"enc", "bn", "head"}
+    new = wide_chain(inserted=True, seed=1)
+    before = snapshot(new)
+    regraft.load(new, str(path), allow_missing=["ins/*"])
+    assert_state(new, before, expect_loaded(new, by_path(old)))
+    (tmp_path / shards[-1]).unlink()
+    with pytest.raises(SourceError) as info:
+        regraft.open(str(path))
+    assert str(info.value) == (
+        f"{path} names shard {shards[-1]}, which does not exist in {tmp_path}.\n"
+        "Hint: Keep every shard beside the .weights.json file that lists it.")
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(CorruptCheckpointError, match="is not a sharded Keras weights file: it is not JSON"):
+        regraft.open(str(path))
+
+
 # --------------------------------------------------------------------------- safetensors
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from regraft.errors import SourceError, UnsupportedFormatError
-from regraft.sources import keras_archive, keras_h5, npz, safetensors_file, tf_checkpoint
+from regraft.sources import keras_archive, keras_h5, keras_sharded, npz, safetensors_file, tf_checkpoint
 from regraft.sources.base import Source
 
 __all__ = ["Source", "open_source", "register_format", "FORMATS"]
@@ -27,6 +27,7 @@ def register_format(cls: type[Source]) -> type[Source]:
 
 register_format(keras_h5.KerasH5)  # HDF5 signature first: cheap and unambiguous
 register_format(keras_archive.KerasArchive)  # a zip with config.json and model.weights.h5
+register_format(keras_sharded.KerasSharded)  # JSON: a weight_map to .weights.h5 shards
 register_format(npz.NpzFile)  # a zip of .npy members
 register_format(safetensors_file.SafetensorsFile)  # a bounded header length, then '{'; or an index JSON
 register_format(tf_checkpoint.TFCheckpoint)
