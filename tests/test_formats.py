@@ -335,3 +335,46 @@ def test_damaged_npz(tmp_path):
     np.savez(objects, x=np.array([{"a": 1}], dtype=object))
     with pytest.raises(UnsupportedFormatError, match="array 'x' holds Python objects"):
         regraft.open(str(objects))
+
+
+# --------------------------------------------------------------------------- SavedModel folders
+
+
+@pytest.mark.parametrize("writer", ["saved_model_save", "export"])
+def test_saved_model_folders(tmp_path, writer):
+    import tensorflow as tf
+
+    old = chain()
+    folder = str(tmp_path / "sm")
+    if writer == "export":
+        old.export(folder, verbose=False)
+    else:
+        tf.saved_model.save(old, folder)
+    with regraft.open(folder) as src:
+        if writer == "export":
+            # export() keeps each variable twice (variables/N, _all_variables/N): one entry, named as recorded.
+            assert (src.format, src.namespace) == ("saved-model-export", "name")
+            assert sorted(e.key for e in src.entries()) == sorted(by_path(old))
+            assert all({"_all_variables", "variables"} <= {a.split("/")[0] for a in e.aliases} for e in src.entries())
+            for key, value in by_path(old).items():
+                assert same_bytes(src.read(key), value)
+        else:
+            assert (src.format, src.namespace) == ("saved-model", "object")
+        assert src.files[0] == os.path.join(folder, "saved_model.pb")
+    with regraft.open(os.path.join(folder, "variables")) as src:
+        assert src.format.startswith("saved-model")
+    load_changed(folder, old)
+
+
+def test_saved_model_without_variables(tmp_path):
+    import tensorflow as tf
+
+    folder = tmp_path / "sm"
+    tf.saved_model.save(chain(), str(folder))
+    for f in (folder / "variables").iterdir():
+        f.unlink()
+    with pytest.raises(SourceError) as info:
+        regraft.open(str(folder))
+    assert str(info.value).startswith(
+        f"{folder} is a SavedModel without variables: {folder / 'variables' / 'variables'}.index does not exist "
+        "(found: assets, fingerprint.pb, saved_model.pb, variables).")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from regraft.errors import SourceError, UnsupportedFormatError
-from regraft.sources import keras_archive, keras_h5, keras_sharded, npz, safetensors_file, tf_checkpoint
+from regraft.sources import keras_archive, keras_h5, keras_sharded, npz, safetensors_file, saved_model, tf_checkpoint
 from regraft.sources.base import Source
 
 __all__ = ["Source", "open_source", "register_format", "FORMATS"]
@@ -30,6 +30,7 @@ register_format(keras_archive.KerasArchive)  # a zip with config.json and model.
 register_format(keras_sharded.KerasSharded)  # JSON: a weight_map to .weights.h5 shards
 register_format(npz.NpzFile)  # a zip of .npy members
 register_format(safetensors_file.SafetensorsFile)  # a bounded header length, then '{'; or an index JSON
+register_format(saved_model.SavedModel)  # a folder with saved_model.pb: its variables/ bundle
 register_format(tf_checkpoint.TFCheckpoint)
 
 
