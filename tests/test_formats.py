@@ -378,3 +378,22 @@ def test_saved_model_without_variables(tmp_path):
     assert str(info.value).startswith(
         f"{folder} is a SavedModel without variables: {folder / 'variables' / 'variables'}.index does not exist "
         "(found: assets, fingerprint.pb, saved_model.pb, variables).")
+
+
+def test_opening_reads_no_tensor_bytes(tmp_path, monkeypatch):
+    """safetensors maps a file only on the first read; npz reads only .npy headers on open."""
+    from regraft.sources import npz, safetensors_file
+
+    safetensors_numpy.save_file({"a/w": np.ones((4, 4), "float32")}, str(tmp_path / "a.safetensors"))
+    np.savez(tmp_path / "b.npz", **{"a/w": np.ones((4, 4), "float32")})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tensor bytes read while opening")
+
+    monkeypatch.setattr(safetensors_file.SafetensorsFile, "_map", refuse)
+    monkeypatch.setattr(npz.np.lib.format, "read_array", refuse)
+    for name in ("a.safetensors", "b.npz"):
+        with regraft.open(str(tmp_path / name)) as src:
+            assert [(e.key, e.shape) for e in src.entries()] == [("a/w", (4, 4))]
+            with pytest.raises(AssertionError, match="tensor bytes read while opening"):
+                src.read("a/w")
