@@ -101,7 +101,10 @@ def test_a_pytorch_layout_cnn_gets_a_readable_plan_and_loads_by_value(tmp_path):
     square = next(a for a in plan.assignments if a.source is not None and a.source.key == "10/weight")
     assert (square.source.shape, square.transform) == ((16, 16), "linear_to_dense")
     assert plan.counts()["transformed"] == 5 and not plan.problems()
-    regraft.apply(plan, new)
+    regraft.save_plan(plan, str(tmp_path / "plan.yaml"))  # the steps survive a plan file
+    read = regraft.read_plan(str(tmp_path / "plan.yaml"), new)
+    assert [a.steps for a in read.assignments] == [a.steps for a in plan.assignments]
+    regraft.apply(read, new)
     assert_state(new, before, {id(v): w.numpy() for v, w in zip(new.weights, old.weights)})  # bit for bit
     assert regraft.verify(old, new).max_abs < 1e-5
 

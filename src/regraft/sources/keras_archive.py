@@ -4,15 +4,19 @@
 and ``model.weights.h5`` (checked with Keras 3.15: members are *stored*, not
 compressed). The weights member has the layout of a ``.weights.h5`` file, so this
 is :class:`~regraft.sources.keras_h5.KerasH5` reading the member through a
-file object: h5py reads only the bytes it needs, and nothing is extracted. A
-compressed member (an archive zipped again by another tool) is copied once into
-an unnamed temporary file, since h5py seeks back and forth.
+file object over the member's bytes in the archive: h5py reads only the bytes
+it needs, and nothing is extracted. A compressed member (an archive zipped again
+by another tool) is copied once into an unnamed temporary file, since h5py seeks
+back and forth (``bench/bench_formats.py`` measures both).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
+import struct
 import tempfile
 import zipfile
 from typing import IO, Any
@@ -25,6 +29,59 @@ __all__ = ["KerasArchive"]
 WEIGHTS_MEMBER = "model.weights.h5"
 _NPZ_MEMBER = "model.weights.npz"
 _RESAVE_HINT = "Save it again with model.save('x.keras'), or pass the model's .weights.h5 file."
+
+
+def _data_offset(path: str, info: zipfile.ZipInfo) -> int:
+    """Where a member's bytes start: after its local header (whose name and extra field lengths
+    may differ from the central directory's)."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"no local file header at byte {info.header_offset}")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_length + extra_length
+
+
+class _Window(io.RawIOBase):
+    """A read-only file object over bytes ``[start, start + size)`` of a file, read with ``pread``.
+
+    h5py reads a stored zip member through it in place: seeks cost nothing (zipfile's
+    own member objects re-read from the start on every backward seek).
+    """
+
+    def __init__(self, path: str, start: int, size: int) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self._start, self._size, self._pos = start, size, 0
+        if os.fstat(self._fd).st_size < start + size:
+            os.close(self._fd)
+            raise zipfile.BadZipFile(f"the member ends at byte {start + size}, past the end of the file")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        got = os.preadv(self._fd, [view[:n]], self._start + self._pos) if n else 0
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
 
 
 class KerasArchive(KerasH5):
@@ -76,7 +133,7 @@ class KerasArchive(KerasH5):
                 )
             info = self._zip.getinfo(WEIGHTS_MEMBER)
             if info.compress_type == zipfile.ZIP_STORED:
-                self._member = self._zip.open(info)  # seekable: h5py reads only what it needs
+                self._member = _Window(path, _data_offset(path, info), info.file_size)
             else:
                 self._member = tempfile.TemporaryFile()
                 with self._zip.open(info) as src:
