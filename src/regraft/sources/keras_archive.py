@@ -102,7 +102,11 @@ class KerasArchive(KerasH5):
     def __init__(self, path: str) -> None:
         self._zip: zipfile.ZipFile | None = None
         self._member: IO[bytes] | None = None
-        super().__init__(path)
+        try:
+            super().__init__(path)
+        except Exception:
+            self.close()
+            raise
         self.format = "keras-archive"
         self.config = self._read_config(path)
 
