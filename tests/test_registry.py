@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import zipfile
+import os
 
 import numpy as np
 import pytest
@@ -17,25 +17,24 @@ from regraft.sources import FORMATS, register_format  # noqa: E402
 from regraft.sources.base import Source  # noqa: E402
 
 
-class NpzNames(Source):
-    """Arrays saved with numpy.savez, keyed by variable name: the whole format, for this test."""
+class NpyFolder(Source):
+    """A folder of .npy files, one per variable, '/' in a key written as '~': the whole format, for this test."""
 
     @classmethod
     def detect(cls, path: str) -> bool:
-        return zipfile.is_zipfile(path) and path.endswith(".npz")
+        return os.path.isdir(path) and any(f.endswith(".npy") for f in os.listdir(path))
 
     def __init__(self, path: str) -> None:
-        self.format, self.namespace, self.files = "test-npz", "name", (path,)
-        self._arrays = np.load(path)
-        entries = [SourceEntry(k, tuple(self._arrays[k].shape), self._arrays[k].dtype.name,
-                               layer=k.rpartition("/")[0], role=k.rpartition("/")[2]) for k in self._arrays.files]
+        self.format, self.namespace, self.files = "test-npy-folder", "name", (path,)
+        self._files = {f[: -len(".npy")].replace("~", "/"): os.path.join(path, f)
+                       for f in sorted(os.listdir(path)) if f.endswith(".npy")}
+        arrays = {k: np.load(f, mmap_mode="r") for k, f in self._files.items()}  # headers only
+        entries = [SourceEntry(k, tuple(a.shape), a.dtype.name, layer=k.rpartition("/")[0], role=k.rpartition("/")[2])
+                   for k, a in arrays.items()]
         super().__init__(path, entries)
 
     def read(self, key: str) -> np.ndarray:
-        return np.array(self._arrays[key])
-
-    def close(self) -> None:
-        self._arrays.close()
+        return np.load(self._files[key])
 
 
 def test_a_source_must_say_how_to_detect_and_read():
@@ -53,19 +52,21 @@ def test_a_registered_format_loads_into_a_changed_model(tmp_path):
     old = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
     arrays = {f"{v.path}": np.random.default_rng(i).standard_normal(v.shape).astype("float32")
               for i, v in enumerate(old.weights)}
-    path = str(tmp_path / "old.npz")
-    np.savez(path, **arrays)
+    path = str(tmp_path / "old")
+    os.mkdir(path)
+    for key, value in arrays.items():
+        np.save(os.path.join(path, key.replace("/", "~") + ".npy"), value)
     inputs = keras.Input((4,))
     x = keras.layers.Dense(3, name="enc")(inputs)
     x = keras.layers.Dense(3, name="inserted")(x)
     new = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
     before = snapshot(new)
-    register_format(NpzNames)
+    register_format(NpyFolder)
     try:
         report = regraft.load(new, path, strict=False)
     finally:
-        FORMATS.remove(NpzNames)
-    assert report.plan.source_format == "test-npz"
+        FORMATS.remove(NpyFolder)
+    assert report.plan.source_format == "test-npy-folder"
     loaded = {id(v): arrays[k] for k in arrays for v in new.weights if v.path == k}
     assert len(loaded) == 4
     assert_state(new, before, loaded)

@@ -438,20 +438,8 @@ def _text_named_weights_h5(tmp_path):
     path = tmp_path / "x.weights.h5"
     path.write_text("these are not weights\n")
     return str(path), [
-        f"{path} is neither a TensorFlow checkpoint nor an HDF5 Keras weights file",
-        "Hint: Pass a checkpoint prefix",
-        "model.save_weights()",
-    ]
-
-
-def _keras_archive(tmp_path):
-    path = tmp_path / "whole.keras"
-    model = functional(("a", "b", "c"))
-    model.save(path)
-    return str(path), [
-        f"{path} is a whole-model .keras archive; regraft reads weights files",
-        "Hint: Extract its weights",
-        "save_weights('old.weights.h5')",
+        f"{path} is in no format regraft reads",
+        "Hint: Pass a checkpoint prefix (dir/ckpt-3), a SavedModel folder, or a .weights.h5",
     ]
 
 
@@ -484,7 +472,6 @@ def _two_prefixes_no_state(tmp_path):
         (_unrelated_folder, SourceError),
         (_random_hdf5, UnsupportedFormatError),
         (_text_named_weights_h5, UnsupportedFormatError),
-        (_keras_archive, UnsupportedFormatError),
         (_state_file_to_nowhere, SourceError),
         (_two_prefixes_no_state, SourceError),
     ],

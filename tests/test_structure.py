@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "regraft"
 # Lower layers first; a module may import modules of its own layer or of layers above it in this list.
 LAYERS = [
     {"errors"},
-    {"entries", "naming", "names", "files", "keys", "writing"},
+    {"entries", "naming", "names", "files", "keys", "layouts", "writing"},
     {"sources", "targets"},
     {"rules", "transforms", "plans"},
     {"report", "growth", "align"},

@@ -102,7 +102,8 @@ def test_unknown_transform_name():
     with pytest.raises(TransformError) as exc:
         get("pda")
     assert exc.value.message == (
-        "Unknown transform 'pda'; known transforms: adapt_channels, cast, identity, identity_init, overlay, "
+        "Unknown transform 'pda'; known transforms: adapt_channels, cast, conv_oihw_to_hwio, "
+        "depthwise_oihw_to_hwcm, identity, identity_init, linear_to_dense, overlay, "
         "pad, resize, slice, widen_in, widen_out."
     )
     with pytest.raises(TransformError, match="Unknown transform 'pda'"):

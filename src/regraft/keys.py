@@ -9,6 +9,7 @@ object    TF2 object-based checkpoint                      ``dense1/_kernel``, `
 keras2    tf-keras ``save_weights`` (TF format)            ``layer_with_weights-0/kernel``
 h5        Keras 3 ``.weights.h5``                          ``layers/dense_1/vars/0``
 name      TF1 ``Saver``, Keras 2 ``.h5`` (keys are names)  ``encoder/proj/kernel``
+torch     PyTorch ``state_dict`` in safetensors / npz      ``features/0/weight``
 ========  ===============================================  ==================================
 
 Matching (:mod:`regraft.matching`, :mod:`regraft.align`) asks a :class:`Namespace`
@@ -28,7 +29,7 @@ from typing import Callable
 from regraft.errors import RegraftError
 from regraft.names import is_auto_name
 
-__all__ = ["Namespace", "OBJECT", "KERAS2", "H5", "NAME", "NAMESPACES", "namespace", "register"]
+__all__ = ["Namespace", "OBJECT", "KERAS2", "H5", "NAME", "TORCH", "NAMESPACES", "namespace", "register"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Namespace:
         records_layer_names: the file records every layer's own name, at every level.
         drops_dict_keys: items of a dict attribute are saved like a list's, keys lost.
         numbered: the pattern of a list item's segment whose number gives its order.
+        layout: the tensor layout of another framework the keys come with (``torch``,
+            see :mod:`regraft.layouts`): variables are compared as that framework stores them.
     """
 
     name: str
@@ -64,6 +67,7 @@ class Namespace:
     records_layer_names: bool = False
     drops_dict_keys: bool = False
     numbered: re.Pattern[str] | None = None
+    layout: str | None = None
 
     def is_positional(self, key: str) -> bool:
         """True when a variable key picks its layer by position somewhere.
@@ -125,6 +129,14 @@ NAME = Namespace(
     lists_by_class=True,
 )
 
+TORCH = Namespace(
+    "torch", "features/0/weight",
+    # A PyTorch state_dict's names with '/' for '.': nn.Sequential and ModuleList items are numbers.
+    position=lambda segment, previous: segment.isdigit(),
+    numbered=_NUMBER,
+    layout="torch",
+)
+
 NAMESPACES: dict[str, Namespace] = {}
 
 
@@ -134,7 +146,7 @@ def register(ns: Namespace) -> Namespace:
     return ns
 
 
-for _ns in (OBJECT, KERAS2, H5, NAME):
+for _ns in (OBJECT, KERAS2, H5, NAME, TORCH):
     register(_ns)
 
 

@@ -45,6 +45,7 @@ from regraft.entries import WEIGHT, SourceEntry, Stage, TargetVariable
 from regraft.errors import RegraftError
 from regraft.growth import apply_policy, with_steps
 from regraft.keys import OBJECT, Namespace
+from regraft.layouts import view_targets
 from regraft.keys import namespace as namespace_of
 from regraft.naming import matches_any
 from regraft.names import NamedLayer, Token, is_auto_name, model_prefixes, pair_by_names, split_counter, strip_prefix
@@ -181,6 +182,10 @@ def make_plan(
     namespace = source.namespace
     ns = namespace_of(namespace)
     targets = _reachable(targets, ns)
+    originals = targets
+    layout_back: dict[str, tuple[TargetVariable, str | None]] = {}
+    if ns.layout:  # another framework's layouts: compare each variable as that framework stores it
+        targets, layout_back = view_targets(targets, ns.layout, namespace)
     root = choose_root(source, targets, root)
     prefix = root + "/" if root else ""
     available: dict[str, SourceEntry] = {}
@@ -263,7 +268,12 @@ def make_plan(
         assignments.append(_assignment(target, decided.get(target.key), fresh.get(target.key),
                                        ambiguous.get(target.key, ()), allow_missing, accept_order,
                                        target.key in tied))
-    assignments = apply_policy(assignments, reshape, graph, noise)
+    if layout_back:
+        assignments = [_from_layout(a, layout_back, ns.layout or "") for a in assignments]
+    policed = apply_policy(assignments, reshape, graph, noise)
+    # Reshape policies think in Keras layouts: a mismatched tensor in another layout stays a mismatch.
+    assignments = [a if a.status == SHAPE_MISMATCH and layout_back.get(a.target.key, (None, None))[1] else p
+                   for a, p in zip(assignments, policed)]
     assignments = _transform_rules(assignments, rules, rule_counts)
     unused = tuple(
         (entry, matches_any([key, entry.key], allow_unused)) for key, entry in available.items() if id(entry) not in used
@@ -283,8 +293,28 @@ def make_plan(
         inserted=_inserted_layers(assignments),
         removed=tuple(_named(prefix + key, source_layers.get(key, (None, None))[0]) for key in removed),
         source_fingerprint=fingerprint_source(source.entries()),
-        target_fingerprint=fingerprint_target(targets),
+        target_fingerprint=fingerprint_target(originals),
     )
+
+
+def _from_layout(a: Assignment, back: dict[str, tuple[TargetVariable, str | None]], layout: str) -> Assignment:
+    """An assignment made on a variable's view in another layout, for the variable itself.
+
+    A tensor taken whole goes through the layout's transform (``linear_to_dense``)
+    even when the shapes happen to agree (a square kernel is still transposed).
+    """
+    target, transform = back[a.target.key]
+    a = replace(a, target=target)
+    if a.source is None:
+        return a
+    if a.status in (LOADED, CAST) and transform:
+        return with_steps(a, [(transform, {})], f"{layout} layout: {transform}")
+    if a.status in (LOADED, CAST):
+        return replace(a, status=status_for(a.source, target))
+    if a.status == SHAPE_MISMATCH and transform:
+        return replace(a, reason=f"{a.reason}; in {layout} layout (reshape policies do not convert layouts)"
+                       if a.reason else f"in {layout} layout (reshape policies do not convert layouts)")
+    return a
 
 
 def _reachable(targets: list[TargetVariable], ns: Namespace) -> list[TargetVariable]:

@@ -56,6 +56,12 @@ Built-in transforms:
 ``identity_init``   an inserted layer's kernel as :func:`identity_kernel`, its bias as zeros;
                     ignores the value (may be ``None``).
 ``cast``            dtype only (``dtype`` option), shapes equal; refuses overflow.
+``linear_to_dense`` PyTorch ``Linear.weight`` ``[out, in]`` → Keras ``Dense`` kernel ``[in, out]``.
+``conv_oihw_to_hwio`` PyTorch conv weight ``[out, in/groups, *spatial]`` → Keras kernel
+                    ``[*spatial, in/groups, out]``; also a transposed conv (``[in, out, ...]``
+                    → ``[..., out, in]``, the same permutation).
+``depthwise_oihw_to_hwcm`` PyTorch depthwise weight ``[C*M, 1, *spatial]`` (output channel
+                    ``c*M + m``) → Keras ``DepthwiseConv`` kernel ``[*spatial, C, M]``.
 ==================  ======================================================================
 
 Function preservation (Net2Net, Chen, Goodfellow & Shlens, ICLR 2016): widen a
@@ -973,6 +979,71 @@ def _identity_init_apply(
 
 # --------------------------------------------------------------------------- the built-in table
 
+# --------------------------------------------------------------------------- PyTorch layouts
+
+
+def _layout_shape(name: str, in_shape: Shape | None, min_rank: int, max_rank: int) -> Shape:
+    in_shape = _need(in_shape, name)
+    if not min_rank <= len(in_shape) <= max_rank:
+        ranks = str(min_rank) if min_rank == max_rank else f"{min_rank} to {max_rank}"
+        raise _reason(f"{name} takes a tensor of rank {ranks}, not {len(in_shape)}")
+    return in_shape
+
+
+def _linear_to_dense_shape(in_shape: Shape | None, target_shape: Shape, /) -> Shape:
+    out, inp = _layout_shape("linear_to_dense", in_shape, 2, 2)
+    return (inp, out)
+
+
+def _linear_to_dense_apply(value: np.ndarray, fresh: None, /, *, target_shape: Shape, key: str = "tensor") -> np.ndarray:
+    return np.ascontiguousarray(value.T)
+
+
+def _conv_permutation(rank: int) -> tuple[int, ...]:
+    """OI + spatial axes → spatial axes + IO (and a transposed conv's IO + spatial → spatial + OI)."""
+    return (*range(2, rank), 1, 0)
+
+
+def _conv_shape(in_shape: Shape | None, target_shape: Shape, /) -> Shape:
+    shape = _layout_shape("conv_oihw_to_hwio", in_shape, 3, 5)
+    return tuple(shape[i] for i in _conv_permutation(len(shape)))
+
+
+def _conv_apply(value: np.ndarray, fresh: None, /, *, target_shape: Shape, key: str = "tensor") -> np.ndarray:
+    return np.ascontiguousarray(value.transpose(_conv_permutation(value.ndim)))
+
+
+def _depthwise_shape(in_shape: Shape | None, target_shape: Shape, /) -> Shape:
+    shape = _layout_shape("depthwise_oihw_to_hwcm", in_shape, 3, 4)
+    if shape[1] != 1:
+        raise _reason(f"a depthwise kernel in PyTorch layout is [C*M, 1, ...], not {shape}")
+    channels = target_shape[-2] if len(target_shape) == len(shape) else 0
+    if channels <= 0 or shape[0] % channels:
+        raise _reason(f"{shape[0]} output channels do not split into {channels} input channels")
+    return (*shape[2:], channels, shape[0] // channels)
+
+
+def _depthwise_apply(value: np.ndarray, fresh: None, /, *, target_shape: Shape, key: str = "tensor") -> np.ndarray:
+    channels, multiplier = target_shape[-2], target_shape[-1]
+    grouped = value.reshape((channels, multiplier, *value.shape[2:]))  # output channel o = c * M + m
+    return np.ascontiguousarray(grouped.transpose((*range(2, grouped.ndim), 0, 1)))
+
+
+def _pytorch_layout_examples() -> None:
+    """The layout transforms on tiny tensors.
+
+    Example:
+        >>> w = np.arange(6).reshape(3, 2)                    # torch Linear(2, 3).weight: [out, in]
+        >>> run("linear_to_dense", w, None, (2, 3), "fc/kernel").tolist()
+        [[0, 2, 4], [1, 3, 5]]
+        >>> run("conv_oihw_to_hwio", np.zeros((8, 3, 5, 4)), None, (5, 4, 3, 8), "c/kernel").shape
+        (5, 4, 3, 8)
+        >>> d = np.arange(6).reshape(6, 1, 1, 1)              # depthwise, 3 channels x multiplier 2
+        >>> run("depthwise_oihw_to_hwcm", d, None, (1, 1, 3, 2), "dw/kernel")[0, 0].tolist()
+        [[0, 1], [2, 3], [4, 5]]
+    """
+
+
 _builtin("identity", _identity_shape, _identity_apply, "the value as is (shapes equal)")
 _builtin("overlay", _overlay_shape, _overlay_apply, "the overlapping block written into the fresh value", True)
 _builtin("pad", _pad_shape, _pad_apply, "grow with a constant (0) at the end (or start) of each axis")
@@ -983,3 +1054,9 @@ _builtin("widen_out", _widen_out_shape, _widen_out_apply, "Net2Net producer: cop
 _builtin("widen_in", _widen_in_shape, _widen_in_apply, "Net2Net consumer: copy rows by mapping, divided by copy counts")
 _builtin("identity_init", _identity_init_shape, _identity_init_apply, "identity kernel, zero bias: inserted layers")
 _builtin("cast", _cast_shape, _cast_apply, "dtype only, refusing overflow")
+_builtin("linear_to_dense", _linear_to_dense_shape, _linear_to_dense_apply,
+         "PyTorch Linear weight [out, in] -> Keras Dense kernel [in, out]")
+_builtin("conv_oihw_to_hwio", _conv_shape, _conv_apply,
+         "PyTorch conv weight [out, in, *spatial] -> Keras kernel [*spatial, in, out] (transposed convs alike)")
+_builtin("depthwise_oihw_to_hwcm", _depthwise_shape, _depthwise_apply,
+         "PyTorch depthwise weight [C*M, 1, *spatial] -> Keras depthwise kernel [*spatial, C, M]")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from regraft.errors import SourceError, UnsupportedFormatError
-from regraft.sources import keras_h5, tf_checkpoint
+from regraft.sources import keras_archive, keras_h5, keras_sharded, npz, safetensors_file, saved_model, tf_checkpoint
 from regraft.sources.base import Source
 
 __all__ = ["Source", "open_source", "register_format", "FORMATS"]
@@ -26,6 +26,11 @@ def register_format(cls: type[Source]) -> type[Source]:
 
 
 register_format(keras_h5.KerasH5)  # HDF5 signature first: cheap and unambiguous
+register_format(keras_archive.KerasArchive)  # a zip with config.json and model.weights.h5
+register_format(keras_sharded.KerasSharded)  # JSON: a weight_map to .weights.h5 shards
+register_format(npz.NpzFile)  # a zip of .npy members
+register_format(safetensors_file.SafetensorsFile)  # a bounded header length, then '{'; or an index JSON
+register_format(saved_model.SavedModel)  # a folder with saved_model.pb: its variables/ bundle
 register_format(tf_checkpoint.TFCheckpoint)
 
 
@@ -34,7 +39,9 @@ def open_source(path: str | os.PathLike[str], *, allow_outside_state: bool = Fal
 
     Args:
         path: a TF checkpoint prefix, its ``.index`` file, a folder holding a
-            ``checkpoint`` state file, a Keras ``.weights.h5`` or Keras 2 ``.h5`` file.
+            ``checkpoint`` state file, a SavedModel folder, a Keras ``.weights.h5``,
+            ``.weights.json`` (sharded), ``.keras`` or Keras 2 ``.h5`` file, a
+            ``.safetensors`` file or sharded index, an ``.npz`` file.
         allow_outside_state: let a folder's ``checkpoint`` state file name a
             checkpoint outside that folder (refused by default; a warning names it).
 
@@ -70,14 +77,13 @@ def open_source(path: str | os.PathLike[str], *, allow_outside_state: bool = Fal
             f"{path} is a folder but holds no checkpoint (found: {shown}).",
             hint="Pass a checkpoint prefix (dir/ckpt-3), a folder with a 'checkpoint' state file, or a .weights.h5 file.",
         )
-    if path.endswith(".keras"):
-        raise UnsupportedFormatError(
-            f"{path} is a whole-model .keras archive; regraft reads weights files.",
-            hint="Extract its weights: keras.saving.load_model(path).save_weights('old.weights.h5').",
-        )
+    for fmt in FORMATS:
+        if any(path.endswith(suffix) for suffix in fmt.suffixes):
+            return fmt(path)  # recognised by name only: its constructor says what is wrong with it
     raise UnsupportedFormatError(
-        f"{path} is neither a TensorFlow checkpoint nor an HDF5 Keras weights file.",
-        hint="Pass a checkpoint prefix (dir/ckpt-3) or a file written by model.save_weights().",
+        f"{path} is in no format regraft reads.",
+        hint="Pass a checkpoint prefix (dir/ckpt-3), a SavedModel folder, or a .weights.h5, .weights.json, "
+        ".keras, .h5, .safetensors (or its .index.json), or .npz file.",
     )
 
 

@@ -31,7 +31,8 @@ class Source(ABC):
     Attributes:
         path: the path the user gave.
         format: a short format name (``tf-object``, ``tf-keras``, ``tf1-names``,
-            ``keras-h5``, ``keras2-h5``).
+            ``keras-h5``, ``keras2-h5``, ``keras-archive``, ``keras-sharded``,
+            ``safetensors``, ``safetensors-sharded``, ``npz``, ``saved-model``).
         namespace: the key namespace of :meth:`entries` (see :mod:`regraft.keys`).
         files: the files that make up the checkpoint.
     """
@@ -40,6 +41,10 @@ class Source(ABC):
     format: str
     namespace: str
     files: tuple[str, ...]
+    #: File name endings of this format. Detection is by content; when no format
+    #: recognises a file, the one whose suffix it has is opened anyway so that its
+    #: constructor says precisely what is wrong (a truncated zip, a bad header).
+    suffixes: tuple[str, ...] = ()
 
     def __init__(self, path: str, entries: Iterable[SourceEntry]) -> None:
         self.path = path

@@ -27,7 +27,7 @@ import contextlib
 import math
 import os
 import re
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -59,20 +59,12 @@ class KerasH5(Source):
             return f.read(8) == _HDF5_SIGNATURE
 
     def __init__(self, path: str) -> None:
-        import h5py
-
         self.path = path
         self._layers: dict[str, tuple[str | None, str | None]] = {}  # layer key -> (Keras name, class)
         self._dataset_path: dict[str, str] = {}  # canonical key -> HDF5 dataset path
 
-        try:
-            self._file = h5py.File(path, "r")
-            self._size = os.path.getsize(path)
-        except OSError as exc:
-            raise CorruptCheckpointError(
-                f"{path} has an HDF5 signature but h5py cannot open it ({exc}).",
-                hint="The file is damaged or still being written; save it again.",
-            ) from None
+        self._file = self._open_h5(path)
+        self._size = self._file.id.get_filesize()  # the HDF5 image's size, also inside a .keras zip
         self.files = (path,)
         try:
             with self._reading("its list of groups and datasets"):
@@ -97,6 +89,18 @@ class KerasH5(Source):
             self._file.close()
             raise
         super().__init__(path, entries)
+
+    def _open_h5(self, path: str) -> Any:
+        """Open the HDF5 file read-only (a subclass opens it from elsewhere, e.g. inside a zip)."""
+        import h5py
+
+        try:
+            return h5py.File(path, "r")
+        except OSError as exc:
+            raise CorruptCheckpointError(
+                f"{path} has an HDF5 signature but h5py cannot open it ({exc}).",
+                hint="The file is damaged or still being written; save it again.",
+            ) from None
 
     def read(self, key: str) -> np.ndarray:
         """Read one dataset by canonical key into a fresh array in native byte order."""

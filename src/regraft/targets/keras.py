@@ -12,7 +12,8 @@ variables on the target side; every private name it reads goes through
   ``model.save_weights`` would write (a test compares them with Keras' own walk
   and with a written file);
 * ``keras2`` keys reproduce tf-keras' ``layer_with_weights-N`` numbering;
-* ``name`` keys are Keras variable paths (``dense_1/kernel``).
+* ``name`` keys are Keras variable paths (``dense_1/kernel``);
+* ``torch`` keys spell the model as a PyTorch ``state_dict`` would (``features/0/weight``).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def describe_with_layers(
         tables["h5"], layers["h5"] = _h5_walk(model)
     if "keras2" in namespaces:
         tables["keras2"], layers["keras2"] = _keras2_keys(model)
+    if "torch" in namespaces:
+        tables["torch"], layers["torch"] = _torch_walk(model)
     used: dict[str, int] = {}
     out = []
     for variable in variables:
@@ -272,6 +275,43 @@ def _object_walk(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None
             if isinstance(child, keras.layers.Layer):
                 layers[child_path] = (child.name, _snake(child))
             queue.append((child, child_path))
+    return variables, layers
+
+
+def _torch_walk(model: Any) -> tuple[dict[int, str], dict[str, tuple[str | None, str | None]]]:
+    """Keys as a PyTorch ``state_dict`` of the same design would spell them (``features/0/weight``).
+
+    Sequential and functional models number their layers, as ``nn.Sequential``
+    does (input layers left out, weightless layers counted); other layers are
+    reached by attribute (``self.classifier``), like ``nn.Module`` attributes.
+    Each variable is named by its PyTorch parameter (:func:`regraft.layouts.torch_view`).
+
+    Returns (variable id → key, layer key → (name, kind)).
+    """
+    from regraft.layouts import torch_view
+
+    keras = _keras()
+    variables: dict[int, str] = {}
+    layers: dict[str, tuple[str | None, str | None]] = {}
+    seen: set[int] = set()
+
+    def visit(layer: Any, prefix: str) -> None:
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        for variable in _compat.own_variables(layer):
+            role = torch_view(type(layer).__name__, variable.name, tuple(variable.shape)).role
+            variables.setdefault(id(variable), f"{prefix}{role}")
+        if _is_layered(layer):
+            items = [c for c in layer.layers if not isinstance(c, keras.layers.InputLayer)]
+            children = [(str(i), c) for i, c in enumerate(items)]
+        else:
+            children = _named_sub_layers(layer)
+        for name, child in children:
+            layers[f"{prefix}{name}"] = (child.name, _snake(child))
+            visit(child, f"{prefix}{name}/")
+
+    visit(model, "")
     return variables, layers
 
 
