@@ -194,7 +194,8 @@ def _child_to(node_id: Callable[[int], int]) -> Callable[[Any], None]:
 @pytest.mark.parametrize(
     "edit, problem",
     [
-        (_child_to(lambda n: n + 5), "child '0' pointing to node {n_plus_5}, but the graph has {n} nodes (0 to {last})"),
+        (_child_to(lambda n: n + 5),
+         "child '0' pointing to node {n_plus_5}, but the graph has {n} nodes (0 to {last})"),
         (_child_to(lambda n: -1), "child '0' pointing to node -1, but the graph has {n} nodes (0 to {last})"),
     ],
     ids=["past-the-end", "minus-one"],
@@ -350,7 +351,8 @@ def test_the_first_missing_shard_is_named(tmp_path: Path) -> None:
     Path(prefix + ".data-00001-of-00004").write_bytes(b"")  # another write's shard does not count
     with pytest.raises(SourceError) as info:
         Bundle(prefix)
-    assert info.value.message == f"{prefix}.index expects 3 data file(s), but {prefix}.data-00001-of-00003 does not exist"
+    assert info.value.message == (
+        f"{prefix}.index expects 3 data file(s), but {prefix}.data-00001-of-00003 does not exist")
 
 
 def test_extra_shards_of_another_count_are_ignored(keras_ckpt: Any, tmp_path: Path) -> None:
@@ -416,6 +418,15 @@ def test_an_allowed_outside_state_file_says_what_it_opened(elsewhere: Any, keras
     assert_state(model, before, {id(v): state[id(o)] for v, o in zip(model.weights, original_model.weights)})
 
 
+def test_an_allowed_outside_state_file_naming_nothing_says_so(elsewhere: Any) -> None:
+    other, run = elsewhere
+    tf.compat.v1.train.update_checkpoint_state(str(run), other + "-gone")
+    with pytest.raises(SourceError) as info:
+        regraft.open(str(run), allow_outside_state=True)
+    assert info.value.message == (
+        f"{run / 'checkpoint'} names '{other}-gone' as the latest checkpoint, but {other}-gone.index does not exist.")
+
+
 def test_the_cli_refuses_and_allows_an_outside_state_file(elsewhere: Any) -> None:
     other, run = elsewhere
     tf.compat.v1.train.update_checkpoint_state(str(run), other)
@@ -426,7 +437,8 @@ def test_the_cli_refuses_and_allows_an_outside_state_file(elsewhere: Any) -> Non
     assert refused.stderr.endswith("(on the command line: --allow-outside-state).\n")
     allowed = subprocess.run(command + ["--allow-outside-state"], capture_output=True, text=True, env=env, timeout=300)
     assert allowed.returncode == 0, allowed.stderr
-    assert f"points outside its folder; opened {other}" in allowed.stderr
+    assert allowed.stderr.endswith(
+        f"Warning: the state file {run / 'checkpoint'} points outside its folder; opened {other}\n")
     assert f'"{other}.index"' in allowed.stdout
 
 

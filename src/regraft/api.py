@@ -23,7 +23,7 @@ PathLike = str | os.PathLike[str]
 Rules = Mapping[str, Any] | list[Any] | PathLike | None
 
 
-def open(path: PathLike, *, allow_outside_state: bool = False) -> Source:  # noqa: A001 - the public verb is regraft.open
+def open(path: PathLike, *, allow_outside_state: bool = False) -> Source:  # noqa: A001 - the verb is regraft.open
     """Open a checkpoint for its metadata; no tensor bytes are read until ``read(key)``.
 
     A folder's ``checkpoint`` state file that names a checkpoint outside the folder

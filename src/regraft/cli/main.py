@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import NoReturn
 
 from regraft.cli import commands
@@ -18,6 +19,8 @@ from regraft.cli.verify import verify_command
 from regraft.errors import LoadError, RegraftError
 
 __all__ = ["main", "build_parser"]
+
+_PYTHON_SHOWWARNING = warnings.showwarning
 
 _EPILOG = """examples:
   regraft inspect ckpts/run7
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         command.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command != "inspect":  # every other command builds Keras models
         _quiet_tensorflow()
+    shown, warnings.showwarning = warnings.showwarning, _show_warning  # "Warning: …" lines, restored after
     try:
         return args.run(args) or 0
     except LoadError as exc:
@@ -193,6 +197,17 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """regraft's own warnings as one ``Warning:`` line on stderr; others as Python shows them."""
+    text = str(message)
+    if text.startswith("regraft: "):
+        print(f"Warning: {text.removeprefix('regraft: ')}", file=sys.stderr)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
 
 
 def _quiet_tensorflow() -> None:

@@ -71,7 +71,8 @@ def open_source(path: str | os.PathLike[str], *, allow_outside_state: bool = Fal
     if os.path.isdir(path):
         listing = sorted(os.listdir(path))
         if os.path.isfile(os.path.join(path, "checkpoint")) or any(f.endswith(".index") for f in listing):
-            tf_checkpoint.resolve_prefix(path)  # raises its precise reason (stale state file, several prefixes)
+            # raises its precise reason (stale state file, several prefixes, a state file pointing elsewhere)
+            tf_checkpoint.resolve_prefix(path, allow_outside_state)
         shown = ", ".join(listing[:6]) + (" …" if len(listing) > 6 else "") if listing else "nothing"
         raise SourceError(
             f"{path} is a folder but holds no checkpoint (found: {shown}).",
