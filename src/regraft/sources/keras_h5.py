@@ -41,7 +41,7 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _VAR = re.compile(r"(^|/)vars/\d+$")
 _NUMERIC = "biufc"
 _MAX_BYTES = np.iinfo(np.intp).max  # numpy cannot hold a larger array
-_MAX_EXPANSION = 1024  # a compressed dataset may decode to at most this many times its stored bytes (gzip: ~1032)
+_MAX_EXPANSION = 2048  # a compressed dataset may decode to at most this many times its stored bytes (deflate: 1032)
 _EXPANSION_FLOOR = 1 << 26  # below 64 MiB any ratio is allowed: a zero bias compresses very well
 _TYPE_CLASSES = {2: "time", 4: "bitfield", 5: "opaque", 6: "compound", 7: "reference", 8: "enum", 9: "variable-length sequence", 10: "array"}
 _NOT_KERAS = "Keras does not write this; save the weights again with model.save_weights()."
@@ -106,12 +106,14 @@ class KerasH5(Source):
         """Read one dataset by canonical key into a fresh array in native byte order."""
         where = self._dataset_path[key]
         try:
-            dataset = self._file[where]
-            array = np.array(dataset[()], copy=True)
+            # h5py returns a fresh array (a numpy scalar for shape ()): no second copy.
+            array = np.asarray(self._file[where][()])
         except MemoryError:
+            entry = self._entries[key]
             raise SourceError(
-                f"Not enough memory to read tensor '{key}' ('/{where}', {_nbytes(dataset)} bytes) from {self.path}.",
-                hint="Free memory or load on a machine with more of it.",
+                f"Not enough memory to read tensor '{key}' (dataset '/{where}', shape {entry.shape} of {entry.dtype}) "
+                f"from {self.path}.",
+                hint="Free memory, or load on a machine with more of it.",
             ) from None
         except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
             raise CorruptCheckpointError(
@@ -455,13 +457,6 @@ def _dtype_words(dtype: np.dtype) -> str:
     if dtype.subdtype is not None:
         return f"an array type ({dtype.subdtype[0].name} x {dtype.subdtype[1]})"
     return f"values of type {dtype}"
-
-
-def _nbytes(dataset: object) -> str:
-    try:
-        return f"{math.prod(dataset.shape) * dataset.dtype.itemsize:,}"  # type: ignore[attr-defined]
-    except Exception:  # only for a message
-        return "?"
 
 
 def _reason(exc: BaseException) -> str:
