@@ -308,10 +308,11 @@ def replace_bundle(prefix: str, write: Callable[[str, int], None], *, what: str,
 
     1. write into the staging folder and sync (nothing outside staging changed:
        the old checkpoint is readable);
-    2. hard-link the new data files into the folder under their final names (moved
-       where the file system has no hard links)
+    2. hard-link the new data files into the folder under their final names
        (new names only: the old index and its data files are untouched; the
-       new files are orphans, and provably ours: the same inodes as in staging);
+       new files are orphans, and provably ours: the same inodes as in staging;
+       where the file system has no hard links they are moved, and a killed
+       run's orphans then stay);
     3. sync the folder, then rename the new index over the old one — one atomic
        step: before it the old index reads the old data, after it the new index
        reads the new data, both complete;
@@ -361,14 +362,15 @@ def replace_bundle(prefix: str, write: Callable[[str, int], None], *, what: str,
                 linked = all([_link_or_move(os.path.join(stage, name), os.path.join(folder, name))
                               for name in names[:-1]])
                 _fsync(folder)
-                if linked:
-                    linked = _link_or_move(os.path.join(stage, names[-1]), os.path.join(stage, _COMMITTED), move=False)
-                os.replace(os.path.join(stage, names[-1]), os.path.join(folder, names[-1]))
-                if not linked:  # no inodes to decide from after a kill: say it outright (a kill just before
-                    # this line leaves the old data files as garbage, never a broken checkpoint)
-                    open(os.path.join(stage, _COMMITTED_FLAG), "wb").close()
+                index = os.path.join(stage, names[-1])
+                linked = linked and _link_or_move(index, os.path.join(stage, _COMMITTED), move=False)
+                os.replace(index, os.path.join(folder, names[-1]))
             except OSError as exc:
                 raise write_error(prefix, what, exc) from None
+            if not linked:  # no inodes to decide from: say it outright (a kill before this line, or a failure
+                # here, leaves the old data files as garbage beside the new checkpoint, never a broken one)
+                with contextlib.suppress(OSError):
+                    open(os.path.join(stage, _COMMITTED_FLAG), "wb").close()
     return [os.path.join(folder, n) for n in names]
 
 
