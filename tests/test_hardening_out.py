@@ -509,3 +509,10 @@ def test_a_file_system_without_hard_links_still_gets_a_clean_replacement(monkeyp
     assert_clean_bundle(tmp_path / "out", "ckpt")
     assert leftovers(tmp_path / "out") == []
     assert same_values(values_at(module, out), values)
+
+
+def test_writing_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(writing)
+    assert result.attempted > 0 and result.failed == 0
