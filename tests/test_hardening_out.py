@@ -488,3 +488,31 @@ def test_a_folder_the_system_refuses_is_a_regraft_error(setup):
         "to, or change its permissions.",
     )
     assert not [n for n in os.listdir("/sys") if n.startswith(".regraft") or n.startswith("regraft")]
+
+
+def test_a_file_system_without_hard_links_still_gets_a_clean_replacement(monkeypatch, tmp_path, setup):
+    import errno
+
+    _, module, _, values = setup
+    out = str(tmp_path / "out" / "ckpt")
+    first, second = module.build(), module.build()
+    randomize(first, 5)
+    for i, v in enumerate(second.weights):
+        v.assign(values[i])
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(writing.os, "link", no_links)  # writing.os is the os module: patched for the test only
+    save_weights(first, out)
+    save_weights(second, out)
+    assert_clean_bundle(tmp_path / "out", "ckpt")
+    assert leftovers(tmp_path / "out") == []
+    assert same_values(values_at(module, out), values)
+
+
+def test_writing_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(writing)
+    assert result.attempted > 0 and result.failed == 0

@@ -45,6 +45,8 @@ __all__ = ["check_out_path", "replace_file", "replace_bundle", "bundle_names", "
 STAGING_PREFIX = ".regraft-out-"
 _MANIFEST = "manifest.json"  # in a bundle's staging folder: which prefix and shard count it writes
 _COMMITTED = "committed.index"  # a second link to the new index, made just before it is renamed into place
+_COMMITTED_FLAG = "committed"  # written after the rename where hard links are not supported
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 _NAME_MAX_DEFAULT = 255
 
 
@@ -308,7 +310,9 @@ def replace_bundle(prefix: str, write: Callable[[str, int], None], *, what: str,
        the old checkpoint is readable);
     2. hard-link the new data files into the folder under their final names
        (new names only: the old index and its data files are untouched; the
-       new files are orphans, and provably ours: the same inodes as in staging);
+       new files are orphans, and provably ours: the same inodes as in staging;
+       where the file system has no hard links they are moved, and a killed
+       run's orphans then stay);
     3. sync the folder, then rename the new index over the old one — one atomic
        step: before it the old index reads the old data, after it the new index
        reads the new data, both complete;
@@ -355,13 +359,18 @@ def replace_bundle(prefix: str, write: Callable[[str, int], None], *, what: str,
                         hint="Report this: the installed TensorFlow names checkpoint files differently.")
                 for name in names:
                     _fsync(os.path.join(stage, name))
-                for name in names[:-1]:
-                    os.link(os.path.join(stage, name), os.path.join(folder, name))
+                linked = all([_link_or_move(os.path.join(stage, name), os.path.join(folder, name))
+                              for name in names[:-1]])
                 _fsync(folder)
-                os.link(os.path.join(stage, names[-1]), os.path.join(stage, _COMMITTED))
-                os.replace(os.path.join(stage, names[-1]), os.path.join(folder, names[-1]))
+                index = os.path.join(stage, names[-1])
+                linked = linked and _link_or_move(index, os.path.join(stage, _COMMITTED), move=False)
+                os.replace(index, os.path.join(folder, names[-1]))
             except OSError as exc:
                 raise write_error(prefix, what, exc) from None
+            if not linked:  # no inodes to decide from: say it outright (a kill before this line, or a failure
+                # here, leaves the old data files as garbage beside the new checkpoint, never a broken one)
+                with contextlib.suppress(OSError):
+                    open(os.path.join(stage, _COMMITTED_FLAG), "wb").close()
     return [os.path.join(folder, n) for n in names]
 
 
@@ -382,7 +391,8 @@ def _settle(folder: str, stage: str) -> None:
         manifest = None
     if manifest is not None and os.sep not in base and base not in ("", ".", ".."):
         index = os.path.join(folder, f"{base}.index")
-        committed = _same(os.path.join(stage, _COMMITTED), index)
+        committed = (_same(os.path.join(stage, _COMMITTED), index)
+                     or os.path.exists(os.path.join(stage, _COMMITTED_FLAG)))
         data_re = _data_re(base)
         for name in os.listdir(folder):
             found = data_re.match(name)
@@ -397,6 +407,20 @@ def _settle(folder: str, stage: str) -> None:
             with contextlib.suppress(OSError):
                 _fsync(folder)
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def _link_or_move(source: str, target: str, move: bool = True) -> bool:
+    """Hard-link ``source`` as ``target``; True if linked. Where the file system has no hard links, move
+    it instead (``move``) and return False: a killed run's files then cannot be proven ours and stay."""
+    try:
+        os.link(source, target)
+        return True
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+    if move:
+        os.replace(source, target)
+    return False
 
 
 def _same(a: str, b: str) -> bool:
