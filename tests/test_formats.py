@@ -277,6 +277,13 @@ def test_safetensors_header_length_and_json(tmp_path):
     garbled.write_bytes(struct.pack("<Q", 4) + b"{x: ")
     with pytest.raises(CorruptCheckpointError, match="its 4-byte header is not UTF-8 JSON"):
         regraft.open(str(garbled))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "x.bin"}}')
+    with pytest.raises(CorruptCheckpointError) as info:
+        regraft.open(str(index))
+    assert str(info.value) == (
+        f"{index} is not a sharded safetensors index: it is not JSON with a 'weight_map' of tensor name -> "
+        ".safetensors file.\nHint: Pass the index written with the shards, or one shard.")
     tiny = tmp_path / "tiny.safetensors"
     tiny.write_bytes(b"\x01\x02")
     with pytest.raises(CorruptCheckpointError, match="is not a valid safetensors file: it is 2 bytes long"):
