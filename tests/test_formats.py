@@ -404,3 +404,22 @@ def test_opening_reads_no_tensor_bytes(tmp_path, monkeypatch):
             assert [(e.key, e.shape) for e in src.entries()] == [("a/w", (4, 4))]
             with pytest.raises(AssertionError, match="tensor bytes read while opening"):
                 src.read("a/w")
+
+
+def test_export_of_a_subclassed_model_is_not_keyed_by_its_shared_names(tmp_path):
+    """Its layers all record the model's scope ('tutorial/kernel' twice): never merged into one entry."""
+    from conftest import dense_chain
+
+    old = dense_chain((4, 3))
+    randomize(old, 0)
+    folder = str(tmp_path / "ex")
+    old.export(folder, verbose=False)
+    with regraft.open(folder) as src:
+        assert (src.format, src.namespace) == ("saved-model", "object")
+        assert sorted({e.shape for e in src.entries()}) == [(3,), (4,), (4, 3), (5, 4)]
+        assert len(src.entries()) == 8  # each variable twice: variables/N and _all_variables/N
+    new = dense_chain((4, 3))
+    before = snapshot(new)
+    with pytest.raises(regraft.RegraftError, match="'_all_variables' and 'variables'"):
+        regraft.load(new, folder)
+    assert_state(new, before)
