@@ -277,6 +277,13 @@ def test_safetensors_header_length_and_json(tmp_path):
     garbled.write_bytes(struct.pack("<Q", 4) + b"{x: ")
     with pytest.raises(CorruptCheckpointError, match="its 4-byte header is not UTF-8 JSON"):
         regraft.open(str(garbled))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "x.bin"}}')
+    with pytest.raises(CorruptCheckpointError) as info:
+        regraft.open(str(index))
+    assert str(info.value) == (
+        f"{index} is not a sharded safetensors index: it is not JSON with a 'weight_map' of tensor name -> "
+        ".safetensors file.\nHint: Pass the index written with the shards, or one shard.")
     tiny = tmp_path / "tiny.safetensors"
     tiny.write_bytes(b"\x01\x02")
     with pytest.raises(CorruptCheckpointError, match="is not a valid safetensors file: it is 2 bytes long"):
@@ -397,3 +404,22 @@ def test_opening_reads_no_tensor_bytes(tmp_path, monkeypatch):
             assert [(e.key, e.shape) for e in src.entries()] == [("a/w", (4, 4))]
             with pytest.raises(AssertionError, match="tensor bytes read while opening"):
                 src.read("a/w")
+
+
+def test_export_of_a_subclassed_model_is_not_keyed_by_its_shared_names(tmp_path):
+    """Its layers all record the model's scope ('tutorial/kernel' twice): never merged into one entry."""
+    from conftest import dense_chain
+
+    old = dense_chain((4, 3))
+    randomize(old, 0)
+    folder = str(tmp_path / "ex")
+    old.export(folder, verbose=False)
+    with regraft.open(folder) as src:
+        assert (src.format, src.namespace) == ("saved-model", "object")
+        assert sorted({e.shape for e in src.entries()}) == [(3,), (4,), (4, 3), (5, 4)]
+        assert len(src.entries()) == 8  # each variable twice: variables/N and _all_variables/N
+    new = dense_chain((4, 3))
+    before = snapshot(new)
+    with pytest.raises(regraft.RegraftError, match="'_all_variables' and 'variables'"):
+        regraft.load(new, folder)
+    assert_state(new, before)

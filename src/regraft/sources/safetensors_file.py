@@ -174,22 +174,17 @@ class SafetensorsFile(Source):
         self._maps: dict[str, tuple[Any, mmap.mmap | None]] = {}
         self._where: dict[str, tuple[str, str, tuple[int, ...], int, int]] = {}  # key -> (file, dtype, shape, b, e)
         self.metadata: dict[str, str] = {}
-        if os.path.isfile(path) and not _is_safetensors(path):
-            weight_map = _index_map(path)
-            if weight_map is None:
-                if path.endswith(_INDEX_SUFFIX):
-                    raise CorruptCheckpointError(
-                        f"{path} is not a sharded safetensors index: it is not JSON with a 'weight_map' of "
-                        "tensor name -> .safetensors file.", hint="Pass the index written with the shards, or one shard.")
-                if os.path.getsize(path) < 9:
-                    raise CorruptCheckpointError(f"{path} is not a valid safetensors file: it is "
-                                                 f"{os.path.getsize(path)} bytes long.", hint=_RESAVE)
-                read_header(path)  # raises the precise reason
-            tensors = self._sharded(path, weight_map or {})
+        weight_map = None if _is_safetensors(path) else _index_map(path)
+        if weight_map is not None:
+            tensors = self._sharded(path, weight_map)
             self.format = "safetensors-sharded"
+        elif path.endswith(_INDEX_SUFFIX) and os.path.isfile(path) and not _is_safetensors(path):
+            raise CorruptCheckpointError(
+                f"{path} is not a sharded safetensors index: it is not JSON with a 'weight_map' of "
+                "tensor name -> .safetensors file.", hint="Pass the index written with the shards, or one shard.")
         else:
-            tensors, self.metadata, _ = read_header(path)
-            tensors = {name: (path, *info) for name, info in tensors.items()}
+            header, self.metadata, _ = read_header(path)  # raises the precise reason for a damaged file
+            tensors = {name: (path, *info) for name, info in header.items()}
             self.format = "safetensors"
         self.files = (path,) + tuple(sorted({t[0] for t in tensors.values()} - {path}))
         torch = is_torch_style(tensors)

@@ -11,7 +11,10 @@ Keras 3.15):
   (another order), each variable stored once per list. Positions in a flat list
   say nothing, so these are keyed by the name each variable recorded when saved
   (its ``full_name``, Keras' ``variable.path``: ``enc/kernel``), in the ``name``
-  namespace; the copies become aliases of one entry.
+  namespace; the copies become aliases of one entry. Where several variables
+  recorded one name (the layers of a subclassed model record only the model's
+  scope: ``m/kernel`` twice), the graph's positional keys are kept: names cannot
+  tell those variables apart.
 
 ``saved_model.pb`` itself (the graph and signatures) is not read.
 """
@@ -76,6 +79,13 @@ class SavedModel(TFCheckpoint):
             return  # no names recorded: keep the graph's keys
         if not all(e.key.split("/", 1)[0] in _EXPORT_LISTS for e in weights):
             return  # more than the export lists: an object graph worth its keys
+        by_list: dict[str, list[str]] = {}
+        for e in weights:
+            by_list.setdefault(e.key.split("/", 1)[0], []).append(full_names[self._bundle_key[e.key]])
+        if any(len(set(names)) != len(names) for names in by_list.values()):
+            # Several variables recorded one name (a subclassed model's layers record only the
+            # model's scope, "m/kernel" twice): names cannot tell them apart, positions stay.
+            return
         by_name: dict[str, list[SourceEntry]] = {}
         for e in sorted(weights, key=lambda e: e.key.startswith("_all_variables/")):  # model order first
             by_name.setdefault(full_names[self._bundle_key[e.key]], []).append(e)
