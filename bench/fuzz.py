@@ -637,6 +637,14 @@ def _h5_groups(f) -> list[str]:
     return names
 
 
+def _find_all(buf: bytes, needle: bytes) -> list[int]:
+    out, at = [], buf.find(needle)
+    while at >= 0:
+        out.append(at)
+        at = buf.find(needle, at + 1)
+    return out
+
+
 def copy_h5(fx: str, case: str, kind: str) -> str:
     name = "k3.weights.h5" if kind == "k3" else "k2.h5"
     os.makedirs(case, exist_ok=True)
@@ -649,6 +657,22 @@ def h5_mutators(kind: str) -> None:
     def byte_flip(rng, fx, case):
         path = copy_h5(fx, case, kind)
         return path, rw(path, lambda b: flip_bytes(rng, b, 8)), True
+
+    @mutator(kind, "attr-flip")
+    def attr_flip(rng, fx, case):
+        """Damage the bytes around an attribute (its message header and value): h5py decodes these itself."""
+        path = copy_h5(fx, case, kind)
+
+        def edit(buf):
+            spots = [i for name in (b"layer_names", b"weight_names", b"name", b"backend", b"keras_version",
+                                    b"date_saved", b"d1", b"d2") for i in _find_all(bytes(buf), name)]
+            if not spots:
+                return "no attribute found"
+            at = rng.choice(spots)
+            return f"near byte {at}: " + flip_bytes(rng, buf, max(8, at - 48), min(len(buf), at + 64),
+                                                    rng.choice((1, 2, 4, 13)))
+
+        return path, rw(path, edit), True
 
     @mutator(kind, "data-flip")
     def data_flip(rng, fx, case):
