@@ -25,6 +25,7 @@ CASES = 150
 GOOD = {"clean", "ok", "undetectable"}
 
 KNOWN: dict[int, str] = {  # case -> the issue-13 finding it reproduces (item number)
+    13: "h5 damaged attribute: OSError (13.3)",  # k3 attr-flip: near byte 2104: flip 2101=200,2134^bit5,
     15: "object-graph node id out of range: other-exc IndexError (13.1)",  # tf object-graph: no-nodes
     19: "h5 bad attribute: KeyError (13.3)",  # k2 attrs: layer_names-missing=7
     28: "h5 missing dataset: KeyError (13.3)",  # k2 groups: drop-group d1/d1
@@ -32,14 +33,19 @@ KNOWN: dict[int, str] = {  # case -> the issue-13 finding it reproduces (item nu
     34: "object-graph node id out of range: other-exc IndexError (13.1)",  # tf object-graph: drop-node
     36: "h5 damaged metadata: KeyError (13.3)",  # k2 byte-flip: flip 9513=231,8877=136,7734=36,9373=128,
     56: "h5 empty dataspace: TypeError (13.3)",  # k3 shape: layers/dense/vars/1 -> empty-space
-    65: "h5 huge declared shape, no size check (13.3)",  # k2 shape: d2/d2/bias:0 -> huge-1d
-    74: "h5 unreadable dtype: TypeError (13.3)",  # k3 dtype: layers/dense/vars/1 -> compound
+    65: "h5 unreadable dtype: TypeError (13.3)",  # k2 dtype: d2/d2/bias:0 -> compound
+    82: "h5 damaged attribute: RuntimeError (13.3)",  # k3 attr-flip: near byte 1872: flip 1844^bit0
+    83: "h5 damaged attribute: OSError (13.3)",  # k3 attr-flip: near byte 13584: flip 13621^bit0,13639=1
+    95: "h5 damaged attribute: KeyError (13.3)",  # k2 attr-flip: near byte 728: flip 760^bit4,699=224
     104: "h5 unreadable dtype: TypeError (13.3)",  # k3 dtype: layers/dense_1/vars/1 -> opaque
+    106: "h5 damaged attribute: KeyError (13.3)",  # k2 attr-flip: near byte 2080: flip 2033^bit1,2133=176
     107: "object-graph node id out of range: other-exc IndexError (13.1)",  # tfk object-graph: drop-node
-    113: "h5 huge declared shape, no size check (13.3)",  # k2 shape: d2/d2/bias:0 -> huge-sparse
+    111: "h5 damaged attribute: RuntimeError (13.3)",  # k2 attr-flip: near byte 840: flip 835^bit4
+    113: "h5 unreadable dtype: ValueError (13.3)",  # k2 dtype: d2/d2/bias:0 -> bytes-obj
+    114: "h5 soft link: KeyError (13.3)",  # k2 links: soft-dangling d1/d1/bias:0
     119: "h5 soft link: RuntimeError (13.3)",  # k2 links: soft-loop d1/d1/bias:0
     123: "h5 bad attribute: ValueError (13.3)",  # k3 attrs: layers/dense_1/vars.name=array([], dtype
-    141: "h5 soft link: RuntimeError (13.3)",  # k2 links: soft-loop d1/d1/kernel:0
+    139: "h5 damaged attribute: RuntimeError (13.3)",  # k3 attr-flip: near byte 1872: flip 1838=151,1844=168,1
 }
 
 
