@@ -1155,7 +1155,8 @@ class Worker:
         return result
 
 
-def worker_main(conn: Connection, fx: str, work: str, mem_limit: int) -> None:
+def worker_main(conn: Connection, fx: str, work: str, mem_limit: int, time_limit: float) -> None:
+    import faulthandler
     import warnings
 
     warnings.simplefilter("ignore")
@@ -1177,10 +1178,16 @@ def worker_main(conn: Connection, fx: str, work: str, mem_limit: int) -> None:
             return
         kind, mut, seed, number = job
         case = os.path.join(work, f"case-{number}")
-        try:
-            result = state.run(kind, mut, seed, number, case, lambda note: conn.send(("note", note)))
-        finally:
-            _rmtree(case)
+        # If the case hangs, the parent finds where in this file (written by a C watchdog thread, so it works
+        # even while C code holds the GIL).
+        with open(os.path.join(work, f"stack-{number}"), "w") as stack:
+            faulthandler.dump_traceback_later(max(time_limit - 1.5, time_limit * 0.8), file=stack)
+            try:
+                result = state.run(kind, mut, seed, number, case, lambda note: conn.send(("note", note)))
+            finally:
+                faulthandler.cancel_dump_traceback_later()
+                _rmtree(case)
+        os.remove(stack.name)
         conn.send(result)
 
 
@@ -1201,8 +1208,8 @@ def _rmtree(path: str) -> None:
 class Pool:
     """Long-lived forked workers; one that hangs, dies or blows its memory is replaced."""
 
-    def __init__(self, size: int, fx: str, work: str, mem_limit: int) -> None:
-        self.fx, self.work, self.mem_limit = fx, work, mem_limit
+    def __init__(self, size: int, fx: str, work: str, mem_limit: int, time_limit: float) -> None:
+        self.fx, self.work, self.mem_limit, self.time_limit = fx, work, mem_limit, time_limit
         self.workers: list[tuple[int, Connection]] = [self._spawn() for _ in range(size)]
 
     def _spawn(self) -> tuple[int, Connection]:
@@ -1212,7 +1219,7 @@ class Pool:
             parent.close()
             code = 0
             try:
-                worker_main(child, self.fx, self.work, self.mem_limit)
+                worker_main(child, self.fx, self.work, self.mem_limit, self.time_limit)
             except BaseException:  # noqa: BLE001
                 code = 3
             os._exit(code)
@@ -1267,7 +1274,8 @@ class Pool:
                     conn.close()
                     _rmtree(os.path.join(self.work, f"case-{job[3]}"))
                     self.workers[slot] = self._spawn()
-                    on_result(_result(job, "hang", note=notes.pop(slot, ""), message=f"no answer within {time_limit} s"))
+                    on_result(_result(job, "hang", note=notes.pop(slot, ""), message=f"no answer within {time_limit} s",
+                                      **_stack(os.path.join(self.work, f"stack-{job[3]}"))))
 
     def _died(self, slot: int, job: tuple, note: str) -> dict[str, Any]:
         pid, conn = self.workers[slot]
@@ -1288,6 +1296,20 @@ class Pool:
             except OSError:
                 pass
             self._reap(pid, kill=False)
+
+
+def _stack(path: str) -> dict[str, str]:
+    """Where a hung worker was, from its faulthandler dump: the innermost regraft frame and the dump."""
+    try:
+        with open(path) as f:
+            dump = f.read()
+        os.remove(path)
+    except OSError:
+        return {}
+    lines = [line.strip() for line in dump.splitlines() if line.strip().startswith("File ")]
+    ours = [line for line in lines if f"{os.sep}regraft{os.sep}" in line]  # innermost first
+    where = (ours or lines or [""])[0].replace("File ", "").replace(ROOT + os.sep, "")
+    return {"where": where, "traceback": dump[-1500:]}
 
 
 def _result(job: tuple, cls: str, **extra: Any) -> dict[str, Any]:
@@ -1378,7 +1400,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(work)
         results: list[dict[str, Any]] = []
         t0 = time.monotonic()
-        pool = Pool(min(args.workers, len(jobs)) or 1, fx, work, args.memory_limit << 20)
+        pool = Pool(min(args.workers, len(jobs)) or 1, fx, work, args.memory_limit << 20, args.time_limit)
 
         def on_result(r: dict[str, Any]) -> None:
             results.append(r)
