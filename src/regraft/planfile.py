@@ -205,6 +205,9 @@ def _load(path: str) -> tuple[dict[str, Any], Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
         raise RegraftError(f"Plan {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}.", hint=_HINT) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise RegraftError(f"Plan {path} nests lists or mappings thousands of levels deep; a plan file "
+                           "nests four.", hint=_HINT) from None
     if not isinstance(data, dict) or data.get("regraft_plan") != PLAN_VERSION:
         raise RegraftError(f"{path} is not a regraft plan file (version {PLAN_VERSION}).", hint=_HINT)
     return data, node
