@@ -97,6 +97,8 @@ class LoadReport:
                 row["confirm"] = True  # placed by order only: loaded only if the user accepted order
             if a.allowed:
                 row["allowed_by"] = a.allowed
+            if a.not_preserved:
+                row["not_preserved"] = a.not_preserved
             if a.target.key in self.cast_errors:
                 row["max_cast_error"] = self.cast_errors[a.target.key]
             out.append(row)
