@@ -226,6 +226,41 @@ def inserted_conv_bn(grown: bool) -> Any:
     return keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="gap")(x), name="convs")
 
 
+def mlp_unnamed(grown: bool) -> Any:
+    """The MLP case with Keras' automatic names: alignment alone pairs the layers."""
+    keras = _keras()
+    inputs = keras.Input((48,))
+    x = keras.layers.Dense(64 if grown else 48, activation="relu")(inputs)
+    x = keras.layers.Dense(48, activation="relu")(x)
+    if grown:
+        x = keras.layers.Dense(48, activation="relu")(x)
+    x = keras.layers.Dense(48, activation="relu")(x)
+    return keras.Model(inputs, keras.layers.Dense(3)(x), name="mlp_unnamed")
+
+
+def inserted_valid_conv(grown: bool) -> Any:
+    """A 3x3 'valid' convolution inserted: it crops the border, so it is no identity."""
+    keras = _keras()
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="c1")(inputs)
+    if grown:
+        x = keras.layers.Conv2D(6, 3, name="c_valid")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x), name="valid")
+
+
+def block_after_linear_stem(grown: bool) -> Any:
+    """A residual block (with ReLU after its sum) inserted right after a stem without activation."""
+    keras = _keras()
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    if grown:
+        x = _res_block(x, "b0", 8)
+    x = _res_block(x, "b1", 8)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(4, name="head")(x), name="linear_stem")
+
+
 def mobilenet_v2(grown: bool) -> Any:
     keras = _keras()
     return keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=1.3 if grown else 1.0, weights=None,
@@ -233,7 +268,7 @@ def mobilenet_v2(grown: bool) -> Any:
 
 
 CASES: dict[str, tuple[str, Callable[[bool], Any], bool]] = {
-    # name: (what changed, builder, must be preserved)
+    # name: (what changed, builder, must be preserved; otherwise refused with the reason)
     "tutorial": ("the tutorial's inserted Dense (subclassed)", tutorial, True),
     "plain_conv": ("a plain conv widened 8->20", plain_conv, True),
     "conv_bn_pool_head": ("conv+BN 16->24, conv 32->48, GAP -> Dense head", conv_bn_pool_head, True),
@@ -247,8 +282,14 @@ CASES: dict[str, tuple[str, Callable[[bool], Any], bool]] = {
     "insert_after_widened": ("Dense widened 24->40, Dense(40) inserted right after", insert_after_widened, True),
     "inserted_conv_bn": ("Conv2D + BatchNormalization inserted", inserted_conv_bn, True),
     "mobilenet_v2": ("MobileNetV2 alpha 1.0 -> 1.3 (depthwise convs)", mobilenet_v2, True),
+    "mlp_unnamed": ("the MLP case with automatic names (alignment alone; accept_order)", mlp_unnamed, True),
     "post_ln_deeper": ("post-LN transformer, third block inserted: cannot be an identity", post_ln_transformer, False),
+    "inserted_valid_conv": ("a 'valid' 3x3 conv inserted: crops, cannot be an identity", inserted_valid_conv, False),
+    "block_after_linear_stem": ("residual block + ReLU inserted after a linear stem: ReLU changes negatives",
+                                block_after_linear_stem, False),
 }
+# Load options per case: which of two alike inserted layers is the new one only order tells.
+OPTIONS: dict[str, dict[str, Any]] = {"mlp_unnamed": {"accept_order": True}}
 
 
 def run_case(name: str, folder: str) -> dict[str, Any]:
@@ -265,7 +306,7 @@ def run_case(name: str, folder: str) -> dict[str, Any]:
     path = tf.train.Checkpoint(model=old).write(os.path.join(folder, name, "ckpt"))
     new = builder(True)
     try:
-        report = regraft.load(new, path, reshape="preserve")
+        report = regraft.load(new, path, reshape="preserve", **OPTIONS.get(name, {}))
     except regraft.LoadError as exc:
         return {"case": name, "what": what, "result": "refused", "max_rel": None,
                 "ok": not preservable, "detail": exc.problems[0] if exc.problems else str(exc)}

@@ -193,7 +193,7 @@ def grow(tmp_path, case: str, seed: int = 7, **load_options):
     path = save_tf(tmp_path / case / "ckpt", model=old)
     new = builder(True)
     before = {v.path: value_of(v) for v in new.weights}
-    report = regraft.load(new, path, reshape="preserve", **load_options)
+    report = regraft.load(new, path, reshape="preserve", **{**BENCH.OPTIONS.get(case, {}), **load_options})
     return old, new, report, before
 
 
@@ -287,6 +287,18 @@ def test_inserted_pre_ln_block_zeroes_attention_output_and_last_projection(tmp_p
     assert not value_of(weights["block3_mha/attention_output/kernel"]).any()  # the output projection
     assert value_of(weights["block3_mha/query/kernel"]).any()  # left fresh: it does not matter
     assert regraft.verify(old, new).max_abs == 0.0
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("inserted_valid_conv", "not preserved: layer 'c_valid' (c_valid/{bias,kernel}): an inserted convolution is an "
+     "identity only with stride 1, 'same' padding and one group (its output must keep the input's size)"),
+    ("block_after_linear_stem", "not preserved: layer 'b0_bn1' (b0_bn1/{beta,gamma,moving_mean,moving_variance}): the "
+     "relu after the residual sum changes its input even when the branch adds zero (the input can be negative)"),
+])
+def test_growth_that_cannot_be_an_identity_is_refused_with_the_reason(tmp_path, case, problem):
+    with pytest.raises(regraft.LoadError) as info:
+        grow(tmp_path, case)
+    assert problem in info.value.problems
 
 
 def test_post_ln_block_is_refused_with_the_reason(tmp_path):

@@ -66,6 +66,10 @@ _KEEPS_SIGN = _PASS_THROUGH - {"activation", "elu", "leaky_re_lu", "gaussian_noi
 # Activations with f(0) = 0: always-zero channels stay zero. Softmax mixes channels.
 _ZERO_AT_ZERO = {None, "linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "tanh", "silu", "swish",
                  "hard_silu", "hard_swish", "mish", "softsign"}
+# Activations applied to each unit apart (copies of a unit stay copies). Softmax mixes units.
+_ELEMENTWISE = _ZERO_AT_ZERO | {"sigmoid", "hard_sigmoid", "softplus", "exponential", "log_sigmoid", "celu",
+                                "sparse_plus", "squareplus", "tanh_shrink", "hard_tanh"}
+_ACTIVATIONS = {"re_lu", "activation", "leaky_re_lu", "elu"}
 _PRODUCERS = {"dense", "conv1d", "conv2d", "conv3d", "separable_conv1d", "separable_conv2d"}
 _DEPTHWISE = {"depthwise_conv1d", "depthwise_conv2d"}
 _NORMS = {"layer_normalization", "group_normalization", "batch_normalization", "rms_normalization"}
@@ -285,6 +289,11 @@ def _zero_inserted_branches(out: list[Assignment], by_layer: dict[str, list[int]
     """
     by_key = {layer.key: layer for layer in graph}
     ancestors = _ancestors(graph)
+    non_negative: dict[str, bool] = {}
+    for layer in graph:
+        feeding = [non_negative.get(key, False) for key in layer.inputs] + [False] * len(layer.model_inputs)
+        non_negative[layer.key] = layer.non_negative or bool(
+            feeding and all(feeding) and (layer.kind in _KEEPS_SIGN or layer.kind in ("add", "concatenate")))
     inert: set[str] = set()
     for merge in graph:
         if merge.kind != "add":
@@ -302,6 +311,14 @@ def _zero_inserted_branches(out: list[Assignment], by_layer: dict[str, list[int]
             last = branch_end
             while last in branch and not by_layer.get(last) and _zero_passes(by_key[last]) and by_key[last].inputs:
                 last = by_key[last].inputs[0]
+            after = [g.activation for g in graph if merge.key in g.inputs and g.kind in _ACTIVATIONS
+                     and g.activation not in (None, "linear")]
+            if any(act != "relu" or not non_negative.get(skip, False) for act in after):
+                for key in weighted:
+                    _explain(out, by_layer[key], f"the {after[0]} after the residual sum changes its input even when "
+                             "the branch adds zero (the input can be negative)")
+                inert |= branch
+                continue
             if last not in branch or not _zero_last_scale(out, by_layer[last], by_key[last]):
                 continue
             inert |= branch
@@ -473,6 +490,10 @@ def _preserve_producer(out: list[Assignment], roles: dict[str, int], incoming: A
         if new[-1] < old[-1]:
             _explain(out, list(roles.values()), "fewer output units cannot compute the same function")
             return _UNKNOWN
+        if layer.activation not in _ELEMENTWISE:
+            _explain(out, list(roles.values()), f"copied units change what its {layer.activation} activation computes "
+                     "(it mixes units)")
+            return _UNKNOWN
         mapping = _mapping(old[-1], new[-1], seed_key)
         kernel_steps.append(("widen_out", {"mapping": mapping, "axis": -1}))
         bias_steps.append(("widen_out", {"mapping": mapping, "axis": -1}))
@@ -509,6 +530,10 @@ def _preserve_inserted(out: list[Assignment], roles: dict[str, int], indices: li
         return _UNKNOWN
     kernel = out[roles["kernel"]]
     shape = kernel.target.shape
+    if len(shape) > 2 and not _keeps_size(layer, shape):
+        _explain(out, indices, "an inserted convolution is an identity only with stride 1, 'same' padding and one "
+                 "group (its output must keep the input's size)")
+        return _UNKNOWN
     if incoming is _UNKNOWN or (incoming is not None and shape[-1] != shape[-2]):
         _explain(out, indices, "an inserted layer after a widened one starts as an identity only at the same width")
         return _UNKNOWN
@@ -531,6 +556,14 @@ def _preserve_inserted(out: list[Assignment], roles: dict[str, int], indices: li
     if incoming is not None:
         return incoming
     return _Channels(shape[-2]) if shape[-1] > shape[-2] else None
+
+
+def _keeps_size(layer: Any, kernel_shape: tuple[int, ...]) -> bool:
+    """The layer's output has its input's spatial size, and the kernel reads every input channel."""
+    if not layer.in_shapes or layer.out_shape is None:
+        return False
+    before, after = layer.in_shapes[0], layer.out_shape
+    return tuple(before[:-1]) == tuple(after[:-1]) and before[-1] == kernel_shape[-2]
 
 
 def _identity_norm(out: list[Assignment], roles: dict[str, int], indices: list[int], incoming: Any,

@@ -29,6 +29,7 @@ class GraphLayer:
         epsilon: a normalization layer's epsilon (``None`` for other layers).
         in_shapes: the shape of each input without the batch axis, when known (``()`` if not).
         axis: the axis a ``Concatenate`` joins on (``None`` for other layers).
+        out_shape: the shape of its (first) output without the batch axis, when known.
     """
 
     key: str
@@ -40,6 +41,7 @@ class GraphLayer:
     epsilon: float | None = None
     in_shapes: tuple[tuple[int | None, ...], ...] = ()
     axis: int | None = None
+    out_shape: tuple[int | None, ...] | None = None
 
 
 @runtime_checkable

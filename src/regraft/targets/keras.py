@@ -521,18 +521,21 @@ def _graph_layer(layer: Any, key: str, inputs: tuple[str, ...], model_inputs: tu
     if isinstance(layer, keras.layers.ReLU):
         # ReLU(negative_slope=a) is a leaky ReLU: negative for negative inputs when a > 0.
         slope, threshold = float(layer.negative_slope), float(layer.threshold)
-        name = "relu" if slope == 0 and threshold == 0 else "leaky_relu"
+        capped = layer.max_value is not None
+        name = "leaky_relu" if slope != 0 or threshold != 0 else ("relu6" if capped else "relu")
         non_negative = slope == 0 and threshold >= 0
     epsilon = getattr(layer, "epsilon", None)
     try:
         tensors = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
         in_shapes = tuple(tuple(None if d is None else int(d) for d in t.shape[1:]) for t in tensors)
+        output = layer.output[0] if isinstance(layer.output, (list, tuple)) else layer.output
+        out_shape = tuple(None if d is None else int(d) for d in output.shape[1:])
     except (AttributeError, ValueError, TypeError, IndexError):
-        in_shapes = ()  # a layer not called in a graph (subclassed models)
+        in_shapes, out_shape = (), None  # a layer not called in a graph (subclassed models)
     axis = getattr(layer, "axis", None) if isinstance(layer, keras.layers.Concatenate) else None
     return GraphLayer(key, _snake(layer), inputs, name, non_negative, model_inputs,
                       float(epsilon) if isinstance(epsilon, (int, float)) else None, in_shapes,
-                      int(axis) if isinstance(axis, int) else None)
+                      int(axis) if isinstance(axis, int) else None, out_shape)
 
 
 def _leaf_layers(model: Any) -> list[Any]:
