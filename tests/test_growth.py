@@ -413,3 +413,31 @@ def test_init_rule_wins_over_preserve(tmp_path):
     assert rows["dense2/kernel"]["not_preserved"] == "an init rule leaves this layer fresh"
     assert rows["dense2/kernel"]["allowed_by"].startswith("rule 1")
     assert not regraft.verify(old, new).passed
+
+
+def test_grouped_view_says_what_growth_did_per_layer(tmp_path):
+    _, _, report, _ = grow(tmp_path, "conv_bn_pool_head")
+    c1 = dict(steps_of(report, "c1/kernel"))["widen_out"]["mapping"]
+    lines = report.grouped().splitlines()
+    start = lines.index("growth (reshape='preserve'):")
+    copies = ", ".join(f"{j}<-{c1[j]}" for j in range(16, 22))
+    assert lines[start + 1:start + 4] == [
+        f"  c1: widened 16->24 (units copied: {copies}, ...)",
+        lines[start + 2],  # c2's own mapping, checked below
+        "  head: consumer rows divided (input 32->48)",
+    ]
+    assert lines[start + 2].startswith("  c2: widened 32->48 (units copied: ") \
+        and lines[start + 2].endswith("; consumer rows divided (input 16->24)")
+
+    _, _, report, _ = grow(tmp_path, "resnet_deeper")
+    assert "  b3_bn2: zeroed: the inserted residual branch it ends adds nothing" in report.grouped().splitlines()
+
+
+def test_identity_layers_do_not_count_as_from_the_checkpoint(tmp_path):
+    old, new = build_inserted_old(), build_inserted_new()
+    report = regraft.load(new, save_tf(tmp_path / "a" / "ckpt", model=old), reshape="preserve")
+    sizes = {a.target.key: a.target.size for a in report.plan.assignments}
+    from_checkpoint = sum(size for key, size in sizes.items() if not key.startswith("dense2/"))
+    assert report.parameter_share() == from_checkpoint / sum(sizes.values())
+    assert "  dense2: inserted as an identity" in report.grouped().splitlines()
+    assert f"{from_checkpoint / sum(sizes.values()):.1%} of parameters from the checkpoint" in report.summary()
