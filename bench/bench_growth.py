@@ -261,6 +261,15 @@ def block_after_linear_stem(grown: bool) -> Any:
     return keras.Model(inputs, keras.layers.Dense(4, name="head")(x), name="linear_stem")
 
 
+def embedding_widened(grown: bool) -> Any:
+    """A token embedding widened 8 -> 12, averaged over the sequence, into a Dense head."""
+    keras = _keras()
+    inputs = keras.Input((5,), dtype="int32")
+    x = keras.layers.Embedding(20, 12 if grown else 8, name="emb")(inputs)
+    x = keras.layers.GlobalAveragePooling1D(name="mean")(x)
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(x), name="embedding")
+
+
 def mobilenet_v2(grown: bool) -> Any:
     keras = _keras()
     return keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=1.3 if grown else 1.0, weights=None,
@@ -282,6 +291,7 @@ CASES: dict[str, tuple[str, Callable[[bool], Any], bool]] = {
     "insert_after_widened": ("Dense widened 24->40, Dense(40) inserted right after", insert_after_widened, True),
     "inserted_conv_bn": ("Conv2D + BatchNormalization inserted", inserted_conv_bn, True),
     "mobilenet_v2": ("MobileNetV2 alpha 1.0 -> 1.3 (depthwise convs)", mobilenet_v2, True),
+    "embedding": ("a token embedding widened 8->12, mean-pooled, Dense head", embedding_widened, True),
     "mlp_unnamed": ("the MLP case with automatic names (alignment alone; accept_order)", mlp_unnamed, True),
     "post_ln_deeper": ("post-LN transformer, third block inserted: cannot be an identity", post_ln_transformer, False),
     "inserted_valid_conv": ("a 'valid' 3x3 conv inserted: crops, cannot be an identity", inserted_valid_conv, False),
@@ -322,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = args.only or list(CASES)
     rows = []
+    print("| case | what changed | result | relative max error | |\n| --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory(prefix="regraft-bench-growth-") as folder:
         for name in names:
             rows.append(run_case(name, folder))

@@ -208,6 +208,8 @@ def _preserve(assignments: list[Assignment], graph: list[Any], noise: float) -> 
             channels[layer.key] = _preserve_norm(out, roles, incoming)
         elif layer.kind in _DEPTHWISE:
             channels[layer.key] = _preserve_depthwise(out, roles, incoming)
+        elif layer.kind == "embedding" and "embeddings" in roles and len(roles) == 1:
+            channels[layer.key] = _preserve_embedding(out, roles["embeddings"], spaces.get(layer.key, layer.key))
         elif layer.kind in _PRODUCERS and ("kernel" in roles or "pointwise_kernel" in roles):
             seed_key = spaces.get(layer.key, layer.key)
             channels[layer.key] = _preserve_producer(out, roles, incoming, layer, seed_key, noise)
@@ -442,6 +444,20 @@ def _preserve_norm(out: list[Assignment], roles: dict[str, int], incoming: Any) 
     return incoming
 
 
+def _preserve_embedding(out: list[Assignment], index: int, seed_key: str) -> Any:
+    """A wider embedding copies its old dimensions by a mapping, like a producer's output units."""
+    a = out[index]
+    if a.source is None or a.status != SHAPE_MISMATCH:
+        return None if a.source is not None else _UNKNOWN
+    (old_rows, old_dim), (new_rows, new_dim) = a.source.shape, a.target.shape
+    if old_rows != new_rows or new_dim < old_dim:
+        _explain(out, [index], f"embeddings {a.source.shape} -> {a.target.shape}: only the dimension may grow")
+        return _UNKNOWN
+    mapping = _mapping(old_dim, new_dim, seed_key)
+    out[index] = with_steps(a, [("widen_out", {"mapping": mapping, "axis": -1})], "preserve: widen_out(axis -1)")
+    return _Channels(old_dim, tuple(mapping))
+
+
 def _preserve_depthwise(out: list[Assignment], roles: dict[str, int], incoming: Any) -> Any:
     """A depthwise conv works per channel: its kernel's channel axis and its bias follow the input's mapping."""
     kernel = out[roles["kernel"]] if "kernel" in roles else None
@@ -614,9 +630,13 @@ def _shift_past_inserted(out: list[Assignment], by_layer: dict[str, list[int]], 
             source = moved.source  # not None: checked above
             status = status_for(source, emptied.target)
             out[there[role]] = replace(emptied, source=moved.source, status=status, stage=Stage.ALIGNED,
-                                       reason=f"preserve: '{layer.key}' looks inserted; its old tensor moves here",
+                                       reason=f"preserve: '{layer.key}' reads as inserted before this layer, so the "
+                                       "old tensor that names paired with it moves here (the only reading that "
+                                       "keeps the function)",
                                        confidence=moved.confidence)
-            out[here[role]] = replace(moved, source=None, status=MISSING, reason="preserve: treated as inserted")
+            out[here[role]] = replace(moved, source=None, status=MISSING,
+                                      reason=f"preserve: inserted; the old tensor that names paired with it fits "
+                                      f"'{following.key}' after it")
 
 
 def _mapping(old: int, new: int, key: str) -> list[int]:
