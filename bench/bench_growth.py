@@ -270,6 +270,15 @@ def embedding_widened(grown: bool) -> Any:
     return keras.Model(inputs, keras.layers.Dense(2, name="head")(x), name="embedding")
 
 
+def more_classes(grown: bool) -> Any:
+    """A classifier head with more classes (10 -> 12): new outputs, nothing to preserve them from."""
+    keras = _keras()
+    inputs = keras.Input((16,))
+    x = keras.layers.Dense(32, activation="relu", name="features")(inputs)
+    x = keras.layers.Dense(12 if grown else 10, name="logits")(x)
+    return keras.Model(inputs, keras.layers.Activation("softmax", name="probs")(x), name="classifier")
+
+
 def mobilenet_v2(grown: bool) -> Any:
     keras = _keras()
     return keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=1.3 if grown else 1.0, weights=None,
@@ -297,6 +306,7 @@ CASES: dict[str, tuple[str, Callable[[bool], Any], bool]] = {
     "inserted_valid_conv": ("a 'valid' 3x3 conv inserted: crops, cannot be an identity", inserted_valid_conv, False),
     "block_after_linear_stem": ("residual block + ReLU inserted after a linear stem: ReLU changes negatives",
                                 block_after_linear_stem, False),
+    "more_classes": ("a head with more classes (10 -> 12): new outputs are not the old ones", more_classes, False),
 }
 # Load options per case: which of two alike inserted layers is the new one only order tells.
 OPTIONS: dict[str, dict[str, Any]] = {"mlp_unnamed": {"accept_order": True}}

@@ -217,6 +217,7 @@ def _preserve(assignments: list[Assignment], graph: list[Any], noise: float) -> 
             changed = any(out[i].status == SHAPE_MISMATCH for i in indices)
             channels[layer.key] = None if incoming is None and not changed else _UNKNOWN
             _explain(out, indices, f"{layer.kind} layers are not grown function-preservingly")
+    _mark_grown_outputs(out, by_layer, graph, channels)
     owner = {i: key for key, indices in by_layer.items() for i in indices}
     for i, a in enumerate(out):  # whatever is left: never silently different
         if owner.get(i) in inert or a.not_preserved:
@@ -227,6 +228,27 @@ def _preserve(assignments: list[Assignment], graph: list[Any], noise: float) -> 
             _explain(out, [i], "a new layer with no counterpart in the checkpoint that regraft cannot start as "
                      "an identity")
     return out
+
+
+def _mark_grown_outputs(out: list[Assignment], by_layer: dict[str, list[int]], graph: list[Any],
+                        channels: dict[str, Any]) -> None:
+    """A model output that grew (more classes in a head) computes more than the old model: copied
+    units are not new classes. Mark the variables of the layer that widened it."""
+    consumed = {key for layer in graph for key in layer.inputs}
+    by_key = {layer.key: layer for layer in graph}
+    for layer in graph:
+        if layer.key in consumed or channels.get(layer.key) is None:
+            continue
+        source = layer
+        while not by_layer.get(source.key) and source.inputs and source.inputs[0] in by_key:
+            source = by_key[source.inputs[0]]  # back through weightless layers to the one that grew
+        why = ("a model output with more units than before: the copied units are not new outputs, and the old "
+               "model has nothing to compare them with")
+        for i in by_layer.get(source.key, []):
+            a = out[i]
+            grew = any(name == "widen_out" and int(options.get("axis", -1)) == -1 for name, options in a.steps)
+            if a.status == TRANSFORMED and grew and not a.not_preserved:
+                out[i] = replace(a, reason=f"{a.reason}; could not preserve: {why}", not_preserved=why)
 
 
 def _variables_by_layer(assignments: list[Assignment], graph: list[Any]) -> dict[str, list[int]]:
