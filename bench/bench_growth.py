@@ -279,6 +279,13 @@ def more_classes(grown: bool) -> Any:
     return keras.Model(inputs, keras.layers.Activation("softmax", name="probs")(x), name="classifier")
 
 
+def efficientnet_b0_b1(grown: bool) -> Any:
+    """EfficientNetB0 -> B1 (same widths, more blocks per stage: inserted MBConv blocks with squeeze-excite)."""
+    keras = _keras()
+    build = keras.applications.EfficientNetB1 if grown else keras.applications.EfficientNetB0
+    return build(input_shape=(64, 64, 3), weights=None, classes=10)
+
+
 def mobilenet_v2(grown: bool) -> Any:
     keras = _keras()
     return keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=1.3 if grown else 1.0, weights=None,
@@ -300,6 +307,7 @@ CASES: dict[str, tuple[str, Callable[[bool], Any], bool]] = {
     "insert_after_widened": ("Dense widened 24->40, Dense(40) inserted right after", insert_after_widened, True),
     "inserted_conv_bn": ("Conv2D + BatchNormalization inserted", inserted_conv_bn, True),
     "mobilenet_v2": ("MobileNetV2 alpha 1.0 -> 1.3 (depthwise convs)", mobilenet_v2, True),
+    "efficientnet_b0_b1": ("EfficientNetB0 -> B1 (inserted MBConv blocks)", efficientnet_b0_b1, True),
     "embedding": ("a token embedding widened 8->12, mean-pooled, Dense head", embedding_widened, True),
     "mlp_unnamed": ("the MLP case with automatic names (alignment alone; accept_order)", mlp_unnamed, True),
     "post_ln_deeper": ("post-LN transformer, third block inserted: cannot be an identity", post_ln_transformer, False),

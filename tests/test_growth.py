@@ -443,3 +443,26 @@ def test_identity_layers_do_not_count_as_from_the_checkpoint(tmp_path):
     assert report.parameter_share() == from_checkpoint / sum(sizes.values())
     assert "  dense2: inserted as an identity" in report.grouped().splitlines()
     assert f"{from_checkpoint / sum(sizes.values()):.1%} of parameters from the checkpoint" in report.summary()
+
+
+def test_squeeze_excite_reshape_keeps_the_channel_axis(tmp_path):
+    """GAP -> Reshape((1, 1, C)) -> conv: the channels survive the reshape, so the widening follows."""
+    def model(grown: bool):
+        inputs = keras.Input((6, 6, 3))
+        x = keras.layers.Conv2D(12 if grown else 8, 3, padding="same", activation="swish", name="c")(inputs)
+        s = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+        s = keras.layers.Reshape((1, 1, 12 if grown else 8), name="reshape")(s)
+        s = keras.layers.Conv2D(4, 1, activation="swish", name="se_reduce")(s)
+        s = keras.layers.Conv2D(12 if grown else 8, 1, activation="sigmoid", name="se_expand")(s)
+        x = keras.layers.Multiply(name="excite")([x, s])
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+        return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+
+    keras.utils.set_random_seed(10)
+    old, new = model(False), model(True)
+    BENCH.randomize_extras(old, 10)
+    report = regraft.load(new, save_tf(tmp_path / "se" / "ckpt", model=old), reshape="preserve")
+    c = dict(steps_of(report, "c/kernel"))["widen_out"]["mapping"]
+    assert dict(steps_of(report, "se_reduce/kernel"))["widen_in"]["mapping"] == c
+    assert dict(steps_of(report, "se_expand/kernel"))["widen_out"]["mapping"] == c  # one mapping per product
+    assert regraft.verify(old, new).max_rel < 1e-5

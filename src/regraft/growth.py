@@ -370,6 +370,10 @@ def _zero_last_scale(out: list[Assignment], indices: list[int], layer: Any) -> b
         chosen = [roles[r] for r in ("kernel", "pointwise_kernel", "bias") if r in roles]
         if "bias" in roles and len(chosen) < 2:
             return False
+    elif "gamma" in roles and set(roles) <= {"gamma", "beta"}:  # a per-channel scale
+        chosen = [roles[r] for r in ("gamma", "beta") if r in roles]
+    elif "scale" in layer.kind and len(indices) == 1 and len(out[indices[0]].target.shape) == 1:
+        chosen = list(indices)  # ConvNeXt's LayerScale: one per-channel multiplier
     elif layer.kind == "multi_head_attention":
         sub_layers = list(dict.fromkeys(out[i].target.layer for i in indices))
         last = sub_layers[-1]  # the output projection, built after query, key and value
@@ -390,6 +394,8 @@ def _weightless(layer: Any, incoming: Any) -> Any:
         return incoming
     if layer.kind == "activation" and layer.activation == "softmax":
         return _UNKNOWN
+    if layer.kind == "reshape" and _keeps_last_axis(layer):
+        return incoming
     if layer.kind in _PASS_THROUGH:
         if incoming.mapping is None and layer.kind == "activation" and layer.activation not in _ZERO_AT_ZERO:
             return _UNKNOWN  # the added channels would no longer be zero
@@ -594,6 +600,12 @@ def _preserve_inserted(out: list[Assignment], roles: dict[str, int], indices: li
     if incoming is not None:
         return incoming
     return _Channels(shape[-2]) if shape[-1] > shape[-2] else None
+
+
+def _keeps_last_axis(layer: Any) -> bool:
+    """A ``Reshape`` whose input and output end in the same (channel) axis size: channels survive it."""
+    shape = layer.in_shapes[0] if layer.in_shapes else None
+    return bool(shape) and layer.out_shape is not None and shape[-1] is not None and shape[-1] == layer.out_shape[-1]
 
 
 def _keeps_size(layer: Any, kernel_shape: tuple[int, ...]) -> bool:
