@@ -279,6 +279,21 @@ def more_classes(grown: bool) -> Any:
     return keras.Model(inputs, keras.layers.Activation("softmax", name="probs")(x), name="classifier")
 
 
+def residual_plus_operator(grown: bool) -> Any:
+    """Residual blocks written ``x + f(x)`` (an operation, not an Add layer), ConvNeXt-style, one inserted."""
+    keras = _keras()
+    inputs = keras.Input((6, 6, 8))
+    x = inputs
+    for name in ("b1", "b2", "b3") if grown else ("b1", "b2"):
+        y = keras.layers.Conv2D(8, 3, padding="same", groups=8, name=f"{name}_dw")(x)
+        y = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{name}_ln")(y)
+        y = keras.layers.Dense(32, activation="gelu", name=f"{name}_pw1")(y)
+        y = keras.layers.Dense(8, name=f"{name}_pw2")(y)
+        x = x + y
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x), name="plus")
+
+
 def efficientnet_b0_b1(grown: bool) -> Any:
     """EfficientNetB0 -> B1 (same widths, more blocks per stage: inserted MBConv blocks with squeeze-excite)."""
     keras = _keras()
@@ -307,6 +322,8 @@ CASES: dict[str, tuple[str, Callable[[bool], Any], bool]] = {
     "insert_after_widened": ("Dense widened 24->40, Dense(40) inserted right after", insert_after_widened, True),
     "inserted_conv_bn": ("Conv2D + BatchNormalization inserted", inserted_conv_bn, True),
     "mobilenet_v2": ("MobileNetV2 alpha 1.0 -> 1.3 (depthwise convs)", mobilenet_v2, True),
+    "residual_plus_operator": ("ConvNeXt-style blocks summed with x + f(x), one inserted", residual_plus_operator,
+                               True),
     "efficientnet_b0_b1": ("EfficientNetB0 -> B1 (inserted MBConv blocks)", efficientnet_b0_b1, True),
     "embedding": ("a token embedding widened 8->12, mean-pooled, Dense head", embedding_widened, True),
     "mlp_unnamed": ("the MLP case with automatic names (alignment alone; accept_order)", mlp_unnamed, True),

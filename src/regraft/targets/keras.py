@@ -495,9 +495,12 @@ def layer_graph(model: Any) -> list[GraphLayer]:
     keras = _keras()
     readable = _readable_layer_keys(model)
     if _is_layered(model):
-        members = {id(layer) for layer in model.layers}
+        # A functional model's operations include what is not a Layer (``x + y`` is an ``Add``
+        # operation): without them, a residual sum written with ``+`` would vanish from the graph.
+        operations = list(getattr(model, "operations", None) or model.layers)
+        members = {id(layer) for layer in operations}
         out = []
-        for layer in model.layers:
+        for layer in operations:
             if isinstance(layer, keras.layers.InputLayer):
                 continue
             parents = [parent for parent in _compat.inbound_layers(layer) if id(parent) in members]
