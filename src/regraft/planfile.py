@@ -20,7 +20,8 @@ Schema (version 1)::
     variables:
       <model variable key>: {source: str|null, status: str, transform: str|null, stage: str|null,
                              reason: str, confidence: number, candidates: [str], proposed: str,
-                             steps: [{name: str, ...options}], allowed_by: str, order_only: bool}
+                             steps: [{name: str, ...options}], allowed_by: str, order_only: bool,
+                             not_preserved: str}
     fresh: [str]            # derived: variables left fresh
     unused: [str]           # derived from the checkpoint and the sources above
     ignored: [{source: str, rule: str}] or [str]
@@ -31,6 +32,7 @@ Schema (version 1)::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -163,7 +165,10 @@ def read_plan(path: str | os.PathLike[str], model: Any) -> Plan:
     assignments = []
     for target in targets:
         entry = variables.get(target.key, {"source": None})
-        assignments.append(_assignment(target, entry, entries, check))
+        assignment = _assignment(target, entry, entries, check)
+        if entry.get("not_preserved"):
+            assignment = dataclasses.replace(assignment, not_preserved=entry["not_preserved"])
+        assignments.append(assignment)
     ignored = []
     for i, item in enumerate(ignored_items):
         key, rule = (item, "") if isinstance(item, str) else (item.get("source"), str(item.get("rule", "")))
@@ -274,7 +279,7 @@ class _Checker:
             if source is not None and not isinstance(source, str):
                 raise self.error((*keys, name, "source"), f"is {_kind(source)}", "a checkpoint key or null")
             for field, kind in (("proposed", str), ("reason", str), ("stage", str), ("status", str),
-                                ("allowed_by", str)):
+                                ("allowed_by", str), ("not_preserved", str)):
                 if entry.get(field) is not None and not isinstance(entry[field], kind):
                     raise self.error((*keys, name, field), f"is {_kind(entry[field])}", _kind_name(kind))
             confidence = entry.get("confidence")
