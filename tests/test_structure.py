@@ -18,7 +18,7 @@ LAYERS = [
     {"entries", "naming", "names", "files", "keys", "layouts", "writing"},
     {"sources", "targets"},
     {"rules", "transforms", "plans"},
-    {"report", "growth", "align"},
+    {"report", "growth", "align", "optimizer_state"},
     {"matching", "planfile"},
     {"applying", "verification"},
     {"api", "demo"},

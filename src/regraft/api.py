@@ -11,6 +11,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from regraft.applying import Progress, apply
 from regraft.errors import LoadError
 from regraft.matching import make_plan
+from regraft.optimizer_state import with_optimizer
 from regraft.plans import Plan
 from regraft.report import LoadReport
 from regraft.rules import parse_rules
@@ -158,6 +159,7 @@ def load(
     accept_order: bool = False,
     progress: Progress | None = None,
     allow_outside_state: bool = False,
+    optimizer: Any = None,
 ) -> LoadReport:
     """Load a checkpoint into a (possibly changed) built Keras model: :func:`plan`, then apply.
 
@@ -174,6 +176,11 @@ def load(
         freeze: set ``trainable=False`` on every layer whose variables were all
             loaded unchanged (a layer with a transformed variable stays trainable).
         progress: called as ``progress(done, total, key)`` after each tensor.
+        optimizer: a Keras 3 optimizer (built here for the model's trainable variables if it
+            is not built) whose slots follow their variables: each slot gets its variable's
+            transform (mapped for Net2Net widening), fresh variables get fresh slots, and the
+            step count is carried; see :mod:`regraft.optimizer_state`. Loaded all-or-nothing
+            with the model; the report's ``optimizer`` section says what each slot got.
 
     Returns:
         A :class:`LoadReport` with one status per variable.
@@ -190,6 +197,8 @@ def load(
         source = open_source(path, allow_outside_state=allow_outside_state)
     with source:
         the_plan = _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
+        if optimizer is not None:
+            the_plan = with_optimizer(the_plan, optimizer, model.trainable_variables)
         problems = the_plan.problems()
         if strict and problems:
             raise LoadError(

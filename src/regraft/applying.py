@@ -119,7 +119,7 @@ def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | 
     Raises:
         RegraftError: anything that stopped the load; the model is then unchanged.
     """
-    writes = [a for a in plan.assignments if a.writes]
+    writes = [a for a in (*plan.assignments, *plan.optimizer_assignments) if a.writes]
     done: dict[str, AppliedTensor] = {}
     # Reading the next tensor (I/O and checksum, outside the GIL) overlaps with
     # journaling and assigning the current one; at most one read is ahead.

@@ -41,6 +41,7 @@ LOADED, CAST, TRANSFORMED = Status.LOADED, Status.CAST, Status.TRANSFORMED
 SHAPE_MISMATCH, MISSING, AMBIGUOUS, UNCONFIRMED = Status.SHAPE_MISMATCH, Status.MISSING, Status.AMBIGUOUS, Status.UNCONFIRMED
 PLAN_VERSION = 1
 STATUSES = tuple(Status)
+OPTIMIZER_STATES = ("loaded", "transformed", "fresh", "kept")
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,9 @@ class Plan:
         removed: checkpoint layers with no counterpart in the model.
         source_fingerprint: hash of the checkpoint's keys, shapes and dtypes.
         target_fingerprint: hash of the model's keys, shapes and dtypes.
+        optimizer_assignments: with ``load(..., optimizer=)``, one per optimizer slot and
+            one for the step count (see :mod:`regraft.optimizer_state`); applied with
+            the model's variables, all-or-nothing.
     """
 
     source_path: str
@@ -134,6 +138,7 @@ class Plan:
     removed: tuple[str, ...] = ()
     source_fingerprint: str = ""
     target_fingerprint: str = ""
+    optimizer_assignments: tuple[Assignment, ...] = ()
 
     # -- checks -------------------------------------------------------------------
 
@@ -185,6 +190,13 @@ class Plan:
             lines.append(f"unused checkpoint tensors ({len(unused)}): " + ", ".join(collapse(unused)))
         for rule in self.unused_rules():
             lines.append(f"unused rule: {rule} matched nothing")
+        lacking = [a.target.key for a in self.optimizer_assignments if a.source is None and a.allowed is None]
+        if lacking:
+            lines.append(
+                f"optimizer state missing from the checkpoint ({len(lacking)}): " + ", ".join(collapse(lacking))
+                + " — slots of loaded variables would start fresh (a checkpoint without the optimizer, or slots "
+                "that do not record their variable)"
+            )
         return lines
 
     # -- counts and display ------------------------------------------------------
@@ -222,9 +234,27 @@ class Plan:
             parts.append(f"{c[UNCONFIRMED]} unconfirmed (placed by order only, left fresh)")
         parts.append(f"{c['unused']} unused")
         line = ", ".join(parts) + f" — {self.parameter_share():.1%} of parameters from the checkpoint"
-        if c["optimizer_and_bookkeeping"]:
+        if self.optimizer_assignments:
+            states = [row["state"] for row in self.optimizer_rows()]
+            line += "; optimizer: " + ", ".join(f"{states.count(s)} {s}" for s in OPTIMIZER_STATES if s in states)
+        elif c["optimizer_and_bookkeeping"]:
             line += f"; {c['optimizer_and_bookkeeping']} optimizer/bookkeeping tensors not loaded"
         return line
+
+    def optimizer_rows(self) -> list[dict[str, Any]]:
+        """One dict per optimizer slot (and the step count): ``state`` is ``loaded``
+        (as saved), ``transformed`` (its variable's transform, mapped for slots), ``fresh``
+        (initial value) or ``kept`` (left as the optimizer has it: a step count the checkpoint
+        lacks, a moving average of a fresh variable)."""
+        rows = []
+        for a in self.optimizer_assignments:
+            if a.source is None:
+                state = "fresh" if a.writes else "kept"
+            else:
+                state = "transformed" if a.status == TRANSFORMED else "loaded"
+            rows.append({"slot": a.target.key, "source": a.source.key if a.source else None, "state": state,
+                         "transform": a.transform, "reason": a.reason})
+        return rows
 
     def heading(self) -> str:
         """``path [format] (object 'model')``: what the plan reads."""

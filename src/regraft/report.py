@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from regraft.entries import Stage
-from regraft.naming import collapse
+from regraft.naming import collapse, text_table
 from regraft.plans import (
     AMBIGUOUS,
     CAST,
@@ -128,7 +128,13 @@ class LoadReport:
             "removed_layers": list(p.removed),
             "frozen": list(self.frozen),
             "kept_trainable": self.kept_trainable(),
+            "optimizer": p.optimizer_rows(),
         }
+
+    def optimizer_table(self) -> str:
+        """The optimizer section: per slot, its state (loaded/transformed/fresh), source and transform."""
+        rows = [(r["state"], r["slot"], r["source"] or "-", r["transform"] or "-") for r in self.plan.optimizer_rows()]
+        return text_table([("STATE", "SLOT", "FROM", "TRANSFORM"), *rows]) if rows else ""
 
     def table(self) -> str:
         """A plain-text table: status, target, source, shapes, dtype; then unused tensors."""

@@ -52,7 +52,8 @@ Built-in transforms:
                     ``axis`` (-1): kernel output axis, bias, BatchNormalization vectors.
 ``widen_in``        Net2Net consumer side: ``out[j] = value[mapping[j]] / count[mapping[j]]``
                     on ``axis`` (-2: Dense kernel axis 0, Conv kernel axis 2); optional
-                    symmetry-breaking ``noise`` that keeps every sum over copies.
+                    symmetry-breaking ``noise`` that keeps every sum over copies;
+                    ``power=2`` divides by ``count**2`` (an optimizer's second moment).
 ``identity_init``   an inserted layer's kernel as :func:`identity_kernel`, its bias as zeros;
                     ignores the value (may be ``None``).
 ``fill``            the constant ``value`` everywhere; ignores the value (may be ``None``):
@@ -846,8 +847,10 @@ def _widen_out_apply(
 
 def _widen_in_shape(
     in_shape: Shape | None, target_shape: Shape, /, *, mapping: Sequence[int], axis: int = -2,
-    noise: float = 0.0, seed: int = 0,
+    noise: float = 0.0, seed: int = 0, power: int = 1,
 ) -> Shape:
+    if power not in (1, 2):
+        raise _reason(f"option power must be 1 or 2, not {power!r}")
     in_shape = _need(in_shape, "widen_in")
     _same_rank("widen_in", in_shape, target_shape)
     ax, m = _mapping(mapping, in_shape, target_shape, axis, "widen_in")
@@ -865,13 +868,13 @@ def _widen_in_shape(
 
 def _widen_in_apply(
     value: np.ndarray, fresh: None, /, *, target_shape: Shape, key: str = "tensor", mapping: Sequence[int],
-    axis: int = -2, noise: float = 0.0, seed: int = 0,
+    axis: int = -2, noise: float = 0.0, seed: int = 0, power: int = 1,
 ) -> np.ndarray:
     ax = axis % value.ndim
     m = np.asarray(mapping, dtype=np.intp)
     count = np.bincount(m, minlength=value.shape[ax]).astype(np.float64)
     moved = np.moveaxis(_float_work(value), ax, 0)  # (old, ...)
-    out = moved[m] / count[m].reshape([-1] + [1] * (moved.ndim - 1))
+    out = moved[m] / (count[m] ** power).reshape([-1] + [1] * (moved.ndim - 1))
     if noise > 0 and value.size:
         out = out + _zero_sum_noise(m, count, out.shape, float(noise) * float(np.std(moved)), seed)
     return _back(np.moveaxis(out, 0, ax), value.dtype)

@@ -50,6 +50,7 @@ __all__ = [
     "attribute_skipset",
     "attribute_sort_key",
     "run_keras_weights_walk",
+    "optimizer_slot_lists",
 ]
 
 _HINT = (
@@ -316,3 +317,27 @@ def save_weights_to_buffer(model: Any, buffer: Any) -> None:
         save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
     finally:
         store.close()
+
+
+# --------------------------------------------------------------------------- optimizers
+
+# The per-variable slot lists of Keras 3's built-in optimizers (attribute names since Keras 3.0):
+# item i of each list belongs to item i of ``_trainable_variables``.
+OPTIMIZER_SLOT_LISTS = (
+    "_momentums", "momentums", "_velocities", "_velocity_hats", "_average_gradients", "_accumulators",
+    "_m", "_u", "_accumulated_grads", "_accumulated_delta_vars", "_linears", "_accumulated_gradients",
+    "_model_variables_moving_average",
+)
+
+
+def optimizer_slot_lists(optimizer: Any) -> tuple[list[Any], dict[str, list[Any]]]:
+    """A built Keras 3 optimizer's variables (``_trainable_variables``, since Keras 3.0) and its
+    per-variable slot lists (``_momentums``, ``_velocities``, … — those of
+    ``OPTIMIZER_SLOT_LISTS`` it has, each as long as the variable list)."""
+    variables = list(_attribute(optimizer, "_trainable_variables", "Optimizer", "keras 3.0"))
+    lists = {}
+    for name in OPTIMIZER_SLOT_LISTS:
+        items = getattr(optimizer, name, None)
+        if isinstance(items, (list, tuple)) and len(items) == len(variables):
+            lists[name] = list(items)
+    return variables, lists

@@ -1,0 +1,228 @@
+"""Optimizer state that follows its variables: slots get their variable's transform.
+
+:func:`optimizer_assignments` turns a plan for a model into assignments for the
+optimizer's variables, so that :func:`regraft.applying.apply` streams them with the
+model's variables, all-or-nothing. For each trainable variable of the model:
+
+* its slots (Keras 3 ``_momentums``, ``_velocities``, …; legacy tf.keras ``m``, ``v``,
+  ``momentum``, ``rms``, …) take the checkpoint's slots of the weight it loaded from,
+  through the *slot transform* of the weight's transform (below);
+* a variable left fresh, inserted (``identity_init``, ``fill``), or loaded through a
+  transform that has no slot counterpart (``resize``, ``adapt_channels``, a custom
+  one) gets fresh slots: its optimizer's initial value (zeros; Adagrad's
+  ``initial_accumulator_value``).
+
+The step count (``iterations``) is carried; other optimizer scalars (the learning
+rate) are not: the optimizer passed in keeps its own.
+
+Slot transforms for Net2Net widening
+------------------------------------
+Widening copies unit ``j`` of a producer into ``k_j`` units (``widen_out``) and divides
+the consumer's rows of those units by ``k_j`` (``widen_in``), so the new network ``N'``
+computes what the old one ``N`` did. At that point its gradients are:
+
+* a consumer row: ``W'[j'] = W[j] / k_j`` multiplies ``h'_j' = h_j``, so
+  ``dL/dW'[j'] = h_j * dL/dy = dL/dW[j]``: the gradient is *copied, not divided*;
+* anything indexed by the producer's unit (kernel column, bias, a following
+  BatchNormalization's gamma/beta): ``dL/dh'_j' = W'[j'] . dL/dy = (1/k_j) dL/dh_j``,
+  so its gradient is the old one *divided by* ``k_j``.
+
+A first moment (Adam ``m``, SGD and RMSprop momentum, RMSprop's centred mean) is a
+linear sum of past gradients, so it gets the same map: ``widen_out`` (copy) where the
+weight had ``widen_in``, ``widen_in`` (copy and divide by ``k_j``) where the weight had
+``widen_out``. A second moment (Adam ``v``, RMSprop ``rms``, Adagrad's accumulator,
+AMSGrad's ``v_hat``) sums squared gradients, so it is divided by ``k_j**2``
+(``widen_in`` with ``power=2``). These are exact for the gradients at the loaded point;
+for moments they are what the history would have been had the gradients scaled
+that way all along. Adam's step ``m / (sqrt(v) + eps)`` is then unchanged for copies of
+a producer unit (up to ``eps``). ``widen_in``'s ``noise`` is not applied to slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Iterable
+
+from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, SourceEntry, Stage, Status, TargetVariable
+from regraft.errors import RegraftError
+from regraft.naming import dtype_of
+from regraft.plans import Assignment, Plan, status_for
+from regraft.targets import _compat
+
+__all__ = ["optimizer_assignments", "slot_steps", "SLOT_KINDS"]
+
+# Keras 3 slot list -> (how it scales with the gradient, its fresh value). The power is 1 for
+# a sum or running max of gradients, 2 for a sum of squares, 0 for a copy of the weight itself
+# (the weights' moving average: it takes the weight's own transform), None when no scaling is
+# known (copied only). The fresh value is zeros, an optimizer attribute's value, or None: left
+# as the optimizer has it (a moving average starts as the weight, which regraft does not read).
+SLOT_KINDS: dict[str, tuple[int | None, str | float | None]] = {
+    "_momentums": (1, 0.0),
+    "momentums": (1, 0.0),  # SGD
+    "_average_gradients": (1, 0.0),  # centred RMSprop
+    "_m": (1, 0.0),  # Adamax first moment
+    "_u": (1, 0.0),  # Adamax: a running max of |g|, scales like g
+    "_accumulated_gradients": (1, 0.0),  # gradient accumulation
+    "_velocities": (2, 0.0),
+    "_velocity_hats": (2, 0.0),
+    "_accumulators": (2, "initial_accumulator_value"),  # Adagrad, Ftrl: sums of squared gradients
+    "_accumulated_grads": (2, 0.0),  # Adadelta
+    "_accumulated_delta_vars": (None, 0.0),
+    "_linears": (None, 0.0),  # Ftrl: gradients minus a multiple of the weight
+    "_model_variables_moving_average": (0, None),  # use_ema
+}
+# Legacy tf.keras slot names (object-graph ``slot_variables``) -> the Keras 3 list holding the same moment.
+LEGACY_SLOTS = {
+    "m": "_momentums", "v": "_velocities", "vhat": "_velocity_hats", "momentum": "_momentums",
+    "rms": "_velocities", "mg": "_average_gradients", "accumulator": "_accumulators",
+    "accum_grad": "_accumulated_grads", "accum_var": "_accumulated_delta_vars", "linear": "_linears",
+}
+_PERMUTATIONS = {"identity", "cast", "linear_to_dense", "conv_oihw_to_hwio", "depthwise_oihw_to_hwcm", "slice"}
+ITERATIONS = "optimizer/iterations"
+
+
+@dataclass(frozen=True)
+class _Slot:
+    list_name: str
+    weight: str  # source key of the weight the slot belongs to
+
+
+def slot_steps(steps: Iterable[tuple[str, dict[str, Any]]], list_name: str) -> tuple[tuple[str, dict[str, Any]], ...] | None:
+    """The transform pipeline for a slot of kind ``list_name``, given its variable's ``steps``.
+
+    ``None`` when the slot must start fresh (an inserted variable, or a transform with
+    no slot counterpart).
+
+    Example:
+        >>> slot_steps([("widen_out", {"mapping": [0, 1, 0], "axis": -1})], "_velocities")
+        (('widen_in', {'mapping': [0, 1, 0], 'axis': -1, 'power': 2}),)
+        >>> slot_steps([("widen_in", {"mapping": [0, 1, 0], "axis": -2, "noise": 0.1})], "_momentums")
+        (('widen_out', {'mapping': [0, 1, 0], 'axis': -2}),)
+    """
+    power = SLOT_KINDS.get(list_name, (None, None))[0]
+    if power == 0:
+        return tuple((name, dict(options)) for name, options in steps)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for name, options in steps:
+        if name in _PERMUTATIONS:
+            out.append((name, dict(options)))
+        elif name == "pad":
+            out.append((name, {**options, "value": 0.0}))
+        elif name == "overlay":
+            out.append((name, dict(options)))  # the rest keeps the slot's current value
+        elif name == "widen_in":
+            out.append(("widen_out", {"mapping": options["mapping"], "axis": options.get("axis", -2)}))
+        elif name == "widen_out":
+            axis = options.get("axis", -1)
+            if power is None:
+                out.append(("widen_out", {"mapping": options["mapping"], "axis": axis}))
+            else:
+                out.append(("widen_in", {"mapping": options["mapping"], "axis": axis, "power": power}))
+        else:  # identity_init, fill, resize, adapt_channels, custom: no slot counterpart
+            return None
+    return tuple(out)
+
+
+def optimizer_assignments(plan: Plan, optimizer: Any, trainable: Iterable[Any]) -> tuple[Assignment, ...]:
+    """Assignments for ``optimizer``'s slots and step count, following ``plan``'s variables.
+
+    Args:
+        plan: the model's plan (its ``optimizer`` section lists the checkpoint's slots).
+        optimizer: a Keras 3 optimizer; built for ``trainable`` here if it is not built.
+        trainable: the model's trainable variables.
+
+    Raises:
+        RegraftError: the optimizer was built for other variables.
+    """
+    trainable = list(trainable)
+    if not getattr(optimizer, "built", False):
+        optimizer.build(trainable)
+    variables, lists = _compat.optimizer_slot_lists(optimizer)
+    index = {id(v): i for i, v in enumerate(variables)}
+    if any(id(v) not in index for v in trainable):
+        raise RegraftError(
+            f"The optimizer '{optimizer.name}' was built for other variables than this model's.",
+            hint="Pass a new optimizer (it is built for the model), or the one compiled with this model.",
+        )
+    slots = _source_slots(plan.optimizer)
+    out: list[Assignment] = []
+    for a in plan.assignments:
+        i = index.get(id(a.target.variable))
+        if i is None:
+            continue
+        for list_name, items in lists.items():
+            out.append(_slot_assignment(a, list_name, items[i], slots, optimizer))
+    iterations = [e for e in plan.optimizer if e.kind == BOOKKEEPING and e.role in ("iterations", "iter")]
+    step = optimizer.iterations
+    step_target = TargetVariable(ITERATIONS, tuple(step.shape), str(dtype_of(step.dtype)), "optimizer", "", "iterations",
+                                 0, False, variable=step)
+    if iterations:
+        e = iterations[0]
+        out.append(Assignment(step_target, e, status_for(e, step_target), Stage.EXACT, "the optimizer's step count"))
+    else:
+        out.append(Assignment(step_target, None, Status.MISSING, reason="the checkpoint has no optimizer step count"))
+    return tuple(out)
+
+
+def _slot_assignment(a: Assignment, list_name: str, variable: Any, slots: dict[tuple[str, str], SourceEntry],
+                     optimizer: Any) -> Assignment:
+    key = f"optimizer/{a.target.key}/{list_name.lstrip('_')}"
+    target = TargetVariable(key, tuple(variable.shape), str(dtype_of(variable.dtype)), "optimizer", "", list_name,
+                            0, False, variable=variable)
+    entry = slots.get((a.source.key, list_name)) if a.source is not None and a.writes else None
+    if entry is not None:
+        steps = slot_steps(a.steps, list_name) if a.steps else ()
+        if steps is not None:
+            if not steps:
+                return Assignment(target, entry, status_for(entry, target), a.stage, f"slot of {a.source.key}")
+            return Assignment(target, entry, Status.TRANSFORMED, a.stage, f"slot of {a.source.key}, as its variable",
+                              steps=steps)
+    reason = _fresh_reason(a, entry is None)
+    # Fresh slots of a fresh variable, or behind a transform with no slot counterpart, are expected
+    # (``allowed``); a loaded variable whose slot the checkpoint lacks is a strict problem.
+    allowed = None if a.writes and a.source is not None and entry is None else reason
+    fresh = SLOT_KINDS.get(list_name, (None, 0.0))[1]
+    if fresh is None:
+        return Assignment(target, None, Status.MISSING, Stage.NONE, reason.replace("fresh:", "kept as built:", 1),
+                          allowed=allowed)
+    value = float(getattr(optimizer, fresh)) if isinstance(fresh, str) else fresh
+    return Assignment(target, None, Status.TRANSFORMED, Stage.NONE, reason, allowed=allowed,
+                      steps=(("fill", {"value": value}),))
+
+
+def _fresh_reason(a: Assignment, no_slot: bool) -> str:
+    if not a.writes:
+        return "fresh: its variable is not loaded"
+    if a.source is None:
+        return f"fresh: its variable is set by {a.transform}"
+    if no_slot:
+        return f"fresh: the checkpoint has no such slot for {a.source.key}"
+    return f"fresh: {a.transform} has no slot counterpart"
+
+
+def _source_slots(entries: Iterable[SourceEntry]) -> dict[tuple[str, str], SourceEntry]:
+    """(weight source key, Keras 3 slot list) -> the checkpoint's slot entry."""
+    out: dict[tuple[str, str], SourceEntry] = {}
+    for e in entries:
+        if e.kind != OPTIMIZER_SLOT or e.slot_of is None:
+            continue
+        name = _slot_list(e)
+        if name is not None:
+            out.setdefault((e.slot_of, name), e)
+    return out
+
+
+def _slot_list(e: SourceEntry) -> str | None:
+    for key in (e.key, *e.aliases):
+        parts = key.split("/")
+        for part in reversed(parts[:-1]):
+            if part in SLOT_KINDS:
+                return part
+        if parts[-1] in LEGACY_SLOTS:
+            return LEGACY_SLOTS[parts[-1]]
+    return None
+
+
+def with_optimizer(plan: Plan, optimizer: Any, trainable: Iterable[Any]) -> Plan:
+    """``plan`` with :func:`optimizer_assignments` as its ``optimizer_assignments``."""
+    return replace(plan, optimizer_assignments=optimizer_assignments(plan, optimizer, trainable))

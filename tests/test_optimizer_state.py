@@ -1,0 +1,239 @@
+"""Optimizer state follows its variables: load(..., optimizer=) with real trained optimizers."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import regraft
+from regraft.errors import RegraftError
+from regraft.optimizer_state import slot_steps
+from tests.conftest import same_bytes, snapshot, assert_state, value_of
+
+X = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
+Y = np.random.default_rng(1).normal(size=(16, 2)).astype("float32")
+
+
+def _model(width: int = 4, insert: bool = False) -> keras.Model:
+    layers = [keras.Input((3,)), keras.layers.Dense(width, activation="relu", name="d1")]
+    if insert:
+        layers.append(keras.layers.Dense(width, name="ins"))
+    layers.append(keras.layers.Dense(2, name="d2"))
+    return keras.Sequential(layers)
+
+
+OPTIMIZERS = {
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "sgd_momentum": lambda: keras.optimizers.SGD(0.01, momentum=0.9),
+    "rmsprop_centered": lambda: keras.optimizers.RMSprop(0.01, momentum=0.5, centered=True),
+}
+
+
+def _step(model: keras.Model, optimizer) -> None:
+    """One training step on the fixed batch (the same ops for every model)."""
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(X) - Y))
+    optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+
+
+def _gradients(model: keras.Model) -> list[np.ndarray]:
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(X) - Y))
+    return [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+
+
+def _trained(tmp_path, name: str, steps: int = 5, width: int = 4):
+    model, optimizer = _model(width), OPTIMIZERS[name]()
+    for _ in range(steps):
+        _step(model, optimizer)
+    prefix = str(tmp_path / "ckpt")
+    tf.train.Checkpoint(model=model, optimizer=optimizer).write(prefix)
+    return model, optimizer, prefix
+
+
+def _slots(optimizer, variable) -> dict[str, np.ndarray]:
+    """The optimizer's slot values for ``variable`` by slot list name (through its public variables' paths)."""
+    from regraft.targets import _compat
+
+    variables, lists = _compat.optimizer_slot_lists(optimizer)
+    i = [id(v) for v in variables].index(id(variable))
+    return {name: value_of(items[i]) for name, items in lists.items()}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_unchanged_model_takes_the_old_models_next_step_bit_for_bit(tmp_path, name):
+    old, old_opt, prefix = _trained(tmp_path, name)
+    new, new_opt = _model(), OPTIMIZERS[name]()
+    report = regraft.load(new, prefix, optimizer=new_opt)
+    assert new_opt.iterations.numpy() == old_opt.iterations.numpy() == 5
+    assert {r["state"] for r in report.to_dict()["optimizer"]} == {"loaded"}
+    for a, b in zip(old.trainable_variables, new.trainable_variables):
+        old_slots, new_slots = _slots(old_opt, a), _slots(new_opt, b)
+        assert old_slots.keys() == new_slots.keys() and old_slots
+        assert all(same_bytes(old_slots[k], new_slots[k]) for k in old_slots)
+    _step(old, old_opt)
+    _step(new, new_opt)
+    # The same values through the same ops on one CPU thread pool: the step is bit for bit equal.
+    for a, b in zip(old.weights, new.weights):
+        assert same_bytes(value_of(a), value_of(b)), a.path
+    # Guard: without the optimizer state the step differs (Adam's bias correction, the momentum).
+    cold, cold_opt = _model(), OPTIMIZERS[name]()
+    regraft.load(cold, prefix)
+    _step(cold, cold_opt)
+    assert not same_bytes(value_of(cold.weights[0]), value_of(old.weights[0]))
+
+
+@pytest.mark.parametrize("name, summary", [("adam", "optimizer: 9 loaded, 4 fresh"),
+                                           ("sgd_momentum", "optimizer: 5 loaded, 2 fresh")])
+def test_inserted_layer_gets_fresh_slots_and_the_rest_keep_theirs(tmp_path, name, summary):
+    old, old_opt, prefix = _trained(tmp_path, name)
+    new, new_opt = _model(insert=True), OPTIMIZERS[name]()
+    _step(new, new_opt)  # a used optimizer: its slots are not zeros before the load
+    assert all(s.any() for v in new.trainable_variables if "/ins/" in v.path for s in _slots(new_opt, v).values())
+    report = regraft.load(new, prefix, optimizer=new_opt, reshape="preserve")
+    rows = {r["slot"]: r for r in report.to_dict()["optimizer"]}
+    assert rows["optimizer/iterations"]["state"] == "loaded" and new_opt.iterations.numpy() == 5
+    for layer in ("d1", "d2"):
+        for role in ("kernel", "bias"):
+            new_var = next(v for v in new.trainable_variables if v.path.endswith(f"{layer}/{role}"))
+            old_var = next(v for v in old.trainable_variables if v.path.endswith(f"{layer}/{role}"))
+            old_slots, new_slots = _slots(old_opt, old_var), _slots(new_opt, new_var)
+            assert old_slots and all(same_bytes(old_slots[k], new_slots[k]) for k in old_slots)
+            assert all(rows[f"optimizer/{layer}/{role}/{k.lstrip('_')}"]["state"] == "loaded" for k in old_slots)
+    inserted = [v for v in new.trainable_variables if "/ins/" in v.path]
+    assert len(inserted) == 2
+    assert all(not s.any() for v in inserted for s in _slots(new_opt, v).values())
+    assert {r["state"] for k, r in rows.items() if k.startswith("optimizer/ins/")} == {"fresh"}
+    assert summary in report.summary()
+    _step(new, new_opt)  # training goes on from the loaded state
+
+
+def test_legacy_tf_keras_slot_variables_follow_their_weights(tmp_path):
+    tf_keras = pytest.importorskip("tf_keras")
+    old = tf_keras.Sequential([tf_keras.layers.Dense(4, activation="relu", name="d1", input_shape=(3,)),
+                               tf_keras.layers.Dense(2, name="d2")])
+    old_opt = tf_keras.optimizers.legacy.Adam(0.01)
+    old.compile(old_opt, "mse")
+    old.fit(X, Y, verbose=0, epochs=3, batch_size=16)
+    old.save_weights(str(tmp_path / "tk"))
+    new, opt = _model(), OPTIMIZERS["adam"]()
+    report = regraft.load(new, str(tmp_path / "tk"), optimizer=opt)
+    assert {r["state"] for r in report.to_dict()["optimizer"]} == {"loaded"}
+    assert opt.iterations.numpy() == 3
+    for a, b in zip(old.trainable_variables, new.trainable_variables):
+        slots = _slots(opt, b)
+        assert same_bytes(slots["_momentums"], old_opt.get_slot(a, "m").numpy())
+        assert same_bytes(slots["_velocities"], old_opt.get_slot(a, "v").numpy())
+
+
+def test_a_checkpoint_without_optimizer_state_is_a_strict_problem(tmp_path):
+    model = _model()
+    prefix = str(tmp_path / "weights_only")
+    tf.train.Checkpoint(model=model).write(prefix)
+    new, opt = _model(), OPTIMIZERS["adam"]()
+    _step(new, opt)
+    before, opt_before = snapshot(new), {id(v): value_of(v) for v in opt.variables}
+    with pytest.raises(regraft.errors.LoadError) as info:
+        regraft.load(new, prefix, optimizer=opt)
+    assert info.value.problems == [
+        "optimizer state missing from the checkpoint (9): optimizer/d{1..2}/bias/{momentums,velocities}, "
+        "optimizer/d{1..2}/kernel/{momentums,velocities}, optimizer/iterations — slots of loaded variables would "
+        "start fresh (a checkpoint without the optimizer, or slots that do not record their variable)"
+    ]
+    assert_state(new, before)
+    assert all(same_bytes(opt_before[id(v)], value_of(v)) for v in opt.variables)
+    report = regraft.load(new, prefix, optimizer=opt, strict=False)
+    assert opt.iterations.numpy() == 1  # kept: the checkpoint has no step count
+    assert "optimizer: 8 fresh, 1 kept" in report.summary()
+    assert all(not s.any() for v in new.trainable_variables for s in _slots(opt, v).values())
+
+
+def test_widened_gradients_scale_as_derived_and_slots_follow(tmp_path):
+    """Net2Net: the new model's gradient is the old one copied on the consumer's rows and
+    divided by the copy count on the producer's units; slots follow (m / k, v / k**2)."""
+    old, old_opt, prefix = _trained(tmp_path, "adam", width=4)
+    new, new_opt = _model(width=7), OPTIMIZERS["adam"]()
+    report = regraft.load(new, prefix, optimizer=new_opt, reshape="preserve")
+    mapping = next(np.asarray(o["mapping"]) for a in report.plan.assignments if a.target.key == "d1/kernel"
+                   for n, o in a.steps if n == "widen_out")
+    count = np.bincount(mapping)[mapping]
+    g_old, g_new = _gradients(old), _gradients(new)  # d1/kernel, d1/bias, d2/kernel, d2/bias
+    # Derived: producer units (d1 kernel columns, bias) divided by k; consumer rows (d2 kernel) copied.
+    np.testing.assert_allclose(g_new[0], g_old[0][:, mapping] / count, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g_new[1], g_old[1][mapping] / count, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g_new[2], g_old[2][mapping], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g_new[3], g_old[3], rtol=1e-5, atol=1e-7)
+    # A central finite difference on one copied producer weight agrees with that scaling.
+    j = int(np.flatnonzero(count > 1)[0])
+    kernel = new.trainable_variables[0]
+    base = value_of(kernel).astype(np.float64)
+    eps = 1e-2
+    losses = []
+    for sign in (1, -1):
+        bumped = base.copy()
+        bumped[0, j] += sign * eps
+        kernel.assign(bumped.astype("float32"))
+        losses.append(float(np.mean((np.asarray(new(X), np.float64) - Y) ** 2)))
+    kernel.assign(base.astype("float32"))
+    np.testing.assert_allclose((losses[0] - losses[1]) / (2 * eps), g_old[0][0, mapping[j]] / count[j], rtol=2e-2)
+    # Slots: first moment like the gradient, second moment like its square.
+    old_vars, new_vars = old.trainable_variables, new.trainable_variables
+    s_old = [_slots(old_opt, v) for v in old_vars]
+    s_new = [_slots(new_opt, v) for v in new_vars]
+    np.testing.assert_allclose(s_new[0]["_momentums"], s_old[0]["_momentums"][:, mapping] / count, rtol=1e-6)
+    np.testing.assert_allclose(s_new[0]["_velocities"], s_old[0]["_velocities"][:, mapping] / count**2, rtol=1e-6)
+    np.testing.assert_allclose(s_new[1]["_momentums"], s_old[1]["_momentums"][mapping] / count, rtol=1e-6)
+    assert same_bytes(s_new[2]["_momentums"], s_old[2]["_momentums"][mapping])
+    assert same_bytes(s_new[2]["_velocities"], s_old[2]["_velocities"][mapping])
+    states = {r["slot"]: r["state"] for r in report.to_dict()["optimizer"]}
+    assert states["optimizer/d1/kernel/velocities"] == "transformed"
+    assert states["optimizer/d2/bias/velocities"] == "loaded"
+
+
+def test_slot_steps_table():
+    m = [0, 1, 0]
+    assert slot_steps([("widen_out", {"mapping": m, "axis": -1})], "_momentums") == (
+        ("widen_in", {"mapping": m, "axis": -1, "power": 1}),)
+    assert slot_steps([("widen_in", {"mapping": m, "axis": -2, "noise": 0.1, "seed": 3})], "_velocities") == (
+        ("widen_out", {"mapping": m, "axis": -2}),)
+    assert slot_steps([("identity_init", {})], "_momentums") is None
+    assert slot_steps([("resize", {})], "_momentums") is None
+    assert slot_steps([("pad", {"value": 1.0})], "_velocities") == (("pad", {"value": 0.0}),)
+
+
+def test_optimizer_of_another_model_is_refused_and_nothing_changes(tmp_path):
+    _, _, prefix = _trained(tmp_path, "adam")
+    new, other = _model(), _model()
+    opt = OPTIMIZERS["adam"]()
+    opt.build(other.trainable_variables)
+    before, opt_before = snapshot(new), {id(v): value_of(v) for v in opt.variables}
+    with pytest.raises(RegraftError) as info:
+        regraft.load(new, prefix, optimizer=opt)
+    assert info.value.message == f"The optimizer '{opt.name}' was built for other variables than this model's."
+    assert_state(new, before)
+    assert all(same_bytes(opt_before[id(v)], value_of(v)) for v in opt.variables)
+
+
+def test_a_failed_load_leaves_the_optimizer_unchanged(tmp_path, monkeypatch):
+    old, old_opt, prefix = _trained(tmp_path, "adam")
+    new, opt = _model(), OPTIMIZERS["adam"]()
+    _step(new, opt)
+    before, opt_before = snapshot(new), {id(v): value_of(v) for v in opt.variables}
+    from regraft.targets import keras as keras_target
+
+    real, calls = keras_target.assign, []
+
+    def failing(target, value):  # the last assignment (the step count) fails after the slots were written
+        calls.append(target.key)
+        if target.key == "optimizer/iterations" and len(calls) > 1 and calls.count(target.key) == 1:
+            raise OSError("disk gone")
+        real(target, value)
+
+    monkeypatch.setattr(keras_target, "assign", failing)
+    with pytest.raises(OSError):
+        regraft.load(new, prefix, optimizer=opt)
+    assert any(k.startswith("optimizer/d1") for k in calls)
+    assert_state(new, before)
+    assert all(same_bytes(opt_before[id(v)], value_of(v)) for v in opt.variables)
