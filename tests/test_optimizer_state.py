@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -237,3 +239,42 @@ def test_a_failed_load_leaves_the_optimizer_unchanged(tmp_path, monkeypatch):
     assert any(k.startswith("optimizer/d1") for k in calls)
     assert_state(new, before)
     assert all(same_bytes(opt_before[id(v)], value_of(v)) for v in opt.variables)
+
+
+MODELS_PY = """
+import keras
+
+def build():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu", name="d1"),
+                              keras.layers.Dense(2, name="d2")])
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    return model
+
+def uncompiled():
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="d1"), keras.layers.Dense(2, name="d2")])
+"""
+
+
+def test_cli_optimizer_writes_model_and_optimizer_to_a_checkpoint(tmp_path, capsys):
+    from regraft.cli.main import main
+
+    old, old_opt, prefix = _trained(tmp_path, "adam")
+    models = tmp_path / "models.py"
+    models.write_text(MODELS_PY)
+    out = str(tmp_path / "out" / "ckpt")
+    assert main(["load", prefix, "--model", f"{models}:build", "--optimizer", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "loaded  optimizer/d1/kernel/momentums" in printed and "optimizer: 9 loaded" in printed
+    # What was written resumes like the old model: load it back with its optimizer, step both.
+    new, opt = _model(), OPTIMIZERS["adam"]()
+    regraft.load(new, out, optimizer=opt)
+    _step(old, old_opt)
+    _step(new, opt)
+    assert all(same_bytes(value_of(a), value_of(b)) for a, b in zip(old.weights, new.weights))
+
+    assert main(["load", prefix, "--model", f"{models}:build", "--optimizer", "--out", str(tmp_path / "w.weights.h5")]) == 2
+    err = capsys.readouterr().err
+    assert f"Error: --optimizer needs a TensorFlow checkpoint for --out, not {tmp_path / 'w.weights.h5'}" in err
+    assert main(["load", prefix, "--model", f"{models}:uncompiled", "--optimizer", "--out", str(tmp_path / "o2")]) == 2
+    assert "is not compiled, so it has no optimizer to load into" in capsys.readouterr().err
+    assert not os.path.exists(str(tmp_path / "o2.index"))

@@ -209,7 +209,8 @@ class LoadReport:
             tail.append("frozen: " + ", ".join(self.frozen))
             if self.kept_trainable():
                 tail.append("kept trainable (transformed): " + ", ".join(self.kept_trainable()))
-        return "\n".join([head, self.table(), *tail])
+        optimizer = [self.optimizer_table()] if self.plan.optimizer_assignments else []
+        return "\n".join([head, self.table(), *optimizer, *tail])
 
 
 _COPIES_SHOWN = 6

@@ -109,10 +109,26 @@ def load(args: argparse.Namespace) -> int:
     from regraft.cli.modelspec import build_model
 
     _check_out(args.out)
+    if args.optimizer and args.out.endswith(".weights.h5"):
+        raise RegraftError(f"--optimizer needs a TensorFlow checkpoint for --out, not {args.out}: "
+                           ".weights.h5 files hold weights only.",
+                           hint="Give --out a checkpoint prefix without an extension (out/ckpt).")
     model = build_model(args.model)
-    report = regraft.load(model, args.checkpoint, strict=args.strict, freeze=args.freeze,
+    optimizer = _compiled_optimizer(model, args.model) if args.optimizer else None
+    report = regraft.load(model, args.checkpoint, strict=args.strict, freeze=args.freeze, optimizer=optimizer,
                           progress=progress_printer(not args.json), **_options(args))
-    return _write(model, report, args)
+    return _write(model, report, args, optimizer)
+
+
+def _compiled_optimizer(model, spec: str):
+    """The optimizer the ``--model`` function compiled the model with (``model.optimizer``)."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        raise RegraftError(
+            f"--optimizer: the model {spec} returned is not compiled, so it has no optimizer to load into.",
+            hint="Compile the model in that function (model.compile(optimizer=keras.optimizers.Adam(...), ...)).",
+        )
+    return optimizer
 
 
 def apply(args: argparse.Namespace) -> int:
@@ -155,7 +171,7 @@ def _check_out(out: str) -> None:
                    example="ckpt")
 
 
-def _write(model, report, args: argparse.Namespace) -> int:
+def _write(model, report, args: argparse.Namespace, optimizer=None) -> int:
     from regraft.targets import target_for
 
     counts = report.counts()
@@ -165,7 +181,7 @@ def _write(model, report, args: argparse.Namespace) -> int:
             "(the checkpoint may belong to another model); nothing was written.",
             hint="Check the checkpoint and --model; `regraft diff` shows what matched and what did not.",
         )
-    written = target_for(model).save(args.out)
+    written = target_for(model).save(args.out, optimizer) if optimizer is not None else target_for(model).save(args.out)
     if report.frozen:
         info("Warning: weights files do not keep trainable flags; freeze these layers in code after loading: "
              + ", ".join(report.frozen))

@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load what matches and report the rest instead of refusing")
     p.add_argument("--freeze", action="store_true",
                    help="mark layers loaded unchanged as non-trainable (saved with the weights only if the format keeps it)")
+    p.add_argument("--optimizer", action="store_true",
+                   help="also load the optimizer state into the optimizer the --model function compiled the model "
+                   "with (slots follow their variables, the step count is carried) and write both to --out, "
+                   "which must be a TF checkpoint prefix (tf.train.Checkpoint(model=..., optimizer=...))")
     p.set_defaults(run=commands.load)
 
     p = sub.add_parser(allow_abbrev=False, name="verify", help="check that the new model computes what the old one did",

@@ -486,11 +486,13 @@ def custom_classes(model: Any) -> set[str]:
     return {_snake(layer) for layer in _compat.flatten_layers(model)}
 
 
-def save_weights(model: Any, out: str) -> list[str]:
+def save_weights(model: Any, out: str, optimizer: Any = None) -> list[str]:
     """Write the model's weights to ``out`` atomically; returns the files written.
 
     ``*.weights.h5`` is written with Keras' ``save_weights``; anything else is a TF
-    checkpoint prefix written with ``tf.train.Checkpoint(model=model).write``.
+    checkpoint prefix written with ``tf.train.Checkpoint(model=model).write``
+    (``Checkpoint(model=model, optimizer=optimizer)`` when an optimizer is given:
+    only TF checkpoints carry one).
     Both go through :mod:`regraft.writing`: written in a staging folder next to
     ``out``, then moved into place so that, killed at any moment, ``out`` is the
     previous file or checkpoint (or absent) or the complete new one.
@@ -502,9 +504,12 @@ def save_weights(model: Any, out: str) -> list[str]:
     from regraft.writing import replace_bundle, replace_file
 
     if out.endswith(".weights.h5"):
+        if optimizer is not None:
+            raise TargetError(f"Cannot write an optimizer's state into {out}: .weights.h5 files hold weights only.",
+                              hint="Give a checkpoint prefix without an extension (out/ckpt).")
         return replace_file(out, lambda tmp: _write_h5(model, tmp, out), what="the weights",
                             example="model.weights.h5")
-    return replace_bundle(out, lambda tmp, shards: _write_checkpoint(model, tmp, shards, out),
+    return replace_bundle(out, lambda tmp, shards: _write_checkpoint(model, tmp, shards, out, optimizer),
                           what="the checkpoint", example="ckpt")
 
 
@@ -527,8 +532,8 @@ def _write_h5(model: Any, tmp: str, out: str) -> None:
     del buffer
 
 
-def _write_checkpoint(model: Any, tmp: str, shards: int, out: str) -> None:
-    """``tf.train.Checkpoint(model=model).write(tmp)`` in exactly ``shards`` data files."""
+def _write_checkpoint(model: Any, tmp: str, shards: int, out: str, optimizer: Any = None) -> None:
+    """``tf.train.Checkpoint(model=model).write(tmp)`` (with ``optimizer=`` when given) in exactly ``shards`` data files."""
     import tensorflow as tf
 
     from regraft.writing import write_error
@@ -537,7 +542,8 @@ def _write_checkpoint(model: Any, tmp: str, shards: int, out: str) -> None:
     if shards > 1:
         options = tf.train.CheckpointOptions(experimental_sharding_callback=_shards_policy(shards))
     try:
-        tf.train.Checkpoint(model=model).write(tmp, options=options)
+        saved = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
+        tf.train.Checkpoint(**saved).write(tmp, options=options)
     except tf.errors.OpError as exc:  # OutOfRangeError (file too large), ResourceExhausted, InvalidArgument, …
         raise write_error(out, "the checkpoint", exc) from None
 
@@ -683,5 +689,5 @@ class KerasTarget:
         if variable.layer_object is not None:
             variable.layer_object.trainable = False
 
-    def save(self, path: str) -> list[str]:
-        return save_weights(self.model, path)
+    def save(self, path: str, optimizer: Any = None) -> list[str]:
+        return save_weights(self.model, path, optimizer)
