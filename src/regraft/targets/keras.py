@@ -690,4 +690,4 @@ class KerasTarget:
             variable.layer_object.trainable = False
 
     def save(self, path: str, optimizer: Any = None) -> list[str]:
-        return save_weights(self.model, path, optimizer)
+        return save_weights(self.model, path) if optimizer is None else save_weights(self.model, path, optimizer)
