@@ -278,3 +278,30 @@ def test_cli_optimizer_writes_model_and_optimizer_to_a_checkpoint(tmp_path, caps
     assert main(["load", prefix, "--model", f"{models}:uncompiled", "--optimizer", "--out", str(tmp_path / "o2")]) == 2
     assert "is not compiled, so it has no optimizer to load into" in capsys.readouterr().err
     assert not os.path.exists(str(tmp_path / "o2.index"))
+
+
+def test_a_layer_widened_on_both_sides_gets_both_scalings(tmp_path):
+    """d1 4 -> 7 and d2 3 -> 5 units: d2's kernel copies rows (consumer of d1) and divides columns
+    (producer): its gradient is g[map1[i], map2[j]] / k2[j]; slots follow (m / k2, v / k2**2)."""
+    def build(w1, w2):
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(w1, activation="relu", name="d1"),
+                                 keras.layers.Dense(w2, activation="tanh", name="d2"), keras.layers.Dense(2, name="d3")])
+
+    old, old_opt = build(4, 3), OPTIMIZERS["adam"]()
+    for _ in range(4):
+        _step(old, old_opt)
+    prefix = str(tmp_path / "ckpt")
+    tf.train.Checkpoint(model=old, optimizer=old_opt).write(prefix)
+    new, opt = build(7, 5), OPTIMIZERS["adam"]()
+    report = regraft.load(new, prefix, optimizer=opt, reshape="preserve")
+    steps = {a.target.key: dict(a.steps) for a in report.plan.assignments}
+    map1 = np.asarray(steps["d2/kernel"]["widen_in"]["mapping"])
+    map2 = np.asarray(steps["d2/kernel"]["widen_out"]["mapping"])
+    k2 = np.bincount(map2)[map2]
+    assert (np.bincount(map1) > 1).any() and (k2 > 1).any()
+    g_old, g_new = _gradients(old), _gradients(new)
+    np.testing.assert_allclose(g_new[2], g_old[2][map1][:, map2] / k2, rtol=1e-5, atol=1e-7)
+    m_old, m_new = _slots(old_opt, old.trainable_variables[2]), _slots(opt, new.trainable_variables[2])
+    np.testing.assert_allclose(m_new["_momentums"], m_old["_momentums"][map1][:, map2] / k2, rtol=1e-6)
+    np.testing.assert_allclose(m_new["_velocities"], m_old["_velocities"][map1][:, map2] / k2**2, rtol=1e-6)
+    _step(new, opt)

@@ -180,7 +180,9 @@ def load(
             is not built) whose slots follow their variables: each slot gets its variable's
             transform (mapped for Net2Net widening), fresh variables get fresh slots, and the
             step count is carried; see :mod:`regraft.optimizer_state`. Loaded all-or-nothing
-            with the model; the report's ``optimizer`` section says what each slot got.
+            with the model; the report's ``optimizer`` section says what each slot got. A
+            loaded variable whose slots the checkpoint lacks is a strict problem. An unbuilt
+            optimizer is built even when the load is then refused.
 
     Returns:
         A :class:`LoadReport` with one status per variable.
