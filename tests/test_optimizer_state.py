@@ -203,6 +203,7 @@ def test_slot_steps_table():
     assert slot_steps([("identity_init", {})], "_momentums") is None
     assert slot_steps([("resize", {})], "_momentums") is None
     assert slot_steps([("pad", {"value": 1.0})], "_velocities") == (("pad", {"value": 0.0}),)
+    assert slot_steps([("overlay", {})], "_velocities") == (("overlay", {"value": 0.0}),)
 
 
 def test_optimizer_of_another_model_is_refused_and_nothing_changes(tmp_path):
@@ -305,3 +306,14 @@ def test_a_layer_widened_on_both_sides_gets_both_scalings(tmp_path):
     np.testing.assert_allclose(m_new["_momentums"], m_old["_momentums"][map1][:, map2] / k2, rtol=1e-6)
     np.testing.assert_allclose(m_new["_velocities"], m_old["_velocities"][map1][:, map2] / k2**2, rtol=1e-6)
     _step(new, opt)
+
+
+def test_overlay_keeps_old_moments_in_the_block_and_zeros_elsewhere(tmp_path):
+    old, old_opt, prefix = _trained(tmp_path, "adam")
+    new, opt = _model(width=6), OPTIMIZERS["adam"]()
+    _step(new, opt)  # used: its slots are not zeros before the load
+    report = regraft.load(new, prefix, optimizer=opt, reshape="overlay")
+    m_old = _slots(old_opt, old.trainable_variables[0])["_momentums"]
+    m_new = _slots(opt, new.trainable_variables[0])["_momentums"]
+    assert same_bytes(m_new[:, :4], m_old) and not m_new[:, 4:].any() and m_old.all()
+    assert {r["slot"]: r["state"] for r in report.to_dict()["optimizer"]}["optimizer/d1/kernel/momentums"] == "transformed"

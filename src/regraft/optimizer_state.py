@@ -109,7 +109,7 @@ def slot_steps(steps: Iterable[tuple[str, dict[str, Any]]], list_name: str) -> t
         elif name == "pad":
             out.append((name, {**options, "value": 0.0}))
         elif name == "overlay":
-            out.append((name, dict(options)))  # the rest keeps the slot's current value
+            out.append((name, {**options, "value": 0.0}))  # fresh moments outside the old block
         elif name == "widen_in":
             out.append(("widen_out", {"mapping": options["mapping"], "axis": options.get("axis", -2)}))
         elif name == "widen_out":

@@ -35,7 +35,8 @@ Built-in transforms:
 ==================  ======================================================================
 ``identity``        shapes equal; the value as is.
 ``overlay``         (needs ``fresh``) the block ``value[:min(a, b)]`` on every axis written
-                    into a copy of ``fresh``; grows or shrinks any axis, ranks equal.
+                    into a copy of ``fresh`` (or, with ``value=``, into that constant); grows
+                    or shrinks any axis, ranks equal.
 ``pad``             grows only: constant ``value`` (0.0), at the ``"end"`` (or ``"start"``)
                     of each axis.
 ``slice``           shrinks only: a block from ``start=[...]`` (0 per axis), or
@@ -598,16 +599,19 @@ def _identity_apply(value: np.ndarray, fresh: None, /, *, target_shape: Shape, k
     return value
 
 
-def _overlay_shape(in_shape: Shape | None, target_shape: Shape, /) -> Shape:
+def _overlay_shape(in_shape: Shape | None, target_shape: Shape, /, *, value: float | None = None) -> Shape:
     in_shape = _need(in_shape, "overlay")
     _same_rank("overlay", in_shape, target_shape)
+    if value is not None and not math.isfinite(_number(value, "option value")):
+        raise _reason(f"option value must be a finite number, not {value!r}")
     return target_shape
 
 
-def _overlay_apply(value: np.ndarray, fresh: np.ndarray, /, *, target_shape: Shape, key: str = "tensor") -> np.ndarray:
-    out = np.array(fresh, copy=True)
-    block = tuple(slice(0, min(a, b)) for a, b in zip(value.shape, target_shape))
-    out[block] = cast_array(value[block], out.dtype, key)[0]
+def _overlay_apply(tensor: np.ndarray, fresh: np.ndarray, /, *, target_shape: Shape, key: str = "tensor",
+                   value: float | None = None) -> np.ndarray:
+    out = np.array(fresh, copy=True) if value is None else np.full(fresh.shape, value, fresh.dtype)
+    block = tuple(slice(0, min(a, b)) for a, b in zip(tensor.shape, target_shape))
+    out[block] = cast_array(tensor[block], out.dtype, key)[0]
     return out
 
 
