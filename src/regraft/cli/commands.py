@@ -128,7 +128,33 @@ def apply(args: argparse.Namespace) -> int:
     return _write(model, report, args)
 
 
-_NOT_WRITTEN = (".keras", ".h5", ".hdf5", ".safetensors", ".npz", ".npy", ".json", ".pb", ".pt", ".ckpt.index")
+#: What ``--out`` writes, by how the name ends; a name with no extension is a TF checkpoint prefix.
+WRITTEN = {".weights.h5": "Keras weights", ".keras": "Keras model archive (config and weights)",
+           ".safetensors": "safetensors (readable variable keys)"}
+_NOT_WRITTEN = (".h5", ".hdf5", ".weights.json", ".json", ".npz", ".npy", ".pb", ".pt", ".pth", ".bin", ".ckpt.index",
+                ".index", ".zip", ".yaml", ".yml")
+
+
+def out_format(out: str) -> str:
+    """The output format ``--out`` names: a key of :data:`WRITTEN`, or ``"checkpoint"`` for a TF prefix.
+
+    Raises:
+        RegraftError: the name ends with an extension regraft does not write.
+    """
+    for ext in WRITTEN:
+        if out.endswith(ext):
+            return ext
+    base = os.path.basename(out)
+    refused = next((ext for ext in _NOT_WRITTEN if base.endswith(ext)), None)
+    if refused is not None:
+        raise RegraftError(
+            f"--out {out}: regraft does not write {refused} files. It writes "
+            + ", ".join(f"{ext} ({what})" for ext, what in WRITTEN.items())
+            + ", or a TensorFlow checkpoint when the name has no extension (out/ckpt).",
+            hint="End --out with .weights.h5, .keras or .safetensors, or give a checkpoint prefix without an "
+            "extension.",
+        )
+    return "checkpoint"
 
 
 def _check_out(out: str) -> None:
@@ -139,17 +165,10 @@ def _check_out(out: str) -> None:
     """
     from regraft.writing import bundle_names, check_out_path
 
-    if out.endswith(".weights.h5"):
-        check_out_path(out, what="the weights", example="model.weights.h5")
+    fmt = out_format(out)
+    if fmt != "checkpoint":
+        check_out_path(out, what="the model" if fmt == ".keras" else "the weights", example="model" + fmt)
         return
-    for ext in _NOT_WRITTEN:
-        if out.endswith(ext):
-            raise RegraftError(
-                f"--out {out}: regraft does not write {ext} files; it would write a TensorFlow checkpoint "
-                f"named {os.path.basename(out)}.index instead.",
-                hint="End --out with .weights.h5 for a Keras weights file, or give a checkpoint prefix "
-                "without an extension (out/ckpt).",
-            )
     base = os.path.basename(out)
     check_out_path(out, what="the checkpoint", suffixes=tuple(n[len(base):] for n in bundle_names(base, 2)),
                    example="ckpt")

@@ -489,8 +489,10 @@ def custom_classes(model: Any) -> set[str]:
 def save_weights(model: Any, out: str) -> list[str]:
     """Write the model's weights to ``out`` atomically; returns the files written.
 
-    ``*.weights.h5`` is written with Keras' ``save_weights``; anything else is a TF
-    checkpoint prefix written with ``tf.train.Checkpoint(model=model).write``.
+    ``*.weights.h5`` is written with Keras' ``save_weights``; ``*.keras`` with Keras'
+    ``model.save`` (config and weights); ``*.safetensors`` holds every variable under
+    its readable key (``dense1/kernel``); anything else is a TF checkpoint prefix
+    written with ``tf.train.Checkpoint(model=model).write``.
     Both go through :mod:`regraft.writing`: written in a staging folder next to
     ``out``, then moved into place so that, killed at any moment, ``out`` is the
     previous file or checkpoint (or absent) or the complete new one.
@@ -504,6 +506,12 @@ def save_weights(model: Any, out: str) -> list[str]:
     if out.endswith(".weights.h5"):
         return replace_file(out, lambda tmp: _write_h5(model, tmp, out), what="the weights",
                             example="model.weights.h5")
+    if out.endswith(".keras"):
+        return replace_file(out, lambda tmp: _write_archive(model, tmp, out), what="the model",
+                            example="model.keras")
+    if out.endswith(".safetensors"):
+        return replace_file(out, lambda tmp: _write_safetensors(model, tmp), what="the weights",
+                            example="model.safetensors")
     return replace_bundle(out, lambda tmp, shards: _write_checkpoint(model, tmp, shards, out),
                           what="the checkpoint", example="ckpt")
 
@@ -525,6 +533,28 @@ def _write_h5(model: Any, tmp: str, out: str) -> None:
     with open(tmp, "wb") as f:
         f.write(buffer.getbuffer())
     del buffer
+
+
+def _write_archive(model: Any, tmp: str, out: str) -> None:
+    """Keras' own ``model.save(tmp)``: a ``.keras`` archive with the model's config and weights."""
+    try:
+        model.save(tmp)
+    except OSError:
+        raise
+    except Exception as exc:  # a layer without get_config, a config that is not JSON, ...
+        raise TargetError(
+            f"Cannot write the model {out}: Keras could not save model '{model.name}': {type(exc).__name__}: {exc}",
+            hint="A .keras archive needs every layer's get_config(); write the weights only instead "
+            "(--out model.weights.h5 or model.safetensors).",
+        ) from None
+
+
+def _write_safetensors(model: Any, tmp: str) -> None:
+    """Every variable under its readable key (``dense1/kernel``), written with the ``safetensors`` package."""
+    from safetensors.numpy import save_file
+
+    variables, _ = describe_with_layers(model, ())
+    save_file({v.key: np.ascontiguousarray(read_value(v)) for v in variables}, tmp)
 
 
 def _write_checkpoint(model: Any, tmp: str, shards: int, out: str) -> None:
