@@ -6,7 +6,7 @@ Example:
     >>> print(report)                                             # doctest: +SKIP
 """
 
-from regraft.api import diff, load, open, plan
+from regraft.api import convert, diff, load, open, plan
 from regraft.applying import apply
 from regraft.entries import SourceEntry, TargetVariable
 from regraft.errors import (
@@ -31,6 +31,7 @@ __all__ = [
     "diff",
     "plan",
     "apply",
+    "convert",
     "save_plan",
     "read_plan",
     "verify",

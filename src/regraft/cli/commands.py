@@ -11,7 +11,7 @@ from regraft.errors import RegraftError
 from regraft.keys import namespace
 from regraft.naming import collapse, text_table
 
-__all__ = ["inspect", "diff", "plan", "load", "apply", "demo"]
+__all__ = ["inspect", "diff", "plan", "load", "apply", "convert", "demo"]
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -172,6 +172,21 @@ def _check_out(out: str) -> None:
     base = os.path.basename(out)
     check_out_path(out, what="the checkpoint", suffixes=tuple(n[len(base):] for n in bundle_names(base, 2)),
                    example="ckpt")
+
+
+def convert(args: argparse.Namespace) -> int:
+    """``regraft convert OLD --like NEW_WEIGHTS --out OUT``: checkpoint to checkpoint, no model code."""
+    from regraft.api import convert_files
+
+    _check_out(args.out)
+    options = _options(args)
+    del options["noise"]
+    report, written = convert_files(args.checkpoint, args.like, args.out, strict=args.strict,
+                                    progress=progress_printer(not args.json), **options)
+    data = report.to_dict()
+    data["written"] = written
+    emit(data, str(report) + "\nwrote " + ", ".join(os.path.relpath(w) for w in written), args.json)
+    return 0
 
 
 def _write(model, report, args: argparse.Namespace) -> int:
