@@ -199,13 +199,14 @@ _STRICT_HINT = ("Map renamed keys with rename=, allow expected gaps with allow_m
                 "the rest.")
 
 
-def _refuse_if_strict(the_plan: Plan, source_path: str, into: str, strict: bool) -> None:
+def _refuse_if_strict(the_plan: Plan, source_path: str, into: str, strict: bool,
+                      unchanged: str = "the model was not changed") -> None:
     """Raise the strict refusal listing every problem (``strict``); warn about rules that matched nothing."""
     problems = the_plan.problems()
     if strict and problems:
         raise LoadError(
             f"Refusing to load {source_path} into {into}: "
-            f"{len(problems)} problem{'s' if len(problems) > 1 else ''}; the model was not changed.\n  "
+            f"{len(problems)} problem{'s' if len(problems) > 1 else ''}; {unchanged}.\n  "
             + "\n  ".join(problems),
             problems,
             hint=_STRICT_HINT,
@@ -298,7 +299,8 @@ def convert_files(path: PathLike, like: PathLike, out: PathLike, *, rules: Rules
                     "new model's code.")
             the_plan = _plan(target, source, rules, rename, allow_missing, allow_unused, root, reshape, 0.0,
                              accept_order)
-            _refuse_if_strict(the_plan, source.path, f"the layout of {like_source.path}", strict)
+            _refuse_if_strict(the_plan, source.path, f"the layout of {like_source.path}", strict,
+                              "nothing was written")
             counts = the_plan.counts()
             if not (counts["loaded"] + counts["cast"] + counts["transformed"]):
                 raise RegraftError(

@@ -270,6 +270,7 @@ class FileTarget:
             prefixes = []
             for i, (part_names, part_tensors) in enumerate(parts):
                 prefixes.append(os.path.join(folder, str(i), "part"))
+                os.makedirs(os.path.dirname(prefixes[-1]))
                 tf.raw_ops.SaveV2(prefix=prefixes[-1], tensor_names=part_names,
                                   shape_and_slices=[""] * len(part_names), tensors=part_tensors)
             tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=prefixes, destination_prefix=tmp,
