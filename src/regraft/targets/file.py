@@ -40,7 +40,7 @@ WRITES = {
     ".weights.h5": ("keras-h5", "keras-archive"),
     ".keras": ("keras-archive",),
     ".safetensors": None,  # from any format: the --like file's keys (its tensor names as written)
-    "checkpoint": ("tf-object", "tf-keras"),
+    "checkpoint": ("tf-object",),
 }
 _WEIGHTS_MEMBER = "model.weights.h5"
 _OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
