@@ -203,9 +203,9 @@ def test_files_in_different_namespaces_are_refused(tmp_path):
     assert str(caught.value) == (
         f"Cannot convert {old_file} (tf-object) into the layout of {like} (keras-h5): their keys are in different "
         "namespaces (object and h5), and without the model's code regraft cannot compute the new model's keys in the "
-        "old checkpoint's namespace.\nHint: Pass a --like file saved in the old checkpoint's kind of format (a TF "
-        "checkpoint for a TF checkpoint, .weights.h5 or .keras for Keras weights), or use `regraft load` with the new "
-        "model's code.")
+        "old checkpoint's namespace.\nHint: Pass the new model as a .keras archive (model.save('new.keras'): Keras "
+        "rebuilds it from its config), or a --like file of the old checkpoint's kind (a TF checkpoint for a TF "
+        "checkpoint, .weights.h5 for Keras weights), or use `regraft load` with the new model's code.")
 
 
 @pytest.mark.parametrize("out_name,message", [
@@ -253,3 +253,54 @@ def test_cli_convert_writes_and_reports_json(capsys, tmp_path):
     code = main(["convert", old_file, "--like", like, "--out", out, "--reshape", "preserve"])
     _, err = capsys.readouterr()
     assert code == 2 and "Error: convert cannot use reshape='preserve'" in err
+
+
+@pytest.mark.parametrize("out_name", ["out.weights.h5", "out.safetensors", "ckpt"])
+def test_a_tf_checkpoint_into_a_keras_archives_model_equals_load_into_the_model(tmp_path, out_name):
+    """Different namespaces: the .keras config rebuilds the model, which knows its keys in both."""
+    build_old, build_new = PAIRS["inserted"]
+    old, new = build_old(), build_new()
+    randomize(old, 1)
+    randomize(new, 2)
+    old_file = _save(old, tmp_path / "old", "tf")
+    like = str(tmp_path / "new.keras")
+    new.save(like)
+    out = str(tmp_path / out_name)
+    report = regraft.convert(old_file, like, out, allow_missing=["new/*"])
+    assert report.counts()["loaded"] == 8
+    expected = _expected(build_new, old_file, new, allow_missing=["new/*"])
+    back = build_new()
+    if out_name.endswith(".weights.h5"):
+        back.load_weights(out)
+    elif out_name.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        tensors = load_file(out)
+        assert sorted(tensors) == sorted(v.path for v in back.weights)  # functional: readable keys are the paths
+        for v in back.weights:
+            v.assign(tensors[v.path])
+    else:
+        tf.train.Checkpoint(model=back).read(out).assert_existing_objects_matched()
+    for got, want in zip(back.weights, expected.weights):
+        assert same_bytes(value_of(got), value_of(want)), got.path
+
+
+def test_a_keras_archive_keras_cannot_rebuild_is_a_regraft_error(tmp_path):
+    class Unregistered(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, Unregistered(name="u")(inputs), name="m")
+    like = str(tmp_path / "new.keras")
+    model.save(like)
+    old_file = _save(model, tmp_path / "old", "tf")
+    with pytest.raises(RegraftError) as caught:
+        regraft.convert(old_file, like, str(tmp_path / "out.weights.h5"))
+    assert str(caught.value).startswith(f"Cannot rebuild the model of {like} from its config: Keras raised ")
+    assert caught.value.hint.startswith("Its layers need classes Keras knows")
+    assert sorted(os.listdir(tmp_path)) == ["new.keras", "old.data-00000-of-00001", "old.index"]

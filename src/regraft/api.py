@@ -273,7 +273,7 @@ def convert_files(path: PathLike, like: PathLike, out: PathLike, *, rules: Rules
                   allow_outside_state: bool = False) -> tuple[LoadReport, list[str]]:
     """:func:`convert`, also returning the files written (for the CLI)."""
     from regraft.errors import RegraftError
-    from regraft.targets.file import FileTarget, check_writable, output_format
+    from regraft.targets.file import FileTarget, check_writable, model_from_archive, output_format
 
     path, like, out = os.fspath(path), os.fspath(like), os.fspath(out)
     if reshape == "preserve":
@@ -283,20 +283,23 @@ def convert_files(path: PathLike, like: PathLike, out: PathLike, *, rules: Rules
     with _without_gc():
         like_source = open_source(like)
     with like_source:
-        check_writable(like_source, output_format(out), out)
-        target = FileTarget(like_source)
         with _without_gc():
             source = open_source(path, allow_outside_state=allow_outside_state)
         with source:
-            if source.namespace != like_source.namespace:
+            if source.namespace == like_source.namespace:
+                check_writable(like_source, output_format(out), out)
+                target: Any = FileTarget(like_source)
+            elif like_source.format == "keras-archive":  # its config rebuilds the model: keys in every namespace
+                target = target_for(model_from_archive(like_source.path))
+            else:
                 raise RegraftError(
                     f"Cannot convert {source.path} ({source.format}) into the layout of {like_source.path} "
                     f"({like_source.format}): their keys are in different namespaces ({source.namespace} and "
                     f"{like_source.namespace}), and without the model's code regraft cannot compute the new "
                     "model's keys in the old checkpoint's namespace.",
-                    hint="Pass a --like file saved in the old checkpoint's kind of format (a TF checkpoint for a "
-                    "TF checkpoint, .weights.h5 or .keras for Keras weights), or use `regraft load` with the "
-                    "new model's code.")
+                    hint="Pass the new model as a .keras archive (model.save('new.keras'): Keras rebuilds it from "
+                    "its config), or a --like file of the old checkpoint's kind (a TF checkpoint for a TF "
+                    "checkpoint, .weights.h5 for Keras weights), or use `regraft load` with the new model's code.")
             the_plan = _plan(target, source, rules, rename, allow_missing, allow_unused, root, reshape, 0.0,
                              accept_order)
             _refuse_if_strict(the_plan, source.path, f"the layout of {like_source.path}", strict,

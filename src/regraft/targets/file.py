@@ -33,7 +33,7 @@ from regraft.keys import namespace as namespace_of
 from regraft.sources.base import Source
 from regraft.targets.base import GraphLayer, LayerTable
 
-__all__ = ["FileTarget", "WRITES"]
+__all__ = ["FileTarget", "WRITES", "model_from_archive", "output_format", "check_writable"]
 
 #: What :meth:`FileTarget.save` writes (by the output's extension) from which ``--like`` formats.
 WRITES = {
@@ -321,3 +321,24 @@ def check_writable(like: Source, fmt: str, path: str) -> None:
         f"Cannot write {path} as {shown} from --like {like.path} ({like.format}): that needs {need}.",
         hint="From this --like file regraft writes: "
         + ", ".join("a TF checkpoint (no extension)" if w == "checkpoint" else w for w in written) + ".")
+
+
+def model_from_archive(path: str) -> Any:
+    """The model a ``.keras`` archive describes, rebuilt by Keras from its config, with its weights.
+
+    Keras' ``safe_mode`` stays on (no code from the file is run); layers of classes
+    Keras does not know cannot be rebuilt.
+
+    Raises:
+        RegraftError: Keras could not rebuild the model (an unregistered custom layer, …).
+    """
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:
+        raise RegraftError(
+            f"Cannot rebuild the model of {path} from its config: Keras raised {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+            hint="Its layers need classes Keras knows: use `regraft load` with the new model's code, or pass "
+            "a --like file of the old checkpoint's kind.") from None
