@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "a .keras --like: its config is copied), .safetensors (from any --like), or a TF checkpoint "
                        "prefix (from a TF checkpoint --like; needs TensorFlow). Variables nothing is loaded into "
                        "keep their --like values. Both files must use the same kind of keys (Keras weights with "
-                       "Keras weights, TF checkpoints with TF checkpoints).")
+                       "Keras weights, TF checkpoints with TF checkpoints), unless --like is a .keras archive of "
+                       "built-in layers: Keras then rebuilds the model from its config and any --out is written.")
     _add_match_options(p, model=False)
     p.add_argument("--like", required=True, metavar="NEW_WEIGHTS",
                    help="a weights file of the new model (.weights.h5, .keras, .weights.json, TF checkpoint, "

@@ -554,7 +554,12 @@ def _write_safetensors(model: Any, tmp: str) -> None:
     from safetensors.numpy import save_file
 
     variables, _ = describe_with_layers(model, ())
-    save_file({v.key: np.ascontiguousarray(read_value(v)) for v in variables}, tmp)
+    tensors = {v.key: np.ascontiguousarray(read_value(v)) for v in variables}
+    try:
+        save_file(tensors, tmp)
+    except (ValueError, TypeError) as exc:  # a dtype safetensors has no code for
+        raise TargetError(f"Cannot write the weights as safetensors: {exc}",
+                          hint="Write .weights.h5 or a TF checkpoint instead.") from None
 
 
 def _write_checkpoint(model: Any, tmp: str, shards: int, out: str) -> None:
