@@ -27,11 +27,10 @@ as much as the load itself, see ``bench/bench_apply.py``).
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -46,7 +45,7 @@ from regraft.sources.base import Source
 from regraft.targets import Target, target_for
 from regraft.transforms import cast_array
 
-__all__ = ["apply", "apply_plan", "convert", "freeze_loaded", "Progress"]
+__all__ = ["apply", "apply_plan", "convert", "freeze_loaded", "hold_interrupts", "interrupts_held", "Progress"]
 
 Progress = Callable[[int, int, str], None]
 
@@ -68,6 +67,11 @@ def apply(plan: Plan, model: Any, source: Source | None = None, *, freeze: bool 
     Example:
         >>> report = regraft.apply(regraft.read_plan("plan.yaml", model), model)   # doctest: +SKIP
     """
+    with interrupts_held():  # ends after the source is closed: nothing runs after it
+        return _apply_opened(plan, model, source, freeze, progress)
+
+
+def _apply_opened(plan: Plan, model: Any, source: Source | None, freeze: bool, progress: Progress | None) -> LoadReport:
     target = target_for(model)
     plan = _bind(plan, target)
     if source is not None:
@@ -83,13 +87,13 @@ def apply(plan: Plan, model: Any, source: Source | None = None, *, freeze: bool 
 
 
 def _apply(plan: Plan, source: Source, target: Target, freeze: bool, progress: Progress | None) -> LoadReport:
-    writes, staging = _writes(plan)
-    done = _check_all(writes, source, plan, target, staging, progress)
-    with _deferred_interrupts() as interrupted:  # from the first assignment to the report: finish
+    with interrupts_held():
+        writes, staging = _writes(plan)
+        done = _check_all(writes, source, plan, target, staging, progress)
+        hold_interrupts()  # from the first assignment on, the load finishes
         _commit(writes, source, plan, target, staging)
         frozen = freeze_loaded(plan, target) if freeze else []
         report = LoadReport.build(plan, done, frozen)
-    _warn_if(interrupted)
     return report
 
 
@@ -137,11 +141,11 @@ def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | 
     Raises:
         RegraftError: anything that stopped the load; the model is then unchanged.
     """
-    writes, staging = _writes(plan)
-    done = _check_all(writes, source, plan, target, staging, progress)
-    with _deferred_interrupts() as interrupted:
+    with interrupts_held():
+        writes, staging = _writes(plan)
+        done = _check_all(writes, source, plan, target, staging, progress)
+        hold_interrupts()
         _commit(writes, source, plan, target, staging)
-    _warn_if(interrupted)
     return done
 
 
@@ -160,16 +164,6 @@ def _check_all(
         if progress is not None:
             progress(i + 1, len(writes), a.target.key)
     return done
-
-
-def _warn_if(interrupted: list[int]) -> None:
-    if interrupted:
-        warnings.warn(
-            "regraft: interrupt received while the checked tensors were being assigned; the load "
-            "was finished rather than left half-done.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 class _Staging:
@@ -231,29 +225,67 @@ def _commit(writes: list[Assignment], source: Source, plan: Plan, target: Target
         ) from exc
 
 
-@contextlib.contextmanager
-def _deferred_interrupts() -> Iterator[list[int]]:
-    """Hold back SIGINT while the block runs (main thread only); yields the signals received.
+class interrupts_held:
+    """A scope in which Ctrl-C (SIGINT) stops a load only before its first assignment.
 
-    Python raises ``KeyboardInterrupt`` wherever the main thread happens to be;
-    inside the commit pass that would leave a half-loaded model.
+    :func:`hold_interrupts`, called when the commit pass starts, replaces
+    Python's ``KeyboardInterrupt`` by a note; leaving the outermost scope puts
+    the previous handler back and warns if an interrupt was held back. Leaving
+    is the last thing the public function does, so no interrupt can surface
+    inside regraft once the model has changed. Only the main thread receives
+    signals; elsewhere the scope does nothing.
+
+    Example:
+        >>> with interrupts_held():      # doctest: +SKIP
+        ...     report = apply(plan, model)
     """
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if not callable(previous):  # SIG_IGN or SIG_DFL: Python raises nothing
-        yield received
-        return
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield received
-    finally:
+
+    _active: "interrupts_held | None" = None
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: Any = None
+        self._held = False
+        self._outermost = False
+
+    def __enter__(self) -> "interrupts_held":
+        if interrupts_held._active is None:
+            interrupts_held._active = self
+            self._outermost = True
+        return interrupts_held._active
+
+    def hold(self) -> None:
+        if self._held or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if callable(previous):  # SIG_IGN / SIG_DFL raise nothing in Python
+            self._previous, self._held = previous, True  # first: an interrupt may land in the next call
+            signal.signal(signal.SIGINT, lambda signum, frame: self.received.append(signum))
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._outermost:
+            return
+        interrupts_held._active = None
+        if not self._held:
+            return
+        self._held = False
         try:
-            signal.signal(signal.SIGINT, previous)
-        except KeyboardInterrupt:  # landed in the call that restores the handler: the load is done
-            received.append(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._previous)
+            if self.received:
+                warnings.warn(
+                    "regraft: interrupt received while the checked tensors were being assigned; the load "
+                    "was finished rather than left half-done.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        except KeyboardInterrupt:  # arrived as the handler came back: the load has finished, it returns
+            pass
+
+
+def hold_interrupts() -> None:
+    """From now until the current :class:`interrupts_held` scope ends, Ctrl-C is noted, not raised."""
+    if interrupts_held._active is not None:
+        interrupts_held._active.hold()
 
 
 def _check_shape(a: Assignment, shape: tuple[int, ...], plan: Plan) -> None:
