@@ -232,3 +232,18 @@ def test_random_ctrl_c_during_loads_in_a_child_process(tmp_path):
     counts = eval(done.stdout.strip().splitlines()[-1])
     assert counts["bad"] == 0, counts
     assert counts["interrupted"] + counts["finished"] == 60
+
+
+def test_a_load_on_another_thread_leaves_the_handler_alone(saved):
+    import threading
+
+    old, path = saved
+    model = build("functional", seed=46)
+    before = snapshot(model)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(regraft.load(model, path)))
+    worker.start()
+    worker.join()
+    assert results and results[0].counts()["loaded"] == 8
+    assert_state(model, before, loaded_values(old, model))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

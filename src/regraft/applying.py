@@ -240,7 +240,7 @@ class interrupts_held:
         ...     report = apply(plan, model)
     """
 
-    _active: "interrupts_held | None" = None
+    _scopes = threading.local()  # the outermost scope of each thread
 
     def __init__(self) -> None:
         self.received: list[int] = []
@@ -249,10 +249,10 @@ class interrupts_held:
         self._outermost = False
 
     def __enter__(self) -> "interrupts_held":
-        if interrupts_held._active is None:
-            interrupts_held._active = self
+        if getattr(interrupts_held._scopes, "active", None) is None:
+            interrupts_held._scopes.active = self
             self._outermost = True
-        return interrupts_held._active
+        return interrupts_held._scopes.active
 
     def hold(self) -> None:
         if self._held or threading.current_thread() is not threading.main_thread():
@@ -265,7 +265,7 @@ class interrupts_held:
     def __exit__(self, *exc: object) -> None:
         if not self._outermost:
             return
-        interrupts_held._active = None
+        interrupts_held._scopes.active = None
         if not self._held:
             return
         self._held = False
@@ -284,8 +284,9 @@ class interrupts_held:
 
 def hold_interrupts() -> None:
     """From now until the current :class:`interrupts_held` scope ends, Ctrl-C is noted, not raised."""
-    if interrupts_held._active is not None:
-        interrupts_held._active.hold()
+    active = getattr(interrupts_held._scopes, "active", None)
+    if active is not None:
+        active.hold()
 
 
 def _check_shape(a: Assignment, shape: tuple[int, ...], plan: Plan) -> None:
