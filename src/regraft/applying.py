@@ -14,9 +14,9 @@ is checked before any tensor is read. Then two passes:
    callback runs here) stops the load with the model untouched.
 2. **Commit.** The same tensors are read again (from the page cache) and
    assigned, one at a time, into the variables' own buffers. Data can no
-   longer fail here; an interrupt (Ctrl-C) is deferred until the pass has
-   finished, so a load either stops in the check with nothing changed or
-   finishes and returns.
+   longer fail here; from the first assignment until ``load``/``apply``
+   returns, Ctrl-C is held back (:class:`interrupts_held`), so a load either
+   stops in the check with nothing changed or finishes and returns.
 
 What could still fail in the commit is the environment: the checkpoint being
 rewritten in place, or the disk failing, in the second between the passes.
@@ -139,7 +139,9 @@ def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | 
         What was done per written target key.
 
     Raises:
-        RegraftError: anything that stopped the load; the model is then unchanged.
+        RegraftError: anything that stopped the load; the model is then unchanged,
+            except after an environment failure in the commit pass, which the
+            error's message states.
     """
     with interrupts_held():
         writes, staging = _writes(plan)
