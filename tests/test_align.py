@@ -162,3 +162,28 @@ def test_certainty_matches_brute_force(seed):
     forced, pairable = _certainty(scores)
     assert forced == forced_pairs(scores) == (set.intersection(*optimal) if optimal else set())
     assert pairable == {j for pairing in optimal for _, j in pairing}
+
+
+def test_widened_layer_next_to_an_inserted_one_of_the_old_shape_keeps_its_position():
+    # The first layer widens 48 -> 64 (so the second reads 64), and a 48 -> 48 layer is inserted
+    # later. Pairing old 1 with new 2 (exact bias) and old 2 with the inserted layer (exact) scores
+    # more pair by pair, but needs a new layer in front and every old layer shifted: the widening
+    # and the wider input of the next layer are one change, credited only when both pairs are made.
+    old = [None, (48, 48), (48, 48), (48, 48), (48, 3)]
+    new = [None, (48, 64), (64, 48), (48, 48), (48, 48), (48, 3)]
+    pairs, result = align(old, new)
+    assert pairs["_operations/1/_kernel"] == ("_operations/1/_kernel", False)
+    assert pairs["_operations/2/_kernel"] == ("_operations/2/_kernel", False)
+    assert pairs["_operations/5/_kernel"] == ("_operations/4/_kernel", False)
+    # Which of the two alike 48 -> 48 layers is the inserted one, only order tells.
+    assert pairs["_operations/3/_kernel"] == ("_operations/3/_kernel", True)
+    assert result.inserted == ["_operations/4"]
+
+
+def test_credit_for_an_explained_resize_needs_the_pair_before():
+    # Old (32, 16) could read as "input widened" next to new (16, 16) only if the pair before were
+    # made too; it is not (the exact pairs win), so the credit is not earned.
+    old = [None, (8, 32), (32, 16), (16, 4)]
+    new = [None, (8, 32), (32, 16), (16, 16), (16, 4)]
+    pairs, _ = align(old, new)
+    assert pairs["_operations/2/_kernel"] == ("_operations/2/_kernel", False)

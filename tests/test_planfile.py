@@ -13,6 +13,7 @@ import keras  # noqa: E402  (conftest set the TF log level first)
 
 import regraft  # noqa: E402
 from regraft.errors import RegraftError  # noqa: E402
+from regraft.rules import parse_rules  # noqa: E402
 
 
 def mlp(insert: bool, name: str):
@@ -131,6 +132,11 @@ def test_files_that_are_not_plans(tmp_path):
         regraft.read_plan(tmp_path / "python.yaml", model)
     with pytest.raises(RegraftError, match="does not exist"):
         regraft.read_plan(tmp_path / "missing.yaml", model)
+    (tmp_path / "deep.yaml").write_text("regraft_plan: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(RegraftError, match="nests lists or mappings thousands of levels deep"):
+        regraft.read_plan(tmp_path / "deep.yaml", model)
+    with pytest.raises(RegraftError, match="The rules file .* nests lists or mappings thousands of levels deep"):
+        parse_rules(tmp_path / "deep.yaml")
 
 
 def test_saving_a_plan_where_it_cannot_go_leaves_nothing(planned):

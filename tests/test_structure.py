@@ -21,7 +21,7 @@ LAYERS = [
     {"report", "growth", "align"},
     {"matching", "planfile"},
     {"applying", "verification"},
-    {"api", "demo"},
+    {"api", "demo", "building"},
     {"cli", "__init__", "__main__"},
 ]
 

@@ -35,7 +35,7 @@ from regraft.transforms import (
 
 BUILTINS = {
     "identity", "overlay", "pad", "slice", "resize", "adapt_channels",
-    "widen_out", "widen_in", "identity_init", "cast",
+    "widen_out", "widen_in", "identity_init", "fill", "cast",
 }
 
 
@@ -103,7 +103,7 @@ def test_unknown_transform_name():
         get("pda")
     assert exc.value.message == (
         "Unknown transform 'pda'; known transforms: adapt_channels, cast, conv_oihw_to_hwio, "
-        "depthwise_oihw_to_hwcm, identity, identity_init, linear_to_dense, overlay, "
+        "depthwise_oihw_to_hwcm, fill, identity, identity_init, linear_to_dense, overlay, "
         "pad, resize, slice, widen_in, widen_out."
     )
     with pytest.raises(TransformError, match="Unknown transform 'pda'"):
@@ -185,6 +185,9 @@ def test_check_refuses_with_the_reason(name, in_shape, target, options, reason):
          "an identity kernel needs rank >= 2 (shape (8,)); a rank-1 variable is a bias: role='bias' gives zeros."),
         ("identity_init", (8,), {"role": "gamma"}, "option role must be 'kernel' or 'bias', not 'gamma'."),
         ("pad", (8,), {}, "pad needs a source tensor; only 'identity_init' works without one."),
+        ("fill", (8,), {}, "option 'value' is required."),
+        ("fill", (8,), {"value": float("nan")}, "option value must be a finite number, not nan."),
+        ("fill", (8,), {"value": "0"}, "option value must be a number, not '0'."),
     ],
 )
 def test_check_without_a_source(name, target, options, reason):
@@ -206,6 +209,7 @@ def test_check_without_a_source(name, target, options, reason):
         ("adapt_channels", (5, 3, 8), (5, 1, 8), {"axis": 1}),
         ("widen_in", (3, 3, 4, 6), (3, 3, 5, 6), {"mapping": [0, 1, 2, 3, 1], "axis": 2, "noise": 0.1, "seed": 4}),
         ("identity_init", (3, 3, 4, 6), (3, 3, 4, 6), {}),
+        ("fill", (3, 4), (3, 4), {"value": 0.0}),
         ("cast", (2,), (2,), {"dtype": "bfloat16"}),
     ],
 )
@@ -745,3 +749,13 @@ def test_no_tensorflow_or_keras():
     out = subprocess.run([sys.executable, "-c", code, str(pathlib.Path(transforms.__file__).parent)],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_fill_ignores_the_value_and_gives_the_constant():
+    assert same_fill(run("fill", None, None, (2, 3), "bn/moving_variance", value=0.999), np.full((2, 3), 0.999, "float32"))
+    assert same_fill(run("fill", np.ones(3), None, (3,), "bn/gamma", value=0), np.zeros(3, "float32"))
+    assert run("fill", None, None, (2,), "v", value=1, dtype="float16").dtype == np.float16
+
+
+def same_fill(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()

@@ -8,6 +8,7 @@ Example:
 
 from regraft.api import convert, diff, load, open, plan
 from regraft.applying import apply
+from regraft.building import build_and_load
 from regraft.entries import SourceEntry, TargetVariable
 from regraft.errors import (
     CorruptCheckpointError,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "open",
     "load",
+    "build_and_load",
     "diff",
     "plan",
     "apply",

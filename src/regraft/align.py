@@ -55,6 +55,7 @@ LANDMARK = 50  # two weightless layers of the same (or unknown) kind
 LANDMARK_OTHER_KIND = 20
 SAME_NAME = 100  # equal strong layer names (different strong names: never paired)
 GAP = 25  # skipping one item of a sequence
+EXPLAINED_RESIZE = 65  # a layer whose input grew as the layer before it grew: one change, not two
 
 _NUMBERED = re.compile(r"^(?:layer_with_weights-|layer-)?(\d+)$")
 
@@ -377,8 +378,16 @@ def _align_sequence(s_items: list[Node], t_items: list[Node], ns: Namespace, out
         out.inserted.extend(x.path for x in t_items if x.signature())
         return
     scores = _score_matrix(s_items, t_items)
-    moves = _dp_moves(scores)
-    early = _traceback(moves, prefer_diagonal=False)  # matches as early as possible
+    early = _traceback(_dp_moves(scores), prefer_diagonal=False)  # matches as early as possible
+    explained = _explained_resizes(s_items, t_items, scores)
+    if explained.any():
+        # Credit a resize that the pair before it explains, but only where that pair is in the
+        # alignment too: align once with the credit on every such cell, then keep that
+        # alignment only if it is better once the credit counts only where it is earned.
+        credited = scores + EXPLAINED_RESIZE * explained
+        other = _traceback(_dp_moves(credited), prefer_diagonal=False)
+        if _earned(other, scores, explained) > _earned(early, scores, explained):
+            scores, early = credited, other
     forced, pairable = _certainty(scores)
     matched_s, matched_t = set(), set()
     for i, j in early:
@@ -412,6 +421,50 @@ def _score_matrix(s_items: list[Node], t_items: list[Node]) -> np.ndarray:
         same = names_s[:, None] == names_t[None, :]
         matrix = np.where(both & ~same, 0, matrix + SAME_NAME * (both & same & (matrix > 0)))
     return matrix
+
+
+def _widths(node: Node) -> tuple[int, int]:
+    """(input, output) units of a layer's kernel (its variable of highest rank, rank >= 2); -1 if none."""
+    shapes = [shape for (_, shape) in node.signature() if shape is not None and len(shape) >= 2]
+    if not shapes:
+        return -1, -1
+    kernel = max(shapes, key=len)
+    return int(kernel[-2]), int(kernel[-1])
+
+
+def _earned(path: list[tuple[int, int]], scores: np.ndarray, explained: np.ndarray) -> int:
+    """An alignment's score, crediting an explained resize only when the pair before it is in the alignment."""
+    n, m = scores.shape
+    pairs = set(path)
+    total = sum(int(scores[i, j]) for i, j in path) - GAP * (n + m - 2 * len(path))
+    return total + EXPLAINED_RESIZE * sum(1 for i, j in path if explained[i, j] and (i - 1, j - 1) in pairs)
+
+
+def _explained_resizes(s_items: list[Node], t_items: list[Node], matrix: np.ndarray) -> np.ndarray:
+    """Resized pairs whose only change is an input width that the pair before them explains.
+
+    A layer widened from 48 to 64 units and the next layer, whose input grew from 48 to
+    64, are one change: the pair before is pairable and both sides chain (the layer before
+    outputs what this one reads). Without this, a widened layer followed later by an
+    inserted layer of its neighbours' shape is read as "a new layer in front, every old
+    layer shifted by one" (an exact pair outweighing two resized ones), so the old first
+    layer lands in the second. The credit is earned only when the pair before is in the
+    alignment (:func:`_earned`).
+    """
+    s_w = np.array([_widths(x) for x in s_items], dtype=np.int64).reshape(-1, 2)
+    t_w = np.array([_widths(x) for x in t_items], dtype=np.int64).reshape(-1, 2)
+    n, m = matrix.shape
+    chain_s = np.zeros(n, dtype=bool)  # chain_s[i]: item i - 1 outputs what item i reads (by width)
+    chain_t = np.zeros(m, dtype=bool)
+    chain_s[1:] = (s_w[:-1, 1] == s_w[1:, 0]) & (s_w[1:, 0] >= 0)
+    chain_t[1:] = (t_w[:-1, 1] == t_w[1:, 0]) & (t_w[1:, 0] >= 0)
+    before = np.zeros((n, m), dtype=bool)
+    before[1:, 1:] = matrix[:-1, :-1] > 0
+    in_changed = s_w[:, None, 0] != t_w[None, :, 0]
+    out_kept = s_w[:, None, 1] == t_w[None, :, 1]
+    explained = before & chain_s[:, None] & chain_t[None, :]
+    return ((matrix > 0) & in_changed & out_kept & explained).astype(np.int64)
+
 
 
 def _structure_key(node: Node) -> tuple:

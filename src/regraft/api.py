@@ -8,7 +8,7 @@ import os
 import warnings
 from typing import Any, Iterable, Iterator, Mapping
 
-from regraft.applying import Progress, apply
+from regraft.applying import Progress, apply, interrupts_held
 from regraft.errors import LoadError
 from regraft.matching import make_plan
 from regraft.plans import Plan
@@ -188,7 +188,7 @@ def load(
     """
     with _without_gc():
         source = open_source(path, allow_outside_state=allow_outside_state)
-    with source:
+    with interrupts_held(), source:  # Ctrl-C after the first assignment is held back until load returns
         the_plan = _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
         _refuse_if_strict(the_plan, source.path, f"model '{model.name}'", strict)
         return apply(the_plan, model, source, freeze=freeze, progress=progress)  # the source it was made from

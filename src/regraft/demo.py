@@ -191,6 +191,10 @@ def run_demo(out: Callable[[str], None] = print, workdir: str | None = None) -> 
             out("  " + "\n  ".join(exc.problems))
         out("\nWhat works instead for (a): reshape='preserve' starts the inserted dense2 as an identity and "
             "pads old dense2 into dense3, so the new model computes what the old one did:")
+        out("(Why the inserted layer is dense3 above and dense2 here: a plain load pairs layers by name and never "
+            "moves a tensor to a layer of another name on a guess, so old dense2 stays with new dense2 and dense3 "
+            "is new; preserve reads the change by function, and only 'dense2 inserted, old dense2 now dense3' "
+            "keeps the function, which verify then checks.)")
         grown = build_inserted_new()
         report = regraft.load(grown, path, reshape="preserve")
         out("  " + "\n  ".join(report.grouped().splitlines()[1:]))

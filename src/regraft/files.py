@@ -45,3 +45,6 @@ def read_yaml(path: str, what: str, missing_hint: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RegraftError(f"The {what} is not valid YAML: {exc}", hint="Fix the YAML syntax.") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise RegraftError(f"The {what} nests lists or mappings thousands of levels deep.",
+                           hint="Write it with the few levels of nesting its format uses.") from None

@@ -20,7 +20,8 @@ Schema (version 1)::
     variables:
       <model variable key>: {source: str|null, status: str, transform: str|null, stage: str|null,
                              reason: str, confidence: number, candidates: [str], proposed: str,
-                             steps: [{name: str, ...options}], allowed_by: str, order_only: bool}
+                             steps: [{name: str, ...options}], allowed_by: str, order_only: bool,
+                             not_preserved: str}
     fresh: [str]            # derived: variables left fresh
     unused: [str]           # derived from the checkpoint and the sources above
     ignored: [{source: str, rule: str}] or [str]
@@ -31,6 +32,7 @@ Schema (version 1)::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -163,7 +165,10 @@ def read_plan(path: str | os.PathLike[str], model: Any) -> Plan:
     assignments = []
     for target in targets:
         entry = variables.get(target.key, {"source": None})
-        assignments.append(_assignment(target, entry, entries, check))
+        assignment = _assignment(target, entry, entries, check)
+        if entry.get("not_preserved"):
+            assignment = dataclasses.replace(assignment, not_preserved=entry["not_preserved"])
+        assignments.append(assignment)
     ignored = []
     for i, item in enumerate(ignored_items):
         key, rule = (item, "") if isinstance(item, str) else (item.get("source"), str(item.get("rule", "")))
@@ -205,6 +210,9 @@ def _load(path: str) -> tuple[dict[str, Any], Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
         raise RegraftError(f"Plan {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}.", hint=_HINT) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise RegraftError(f"Plan {path} nests lists or mappings thousands of levels deep; a plan file "
+                           "nests four.", hint=_HINT) from None
     if not isinstance(data, dict) or data.get("regraft_plan") != PLAN_VERSION:
         raise RegraftError(f"{path} is not a regraft plan file (version {PLAN_VERSION}).", hint=_HINT)
     return data, node
@@ -271,7 +279,7 @@ class _Checker:
             if source is not None and not isinstance(source, str):
                 raise self.error((*keys, name, "source"), f"is {_kind(source)}", "a checkpoint key or null")
             for field, kind in (("proposed", str), ("reason", str), ("stage", str), ("status", str),
-                                ("allowed_by", str)):
+                                ("allowed_by", str), ("not_preserved", str)):
                 if entry.get(field) is not None and not isinstance(entry[field], kind):
                     raise self.error((*keys, name, field), f"is {_kind(entry[field])}", _kind_name(kind))
             confidence = entry.get("confidence")

@@ -66,6 +66,9 @@ class Assignment:
             applied to the source tensor (or, for ``identity_init``, to nothing).
         order_only: the pairing rests on order among alike layers alone; it is
             ``unconfirmed`` unless the user accepted order (``accept_order=True``).
+        not_preserved: under ``reshape="preserve"``, why this variable cannot take a value
+            that keeps the old model's function (``""`` when it can, or outside ``preserve``).
+            A strict problem unless ``allowed``.
     """
 
     target: TargetVariable
@@ -78,6 +81,7 @@ class Assignment:
     candidates: tuple[str, ...] = ()
     steps: tuple[tuple[str, dict[str, Any]], ...] = ()
     order_only: bool = False
+    not_preserved: str = ""
 
     @property
     def writes(self) -> bool:
@@ -140,7 +144,15 @@ class Plan:
     def problems(self) -> list[str]:
         """Every reason a strict load refuses this plan, collapsed, as text lines."""
         lines = []
+        unpreserved: dict[tuple[str, str], list[str]] = {}
         for a in self.assignments:
+            if a.not_preserved and a.allowed is None:
+                unpreserved.setdefault((a.target.layer, a.not_preserved), []).append(a.target.key)
+        for (layer, why), keys in unpreserved.items():
+            lines.append(f"not preserved: layer '{layer}' ({', '.join(collapse(keys))}): {why}")
+        for a in self.assignments:
+            if a.not_preserved and a.allowed is None:
+                continue  # said above, with the reason
             if a.status == SHAPE_MISMATCH and a.allowed is None and a.source is not None:
                 lines.append(
                     f"shape mismatch: tensor '{a.source.key}' has shape {_shape(a.source.shape)}; "
@@ -162,7 +174,8 @@ class Plan:
                 + " (a tie among alike layers, no names to tell them apart) — confirm with accept_order=True "
                 "(CLI --accept-order) or a rename rule"
             )
-        missing = [a.target.key for a in self.assignments if a.status == MISSING and a.allowed is None]
+        missing = [a.target.key for a in self.assignments
+                   if a.status == MISSING and a.allowed is None and not a.not_preserved]
         if missing:
             lines.append(f"missing from the checkpoint ({len(missing)}): " + ", ".join(collapse(missing)))
         contested = {c for a in self.assignments for c in a.candidates} | {
@@ -189,7 +202,8 @@ class Plan:
     def parameter_share(self) -> float:
         """Share of the model's parameters (elements) that take a checkpoint value."""
         total = sum(a.target.size for a in self.assignments)
-        loaded = sum(a.target.size for a in self.assignments if a.writes)
+        # An identity-initialised or zeroed variable is written, but takes nothing from the checkpoint.
+        loaded = sum(a.target.size for a in self.assignments if a.writes and a.source is not None)
         return loaded / total if total else 1.0
 
     def summary(self, verb: str = "would load") -> str:
@@ -266,6 +280,8 @@ class Plan:
                 entry["allowed_by"] = a.allowed
             if a.order_only and a.status != UNCONFIRMED:
                 entry["order_only"] = True  # placed by order, accepted with accept_order
+            if a.not_preserved:
+                entry["not_preserved"] = a.not_preserved
             variables[a.target.key] = entry
         return {
             "regraft_plan": PLAN_VERSION,

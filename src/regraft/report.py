@@ -97,6 +97,8 @@ class LoadReport:
                 row["confirm"] = True  # placed by order only: loaded only if the user accepted order
             if a.allowed:
                 row["allowed_by"] = a.allowed
+            if a.not_preserved:
+                row["not_preserved"] = a.not_preserved
             if a.target.key in self.cast_errors:
                 row["max_cast_error"] = self.cast_errors[a.target.key]
             out.append(row)
@@ -178,6 +180,7 @@ class LoadReport:
             lines.append(f"unused ({len(unused)}): " + ", ".join(collapse(unused)))
         if self.plan.ignored:
             lines.append(f"ignored ({len(self.plan.ignored)}): " + ", ".join(collapse(e.key for e, _ in self.plan.ignored)))
+        lines.extend(growth_lines(self.plan))
         if self.plan.inserted:
             lines.append("inserted layers: " + ", ".join(collapse(self.plan.inserted)))
         if self.plan.removed:
@@ -201,3 +204,43 @@ class LoadReport:
             if self.kept_trainable():
                 tail.append("kept trainable (transformed): " + ", ".join(self.kept_trainable()))
         return "\n".join([head, self.table(), *tail])
+
+
+_COPIES_SHOWN = 6
+
+
+def growth_lines(plan: Plan) -> list[str]:
+    """Per layer, what function-preserving growth did: widened (which units copied), consumer rows
+    divided, inserted as an identity, zeroed; and what it could not preserve, with the reason."""
+    per_layer: dict[str, list[str]] = {}
+    for a in plan.assignments:
+        said = per_layer.setdefault(a.target.layer, [])
+        for name, options in a.steps:
+            if name == "widen_out" and a.source is not None and a.target.role in ("kernel", "pointwise_kernel"):
+                axis = int(options.get("axis", -1))
+                old, new = a.source.shape[axis], a.target.shape[axis]
+                mapping = options["mapping"]
+                copies = [f"{j}<-{mapping[j]}" for j in range(old, new)]
+                shown = ", ".join(copies[:_COPIES_SHOWN]) + (", ..." if len(copies) > _COPIES_SHOWN else "")
+                text = f"widened {old}->{new} (units copied: {shown})" if old != new else ""
+                if not text and a.target.role == "kernel" and axis == -2:
+                    text = f"copied along its widened input channels ({a.source.shape[axis]}->{a.target.shape[axis]})"
+            elif name == "widen_out" and a.source is not None and int(options.get("axis", -1)) == -2:
+                text = f"copied along its widened input channels ({a.source.shape[-2]}->{a.target.shape[-2]})"
+            elif name == "widen_in" and a.source is not None:
+                axis = int(options.get("axis", -2))
+                text = f"consumer rows divided (input {a.source.shape[axis]}->{a.target.shape[axis]})"
+            elif name == "identity_init" and a.target.role == "kernel":
+                text = "inserted as an identity"
+            elif name == "fill" and options.get("value") == 0.0 and a.target.role in ("gamma", "kernel"):
+                text = "zeroed: the inserted residual branch it ends adds nothing"
+            elif name == "fill" and a.target.role == "moving_variance":
+                text = "inserted as an identity (moving variance 1 - epsilon)"
+            else:
+                continue
+            if text and text not in said:
+                said.append(text)
+        if a.not_preserved and f"NOT preserved: {a.not_preserved}" not in said:
+            said.append(f"NOT preserved: {a.not_preserved}")
+    lines = [f"  {layer}: " + "; ".join(said) for layer, said in per_layer.items() if said]
+    return ["growth (reshape='preserve'):", *lines] if lines else []

@@ -55,6 +55,8 @@ Built-in transforms:
                     symmetry-breaking ``noise`` that keeps every sum over copies.
 ``identity_init``   an inserted layer's kernel as :func:`identity_kernel`, its bias as zeros;
                     ignores the value (may be ``None``).
+``fill``            the constant ``value`` everywhere; ignores the value (may be ``None``):
+                    a zeroed residual branch, an inserted BatchNormalization's statistics.
 ``cast``            dtype only (``dtype`` option), shapes equal; refuses overflow.
 ``linear_to_dense`` PyTorch ``Linear.weight`` ``[out, in]`` → Keras ``Dense`` kernel ``[in, out]``.
 ``conv_oihw_to_hwio`` PyTorch conv weight ``[out, in/groups, *spatial]`` → Keras kernel
@@ -977,6 +979,22 @@ def _identity_init_apply(
     return np.zeros(target_shape, dtype_of(dtype))
 
 
+# --------------------------------------------------------------------------- fill
+
+
+def _fill_shape(in_shape: Shape | None, target_shape: Shape, /, *, value: float, dtype: str = "float32") -> Shape:
+    if not math.isfinite(_number(value, "option value")):
+        raise _reason(f"option value must be a finite number, not {value!r}")
+    _check_dtype_option(dtype)
+    return target_shape
+
+
+def _fill_apply(
+    value: Any, fresh: None, /, *, target_shape: Shape, key: str = "tensor", dtype: str = "float32", **options: Any
+) -> np.ndarray:
+    return np.full(target_shape, float(options["value"]), dtype_of(dtype))
+
+
 # --------------------------------------------------------------------------- the built-in table
 
 # --------------------------------------------------------------------------- PyTorch layouts
@@ -1053,6 +1071,7 @@ _builtin("adapt_channels", _adapt_shape, _adapt_apply, "first conv kernel from 3
 _builtin("widen_out", _widen_out_shape, _widen_out_apply, "Net2Net producer: copy units by mapping along axis")
 _builtin("widen_in", _widen_in_shape, _widen_in_apply, "Net2Net consumer: copy rows by mapping, divided by copy counts")
 _builtin("identity_init", _identity_init_shape, _identity_init_apply, "identity kernel, zero bias: inserted layers")
+_builtin("fill", _fill_shape, _fill_apply, "a constant value, ignoring the checkpoint: zeroed or fixed statistics")
 _builtin("cast", _cast_shape, _cast_apply, "dtype only, refusing overflow")
 _builtin("linear_to_dense", _linear_to_dense_shape, _linear_to_dense_apply,
          "PyTorch Linear weight [out, in] -> Keras Dense kernel [in, out]")

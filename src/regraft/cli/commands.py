@@ -111,7 +111,7 @@ def load(args: argparse.Namespace) -> int:
     _check_out(args.out)
     model = build_model(args.model)
     report = regraft.load(model, args.checkpoint, strict=args.strict, freeze=args.freeze,
-                          progress=progress_printer(not args.json), **_options(args))
+                          progress=progress_printer(not args.json, model), **_options(args))
     return _write(model, report, args)
 
 
@@ -124,7 +124,7 @@ def apply(args: argparse.Namespace) -> int:
     _check_out(args.out)
     model = build_model(args.model)
     the_plan = read_plan(args.plan_file, model)
-    report = apply(the_plan, model, freeze=args.freeze, progress=progress_printer(not args.json))
+    report = apply(the_plan, model, freeze=args.freeze, progress=progress_printer(not args.json, model))
     return _write(model, report, args)
 
 

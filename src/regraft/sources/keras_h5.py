@@ -18,7 +18,9 @@ matching and applying is numbers of a known size stored in this file:
   as fill values) and no more than :data:`_MAX_EXPANSION` times its stored bytes
   when compressed;
 * of attributes, only ``name`` (Keras 3 ``vars`` groups), ``dtype`` (opaque
-  datasets), ``layer_names`` and ``weight_names`` (Keras 2) are read.
+  datasets), ``layer_names`` and ``weight_names`` (Keras 2) are read, and only
+  when their type is a string or a plain number: h5py crashes decoding some
+  damaged types.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ _NUMERIC = "biufc"
 _MAX_BYTES = np.iinfo(np.intp).max  # numpy cannot hold a larger array
 _MAX_EXPANSION = 2048  # a compressed dataset may decode to at most this many times its stored bytes (deflate: 1032)
 _EXPANSION_FLOOR = 1 << 26  # below 64 MiB any ratio is allowed: a zero bias compresses very well
-_TYPE_CLASSES = {2: "time", 4: "bitfield", 5: "opaque", 6: "compound", 7: "reference", 8: "enum", 9: "variable-length sequence", 10: "array"}
+_TYPE_CLASSES = {  # HDF5 type classes an attribute may not have (H5T_class_t)
+    2: "time", 4: "bitfield", 5: "opaque", 6: "compound", 7: "reference", 8: "enum",
+    9: "variable-length sequence", 10: "array",
+}
 _NOT_KERAS = "Keras does not write this; save the weights again with model.save_weights()."
 
 
@@ -126,6 +131,34 @@ class KerasH5(Source):
             return array.view(dtype_of("bfloat16"))
         return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
+    def read_into(self, key: str, out: np.ndarray) -> None:
+        """Read one dataset straight into ``out`` (no intermediate array) when the dtypes agree."""
+        dataset = self._file[self._dataset_path[key]]
+        if dataset.dtype != out.dtype or tuple(dataset.shape) != out.shape or not out.size:
+            super().read_into(key, out)
+            return
+        try:
+            dataset.read_direct(out)
+        except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
+            raise CorruptCheckpointError(
+                f"Cannot read tensor '{key}' (dataset '/{self._dataset_path[key]}') from {self.path}: {_reason(exc)}.",
+                hint="The file is damaged; save the weights again.",
+            ) from None
+
+    def verify(self, key: str) -> None:
+        """Check a dataset can be read: from metadata alone for plain contiguous data, else by reading it.
+
+        HDF5 stores no checksum for unfiltered data, so reading it would only
+        prove the bytes are there; for a contiguous dataset without filters
+        that is the check that its byte range lies inside the file.
+        """
+        dataset = self._file[self._dataset_path[key]]
+        if dataset.chunks is None and dataset.dtype.kind in "fiub" and dataset.external is None:
+            offset = dataset.id.get_offset()
+            if offset is not None and offset + dataset.id.get_storage_size() <= self._size:  # the HDF5 image's size
+                return
+        self.read(key)
+
     def layers(self) -> dict[str, tuple[str | None, str | None]]:
         """Every saved layer (weightless ones too), with its Keras name and, for list items, its class."""
         return dict(self._layers)
@@ -185,7 +218,8 @@ class KerasH5(Source):
         except (KeyError, RuntimeError, OSError, ValueError):
             return f"'/{name}' (unreadable link)"
         if isinstance(value, tuple):  # external: (file, object)
-            return f"'/{name}' -> external file '{value[0].decode(errors='replace')}', object '{value[1].decode(errors='replace')}'"
+            file, target = (part.decode(errors="replace") for part in value)
+            return f"'/{name}' -> external file '{file}', object '{target}'"
         if isinstance(value, bytes) and self._file.id.links.get_info(name.encode()).type == h5py.h5l.TYPE_SOFT:
             return f"'/{name}' -> soft link to '{value.decode(errors='replace')}'"
         return f"'/{name}' (a user-defined link)"
@@ -298,7 +332,8 @@ class KerasH5(Source):
                 where,
                 "keeps its bytes in other files (a virtual dataset)" if layout == h5py.h5d.VIRTUAL
                 else "keeps its bytes in external raw files",
-                hint="regraft reads only bytes stored in the weights file itself; save the weights again with model.save_weights().",
+                hint="regraft reads only bytes stored in the weights file itself; "
+                "save the weights again with model.save_weights().",
             )
         declared = math.prod(shape) * dtype.itemsize
         size = f"shape {shape} of {name} ({declared:,} bytes)"

@@ -14,7 +14,9 @@ it is known from and the Keras installed. Nothing here falls back silently:
 a key regraft cannot compute would otherwise just vanish from matching.
 
 regraft is tested with Keras 3.15 and TensorFlow 2.21 (``pyproject.toml``'s floors).
-Nothing in this module changes any state of Keras or TensorFlow.
+Nothing in this module changes any state of Keras or TensorFlow, except
+:func:`placeholder_initializers`, which swaps one method for the duration of a
+``with`` block and puts it back.
 
 Example:
     >>> from regraft.targets import _compat                           # doctest: +SKIP
@@ -24,10 +26,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import sys
-from typing import Any, Callable, MutableMapping
+from typing import Any, Callable, Iterator, MutableMapping
 
 from regraft.errors import TargetError
 
@@ -50,6 +53,7 @@ __all__ = [
     "attribute_skipset",
     "attribute_sort_key",
     "run_keras_weights_walk",
+    "placeholder_initializers",
 ]
 
 _HINT = (
@@ -316,3 +320,39 @@ def save_weights_to_buffer(model: Any, buffer: Any) -> None:
         save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
     finally:
         store.close()
+
+# --------------------------------------------------------------------------- building
+
+
+@contextlib.contextmanager
+def placeholder_initializers(record: Callable[[Any, Any], None]) -> Iterator[None]:
+    """While the block runs, a variable Keras creates from an initializer starts as zeros.
+
+    ``record(variable, initializer)`` is called for each such variable, so the
+    caller can run the real initializer later for the ones it does not
+    overwrite. Wraps the backend variable class's private
+    ``Variable._initialize_with_initializer`` (``keras.Variable``, Keras 3.0:
+    every ``add_weight`` with an initializer goes through it), and puts it back
+    on exit. The swap is process-wide: variables built on other threads
+    meanwhile start as zeros too.
+    """
+    import keras
+
+    cls = keras.Variable
+    name = "_initialize_with_initializer"
+    original = _attribute(cls, name, "keras.Variable", "Keras 3.0")
+    own = name in vars(cls)
+    zeros = keras.initializers.Zeros()
+
+    def placeholder(variable: Any, initializer: Any) -> None:
+        record(variable, initializer)
+        original(variable, zeros)
+
+    setattr(cls, name, placeholder)
+    try:
+        yield
+    finally:
+        if own:
+            setattr(cls, name, original)
+        else:
+            delattr(cls, name)

@@ -23,7 +23,13 @@ class GraphLayer:
         kind: the class in snake case (``dense``, ``conv2d``, ``batch_normalization``).
         inputs: readable keys of the layers feeding it.
         activation: the activation's name for layers that have one (``relu``, ``linear``).
-        non_negative: its output is never negative (ReLU activation or a ReLU layer).
+        non_negative: its output is never negative (a ReLU without negative slope, as the
+            layer's activation or as the layer).
+        model_inputs: names of the model inputs feeding it directly (not layers in the graph).
+        epsilon: a normalization layer's epsilon (``None`` for other layers).
+        in_shapes: the shape of each input without the batch axis, when known (``()`` if not).
+        axis: the axis a ``Concatenate`` joins on (``None`` for other layers).
+        out_shape: the shape of its (first) output without the batch axis, when known.
     """
 
     key: str
@@ -31,6 +37,11 @@ class GraphLayer:
     inputs: tuple[str, ...]
     activation: str | None
     non_negative: bool
+    model_inputs: tuple[str, ...] = ()
+    epsilon: float | None = None
+    in_shapes: tuple[tuple[int | None, ...], ...] = ()
+    axis: int | None = None
+    out_shape: tuple[int | None, ...] | None = None
 
 
 @runtime_checkable

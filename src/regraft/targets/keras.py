@@ -609,14 +609,18 @@ def layer_graph(model: Any) -> list[GraphLayer]:
     keras = _keras()
     readable = _readable_layer_keys(model)
     if _is_layered(model):
-        members = {id(layer) for layer in model.layers}
+        # A functional model's operations include what is not a Layer (``x + y`` is an ``Add``
+        # operation): without them, a residual sum written with ``+`` would vanish from the graph.
+        operations = list(getattr(model, "operations", None) or model.layers)
+        members = {id(layer) for layer in operations}
         out = []
-        for layer in model.layers:
+        for layer in operations:
             if isinstance(layer, keras.layers.InputLayer):
                 continue
             parents = [parent for parent in _compat.inbound_layers(layer) if id(parent) in members]
             inputs = tuple(readable.get(id(p), p.name) for p in parents if not isinstance(p, keras.layers.InputLayer))
-            out.append(_graph_layer(layer, readable.get(id(layer), layer.name), inputs))
+            model_inputs = tuple(p.name for p in parents if isinstance(p, keras.layers.InputLayer))
+            out.append(_graph_layer(layer, readable.get(id(layer), layer.name), inputs, model_inputs))
         return out
     leaves = [layer for layer in _leaf_layers(model)]
     out = []
@@ -626,11 +630,29 @@ def layer_graph(model: Any) -> list[GraphLayer]:
     return out
 
 
-def _graph_layer(layer: Any, key: str, inputs: tuple[str, ...]) -> GraphLayer:
+def _graph_layer(layer: Any, key: str, inputs: tuple[str, ...], model_inputs: tuple[str, ...] = ()) -> GraphLayer:
+    keras = _keras()
     activation = getattr(layer, "activation", None)
     name = getattr(activation, "__name__", None) if activation is not None else None
-    non_negative = name == "relu" or isinstance(layer, _keras().layers.ReLU)
-    return GraphLayer(key, _snake(layer), inputs, name, non_negative)
+    non_negative = name in ("relu", "relu6")
+    if isinstance(layer, keras.layers.ReLU):
+        # ReLU(negative_slope=a) is a leaky ReLU: negative for negative inputs when a > 0.
+        slope, threshold = float(layer.negative_slope), float(layer.threshold)
+        capped = layer.max_value is not None
+        name = "leaky_relu" if slope != 0 or threshold != 0 else ("relu6" if capped else "relu")
+        non_negative = slope == 0 and threshold >= 0
+    epsilon = getattr(layer, "epsilon", None)
+    try:
+        tensors = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
+        in_shapes = tuple(tuple(None if d is None else int(d) for d in t.shape[1:]) for t in tensors)
+        output = layer.output[0] if isinstance(layer.output, (list, tuple)) else layer.output
+        out_shape = tuple(None if d is None else int(d) for d in output.shape[1:])
+    except (AttributeError, ValueError, TypeError, IndexError):
+        in_shapes, out_shape = (), None  # a layer not called in a graph (subclassed models)
+    axis = getattr(layer, "axis", None) if isinstance(layer, keras.layers.Concatenate) else None
+    return GraphLayer(key, _snake(layer), inputs, name, non_negative, model_inputs,
+                      float(epsilon) if isinstance(epsilon, (int, float)) else None, in_shapes,
+                      int(axis) if isinstance(axis, int) else None, out_shape)
 
 
 def _leaf_layers(model: Any) -> list[Any]:
