@@ -161,17 +161,17 @@ def _fetch(a: Assignment, source: Source, plan: Plan, target: Target) -> tuple[A
     if entry is None:  # loaded and cast assignments always have a source
         raise LoadError(f"Variable '{a.target.key}' has no source to load.")
     location = source.native_location(entry.key) if a.status != CAST else None
+    value, error = None, None
     if location is not None:
         try:
-            value = target.read_native(*location, a.target.dtype)
+            value = target.read_native(*location, a.target.dtype)  # None: the backend has no reader
         except Exception as exc:
             source.read(entry.key)  # regraft's reader says precisely what is wrong, if it can tell
             raise CorruptCheckpointError(
                 f"TensorFlow could not read tensor '{entry.key}' from {plan.source_path}: {exc}",
                 hint="The checkpoint is damaged; save it again or restore it from a backup.",
             ) from None
-        error = None
-    else:
+    if value is None:
         value = source.read(entry.key)
         value, error = convert(value, a.target, entry.key) if a.status == CAST else (value, None)
     if tuple(value.shape) != tuple(a.target.shape):

@@ -5,7 +5,10 @@ variables on the target side; every private name it reads goes through
 :mod:`regraft.targets._compat`. Keys are computed by asking the frameworks:
 
 * ``object`` keys walk ``_trackable_children("checkpoint")`` breadth-first from
-  the model, exactly as ``tf.train.Checkpoint`` does when it saves;
+  the model, exactly as ``tf.train.Checkpoint`` does when it saves; on the JAX
+  and PyTorch backends, where Keras objects are not TensorFlow trackables, the
+  same children are predicted from the objects' attributes
+  (``_compat.predicted_checkpoint_children``, checked against TensorFlow's walk);
 * ``h5`` keys follow Keras' weights saver walk (``saving_lib._save_state``), its
   attribute order and skip sets read from Keras, calling each layer's own
   ``save_own_variables`` with a recording store, so they equal the paths
@@ -146,14 +149,16 @@ def assign(target: TargetVariable, value: Any) -> None:
     target.variable.assign(value)
 
 
-def restore_tensor(prefix: str, name: str, dtype: str) -> Any:
+def restore_tensor(prefix: str, name: str, dtype: str) -> Any | None:
     """Read one tensor of a TF checkpoint with TensorFlow's own reader (checksum verified).
 
     TensorFlow reads the bytes straight into a tensor buffer, which ``assign``
-    then hands to the variable: one copy from the file, none in memory.
+    then hands to the variable: one copy from the file, none in memory. On
+    other Keras backends it returns ``None``: regraft's own reader serves.
     """
-    import tensorflow as tf
-
+    if _compat.backend() != "tensorflow":
+        return None
+    tf = _compat.tensorflow("reading a tensor with TensorFlow")
     return tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""], dtypes=[tf.as_dtype(dtype)])[0]
 
 
@@ -471,8 +476,14 @@ def save_weights(model: Any, out: str) -> list[str]:
             model.save_weights(staged)
             os.replace(staged, out)
             return [out]
-        import tensorflow as tf
-
+        if _compat.backend() != "tensorflow":
+            raise TargetError(
+                f"Cannot write the TF checkpoint {out}: tf.train.Checkpoint saves models of the "
+                f"TensorFlow Keras backend, and this one runs on {_compat.backend()}.",
+                hint="Write a Keras weights file instead (a path ending in .weights.h5), or build the "
+                "model with KERAS_BACKEND=tensorflow.",
+            )
+        tf = _compat.tensorflow(f"writing the TF checkpoint {out}")
         base = os.path.basename(out)
         tf.train.Checkpoint(model=model).write(os.path.join(staging, base))
         written = []
@@ -550,7 +561,7 @@ def _readable_layer_keys(model: Any) -> dict[int, str]:
 
 
 class KerasTarget:
-    """A built Keras 3 model on the TensorFlow backend: the first :class:`~regraft.targets.base.Target`."""
+    """A built Keras 3 model on any backend (TensorFlow, JAX, PyTorch): a :class:`~regraft.targets.base.Target`."""
 
     def __init__(self, model: Any) -> None:
         _check_model(model)
