@@ -44,6 +44,7 @@ __all__ = [
     "tensorflow",
     "checkpoint_children",
     "predicted_checkpoint_children",
+    "instance_attributes",
     "inbound_layers",
     "input_consumers",
     "functional_inputs",
@@ -240,8 +241,8 @@ def predicted_checkpoint_children(obj: Any) -> dict[str, Any]:
 
     if isinstance(obj, keras.Variable) or not hasattr(obj, "__dict__"):
         return {}
-    return {name: value for name, value in vars(obj).items()
-            if not name.startswith("_self_") and name not in _UNTRACKED_LISTS and _checkpoint_trackable(value)}
+    return {name: value for name, value in instance_attributes(obj).items()
+            if not name.startswith("_self_") and name != "_modules" and name not in _UNTRACKED_LISTS and _checkpoint_trackable(value)}
 
 
 # Plain lists Keras 3.15 assigns with TensorFlow's attribute tracking switched off
@@ -252,6 +253,21 @@ _UNTRACKED_LISTS = frozenset({
     "_trainable_variables", "_non_trainable_variables", "_layers", "_metrics", "_seed_generators",
     "_inputs_struct", "_outputs_struct", "_inputs", "_outputs",
 })
+
+
+def instance_attributes(obj: Any) -> dict[str, Any]:
+    """``obj``'s own attributes by name: ``vars(obj)``, plus on the PyTorch backend its sub-modules.
+
+    A Keras layer on PyTorch is a ``torch.nn.Module``, which keeps sub-layers
+    assigned to attributes in ``Module._modules`` (torch 1.0), not in the
+    instance ``__dict__``; they follow the other attributes here (their order
+    relative to list and dict attributes is not kept).
+    """
+    found = dict(vars(obj))
+    modules = found.get("_modules")
+    if isinstance(modules, dict) and any(c.__module__.startswith("torch.") for c in type(obj).__mro__):
+        found.update((name, module) for name, module in modules.items() if module is not None and name not in found)
+    return found
 
 
 def _tf_wrapped(value: Any) -> bool:

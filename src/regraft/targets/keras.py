@@ -235,7 +235,7 @@ def _named_sub_layers(layer: Any) -> list[tuple[str, Any]]:
     if not _compat.tracked_layers(layer):
         return []  # Keras tracks every sub-layer: a leaf layer has none to look for
     found: list[tuple[str, Any]] = []
-    for name, value in sorted(vars(layer).items(), key=lambda kv: kv[0].startswith("_")):
+    for name, value in sorted(_compat.instance_attributes(layer).items(), key=lambda kv: kv[0].startswith("_")):
         if isinstance(value, keras.layers.Layer):
             found.append((name, value))
         elif isinstance(value, (list, tuple)):
@@ -363,7 +363,7 @@ def _walk_weights(model: Any, make: Any) -> None:
         if key not in class_names:
             names = {name for cls in type(saveable).__mro__ for name in vars(cls)}
             class_names[key] = frozenset(n for n in names if not n.startswith("__") and n not in skip)
-        own = {n for n in vars(saveable) if not n.startswith("__") and n not in skip}
+        own = {n for n in _compat.instance_attributes(saveable) if not n.startswith("__") and n not in skip}
         for name in sorted(own | class_names[key], key=sort_key):
             try:
                 child = getattr(saveable, name)
