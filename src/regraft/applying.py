@@ -208,9 +208,8 @@ def _commit(writes: list[Assignment], source: Source, plan: Plan, target: Target
     try:
         for a in writes:
             location = source.native_location(a.source.key) if a.status == LOADED and a.source else None
-            if location is not None:
-                value = target.read_native(*location, a.target.dtype)
-            else:
+            value = target.read_native(*location, a.target.dtype) if location is not None else None
+            if value is None:  # not a TF bundle, or a backend without TensorFlow's reader
                 value, _ = _value(a, source, plan, target, staging)
             _check_shape(a, tuple(value.shape), plan)
             # ``value`` stays referenced during the assignment, so the variable copies it into

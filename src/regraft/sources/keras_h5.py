@@ -199,7 +199,13 @@ class KerasH5(Source):
             else:
                 others.append(text)
 
-        self._file.id.links.visit(visit, info=True)
+        try:
+            self._file.id.links.visit(visit, info=True)
+        except SystemError as exc:  # a Ctrl-C at the callback's first instruction leaves h5py as this
+            interrupt = exc.__cause__ or exc.__context__
+            if isinstance(interrupt, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
         if others:
             shown = "; ".join(self._describe_link(name) for name in sorted(others)[:5])
             more = f" and {len(others) - 5} more" if len(others) > 5 else ""

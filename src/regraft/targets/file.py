@@ -234,7 +234,11 @@ class FileTarget:
 
     def _write_checkpoint(self, tmp: str, shards: int, out: str) -> None:
         """The ``--like`` bundle's tensors under their names, weights replaced, written by TensorFlow."""
-        import tensorflow as tf
+        try:
+            import tensorflow as tf
+        except ImportError:
+            raise TargetError(f"Cannot write the TF checkpoint {out}: writing one needs TensorFlow, which is not "
+                              "installed.", hint="Install tensorflow, or write .safetensors instead.") from None
 
         from regraft.sources._bundle import Bundle
         from regraft.writing import write_error
