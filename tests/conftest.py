@@ -274,3 +274,33 @@ def unnamed_stack(n_hidden: int):
     for _ in range(n_hidden):
         x = keras.layers.Dense(8)(x)
     return keras.Model(inputs, keras.layers.Dense(2)(x))
+
+
+# --------------------------------------------------------------------------- backends without TensorFlow
+
+
+def _skip_when_tests_need_tensorflow():
+    """Without TensorFlow (the JAX stage), a test whose own code (or fixture) imports it to *write* a
+    checkpoint is skipped.
+
+    Only an import made by test code counts: if regraft itself imports TensorFlow
+    the test fails, since regraft must load without it.
+    """
+    try:
+        return (yield)
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("tensorflow", "tf_keras") or _regraft_imported_it(exc):
+            raise
+        pytest.skip(f"writes its files with {exc.name}, which this environment lacks")
+
+
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(lambda item: (yield from _skip_when_tests_need_tensorflow()))
+pytest_runtest_call = pytest.hookimpl(wrapper=True)(lambda item: (yield from _skip_when_tests_need_tensorflow()))
+
+
+def _regraft_imported_it(exc: BaseException) -> bool:
+    import traceback
+
+    folders = (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src", "regraft"),
+               os.path.dirname(os.path.abspath(__import__("regraft").__file__)))
+    return any(frame.filename.startswith(folders) for frame in traceback.extract_tb(exc.__traceback__))

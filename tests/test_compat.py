@@ -357,3 +357,37 @@ def test_a_model_the_weights_walk_fails_on_is_an_error_not_missing_keys():
 def test_an_object_that_is_not_trackable_is_a_loud_error():
     with pytest.raises(TargetError, match=r"`Trackable\._trackable_children` .* on an object of type list it is missing"):
         compat.checkpoint_children([1, 2])
+
+
+def test_placeholder_initializers_start_variables_as_zeros_and_record_the_initializer():
+    import numpy as np
+
+    original = keras.Variable._initialize_with_initializer
+    recorded = []
+    with compat.placeholder_initializers(lambda variable, initializer: recorded.append((variable, initializer))):
+        layer = keras.layers.Dense(3, kernel_initializer="glorot_uniform", bias_initializer="ones")
+        layer.build((None, 4))
+    assert keras.Variable._initialize_with_initializer is original
+    assert [v for v, _ in recorded] == [layer.kernel, layer.bias]
+    assert [type(i).__name__ for _, i in recorded] == ["GlorotUniform", "Ones"]
+    assert not np.any(layer.kernel.numpy()) and not np.any(layer.bias.numpy())
+    after = keras.layers.Dense(3)
+    after.build((None, 4))
+    assert np.any(after.kernel.numpy())  # outside the block, initializers run as usual
+
+
+def test_placeholder_initializers_put_the_method_back_after_an_error():
+    original = keras.Variable._initialize_with_initializer
+    with pytest.raises(RuntimeError):
+        with compat.placeholder_initializers(lambda variable, initializer: None):
+            raise RuntimeError("build failed")
+    assert keras.Variable._initialize_with_initializer is original
+
+
+def test_placeholder_initializers_fail_loudly_without_the_private_method(monkeypatch):
+    for cls in keras.Variable.__mro__:
+        if "_initialize_with_initializer" in vars(cls):
+            monkeypatch.delattr(cls, "_initialize_with_initializer")
+    with pytest.raises(TargetError, match="keras.Variable._initialize_with_initializer"):
+        with compat.placeholder_initializers(lambda variable, initializer: None):
+            pass

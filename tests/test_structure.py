@@ -21,7 +21,7 @@ LAYERS = [
     {"report", "growth", "align", "optimizer_state"},
     {"matching", "planfile"},
     {"applying", "verification"},
-    {"api", "demo"},
+    {"api", "demo", "building"},
     {"cli", "__init__", "__main__"},
 ]
 

@@ -6,8 +6,9 @@ Example:
     >>> print(report)                                             # doctest: +SKIP
 """
 
-from regraft.api import diff, load, open, plan
+from regraft.api import convert, diff, load, open, plan
 from regraft.applying import apply
+from regraft.building import build_and_load
 from regraft.entries import SourceEntry, TargetVariable
 from regraft.errors import (
     CorruptCheckpointError,
@@ -28,9 +29,11 @@ __version__ = "0.1.0"
 __all__ = [
     "open",
     "load",
+    "build_and_load",
     "diff",
     "plan",
     "apply",
+    "convert",
     "save_plan",
     "read_plan",
     "verify",

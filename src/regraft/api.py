@@ -8,7 +8,7 @@ import os
 import warnings
 from typing import Any, Iterable, Iterator, Mapping
 
-from regraft.applying import Progress, apply
+from regraft.applying import Progress, apply, interrupts_held
 from regraft.errors import LoadError
 from regraft.matching import make_plan
 from regraft.optimizer_state import with_optimizer
@@ -18,7 +18,7 @@ from regraft.rules import parse_rules
 from regraft.sources import Source, open_source
 from regraft.targets import target_for
 
-__all__ = ["open", "plan", "diff", "load"]
+__all__ = ["open", "plan", "diff", "load", "convert"]
 
 PathLike = str | os.PathLike[str]
 Rules = Mapping[str, Any] | list[Any] | PathLike | None
@@ -197,21 +197,130 @@ def load(
     """
     with _without_gc():
         source = open_source(path, allow_outside_state=allow_outside_state)
-    with source:
+    with interrupts_held(), source:  # Ctrl-C after the first assignment is held back until load returns
         the_plan = _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
         if optimizer is not None:
             the_plan = with_optimizer(the_plan, optimizer, model.trainable_variables)
-        problems = the_plan.problems()
-        if strict and problems:
-            raise LoadError(
-                f"Refusing to load {source.path} into model '{model.name}': "
-                f"{len(problems)} problem{'s' if len(problems) > 1 else ''}; the model was not changed.\n  "
-                + "\n  ".join(problems),
-                problems,
-                hint="Map renamed keys with rename=, allow expected gaps with allow_missing=/allow_unused=, "
-                "confirm placements by order with accept_order=True, or pass strict=False to load what matches "
-                "and report the rest.",
-            )
-        for rule in the_plan.unused_rules():
-            warnings.warn(f"regraft: {rule} matched nothing", stacklevel=2)
+        _refuse_if_strict(the_plan, source.path, f"model '{model.name}'", strict)
         return apply(the_plan, model, source, freeze=freeze, progress=progress)  # the source it was made from
+
+
+_STRICT_HINT = ("Map renamed keys with rename=, allow expected gaps with allow_missing=/allow_unused=, confirm "
+                "placements by order with accept_order=True, or pass strict=False to load what matches and report "
+                "the rest.")
+
+
+def _refuse_if_strict(the_plan: Plan, source_path: str, into: str, strict: bool,
+                      unchanged: str = "the model was not changed") -> None:
+    """Raise the strict refusal listing every problem (``strict``); warn about rules that matched nothing."""
+    problems = the_plan.problems()
+    if strict and problems:
+        raise LoadError(
+            f"Refusing to load {source_path} into {into}: "
+            f"{len(problems)} problem{'s' if len(problems) > 1 else ''}; {unchanged}.\n  "
+            + "\n  ".join(problems),
+            problems,
+            hint=_STRICT_HINT,
+        )
+    for rule in the_plan.unused_rules():
+        warnings.warn(f"regraft: {rule} matched nothing", stacklevel=3)
+
+
+def convert(
+    path: PathLike,
+    like: PathLike,
+    out: PathLike,
+    *,
+    rules: Rules = None,
+    rename: Mapping[str, str] | PathLike | None = None,
+    strict: bool = True,
+    allow_missing: Iterable[str] = (),
+    allow_unused: Iterable[str] = (),
+    root: str | None = None,
+    reshape: str = "error",
+    accept_order: bool = False,
+    progress: Progress | None = None,
+    allow_outside_state: bool = False,
+) -> LoadReport:
+    """Convert a checkpoint into the layout of a weights file of the new model, with no model code.
+
+    The new model's structure (keys, shapes, dtypes, recorded layer names) is read
+    from ``like``, a weights file of the new model; matching is the same as
+    :func:`load`'s, and refuses the same things (order-only pairings stay
+    ``unconfirmed`` unless ``accept_order``). Variables nothing is loaded into keep
+    their values in ``like``. ``out`` is written atomically in the format its
+    extension names (see :class:`regraft.targets.file.FileTarget`).
+
+    Args:
+        path: the old checkpoint.
+        like: a weights file of the new model, in the same key namespace as ``path``
+            (``.weights.h5``, ``.keras`` and sharded Keras weights share one; TF
+            checkpoints and SavedModels another).
+        out: the file (or TF checkpoint prefix) to write.
+        rules, rename, allow_missing, allow_unused, root, accept_order, allow_outside_state, progress:
+            as for :func:`load`.
+        reshape: ``"error"``, ``"fresh"`` or ``"overlay"``; ``"preserve"`` needs the
+            model's layer graph, which a weights file does not record.
+
+    Returns:
+        The :class:`LoadReport` of the conversion.
+
+    Raises:
+        RegraftError: bad input, an output format ``like`` cannot be written as, or
+            checkpoints in different namespaces; nothing is written.
+
+    Example:
+        >>> regraft.convert("old/ckpt", "new.weights.h5", "converted.weights.h5")   # doctest: +SKIP
+    """
+    return convert_files(path, like, out, rules=rules, rename=rename, strict=strict, allow_missing=allow_missing,
+                         allow_unused=allow_unused, root=root, reshape=reshape, accept_order=accept_order,
+                         progress=progress, allow_outside_state=allow_outside_state)[0]
+
+
+def convert_files(path: PathLike, like: PathLike, out: PathLike, *, rules: Rules = None,
+                  rename: Mapping[str, str] | PathLike | None = None, strict: bool = True,
+                  allow_missing: Iterable[str] = (), allow_unused: Iterable[str] = (), root: str | None = None,
+                  reshape: str = "error", accept_order: bool = False, progress: Progress | None = None,
+                  allow_outside_state: bool = False) -> tuple[LoadReport, list[str]]:
+    """:func:`convert`, also returning the files written (for the CLI)."""
+    from regraft.errors import RegraftError
+    from regraft.targets.file import FileTarget, check_writable, model_from_archive, output_format
+
+    path, like, out = os.fspath(path), os.fspath(like), os.fspath(out)
+    if reshape == "preserve":
+        raise RegraftError("convert cannot use reshape='preserve': function-preserving growth follows the new "
+                           "model's layer graph, which a weights file does not record.",
+                           hint="Use regraft.load with the new model's code, or reshape='fresh' / 'overlay'.")
+    with _without_gc():
+        like_source = open_source(like)
+    with like_source:
+        with _without_gc():
+            source = open_source(path, allow_outside_state=allow_outside_state)
+        with source:
+            if source.namespace == like_source.namespace:
+                check_writable(like_source, output_format(out), out)
+                target: Any = FileTarget(like_source)
+            elif like_source.format == "keras-archive":  # its config rebuilds the model: keys in every namespace
+                target = target_for(model_from_archive(like_source.path))
+            else:
+                raise RegraftError(
+                    f"Cannot convert {source.path} ({source.format}) into the layout of {like_source.path} "
+                    f"({like_source.format}): their keys are in different namespaces ({source.namespace} and "
+                    f"{like_source.namespace}), and without the model's code regraft cannot compute the new "
+                    "model's keys in the old checkpoint's namespace.",
+                    hint="Pass the new model as a .keras archive (model.save('new.keras'): Keras rebuilds it from "
+                    "its config), or a --like file of the old checkpoint's kind (a TF checkpoint for a TF "
+                    "checkpoint, .weights.h5 for Keras weights), or use `regraft load` with the new model's code.")
+            the_plan = _plan(target, source, rules, rename, allow_missing, allow_unused, root, reshape, 0.0,
+                             accept_order)
+            _refuse_if_strict(the_plan, source.path, f"the layout of {like_source.path}", strict,
+                              "nothing was written")
+            counts = the_plan.counts()
+            if not (counts["loaded"] + counts["cast"] + counts["transformed"]):
+                raise RegraftError(
+                    f"Nothing would be converted from {source.path}: no variable of {like_source.path} matched "
+                    "(the files may belong to unrelated models); nothing was written.",
+                    hint="Check both files; `regraft inspect` lists the keys of each.")
+            report = apply(the_plan, target, source, progress=progress)
+        written = target.save(out)
+        return report, written

@@ -1,30 +1,41 @@
-"""Apply a plan: stream tensors into the model, all-or-nothing; freeze what was loaded.
+"""Apply a plan: check every tensor, then assign them all; freeze what was loaded.
 
-How all-or-nothing is guaranteed
---------------------------------
+How all-or-nothing is guaranteed, cheaply
+-----------------------------------------
 Everything that can be checked from metadata (keys, shapes, dtypes, strictness)
-is checked before the first assignment. Tensors are then streamed one at a time:
-read (checksum verified by the reader), converted, checked (a cast that would
-overflow is refused), and only then assigned. Just before a variable is assigned,
-its current value is appended to an *undo journal* — an unnamed temporary file on
-disk, not memory — so that the model never has two copies in RAM. If anything
-fails after the first assignment (a corrupt tensor met halfway, a refused cast,
-an interrupt), every variable already assigned is restored from the journal, bit
-for bit, and the original error is raised. Peak memory stays near the model plus
-two tensors (the one read and the old value being journaled).
+is checked before any tensor is read. Then two passes:
+
+1. **Check.** Every tensor the plan writes is read and checked as it will be
+   assigned: its checksum (a TF bundle is checksummed in place, memory-mapped,
+   at the speed of CRC32C), its shape, and for a cast or transform the
+   conversion itself (a cast that would overflow is refused). Nothing is
+   assigned and nothing is kept: memory holds the model plus one tensor. A
+   corrupt tensor, a refused cast, an exception or interrupt (the progress
+   callback runs here) stops the load with the model untouched.
+2. **Commit.** The same tensors are read again (from the page cache) and
+   assigned, one at a time, into the variables' own buffers. Data can no
+   longer fail here; from the first assignment until ``load``/``apply``
+   returns, Ctrl-C is held back (:class:`interrupts_held`), so a load either
+   stops in the check with nothing changed or finishes and returns.
+
+What could still fail in the commit is the environment: the checkpoint being
+rewritten in place, or the disk failing, in the second between the passes.
+regraft then raises a :class:`~regraft.errors.LoadError` that says the model is
+partly loaded (it has no copy of the old values to restore: keeping one costs
+as much as the load itself, see ``bench/bench_apply.py``).
 """
 
 from __future__ import annotations
 
-import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+import signal
+import threading
+import warnings
 from typing import Any, Callable
 
 import numpy as np
 
 from regraft.entries import TargetVariable
-from regraft.errors import CorruptCheckpointError, LoadError, RegraftError
+from regraft.errors import LoadError, RegraftError
 from regraft.growth import run_steps, steps_need_fresh
 from regraft.naming import dtype_of
 from regraft.plans import CAST, LOADED, TRANSFORMED, Assignment, Plan, fingerprint_source, fingerprint_target
@@ -34,7 +45,7 @@ from regraft.sources.base import Source
 from regraft.targets import Target, target_for
 from regraft.transforms import cast_array
 
-__all__ = ["apply", "apply_plan", "convert", "freeze_loaded", "Progress"]
+__all__ = ["apply", "apply_plan", "convert", "freeze_loaded", "hold_interrupts", "interrupts_held", "Progress"]
 
 Progress = Callable[[int, int, str], None]
 
@@ -56,6 +67,11 @@ def apply(plan: Plan, model: Any, source: Source | None = None, *, freeze: bool 
     Example:
         >>> report = regraft.apply(regraft.read_plan("plan.yaml", model), model)   # doctest: +SKIP
     """
+    with interrupts_held():  # ends after the source is closed: nothing runs after it
+        return _apply_opened(plan, model, source, freeze, progress)
+
+
+def _apply_opened(plan: Plan, model: Any, source: Source | None, freeze: bool, progress: Progress | None) -> LoadReport:
     target = target_for(model)
     plan = _bind(plan, target)
     if source is not None:
@@ -71,9 +87,14 @@ def apply(plan: Plan, model: Any, source: Source | None = None, *, freeze: bool 
 
 
 def _apply(plan: Plan, source: Source, target: Target, freeze: bool, progress: Progress | None) -> LoadReport:
-    applied = apply_plan(plan, source, target, progress)
-    frozen = freeze_loaded(plan, target) if freeze else []
-    return LoadReport.build(plan, applied, frozen)
+    with interrupts_held():
+        writes, staging = _writes(plan)
+        done = _check_all(writes, source, plan, target, staging, progress)
+        hold_interrupts()  # from the first assignment on, the load finishes
+        _commit(writes, source, plan, target, staging)
+        frozen = freeze_loaded(plan, target) if freeze else []
+        report = LoadReport.build(plan, done, frozen)
+    return report
 
 
 def _bind(plan: Plan, target: Target) -> Plan:
@@ -105,82 +126,194 @@ def convert(value: np.ndarray, target: TargetVariable, source_key: str) -> tuple
 
 
 def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | None = None) -> dict[str, AppliedTensor]:
-    """Write every ``loaded``/``cast`` assignment of ``plan`` into the model, all-or-nothing.
+    """Write every ``loaded``/``cast``/``transformed`` assignment of ``plan`` into the model, all-or-nothing.
 
     Args:
         plan: a plan whose strict checks have already passed.
         source: the opened checkpoint the plan was made from.
         target: the model the plan is bound to.
-        progress: called as ``progress(done, total, key)`` after each tensor.
+        progress: called as ``progress(done, total, key)`` after each tensor is
+            checked; if it raises, nothing has been assigned.
 
     Returns:
         What was done per written target key.
 
     Raises:
-        RegraftError: anything that stopped the load; the model is then unchanged.
+        RegraftError: anything that stopped the load; the model is then unchanged,
+            except after an environment failure in the commit pass, which the
+            error's message states.
     """
-    writes = [a for a in (*plan.assignments, *plan.optimizer_assignments) if a.writes]
-    done: dict[str, AppliedTensor] = {}
-    # Reading the next tensor (I/O and checksum, outside the GIL) overlaps with
-    # journaling and assigning the current one; at most one read is ahead.
-    with tempfile.TemporaryFile(prefix="regraft-undo-", buffering=0) as journal, ThreadPoolExecutor(1) as reader:
-        undo: list[tuple[Assignment, int, tuple[int, ...], np.dtype]] = []
-        ahead: Future | None = reader.submit(_fetch, writes[0], source, plan, target) if writes else None
-        try:
-            for i, a in enumerate(writes):
-                assert ahead is not None
-                value, error = ahead.result()
-                ahead = reader.submit(_fetch, writes[i + 1], source, plan, target) if i + 1 < len(writes) else None
-                old = target.read(a.target)
-                undo.append((a, journal.tell(), old.shape, old.dtype))
-                journal.write(_bytes_of(old))
-                del old
-                target.assign(a.target, value)
-                done[a.target.key] = AppliedTensor(a.target.key, error)
-                del value
-                if progress is not None:
-                    progress(i + 1, len(writes), a.target.key)
-        except BaseException:
-            if ahead is not None:
-                ahead.cancel()
-            _roll_back(journal, undo, target)
-            raise
+    with interrupts_held():
+        writes, staging = _writes(plan)
+        done = _check_all(writes, source, plan, target, staging, progress)
+        hold_interrupts()
+        _commit(writes, source, plan, target, staging)
     return done
 
 
-def _fetch(a: Assignment, source: Source, plan: Plan, target: Target) -> tuple[Any, float | None]:
-    """Read (and for a cast, convert) the tensor an assignment needs; checks its shape.
+def _writes(plan: Plan) -> tuple[list[Assignment], "_Staging"]:
+    writes = [a for a in (*plan.assignments, *plan.optimizer_assignments) if a.writes]
+    return writes, _Staging(writes)
 
-    Uncast tensors of a TF checkpoint are read by TensorFlow straight into a
-    tensor the variable can adopt without a copy; everything else goes through
-    regraft's reader and numpy.
+
+def _check_all(
+    writes: list[Assignment], source: Source, plan: Plan, target: Target, staging: "_Staging", progress: Progress | None
+) -> dict[str, AppliedTensor]:
+    """Pass 1 over every write; the progress callback runs here, where stopping changes nothing."""
+    done: dict[str, AppliedTensor] = {}
+    for i, a in enumerate(writes):
+        done[a.target.key] = AppliedTensor(a.target.key, _check(a, source, plan, target, staging))
+        if progress is not None:
+            progress(i + 1, len(writes), a.target.key)
+    return done
+
+
+class _Staging:
+    """One reusable buffer, the size of the largest tensor read through regraft's readers.
+
+    Reading every tensor into the same (already paged-in) memory instead of a
+    new array each time avoids the page faults of fresh allocations, which
+    cost more than the copy itself.
     """
-    entry = a.source
-    if a.status == TRANSFORMED:
-        return _transformed(a, source, target)
-    if entry is None:  # loaded and cast assignments always have a source
-        raise LoadError(f"Variable '{a.target.key}' has no source to load.")
-    location = source.native_location(entry.key) if a.status != CAST else None
-    if location is not None:
-        try:
-            value = target.read_native(*location, a.target.dtype)
-        except Exception as exc:
-            source.read(entry.key)  # regraft's reader says precisely what is wrong, if it can tell
-            raise CorruptCheckpointError(
-                f"TensorFlow could not read tensor '{entry.key}' from {plan.source_path}: {exc}",
-                hint="The checkpoint is damaged; save it again or restore it from a backup.",
-            ) from None
-        error = None
-    else:
-        value = source.read(entry.key)
-        value, error = convert(value, a.target, entry.key) if a.status == CAST else (value, None)
-    if tuple(value.shape) != tuple(a.target.shape):
+
+    def __init__(self, writes: list[Assignment]) -> None:
+        sizes = [_nbytes(a.source) for a in writes if a.status == LOADED and a.source is not None]
+        self._buffer = np.empty(max(sizes, default=0), np.uint8)
+
+    def array(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        """A view of the buffer as an array of ``shape`` and ``dtype``."""
+        dt = dtype_of(dtype)
+        count = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        return self._buffer[:count].view(dt).reshape(shape)
+
+
+def _nbytes(entry: Any) -> int:
+    return int(np.prod(entry.shape, dtype=np.int64)) * dtype_of(entry.dtype).itemsize
+
+
+def _check(a: Assignment, source: Source, plan: Plan, target: Target, staging: _Staging) -> float | None:
+    """Pass 1: read and check what ``a`` will assign, keep nothing; return the cast's rounding error."""
+    if a.status == LOADED and a.source is not None:
+        _check_shape(a, a.source.shape, plan)
+        source.verify(a.source.key)
+        return None
+    value, error = _value(a, source, plan, target, staging)
+    _check_shape(a, value.shape, plan)
+    return error
+
+
+def _commit(writes: list[Assignment], source: Source, plan: Plan, target: Target, staging: _Staging) -> None:
+    """Pass 2: read every checked tensor again and assign it (callers hold back interrupts)."""
+    assigned = 0
+    try:
+        for a in writes:
+            location = source.native_location(a.source.key) if a.status == LOADED and a.source else None
+            value = target.read_native(*location, a.target.dtype) if location is not None else None
+            if value is None:  # not a TF bundle, or a backend without TensorFlow's reader
+                value, _ = _value(a, source, plan, target, staging)
+            _check_shape(a, tuple(value.shape), plan)
+            # ``value`` stays referenced during the assignment, so the variable copies it into
+            # its own buffer (already in memory) rather than adopting a newly allocated one.
+            target.assign(a.target, value)
+            del value
+            assigned += 1
+    except Exception as exc:
         raise LoadError(
-            f"Tensor '{entry.key}' in {plan.source_path} has shape {tuple(value.shape)} on disk, "
-            f"but its index says {entry.shape}.",
+            f"Loading {plan.source_path} stopped after {assigned} of {len(writes)} variables were "
+            f"assigned, although every tensor had passed its checks: {exc}. The model is now partly loaded.",
+            hint="The checkpoint was probably changed on disk during the load, or the disk failed. "
+            "Rebuild the model (or load its previous weights) and load again.",
+        ) from exc
+
+
+class interrupts_held:
+    """A scope in which Ctrl-C (SIGINT) stops a load only before its first assignment.
+
+    :func:`hold_interrupts`, called when the commit pass starts, replaces
+    Python's ``KeyboardInterrupt`` by a note; leaving the outermost scope puts
+    the previous handler back and warns if an interrupt was held back. Leaving
+    is the last thing the public function does, so no interrupt can surface
+    inside regraft once the model has changed. Only the main thread receives
+    signals; elsewhere the scope does nothing.
+
+    Example:
+        >>> with interrupts_held():      # doctest: +SKIP
+        ...     report = apply(plan, model)
+    """
+
+    _scopes = threading.local()  # the outermost scope of each thread
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: Any = None
+        self._held = False
+        self._outermost = False
+
+    def __enter__(self) -> "interrupts_held":
+        if getattr(interrupts_held._scopes, "active", None) is None:
+            interrupts_held._scopes.active = self
+            self._outermost = True
+        return interrupts_held._scopes.active
+
+    def hold(self) -> None:
+        if self._held or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if callable(previous):  # SIG_IGN / SIG_DFL raise nothing in Python
+            self._previous, self._held = previous, True  # first: an interrupt may land in the next call
+            signal.signal(signal.SIGINT, lambda signum, frame: self.received.append(signum))
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._outermost:
+            return
+        interrupts_held._scopes.active = None
+        if not self._held:
+            return
+        self._held = False
+        try:
+            signal.signal(signal.SIGINT, self._previous)
+            if self.received:
+                warnings.warn(
+                    "regraft: interrupt received while the checked tensors were being assigned; the load "
+                    "was finished rather than left half-done.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        except KeyboardInterrupt:  # arrived as the handler came back: the load has finished, it returns
+            pass
+
+
+def hold_interrupts() -> None:
+    """From now until the current :class:`interrupts_held` scope ends, Ctrl-C is noted, not raised."""
+    active = getattr(interrupts_held._scopes, "active", None)
+    if active is not None:
+        active.hold()
+
+
+def _check_shape(a: Assignment, shape: tuple[int, ...], plan: Plan) -> None:
+    if tuple(shape) != tuple(a.target.shape):
+        key = a.source.key if a.source else a.target.key
+        raise LoadError(
+            f"Tensor '{key}' in {plan.source_path} has shape {tuple(shape)} on disk, "
+            f"but its index says {a.source.shape if a.source else a.target.shape}.",
             hint="The checkpoint is inconsistent; save it again.",
         )
-    return value, error
+
+
+def _value(a: Assignment, source: Source, plan: Plan, target: Target, staging: _Staging) -> tuple[Any, float | None]:
+    """The value ``a`` assigns, read through regraft's reader (a staging view for plain loads)."""
+    if a.status == TRANSFORMED:
+        return _transformed(a, source, target)
+    entry = a.source
+    if entry is None:  # loaded and cast assignments always have a source
+        raise LoadError(f"Variable '{a.target.key}' has no source to load.")
+    if a.status == CAST:
+        return convert(source.read(entry.key), a.target, entry.key)
+    if tuple(entry.shape) != tuple(a.target.shape):
+        _check_shape(a, entry.shape, plan)
+    out = staging.array(tuple(entry.shape), entry.dtype)
+    source.read_into(entry.key, out)
+    return out, None
 
 
 def _transformed(a: Assignment, source: Source, target: Target) -> tuple[np.ndarray, float | None]:
@@ -191,21 +324,6 @@ def _transformed(a: Assignment, source: Source, target: Target) -> tuple[np.ndar
     if value.dtype != dtype_of(a.target.dtype):
         return convert(value, a.target, a.source.key if a.source else a.target.key)
     return value, None
-
-
-def _roll_back(journal: Any, undo: list[tuple[Assignment, int, tuple[int, ...], np.dtype]], target: Target) -> None:
-    """Restore every variable already assigned, last first, from the undo journal."""
-    for a, offset, shape, dtype in reversed(undo):
-        journal.seek(offset)
-        old = np.empty(shape, dtype)
-        if old.nbytes:
-            journal.readinto(_bytes_of(old))
-        target.assign(a.target, old)
-
-
-def _bytes_of(array: np.ndarray) -> memoryview:
-    """A writable byte view of a C-contiguous array (works for bfloat16 too)."""
-    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
 
 def freeze_loaded(plan: Plan, target: Target) -> list[str]:

@@ -11,7 +11,7 @@ from regraft.errors import RegraftError
 from regraft.keys import namespace
 from regraft.naming import collapse, text_table
 
-__all__ = ["inspect", "diff", "plan", "load", "apply", "demo"]
+__all__ = ["inspect", "diff", "plan", "load", "apply", "convert", "demo"]
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -109,14 +109,14 @@ def load(args: argparse.Namespace) -> int:
     from regraft.cli.modelspec import build_model
 
     _check_out(args.out)
-    if args.optimizer and args.out.endswith(".weights.h5"):
+    if args.optimizer and args.out.endswith((".weights.h5", ".keras", ".safetensors")):
         raise RegraftError(f"--optimizer needs a TensorFlow checkpoint for --out, not {args.out}: "
-                           ".weights.h5 files hold weights only.",
+                           "regraft writes the optimizer's state only into a TF checkpoint.",
                            hint="Give --out a checkpoint prefix without an extension (out/ckpt).")
     model = build_model(args.model)
     optimizer = _compiled_optimizer(model, args.model) if args.optimizer else None
     report = regraft.load(model, args.checkpoint, strict=args.strict, freeze=args.freeze, optimizer=optimizer,
-                          progress=progress_printer(not args.json), **_options(args))
+                          progress=progress_printer(not args.json, model), **_options(args))
     return _write(model, report, args, optimizer)
 
 
@@ -140,11 +140,37 @@ def apply(args: argparse.Namespace) -> int:
     _check_out(args.out)
     model = build_model(args.model)
     the_plan = read_plan(args.plan_file, model)
-    report = apply(the_plan, model, freeze=args.freeze, progress=progress_printer(not args.json))
+    report = apply(the_plan, model, freeze=args.freeze, progress=progress_printer(not args.json, model))
     return _write(model, report, args)
 
 
-_NOT_WRITTEN = (".keras", ".h5", ".hdf5", ".safetensors", ".npz", ".npy", ".json", ".pb", ".pt", ".ckpt.index")
+#: What ``--out`` writes, by how the name ends; a name with no extension is a TF checkpoint prefix.
+WRITTEN = {".weights.h5": "Keras weights", ".keras": "Keras model archive (config and weights)",
+           ".safetensors": "safetensors (readable variable keys)"}
+_NOT_WRITTEN = (".h5", ".hdf5", ".weights.json", ".json", ".npz", ".npy", ".pb", ".pt", ".pth", ".bin", ".ckpt.index",
+                ".index", ".zip", ".yaml", ".yml")
+
+
+def out_format(out: str) -> str:
+    """The output format ``--out`` names: a key of :data:`WRITTEN`, or ``"checkpoint"`` for a TF prefix.
+
+    Raises:
+        RegraftError: the name ends with an extension regraft does not write.
+    """
+    for ext in WRITTEN:
+        if out.endswith(ext):
+            return ext
+    base = os.path.basename(out)
+    refused = next((ext for ext in _NOT_WRITTEN if base.endswith(ext)), None)
+    if refused is not None:
+        raise RegraftError(
+            f"--out {out}: regraft does not write {refused} files. It writes "
+            + ", ".join(f"{ext} ({what})" for ext, what in WRITTEN.items())
+            + ", or a TensorFlow checkpoint when the name has no extension (out/ckpt).",
+            hint="End --out with .weights.h5, .keras or .safetensors, or give a checkpoint prefix without an "
+            "extension.",
+        )
+    return "checkpoint"
 
 
 def _check_out(out: str) -> None:
@@ -155,20 +181,28 @@ def _check_out(out: str) -> None:
     """
     from regraft.writing import bundle_names, check_out_path
 
-    if out.endswith(".weights.h5"):
-        check_out_path(out, what="the weights", example="model.weights.h5")
+    fmt = out_format(out)
+    if fmt != "checkpoint":
+        check_out_path(out, what="the model" if fmt == ".keras" else "the weights", example="model" + fmt)
         return
-    for ext in _NOT_WRITTEN:
-        if out.endswith(ext):
-            raise RegraftError(
-                f"--out {out}: regraft does not write {ext} files; it would write a TensorFlow checkpoint "
-                f"named {os.path.basename(out)}.index instead.",
-                hint="End --out with .weights.h5 for a Keras weights file, or give a checkpoint prefix "
-                "without an extension (out/ckpt).",
-            )
     base = os.path.basename(out)
     check_out_path(out, what="the checkpoint", suffixes=tuple(n[len(base):] for n in bundle_names(base, 2)),
                    example="ckpt")
+
+
+def convert(args: argparse.Namespace) -> int:
+    """``regraft convert OLD --like NEW_WEIGHTS --out OUT``: checkpoint to checkpoint, no model code."""
+    from regraft.api import convert_files
+
+    _check_out(args.out)
+    options = _options(args)
+    del options["noise"]
+    report, written = convert_files(args.checkpoint, args.like, args.out, strict=args.strict,
+                                    progress=progress_printer(not args.json), **options)
+    data = report.to_dict()
+    data["written"] = written
+    emit(data, str(report) + "\nwrote " + ", ".join(os.path.relpath(w) for w in written), args.json)
+    return 0
 
 
 def _write(model, report, args: argparse.Namespace, optimizer=None) -> int:

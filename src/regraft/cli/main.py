@@ -30,14 +30,17 @@ _EPILOG = """examples:
   regraft load ckpts/run7 --model models.py:build_wide --reshape preserve --out wide.weights.h5
   regraft verify ckpts/run7 --old-model models.py:build_old wide.weights.h5 --model models.py:build_wide
   regraft load ckpts/run7 --model models.py:build_new --out new.weights.h5 --rename map.yaml
+  regraft convert old.weights.h5 --like new_init.weights.h5 --out new.weights.h5
   regraft demo
 """
 
 
-def _add_match_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="TF checkpoint prefix, its folder, or a Keras .weights.h5 / .h5 file")
-    p.add_argument("--model", required=True, metavar="SPEC",
-                   help="FILE.py:CALLABLE or package.module:CALLABLE returning the built new model")
+def _add_match_options(p: argparse.ArgumentParser, model: bool = True) -> None:
+    p.add_argument("checkpoint", help="TF checkpoint prefix, its folder, SavedModel folder, or a Keras .weights.h5, "
+                   ".weights.json, .keras, .h5, .safetensors or .npz file")
+    if model:
+        p.add_argument("--model", required=True, metavar="SPEC",
+                       help="FILE.py:CALLABLE or package.module:CALLABLE returning the built new model")
     p.add_argument("--rename", metavar="YAML",
                    help="YAML mapping of old checkpoint keys (or 'scope/' prefixes) to new model keys")
     p.add_argument("--rules", metavar="YAML",
@@ -114,10 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(allow_abbrev=False, name="load", help="load a checkpoint into the new model and save the new model's weights",
                        description="Load the checkpoint into the model built by --model (strict unless told "
-                       "otherwise) and write the model's weights to --out: a .weights.h5 file by extension, "
-                       "otherwise a TF checkpoint prefix. Written to a temporary name, then renamed into place.")
+                       "otherwise) and write the model to --out, in the format its extension names: .weights.h5 "
+                       "(Keras weights), .keras (Keras' model.save: config and weights), .safetensors (every "
+                       "variable under its readable key), or, with no extension, a TF checkpoint prefix. Written "
+                       "to a temporary name, then renamed into place.")
     _add_match_options(p)
-    p.add_argument("--out", required=True, help="where to write the loaded model's weights")
+    p.add_argument("--out", required=True,
+                   help="where to write the loaded model: .weights.h5, .keras, .safetensors, or a TF checkpoint prefix")
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="load what matches and report the rest instead of refusing")
     p.add_argument("--freeze", action="store_true",
@@ -127,6 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "with (slots follow their variables, the step count is carried) and write both to --out, "
                    "which must be a TF checkpoint prefix (tf.train.Checkpoint(model=..., optimizer=...))")
     p.set_defaults(run=commands.load)
+
+    p = sub.add_parser(allow_abbrev=False, name="convert",
+                       help="convert a checkpoint into the layout of the new model's weights file, with no model code",
+                       description="Match the checkpoint against the new model's structure as a weights file of it "
+                       "(--like) records it (keys, shapes, dtypes, layer names), with the same rules and refusals "
+                       "as `load`, and write --out: .weights.h5 (from a .weights.h5 or .keras --like), .keras (from "
+                       "a .keras --like: its config is copied), .safetensors (from any --like), or a TF checkpoint "
+                       "prefix (from a TF checkpoint --like; needs TensorFlow). Variables nothing is loaded into "
+                       "keep their --like values. Both files must use the same kind of keys (Keras weights with "
+                       "Keras weights, TF checkpoints with TF checkpoints), unless --like is a .keras archive of "
+                       "built-in layers: Keras then rebuilds the model from its config and any --out is written.")
+    _add_match_options(p, model=False)
+    p.add_argument("--like", required=True, metavar="NEW_WEIGHTS",
+                   help="a weights file of the new model (.weights.h5, .keras, .weights.json, TF checkpoint, "
+                   ".safetensors, .npz): the layout to convert into")
+    p.add_argument("--out", required=True,
+                   help="where to write: .weights.h5, .keras, .safetensors, or a TF checkpoint prefix")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="convert what matches and report the rest instead of refusing")
+    p.set_defaults(run=commands.convert)
 
     p = sub.add_parser(allow_abbrev=False, name="verify", help="check that the new model computes what the old one did",
                        description="Load the old checkpoint into the old model and the new weights (e.g. written by "

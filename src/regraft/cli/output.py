@@ -43,14 +43,12 @@ def fail(error: BaseException) -> int:
     return 2
 
 
-def progress_printer(enabled: bool):
-    """A ``progress(done, total, key)`` callback that redraws one stderr line, or ``None``."""
-    if not enabled or not sys.stderr.isatty():
-        return None
+def progress_printer(enabled: bool, model: Any = None):
+    """A ``progress(done, total, key)`` callback drawing a bar on stderr after a second, or ``None``.
 
-    def show(done: int, total: int, key: str) -> None:
-        end = "\n" if done == total else ""
-        sys.stderr.write(f"\r\033[Kloading {done}/{total} {key[:60]}{end}")
-        sys.stderr.flush()
+    ``None`` when disabled or when stderr is not a terminal; with ``model``, the
+    bar shows megabytes and the rate too (see :mod:`regraft.cli.progress`).
+    """
+    from regraft.cli.progress import progress_bar
 
-    return show
+    return progress_bar(enabled, model)

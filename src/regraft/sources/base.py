@@ -8,6 +8,7 @@ from typing import Iterable
 import numpy as np
 
 from regraft.entries import WEIGHT, SourceEntry
+from regraft.errors import CorruptCheckpointError
 
 __all__ = ["Source"]
 
@@ -26,7 +27,7 @@ class Source(ABC):
     * :meth:`read` — one tensor's bytes, verified where the format allows;
     * optionally :meth:`layers` (every layer the file records, with its Keras name
       and class where known: name evidence and landmarks for matching),
-      :meth:`native_location` and :meth:`close`.
+      :meth:`native_location`, :meth:`verify`, :meth:`read_into` and :meth:`close`.
 
     Attributes:
         path: the path the user gave.
@@ -75,6 +76,23 @@ class Source(ABC):
         landmarks. Layers that hold weights are implied by the entries anyway.
         """
         return {}
+
+    def verify(self, key: str) -> None:
+        """Check that :meth:`read` would succeed (checksum included), without keeping the bytes.
+
+        Formats override it when checking is cheaper than reading.
+        """
+        self.read(key)
+
+    def read_into(self, key: str, out: np.ndarray) -> None:
+        """Read one tensor into ``out``, an array of its shape and dtype (to reuse one buffer)."""
+        value = self.read(key)
+        if value.shape != out.shape:
+            raise CorruptCheckpointError(
+                f"Tensor '{key}' in {self.path} has shape {value.shape} on disk, but its metadata says {out.shape}.",
+                hint="The checkpoint is inconsistent; save it again.",
+            )
+        out[...] = value
 
     def native_location(self, key: str) -> tuple[str, str] | None:
         """``(checkpoint prefix, tensor name)`` when the backend can read this tensor itself, else ``None``."""

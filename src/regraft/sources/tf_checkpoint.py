@@ -189,6 +189,10 @@ class TFCheckpoint(Source):
         """Read the tensor with canonical ``key`` (checksum verified)."""
         return self.bundle.read(self._bundle_key[key])
 
+    def verify(self, key: str) -> None:
+        """Check the tensor's size and checksum in place (memory-mapped), keeping no bytes."""
+        self.bundle.verify(self._bundle_key[key])
+
     # -- TF1 name-based ------------------------------------------------------------
 
     def _name_entries(self) -> list[SourceEntry]:

@@ -47,6 +47,6 @@ def target_for(model: Any) -> Target:
     Raises:
         TargetError: ``model`` is not a model regraft can load into, or is not built.
     """
-    if isinstance(model, KerasTarget):
+    if isinstance(model, Target):  # KerasTarget, FileTarget (regraft.convert), ...
         return model
     return KerasTarget(model)

@@ -14,7 +14,9 @@ it is known from and the Keras installed. Nothing here falls back silently:
 a key regraft cannot compute would otherwise just vanish from matching.
 
 regraft is tested with Keras 3.15 and TensorFlow 2.21 (``pyproject.toml``'s floors).
-Nothing in this module changes any state of Keras or TensorFlow.
+Nothing in this module changes any state of Keras or TensorFlow, except
+:func:`placeholder_initializers`, which swaps one method for the duration of a
+``with`` block and puts it back.
 
 Example:
     >>> from regraft.targets import _compat                           # doctest: +SKIP
@@ -24,10 +26,12 @@ Example:
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import importlib
 import sys
-from typing import Any, Callable, MutableMapping
+from typing import Any, Callable, Iterator, MutableMapping
 
 from regraft.errors import TargetError
 
@@ -40,7 +44,11 @@ __all__ = [
     "own_variables",
     "tracked_layers",
     "snake_case",
+    "backend",
+    "tensorflow",
     "checkpoint_children",
+    "predicted_checkpoint_children",
+    "instance_attributes",
     "inbound_layers",
     "input_consumers",
     "functional_inputs",
@@ -51,6 +59,7 @@ __all__ = [
     "attribute_sort_key",
     "run_keras_weights_walk",
     "optimizer_slot_lists",
+    "placeholder_initializers",
 ]
 
 _HINT = (
@@ -167,15 +176,120 @@ def snake_case(class_name: str) -> str:
     return _to_snake_case()(class_name)
 
 
+def backend() -> str:
+    """The Keras backend the models run on: ``keras.backend.backend()`` (public), e.g. ``'jax'``."""
+    import keras
+
+    return str(keras.backend.backend())
+
+
+def tensorflow(needed_for: str) -> Any:
+    """The ``tensorflow`` module, imported on first use; a clear error where it is not installed.
+
+    ``needed_for`` says what needs it (``'writing a TF checkpoint'``). Reading
+    a TF checkpoint never does: regraft reads bundles itself.
+    """
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise TargetError(
+            f"{needed_for[:1].upper()}{needed_for[1:]} needs TensorFlow, which is not installed "
+            f"(Keras backend: {backend()}).",
+            hint="Install it with `pip install 'regraft[tensorflow]'`, or write a Keras .weights.h5 "
+            "file instead (needs no TensorFlow).",
+        ) from None
+    return tf
+
+
 def checkpoint_children(obj: Any) -> dict[str, Any]:
     """The named children ``tf.train.Checkpoint`` saves for ``obj``.
 
-    TensorFlow's ``Trackable._trackable_children(save_type="checkpoint")``,
-    overridden by Keras' TensorFlow-backend ``Layer`` since Keras 3.0. Raises
-    :class:`TargetError` when ``obj`` has no such method (it is not trackable).
+    On the TensorFlow backend, TensorFlow's own
+    ``Trackable._trackable_children(save_type="checkpoint")`` (overridden by
+    Keras' TensorFlow-backend ``Layer`` since Keras 3.0); raises
+    :class:`TargetError` when ``obj`` has no such method. On other backends Keras
+    objects are not TensorFlow trackables: :func:`predicted_checkpoint_children`
+    computes the same children from the object's attributes.
     """
+    if backend() != "tensorflow":
+        return predicted_checkpoint_children(obj)
     method = _attribute(obj, "_trackable_children", "Trackable", "TensorFlow 2.x / Keras 3.0")
     return dict(method(save_type="checkpoint"))
+
+
+def predicted_checkpoint_children(obj: Any) -> dict[str, Any]:
+    """The children ``tf.train.Checkpoint`` would save for ``obj`` had it been built on TensorFlow.
+
+    Needs no TensorFlow. On the TensorFlow backend a Keras layer, optimizer or
+    variable is a TensorFlow ``Trackable``, and assigning an attribute records it
+    as a checkpoint dependency when the value is trackable
+    (``KerasAutoTrackable.__setattr__`` and TensorFlow's
+    ``data_structures.sticky_attribute_assignment``): a layer, an optimizer, a
+    variable, or a container of *exactly* type ``list``, ``dict``,
+    ``OrderedDict`` or ``tuple``, which TensorFlow wraps (``ListWrapper``, …)
+    and whose children are its trackable items keyed by position or string key.
+    Keras' own tracked containers (``TrackedList``, ``TrackedDict``: any list
+    or dict a layer attribute gets while Keras tracking is on) are not
+    trackable, so they are not followed: the reason ``tf.train.Checkpoint``
+    drops layers kept in a list attribute of a custom layer. Dependencies are
+    in attribute order (``vars(obj)``, the order of first assignment).
+
+    Reads ``vars(obj)``, skipping TensorFlow's own bookkeeping (``_self_*``)
+    and the lists Keras assigns with TensorFlow's tracking switched off
+    (``_UNTRACKED_LISTS``), so it gives the same children on every backend; ``tests/test_compat.py``
+    checks it against ``_trackable_children`` on the TensorFlow backend.
+    """
+    if _tf_wrapped(obj) or type(obj) in (list, tuple):
+        return {str(i): v for i, v in enumerate(obj) if _checkpoint_trackable(v)}
+    if type(obj) in (dict, collections.OrderedDict) or (_tf_wrapped(obj) and isinstance(obj, dict)):
+        return {k: v for k, v in obj.items() if isinstance(k, str) and _checkpoint_trackable(v)}
+    import keras
+
+    if isinstance(obj, keras.Variable) or not hasattr(obj, "__dict__"):
+        return {}
+    return {name: value for name, value in instance_attributes(obj).items()
+            if not name.startswith("_self_") and name != "_modules" and name not in _UNTRACKED_LISTS and _checkpoint_trackable(value)}
+
+
+# Plain lists Keras 3.15 assigns with TensorFlow's attribute tracking switched off
+# (``_self_setattr_tracking = False`` on the TensorFlow backend), so no checkpoint holds
+# them: ``Layer._initialize_tracker``'s collections (Keras 3.0) and ``Function.__init__``'s
+# inputs and outputs (Keras 3.0).
+_UNTRACKED_LISTS = frozenset({
+    "_trainable_variables", "_non_trainable_variables", "_layers", "_metrics", "_seed_generators",
+    "_inputs_struct", "_outputs_struct", "_inputs", "_outputs",
+})
+
+
+def instance_attributes(obj: Any) -> dict[str, Any]:
+    """``obj``'s own attributes by name: ``vars(obj)``, plus on the PyTorch backend its sub-modules.
+
+    A Keras layer on PyTorch is a ``torch.nn.Module``, which keeps sub-layers
+    assigned to attributes in ``Module._modules`` (torch 1.0), not in the
+    instance ``__dict__``; they follow the other attributes here (their order
+    relative to list and dict attributes is not kept).
+    """
+    found = dict(vars(obj))
+    modules = found.get("_modules")
+    if isinstance(modules, dict) and any(c.__module__.startswith("torch.") for c in type(obj).__mro__):
+        found.update((name, module) for name, module in modules.items() if module is not None and name not in found)
+    return found
+
+
+def _tf_wrapped(value: Any) -> bool:
+    """A TensorFlow data-structure wrapper (``ListWrapper``, ``_DictWrapper``, ``_TupleWrapper``)."""
+    return type(value).__module__.startswith("tensorflow.") and isinstance(value, (list, tuple, dict))
+
+
+def _checkpoint_trackable(value: Any) -> bool:
+    """Whether TensorFlow would track ``value`` when assigned to a Keras object's attribute."""
+    import keras
+
+    if isinstance(value, (keras.layers.Layer, keras.Variable, keras.optimizers.Optimizer)):
+        return True
+    if type(value) in (list, dict, collections.OrderedDict) or _tf_wrapped(value):
+        return True
+    return type(value) is tuple  # a namedtuple is wrapped differently; no Keras model holds one of layers
 
 
 def inbound_layers(layer: Any) -> list[Any]:
@@ -317,6 +431,42 @@ def save_weights_to_buffer(model: Any, buffer: Any) -> None:
         save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
     finally:
         store.close()
+
+# --------------------------------------------------------------------------- building
+
+
+@contextlib.contextmanager
+def placeholder_initializers(record: Callable[[Any, Any], None]) -> Iterator[None]:
+    """While the block runs, a variable Keras creates from an initializer starts as zeros.
+
+    ``record(variable, initializer)`` is called for each such variable, so the
+    caller can run the real initializer later for the ones it does not
+    overwrite. Wraps the backend variable class's private
+    ``Variable._initialize_with_initializer`` (``keras.Variable``, Keras 3.0:
+    every ``add_weight`` with an initializer goes through it), and puts it back
+    on exit. The swap is process-wide: variables built on other threads
+    meanwhile start as zeros too.
+    """
+    import keras
+
+    cls = keras.Variable
+    name = "_initialize_with_initializer"
+    original = _attribute(cls, name, "keras.Variable", "Keras 3.0")
+    own = name in vars(cls)
+    zeros = keras.initializers.Zeros()
+
+    def placeholder(variable: Any, initializer: Any) -> None:
+        record(variable, initializer)
+        original(variable, zeros)
+
+    setattr(cls, name, placeholder)
+    try:
+        yield
+    finally:
+        if own:
+            setattr(cls, name, original)
+        else:
+            delattr(cls, name)
 
 
 # --------------------------------------------------------------------------- optimizers

@@ -91,7 +91,6 @@ class Target(Protocol):
         """Make the layer owning ``variable`` not trainable."""
         ...
 
-    def save(self, path: str, optimizer: Any = None) -> list[str]:
-        """Write the model's weights (and ``optimizer``'s state, if given) to ``path`` atomically;
-        return the files written."""
+    def save(self, path: str) -> list[str]:
+        """Write the model's weights to ``path`` atomically; return the files written."""
         ...

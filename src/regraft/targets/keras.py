@@ -5,7 +5,10 @@ variables on the target side; every private name it reads goes through
 :mod:`regraft.targets._compat`. Keys are computed by asking the frameworks:
 
 * ``object`` keys walk ``_trackable_children("checkpoint")`` breadth-first from
-  the model, exactly as ``tf.train.Checkpoint`` does when it saves;
+  the model, exactly as ``tf.train.Checkpoint`` does when it saves; on the JAX
+  and PyTorch backends, where Keras objects are not TensorFlow trackables, the
+  same children are predicted from the objects' attributes
+  (``_compat.predicted_checkpoint_children``, checked against TensorFlow's walk);
 * ``h5`` keys follow Keras' weights saver walk (``saving_lib._save_state``), its
   attribute order and skip sets read from Keras, calling each layer's own
   ``save_own_variables`` with a recording store, so they equal the paths
@@ -149,14 +152,16 @@ def assign(target: TargetVariable, value: Any) -> None:
     target.variable.assign(value)
 
 
-def restore_tensor(prefix: str, name: str, dtype: str) -> Any:
+def restore_tensor(prefix: str, name: str, dtype: str) -> Any | None:
     """Read one tensor of a TF checkpoint with TensorFlow's own reader (checksum verified).
 
     TensorFlow reads the bytes straight into a tensor buffer, which ``assign``
-    then hands to the variable: one copy from the file, none in memory.
+    then hands to the variable: one copy from the file, none in memory. On
+    other Keras backends it returns ``None``: regraft's own reader serves.
     """
-    import tensorflow as tf
-
+    if _compat.backend() != "tensorflow":
+        return None
+    tf = _compat.tensorflow("reading a tensor with TensorFlow")
     return tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""], dtypes=[tf.as_dtype(dtype)])[0]
 
 
@@ -233,7 +238,7 @@ def _named_sub_layers(layer: Any) -> list[tuple[str, Any]]:
     if not _compat.tracked_layers(layer):
         return []  # Keras tracks every sub-layer: a leaf layer has none to look for
     found: list[tuple[str, Any]] = []
-    for name, value in sorted(vars(layer).items(), key=lambda kv: kv[0].startswith("_")):
+    for name, value in sorted(_compat.instance_attributes(layer).items(), key=lambda kv: kv[0].startswith("_")):
         if isinstance(value, keras.layers.Layer):
             found.append((name, value))
         elif isinstance(value, (list, tuple)):
@@ -398,7 +403,7 @@ def _walk_weights(model: Any, make: Any) -> None:
         if key not in class_names:
             names = {name for cls in type(saveable).__mro__ for name in vars(cls)}
             class_names[key] = frozenset(n for n in names if not n.startswith("__") and n not in skip)
-        own = {n for n in vars(saveable) if not n.startswith("__") and n not in skip}
+        own = {n for n in _compat.instance_attributes(saveable) if not n.startswith("__") and n not in skip}
         for name in sorted(own | class_names[key], key=sort_key):
             try:
                 child = getattr(saveable, name)
@@ -489,10 +494,11 @@ def custom_classes(model: Any) -> set[str]:
 def save_weights(model: Any, out: str, optimizer: Any = None) -> list[str]:
     """Write the model's weights to ``out`` atomically; returns the files written.
 
-    ``*.weights.h5`` is written with Keras' ``save_weights``; anything else is a TF
-    checkpoint prefix written with ``tf.train.Checkpoint(model=model).write``
-    (``Checkpoint(model=model, optimizer=optimizer)`` when an optimizer is given:
-    only TF checkpoints carry one).
+    ``*.weights.h5`` is written with Keras' ``save_weights``; ``*.keras`` with Keras'
+    ``model.save`` (config and weights); ``*.safetensors`` holds every variable under
+    its readable key (``dense1/kernel``); anything else is a TF checkpoint prefix
+    written with ``tf.train.Checkpoint(model=model).write`` (``Checkpoint(model=model, optimizer=optimizer)``
+    when an optimizer is given: only TF checkpoints carry one).
     Both go through :mod:`regraft.writing`: written in a staging folder next to
     ``out``, then moved into place so that, killed at any moment, ``out`` is the
     previous file or checkpoint (or absent) or the complete new one.
@@ -503,12 +509,25 @@ def save_weights(model: Any, out: str, optimizer: Any = None) -> list[str]:
     """
     from regraft.writing import replace_bundle, replace_file
 
+    if optimizer is not None and out.endswith((".weights.h5", ".keras", ".safetensors")):
+        raise TargetError(f"Cannot write an optimizer's state into {out}: regraft writes it only into a TF checkpoint.",
+                          hint="Give a checkpoint prefix without an extension (out/ckpt).")
     if out.endswith(".weights.h5"):
-        if optimizer is not None:
-            raise TargetError(f"Cannot write an optimizer's state into {out}: .weights.h5 files hold weights only.",
-                              hint="Give a checkpoint prefix without an extension (out/ckpt).")
         return replace_file(out, lambda tmp: _write_h5(model, tmp, out), what="the weights",
                             example="model.weights.h5")
+    if out.endswith(".keras"):
+        return replace_file(out, lambda tmp: _write_archive(model, tmp, out), what="the model",
+                            example="model.keras")
+    if out.endswith(".safetensors"):
+        return replace_file(out, lambda tmp: _write_safetensors(model, tmp), what="the weights",
+                            example="model.safetensors")
+    if _compat.backend() != "tensorflow":
+        raise TargetError(
+            f"Cannot write the TF checkpoint {out}: tf.train.Checkpoint saves models of the "
+            f"TensorFlow Keras backend, and this one runs on {_compat.backend()}.",
+            hint="Write a Keras weights file instead (a path ending in .weights.h5), or build the "
+            "model with KERAS_BACKEND=tensorflow.",
+        )
     return replace_bundle(out, lambda tmp, shards: _write_checkpoint(model, tmp, shards, out, optimizer),
                           what="the checkpoint", example="ckpt")
 
@@ -532,9 +551,36 @@ def _write_h5(model: Any, tmp: str, out: str) -> None:
     del buffer
 
 
+def _write_archive(model: Any, tmp: str, out: str) -> None:
+    """Keras' own ``model.save(tmp)``: a ``.keras`` archive with the model's config and weights."""
+    try:
+        model.save(tmp)
+    except OSError:
+        raise
+    except Exception as exc:  # a layer without get_config, a config that is not JSON, ...
+        raise TargetError(
+            f"Cannot write the model {out}: Keras could not save model '{model.name}': {type(exc).__name__}: {exc}",
+            hint="A .keras archive needs every layer's get_config(); write the weights only instead "
+            "(--out model.weights.h5 or model.safetensors).",
+        ) from None
+
+
+def _write_safetensors(model: Any, tmp: str) -> None:
+    """Every variable under its readable key (``dense1/kernel``), written with the ``safetensors`` package."""
+    from safetensors.numpy import save_file
+
+    variables, _ = describe_with_layers(model, ())
+    tensors = {v.key: np.ascontiguousarray(read_value(v)) for v in variables}
+    try:
+        save_file(tensors, tmp)
+    except (ValueError, TypeError) as exc:  # a dtype safetensors has no code for
+        raise TargetError(f"Cannot write the weights as safetensors: {exc}",
+                          hint="Write .weights.h5 or a TF checkpoint instead.") from None
+
+
 def _write_checkpoint(model: Any, tmp: str, shards: int, out: str, optimizer: Any = None) -> None:
     """``tf.train.Checkpoint(model=model).write(tmp)`` (with ``optimizer=`` when given) in exactly ``shards`` data files."""
-    import tensorflow as tf
+    tf = _compat.tensorflow(f"writing the TF checkpoint {out}")
 
     from regraft.writing import write_error
 
@@ -550,7 +596,7 @@ def _write_checkpoint(model: Any, tmp: str, shards: int, out: str, optimizer: An
 
 def _shards_policy(shards: int) -> Any:
     """A ``tf.train.experimental.ShardingCallback`` spreading the tensors over exactly ``shards`` data files."""
-    import tensorflow as tf
+    tf = _compat.tensorflow("writing a sharded TF checkpoint")
 
     class _Spread(tf.train.experimental.ShardingCallback):
         @property
@@ -657,7 +703,7 @@ def _readable_layer_keys(model: Any) -> dict[int, str]:
 
 
 class KerasTarget:
-    """A built Keras 3 model on the TensorFlow backend: the first :class:`~regraft.targets.base.Target`."""
+    """A built Keras 3 model on any backend (TensorFlow, JAX, PyTorch): a :class:`~regraft.targets.base.Target`."""
 
     def __init__(self, model: Any) -> None:
         _check_model(model)

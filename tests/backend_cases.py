@@ -1,0 +1,130 @@
+"""Checkpoints written by TensorFlow, for the tests that load them on another Keras backend.
+
+A machine with the JAX (or PyTorch) backend and no TensorFlow cannot write a TF
+checkpoint, and regraft ships no test files. So the checkpoints are written by
+the real writers in an environment that has TensorFlow, into a folder the other
+environment then reads (``make test-jax`` does both):
+
+    KERAS_BACKEND=tensorflow python tests/backend_cases.py OUT_DIR    # the TF environment
+    REGRAFT_TF_FILES=OUT_DIR KERAS_BACKEND=jax pytest tests/test_backends.py
+
+For each case (:data:`CASES`) the folder gets ``<case>/ckpt*`` (``tf.train.Checkpoint(model=old)``),
+``<case>/old.weights.h5`` (``old.save_weights``) and ``<case>/values.npz``: every old
+variable's value under its ``variable.path`` (written by numpy, so a test compares
+what it loaded with values regraft did not read). Under the TF backend the tests
+call :func:`write_case` themselves.
+
+Models come from ``conftest.build`` and friends, built after ``clear_session()`` so
+auto-generated names, and so ``variable.path``, are the same in both processes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import conftest  # noqa: E402
+
+
+def _fresh(builder: Callable[[], object]) -> Callable[[], object]:
+    def build():
+        import keras
+
+        keras.backend.clear_session()
+        return builder()
+
+    return build
+
+
+def _functional_inserted():
+    """``functional()`` with a Dense(4) named ``extra`` inserted between ``bn`` and ``d2``."""
+    import keras
+
+    inputs = keras.Input((5,))
+    x = keras.layers.Dense(4, name="d1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Dense(4, name="extra")(x)
+    return keras.Model(inputs, keras.layers.Dense(2, name="d2")(x), name="functional_model")
+
+
+def _functional_seeded():
+    model = conftest.functional()
+    conftest.randomize(model, 3)
+    return model
+
+
+def _chain_grown():
+    model = conftest.dense_chain((4, 2, 2))
+    conftest.randomize(model, 4)
+    return model
+
+
+def _chain_old():
+    model = conftest.dense_chain((4, 2))
+    conftest.randomize(model, 5)
+    return model
+
+
+@dataclass(frozen=True)
+class Case:
+    """An old model written by TF, a new model to load into, and which old variable each new one gets."""
+
+    name: str
+    build_old: Callable[[], object]
+    build_new: Callable[[], object]
+    # new variable path -> old variable path; None means "left fresh". Empty: same paths (unchanged model).
+    expected: dict[str, str | None] = field(default_factory=dict)
+    strict: bool = True
+
+
+CASES: tuple[Case, ...] = tuple(
+    Case(kind, _fresh(lambda kind=kind: conftest.build(kind, 1)), _fresh(lambda kind=kind: conftest.build(kind, 2)))
+    for kind in conftest.ARCHITECTURES
+) + (
+    Case("functional_inserted", _fresh(_functional_seeded), _fresh(_functional_inserted),
+         {"d1/kernel": "d1/kernel", "d1/bias": "d1/bias", "bn/gamma": "bn/gamma", "bn/beta": "bn/beta",
+          "bn/moving_mean": "bn/moving_mean", "bn/moving_variance": "bn/moving_variance",
+          "extra/kernel": None, "extra/bias": None, "d2/kernel": "d2/kernel", "d2/bias": "d2/bias"},
+         strict=False),
+    Case("subclassed_grown", _fresh(_chain_old), _fresh(_chain_grown),
+         {"tutorial/dense1/kernel": "tutorial/dense1/kernel", "tutorial/dense1/bias": "tutorial/dense1/bias",
+          "tutorial/dense2/kernel": "tutorial/dense2/kernel", "tutorial/dense2/bias": "tutorial/dense2/bias",
+          "tutorial/dense3/kernel": None, "tutorial/dense3/bias": None},
+         strict=False),
+)
+
+
+def write_case(case: Case, folder: str) -> None:
+    """Write ``case``'s old model as a TF checkpoint, a .weights.h5 file and its values (TF backend only)."""
+    import tensorflow as tf
+
+    os.makedirs(folder, exist_ok=True)
+    old = case.build_old()
+    tf.train.Checkpoint(model=old).write(os.path.join(folder, "ckpt"))
+    old.save_weights(os.path.join(folder, "old.weights.h5"))
+    np.savez(os.path.join(folder, "values.npz"), **{v.path: np.asarray(v.numpy()) for v in old.weights})
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(f"usage: {sys.argv[0]} OUT_DIR", file=sys.stderr)
+        return 2
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        print(f"writing TF checkpoints needs KERAS_BACKEND=tensorflow, not {keras.backend.backend()}", file=sys.stderr)
+        return 2
+    for case in CASES:
+        write_case(case, os.path.join(argv[0], case.name))
+    print(f"wrote {len(CASES)} cases to {argv[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
