@@ -80,7 +80,11 @@ class Target(Protocol):
         ...
 
     def assign(self, variable: TargetVariable, value: Any) -> None:
-        """Give a variable a value of its shape and dtype (an array, or what :meth:`read_native` returned)."""
+        """Give a variable a value of its shape and dtype (an array, or what :meth:`read_native` returned).
+
+        The caller reuses an array's memory for the next tensor once this returns:
+        the variable must hold a copy, never a view of ``value``.
+        """
         ...
 
     def read_native(self, prefix: str, name: str, dtype: str) -> Any | None:

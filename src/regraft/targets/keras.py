@@ -148,7 +148,12 @@ def assign(target: TargetVariable, value: Any) -> None:
     """Assign ``value`` (a numpy array or tensor of the variable's shape and dtype) to the variable.
 
     A tensor read by :func:`restore_tensor` is adopted by the variable without a copy.
+    A numpy array is copied into the variable's own buffer on TensorFlow; JAX and
+    PyTorch may instead wrap the array's memory (seen with JAX on the CPU), and the
+    caller reuses that memory for the next tensor, so there it is copied first.
     """
+    if isinstance(value, np.ndarray) and _compat.backend() != "tensorflow":
+        value = value.copy()
     target.variable.assign(value)
 
 
