@@ -43,10 +43,14 @@ test-jax: $(BIN)/regraft $(JAX_BIN)/regraft
 # on the TF stage only; in these, tests whose own code writes with TensorFlow are skipped (conftest).
 JAX_TESTS := tests/test_backends.py tests/test_align.py tests/test_structure.py tests/test_registry.py \
 	tests/test_naming.py tests/test_targets.py tests/test_verify.py tests/test_plan.py tests/test_planfile.py \
-	tests/test_transforms.py tests/test_growth.py tests/test_bundle.py tests/test_compat.py
-# These write a TF checkpoint through regraft, which needs the TensorFlow backend by design; the last
-# pins TensorFlow's own `_trackable_children` (on other backends regraft predicts the children).
+	tests/test_transforms.py tests/test_growth.py tests/test_bundle.py tests/test_compat.py \
+	tests/test_apply_faults.py tests/test_building.py tests/test_hardening_h5.py tests/test_progress.py \
+	tests/test_writers.py tests/test_convert.py tests/test_torch_layout.py
+# The test_verify ones write a TF checkpoint through regraft, which needs the TensorFlow backend by
+# design; the test_apply_faults one writes its checkpoint with TensorFlow in a child process; the
+# test_compat one pins TensorFlow's own `_trackable_children` (elsewhere regraft predicts the children).
 JAX_DESELECT := tests/test_compat.py::test_an_object_that_is_not_trackable_is_a_loud_error \
+	tests/test_apply_faults.py::test_random_ctrl_c_during_loads_in_a_child_process \
 	tests/test_verify.py::test_verify_command_passes_with_exit_0_and_json \
 	tests/test_verify.py::test_verify_command_exceeding_the_tolerance_exits_1 \
 	tests/test_verify.py::test_verify_command_user_errors_raise_for_exit_2
