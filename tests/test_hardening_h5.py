@@ -206,6 +206,11 @@ CASES = [
      UnsupportedFormatError,
      "{path} holds 1 link(s) that regraft does not follow: '/layers/dense' -> external file 'elsewhere.h5', "
      "object '/g'. Keras never writes links; a link can lead out of the file or in a loop.\n" + _REFUSED_LINK_HINT),
+    # fuzz seed 7 case 735: raised inside h5py's visit callback, this came out as SystemError
+    ("link name not UTF-8", "k2", lambda f: f.create_group(b"d\xb4"), CorruptCheckpointError,
+     "{path}: cannot read its list of groups and datasets: 'utf-8' codec can't decode byte 0xb4 in position 1: "
+     "invalid start byte.\nHint: The file is damaged or was not written by Keras; save the weights again with "
+     "model.save_weights()."),
 ]
 
 

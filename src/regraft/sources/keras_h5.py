@@ -173,17 +173,18 @@ class KerasH5(Source):
         """Every path in the file; refuses the file if any link is soft, external or user-defined."""
         import h5py
 
-        names: set[str] = set()
-        others: list[str] = []
+        links: list[tuple[bytes, bool]] = []
 
         def visit(name: bytes, info: object) -> None:
-            text = name.decode("utf-8")  # a UnicodeDecodeError is reported by _reading
-            if info.type == h5py.h5l.TYPE_HARD:  # type: ignore[attr-defined]
-                names.add(text)
-            else:
-                others.append(text)
+            # Nothing may raise in here: h5py turns an exception in a visit callback into SystemError.
+            links.append((name, info.type == h5py.h5l.TYPE_HARD))  # type: ignore[attr-defined]
 
         self._file.id.links.visit(visit, info=True)
+        names: set[str] = set()
+        others: list[str] = []
+        for name, hard in links:
+            text = name.decode("utf-8")  # a UnicodeDecodeError is reported by _reading
+            (names.add if hard else others.append)(text)
         if others:
             shown = "; ".join(self._describe_link(name) for name in sorted(others)[:5])
             more = f" and {len(others) - 5} more" if len(others) > 5 else ""
