@@ -465,9 +465,9 @@ def _saved_with_name(tmp_path, kind: str, name: str) -> tuple[str, list]:
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name=name)])
     randomize(model, 21)
     values = [value_of(v) for v in model.weights]
-    if kind == "k3":
-        path = str(tmp_path / "sound.weights.h5")
-        model.save_weights(path)
+    if kind in ("k3", "keras"):
+        path = str(tmp_path / ("sound.weights.h5" if kind == "k3" else "sound.keras"))
+        model.save_weights(path) if kind == "k3" else model.save(path)
     else:
         tf_keras = pytest.importorskip("tf_keras")
         old = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(3, name=name)])
@@ -477,7 +477,7 @@ def _saved_with_name(tmp_path, kind: str, name: str) -> tuple[str, list]:
     return path, values
 
 
-@pytest.mark.parametrize("kind", ["k3", "k2"])
+@pytest.mark.parametrize("kind", ["k3", "k2", "keras"])
 def test_damaged_global_heap_is_refused_before_h5py_spins_on_it(tmp_path, kind):
     """Item 5: HDF5 keeps variable-length strings (the layer's ``name`` in Keras 3, ``layer_names`` and
     ``weight_names`` in tf-keras) in a global heap collection, which it walks object by object. The fuzzer's
@@ -497,14 +497,16 @@ def test_damaged_global_heap_is_refused_before_h5py_spins_on_it(tmp_path, kind):
     assert data[heap + 4] == 1 and name < heap + int.from_bytes(data[heap + 8 : heap + 16], "little")  # guard
     data[header : header + 2] = b"\0\0"  # object index 0 (free space) ...
     data[header + 8 : name] = bytes(8)  # ... of size 0
-    damaged = tmp_path / ("damaged.weights.h5" if kind == "k3" else "damaged.h5")
+    damaged = tmp_path / {"k3": "damaged.weights.h5", "k2": "damaged.h5", "keras": "damaged.keras"}[kind]
+    image = data.index(b"\x89HDF\r\n\x1a\n")  # where the HDF5 image starts: 0, or the .keras weights member
     damaged.write_bytes(bytes(data))
     code = "import sys, regraft\ntry:\n    regraft.open(sys.argv[1])\nexcept regraft.RegraftError as e:\n    print(e)"
     done = subprocess.run([sys.executable, "-c", code, str(damaged)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == (
-        f"{damaged}: 'global heap at byte {heap:,}' holds an object (index 0) of 0 bytes at byte {header:,}, "
+        f"{damaged}: 'global heap at byte {heap - image:,}' holds an object (index 0) of 0 bytes at byte "
+        f"{header - image:,}, "
         "which would make HDF5 loop forever; its strings (layer and weight names) cannot be read.\n"
         "Hint: The file is damaged; save the weights again with model.save_weights().\n"
     )

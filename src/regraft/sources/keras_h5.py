@@ -20,7 +20,10 @@ matching and applying is numbers of a known size stored in this file:
 * of attributes, only ``name`` (Keras 3 ``vars`` groups), ``dtype`` (opaque
   datasets), ``layer_names`` and ``weight_names`` (Keras 2) are read, and only
   when their type is a string or a plain number: h5py crashes decoding some
-  damaged types.
+  damaged types;
+* before the first variable-length string is decoded, the HDF5 global heap
+  that holds such strings is walked with a bound: HDF5 loops forever, holding
+  the GIL, on a heap object whose size is damaged to 0.
 """
 
 from __future__ import annotations
@@ -286,7 +289,7 @@ class KerasH5(Source):
                 position = begin
                 while position < end - len(_GCOL) + 1:
                     image.seek(position)
-                    block = image.read(min(_SCAN_BLOCK, end - position))
+                    block = _read(image, min(_SCAN_BLOCK, end - position))
                     found = block.find(_GCOL)
                     if found < 0:
                         position += max(1, len(block) - len(_GCOL) + 1)
@@ -298,13 +301,15 @@ class KerasH5(Source):
     def _walk_global_heap(self, image: IO[bytes], at: int) -> int:
         """Check the collection whose signature is at ``at``; how far to skip past it."""
         image.seek(at)
-        header = image.read(16)
+        header = _read(image, 16)
         if len(header) < 16 or header[4] != 1:
             return 1  # not a collection HDF5 would read: only a signature-like string
         size = struct.unpack_from("<Q", header, 8)[0]
         if size < _GCOL_MIN or at + size > self._size:
             return 1
-        body = image.read(size - 16)
+        body = _read(image, size - 16)
+        if len(body) < size - 16:
+            return 1  # the file ended early: HDF5 refuses the collection itself
         offset, end = 0, len(body)
         while end - offset >= 16:  # a smaller tail is free space without a header
             index = struct.unpack_from("<H", body, offset)[0]
@@ -527,6 +532,18 @@ def _text(value: object) -> str | None:
         except UnicodeDecodeError:
             return None
     return value if isinstance(value, str) else None
+
+
+def _read(image: IO[bytes], size: int) -> bytes:
+    """``size`` bytes from ``image`` or up to its end (a raw file object may return fewer per read)."""
+    parts, left = [], size
+    while left > 0:
+        part = image.read(left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def _short(value: object) -> str:
