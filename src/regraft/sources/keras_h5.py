@@ -76,6 +76,7 @@ class KerasH5(Source):
         self._dataset_path: dict[str, str] = {}  # canonical key -> HDF5 dataset path
         self._names: set[str] = set()
         self._heaps_checked = False
+        self._extents: dict[str, tuple[int, int] | None] = {}  # dataset path -> its contiguous bytes, once looked up
 
         self._file = self._open_h5(path)
         self._size = self._file.id.get_filesize()  # the HDF5 image's size, also inside a .keras zip
@@ -269,14 +270,13 @@ class KerasH5(Source):
 
         if self._heaps_checked:
             return
-        spans: list[tuple[int, int]] = []  # the bytes of contiguous datasets, never metadata
         with self._reading("its list of datasets"):
             for name in self._names:
-                oid = h5py.h5o.open(self._file.id, name.encode())
-                if isinstance(oid, h5py.h5d.DatasetID):
-                    offset = oid.get_offset()
-                    if offset is not None:
-                        spans.append((offset, offset + oid.get_storage_size()))
+                if "/" + name not in self._extents:  # datasets described already are not opened again
+                    oid = h5py.h5o.open(self._file.id, name.encode())
+                    if isinstance(oid, h5py.h5d.DatasetID):
+                        self._extent(oid, "/" + name)
+        spans = [span for span in self._extents.values() if span is not None]  # contiguous datasets: never metadata
         gaps, start = [], 0
         for begin, end in sorted(spans):
             if begin < start or end > self._size:
@@ -297,6 +297,12 @@ class KerasH5(Source):
                     position += found
                     position += self._walk_global_heap(image, position)
         self._heaps_checked = True
+
+    def _extent(self, oid: Any, where: str, stored: int | None = None) -> None:
+        """Note where a contiguous dataset's bytes are (its offset is ``None`` otherwise)."""
+        offset = oid.get_offset()
+        size = oid.get_storage_size() if stored is None else stored
+        self._extents[where] = None if offset is None else (int(offset), int(offset) + int(size))
 
     def _walk_global_heap(self, image: IO[bytes], at: int) -> int:
         """Check the collection whose signature is at ``at``; how far to skip past it."""
@@ -368,6 +374,7 @@ class KerasH5(Source):
             plist = oid.get_create_plist()  # type: ignore[attr-defined]
             layout, external, filters = plist.get_layout(), plist.get_external_count(), plist.get_nfilters()
             stored = int(oid.get_storage_size())  # type: ignore[attr-defined]
+            self._extent(oid, where, stored)
         if dtype.kind in _NUMERIC and dtype.fields is None and dtype.subdtype is None:
             name = dtype.name
         elif dtype.kind == "V" and dtype.fields is None and dtype.subdtype is None:
