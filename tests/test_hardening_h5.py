@@ -206,6 +206,11 @@ CASES = [
      UnsupportedFormatError,
      "{path} holds 1 link(s) that regraft does not follow: '/layers/dense' -> external file 'elsewhere.h5', "
      "object '/g'. Keras never writes links; a link can lead out of the file or in a loop.\n" + _REFUSED_LINK_HINT),
+    # fuzz seed 7 case 735: raised inside h5py's visit callback, this came out as SystemError
+    ("link name not UTF-8", "k2", lambda f: f.create_group(b"d\xb4"), CorruptCheckpointError,
+     "{path}: cannot read its list of groups and datasets: 'utf-8' codec can't decode byte 0xb4 in position 1: "
+     "invalid start byte.\nHint: The file is damaged or was not written by Keras; save the weights again with "
+     "model.save_weights()."),
 ]
 
 
@@ -450,3 +455,76 @@ def test_wrong_shapes_dtypes_and_groups_reach_the_plan_not_the_reader(originals,
     report = regraft.load(model, path, strict=False)
     assert (report.counts()["cast"], report.counts()["shape-mismatch"], report.counts()["missing"]) == (1, 1, 2)
     assert_state(model, before, {id(model.weights[1]): np.arange(3, dtype="float32")})
+
+
+_PROBE = "probe_layer_for_heap"  # a layer name found by its bytes in the file's global heap
+
+
+def _saved_with_name(tmp_path, kind: str, name: str) -> tuple[str, list]:
+    """A one-layer model saved by Keras 3 (``k3``) or tf-keras (``k2``) with layer ``name``, and its values."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name=name)])
+    randomize(model, 21)
+    values = [value_of(v) for v in model.weights]
+    if kind in ("k3", "keras"):
+        path = str(tmp_path / ("sound.weights.h5" if kind == "k3" else "sound.keras"))
+        model.save_weights(path) if kind == "k3" else model.save(path)
+    else:
+        tf_keras = pytest.importorskip("tf_keras")
+        old = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(3, name=name)])
+        old.set_weights(values)
+        path = str(tmp_path / "sound.h5")
+        old.save_weights(path)
+    return path, values
+
+
+@pytest.mark.parametrize("kind", ["k3", "k2", "keras"])
+def test_damaged_global_heap_is_refused_before_h5py_spins_on_it(tmp_path, kind):
+    """Item 5: HDF5 keeps variable-length strings (the layer's ``name`` in Keras 3, ``layer_names`` and
+    ``weight_names`` in tf-keras) in a global heap collection, which it walks object by object. The fuzzer's
+    damage gave one object index 0 and size 0: HDF5 then never advances and h5py spins forever in
+    ``attrs[...]``, holding the GIL. regraft walks the collection itself first, with a bound. The read runs in a
+    child process so that a regression fails this test instead of hanging the test run."""
+    import subprocess
+    import sys
+
+    path, _ = _saved_with_name(tmp_path, kind, _PROBE)
+    data = bytearray(open(path, "rb").read())
+    heap = data.index(b"GCOL")  # the collection; the layer's name is also a link name elsewhere in the file
+    name = data.index(_PROBE.encode(), heap)  # the string object's bytes; its 16-byte header comes before
+    while int.from_bytes(data[name - 8 : name], "little") != len(_PROBE):  # tf-keras: skip 'probe.../kernel:0'
+        name = data.index(_PROBE.encode(), name + 1)
+    header = name - 16
+    assert data[heap + 4] == 1 and name < heap + int.from_bytes(data[heap + 8 : heap + 16], "little")  # guard
+    data[header : header + 2] = b"\0\0"  # object index 0 (free space) ...
+    data[header + 8 : name] = bytes(8)  # ... of size 0
+    damaged = tmp_path / {"k3": "damaged.weights.h5", "k2": "damaged.h5", "keras": "damaged.keras"}[kind]
+    image = data.index(b"\x89HDF\r\n\x1a\n")  # where the HDF5 image starts: 0, or the .keras weights member
+    damaged.write_bytes(bytes(data))
+    code = "import sys, regraft\ntry:\n    regraft.open(sys.argv[1])\nexcept regraft.RegraftError as e:\n    print(e)"
+    done = subprocess.run([sys.executable, "-c", code, str(damaged)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == (
+        f"{damaged}: 'global heap at byte {heap - image:,}' holds an object (index 0) of 0 bytes at byte "
+        f"{header - image:,}, "
+        "which would make HDF5 loop forever; its strings (layer and weight names) cannot be read.\n"
+        "Hint: The file is damaged; save the weights again with model.save_weights().\n"
+    )
+
+
+def test_weights_holding_a_heap_signature_load(tmp_path):
+    """The heap check looks for the collections' signature 'GCOL' outside the datasets' bytes: a kernel whose
+    bytes spell a collection that HDF5 would loop on (version 1, 4096 bytes, an object of index 0 and size 0)
+    is data, not metadata, and loads bit for bit."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1024, name="d")])
+    kernel = np.zeros((4, 1024), "float32")
+    kernel.reshape(-1).view("u1")[:16] = np.frombuffer(b"GCOL\x01\0\0\0" + (4096).to_bytes(8, "little"), "u1")
+    bias = np.arange(1024, dtype="float32")
+    model.set_weights([kernel, bias])
+    path = str(tmp_path / "sound.weights.h5")
+    model.save_weights(path)
+    data = open(path, "rb").read()
+    assert data.count(b"GCOL\x01") == 2 and data.index(b"GCOL") + 4096 < data.rindex(b"GCOL") < len(data) - 4096
+    fresh = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1024, name="d")])
+    regraft.load(fresh, path)
+    assert same_bytes(value_of(fresh.weights[0]), kernel) and same_bytes(value_of(fresh.weights[1]), bias)

@@ -137,6 +137,13 @@ def test_files_that_are_not_plans(tmp_path):
         regraft.read_plan(tmp_path / "deep.yaml", model)
     with pytest.raises(RegraftError, match="The rules file .* nests lists or mappings thousands of levels deep"):
         parse_rules(tmp_path / "deep.yaml")
+    for tagged in ("!!timestamp abc", "!!int abc", "!!float abc"):
+        (tmp_path / "tagged.yaml").write_text(f"regraft_plan: {tagged}\n")
+        with pytest.raises(RegraftError, match="holds a tagged value that is not what its tag says"):
+            regraft.read_plan(tmp_path / "tagged.yaml", model)
+        (tmp_path / "tagged.yaml").write_text(f"rename: {tagged}\n")
+        with pytest.raises(RegraftError, match="The rules file .* holds a tagged value that is not what its tag says"):
+            parse_rules(tmp_path / "tagged.yaml")
 
 
 def test_saving_a_plan_where_it_cannot_go_leaves_nothing(planned):

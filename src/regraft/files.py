@@ -45,6 +45,9 @@ def read_yaml(path: str, what: str, missing_hint: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RegraftError(f"The {what} is not valid YAML: {exc}", hint="Fix the YAML syntax.") from None
+    except (ValueError, TypeError, AttributeError) as exc:  # a tagged scalar PyYAML cannot build: !!int abc
+        raise RegraftError(f"The {what} holds a tagged value that is not what its tag says ({exc}).",
+                           hint="Remove the !! tag, or write a value of that type.") from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise RegraftError(f"The {what} nests lists or mappings thousands of levels deep.",
                            hint="Write it with the few levels of nesting its format uses.") from None

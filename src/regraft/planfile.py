@@ -210,6 +210,9 @@ def _load(path: str) -> tuple[dict[str, Any], Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
         raise RegraftError(f"Plan {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}.", hint=_HINT) from None
+    except (ValueError, TypeError, AttributeError) as exc:  # a tagged scalar PyYAML cannot build: !!int abc
+        raise RegraftError(f"Plan {path} holds a tagged value that is not what its tag says ({exc}).",
+                           hint=_HINT) from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise RegraftError(f"Plan {path} nests lists or mappings thousands of levels deep; a plan file "
                            "nests four.", hint=_HINT) from None

@@ -12,6 +12,7 @@ back and forth (``bench/bench_formats.py`` measures both).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -19,7 +20,7 @@ import shutil
 import struct
 import tempfile
 import zipfile
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 from regraft.errors import CorruptCheckpointError, UnsupportedFormatError
 from regraft.sources.keras_h5 import KerasH5
@@ -156,6 +157,12 @@ class KerasArchive(KerasH5):
         except Exception:
             self.close()
             raise
+
+    @contextlib.contextmanager
+    def _image(self) -> Iterator[IO[bytes]]:
+        """The weights member's bytes (h5py seeks before each of its own reads)."""
+        assert self._member is not None
+        yield self._member
 
     def _read_config(self, path: str) -> dict[str, Any] | None:
         assert self._zip is not None

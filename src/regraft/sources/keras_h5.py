@@ -20,7 +20,10 @@ matching and applying is numbers of a known size stored in this file:
 * of attributes, only ``name`` (Keras 3 ``vars`` groups), ``dtype`` (opaque
   datasets), ``layer_names`` and ``weight_names`` (Keras 2) are read, and only
   when their type is a string or a plain number: h5py crashes decoding some
-  damaged types.
+  damaged types;
+* before the first variable-length string is decoded, the HDF5 global heap
+  that holds such strings is walked with a bound: HDF5 loops forever, holding
+  the GIL, on a heap object whose size is damaged to 0.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import contextlib
 import math
 import os
 import re
-from typing import Any, Iterator
+import struct
+from typing import IO, Any, Iterator
 
 import numpy as np
 
@@ -49,6 +53,9 @@ _TYPE_CLASSES = {  # HDF5 type classes an attribute may not have (H5T_class_t)
     2: "time", 4: "bitfield", 5: "opaque", 6: "compound", 7: "reference", 8: "enum",
     9: "variable-length sequence", 10: "array",
 }
+_GCOL = b"GCOL"  # signature of an HDF5 global heap collection, where variable-length strings live
+_GCOL_MIN = 4096  # HDF5 refuses a smaller collection itself ("global heap size is too small")
+_SCAN_BLOCK = 1 << 20
 _NOT_KERAS = "Keras does not write this; save the weights again with model.save_weights()."
 
 
@@ -67,13 +74,16 @@ class KerasH5(Source):
         self.path = path
         self._layers: dict[str, tuple[str | None, str | None]] = {}  # layer key -> (Keras name, class)
         self._dataset_path: dict[str, str] = {}  # canonical key -> HDF5 dataset path
+        self._names: set[str] = set()
+        self._heaps_checked = False
+        self._extents: dict[str, tuple[int, int] | None] = {}  # dataset path -> its contiguous bytes, once looked up
 
         self._file = self._open_h5(path)
         self._size = self._file.id.get_filesize()  # the HDF5 image's size, also inside a .keras zip
         self.files = (path,)
         try:
             with self._reading("its list of groups and datasets"):
-                names = self._hard_links()
+                names = self._names = self._hard_links()
             with self._reading("the root group"):
                 self._root = self._file["/"].id
             layer_names = self._attribute_names(self._root, "/", "layer_names")
@@ -106,6 +116,12 @@ class KerasH5(Source):
                 f"{path} has an HDF5 signature but h5py cannot open it ({exc}).",
                 hint="The file is damaged or still being written; save it again.",
             ) from None
+
+    @contextlib.contextmanager
+    def _image(self) -> Iterator[IO[bytes]]:
+        """The HDF5 image's raw bytes, for checks h5py cannot make (a subclass reads them from elsewhere)."""
+        with open(self.path, "rb") as f:
+            yield f
 
     def read(self, key: str) -> np.ndarray:
         """Read one dataset by canonical key into a fresh array in native byte order."""
@@ -189,15 +205,11 @@ class KerasH5(Source):
         """Every path in the file; refuses the file if any link is soft, external or user-defined."""
         import h5py
 
-        names: set[str] = set()
-        others: list[str] = []
+        links: list[tuple[bytes, bool]] = []
 
         def visit(name: bytes, info: object) -> None:
-            text = name.decode("utf-8")  # a UnicodeDecodeError is reported by _reading
-            if info.type == h5py.h5l.TYPE_HARD:  # type: ignore[attr-defined]
-                names.add(text)
-            else:
-                others.append(text)
+            # Nothing may raise in here: h5py turns an exception in a visit callback into SystemError.
+            links.append((name, info.type == h5py.h5l.TYPE_HARD))  # type: ignore[attr-defined]
 
         try:
             self._file.id.links.visit(visit, info=True)
@@ -206,6 +218,11 @@ class KerasH5(Source):
             if isinstance(interrupt, KeyboardInterrupt):
                 raise KeyboardInterrupt from None
             raise
+        names: set[str] = set()
+        others: list[str] = []
+        for name, hard in links:
+            text = name.decode("utf-8")  # a UnicodeDecodeError is reported by _reading
+            (names.add if hard else others.append)(text)
         if others:
             shown = "; ".join(self._describe_link(name) for name in sorted(others)[:5])
             more = f" and {len(others) - 5} more" if len(others) > 5 else ""
@@ -267,8 +284,87 @@ class KerasH5(Source):
                     "where Keras writes strings; it was not decoded",
                     hint="The file is damaged or was altered; save the weights again with model.save_weights().",
                 )
+            if isinstance(kind, h5py.h5t.TypeStringID) and kind.is_variable_str():
+                self._check_global_heaps()
             owner = h5py.Group(oid) if isinstance(oid, h5py.h5g.GroupID) else h5py.Dataset(oid)
             return h5py.AttributeManager(owner)[name]
+
+    def _check_global_heaps(self) -> None:
+        """Refuse a damaged HDF5 global heap before h5py decodes a variable-length string from it.
+
+        HDF5 walks a global heap collection object by object, each advancing by its
+        declared size; a damaged size of 0 (or one that runs past the collection)
+        makes that walk spin forever inside the C library, holding the GIL, where no
+        time limit can stop it. So, once per file and before the first such string
+        is read, every collection outside the datasets' bytes is walked here with
+        the same rules and a bound. A collection HDF5 itself refuses (wrong version,
+        size under 4 KiB or past the end) is left to h5py, which fails cleanly.
+        """
+        import h5py
+
+        if self._heaps_checked:
+            return
+        with self._reading("its list of datasets"):
+            for name in self._names:
+                if "/" + name not in self._extents:  # datasets described already are not opened again
+                    oid = h5py.h5o.open(self._file.id, name.encode())
+                    if isinstance(oid, h5py.h5d.DatasetID):
+                        self._extent(oid, "/" + name)
+        spans = [span for span in self._extents.values() if span is not None]  # contiguous datasets: never metadata
+        gaps, start = [], 0
+        for begin, end in sorted(spans):
+            if begin < start or end > self._size:
+                continue  # overlapping or past the end: damaged, so its bytes are scanned too
+            gaps.append((start, begin))
+            start = end
+        gaps.append((start, self._size))
+        with self._image() as image:
+            for begin, end in gaps:
+                position = begin
+                while position < end - len(_GCOL) + 1:
+                    image.seek(position)
+                    block = _read(image, min(_SCAN_BLOCK, end - position))
+                    found = block.find(_GCOL)
+                    if found < 0:
+                        position += max(1, len(block) - len(_GCOL) + 1)
+                        continue
+                    position += found
+                    position += self._walk_global_heap(image, position)
+        self._heaps_checked = True
+
+    def _extent(self, oid: Any, where: str, stored: int | None = None) -> None:
+        """Note where a contiguous dataset's bytes are (its offset is ``None`` otherwise)."""
+        offset = oid.get_offset()
+        size = oid.get_storage_size() if stored is None else stored
+        self._extents[where] = None if offset is None else (int(offset), int(offset) + int(size))
+
+    def _walk_global_heap(self, image: IO[bytes], at: int) -> int:
+        """Check the collection whose signature is at ``at``; how far to skip past it."""
+        image.seek(at)
+        header = _read(image, 16)
+        if len(header) < 16 or header[4] != 1:
+            return 1  # not a collection HDF5 would read: only a signature-like string
+        size = struct.unpack_from("<Q", header, 8)[0]
+        if size < _GCOL_MIN or at + size > self._size:
+            return 1
+        body = _read(image, size - 16)
+        if len(body) < size - 16:
+            return 1  # the file ended early: HDF5 refuses the collection itself
+        offset, end = 0, len(body)
+        while end - offset >= 16:  # a smaller tail is free space without a header
+            index = struct.unpack_from("<H", body, offset)[0]
+            declared = struct.unpack_from("<Q", body, offset + 8)[0]
+            step = 16 + (declared + 7) // 8 * 8 if index else declared  # object 0 is free space, header included
+            if step == 0 or step > end - offset:
+                raise self._refuse(
+                    f"global heap at byte {at:,}",
+                    f"holds an object (index {index}) of {declared:,} bytes at byte {at + 16 + offset:,}, "
+                    f"{'which would make HDF5 loop forever' if step == 0 else 'past the end of its collection'}; "
+                    "its strings (layer and weight names) cannot be read",
+                    hint="The file is damaged; save the weights again with model.save_weights().",
+                )
+            offset += step
+        return size
 
     def _attribute_names(self, oid: object, where: str, name: str) -> list[str] | None:
         """A Keras 2 list-of-names attribute (``layer_names``, ``weight_names``), joined from its chunks.
@@ -312,6 +408,7 @@ class KerasH5(Source):
             plist = oid.get_create_plist()  # type: ignore[attr-defined]
             layout, external, filters = plist.get_layout(), plist.get_external_count(), plist.get_nfilters()
             stored = int(oid.get_storage_size())  # type: ignore[attr-defined]
+            self._extent(oid, where, stored)
         if dtype.kind in _NUMERIC and dtype.fields is None and dtype.subdtype is None:
             name = dtype.name
         elif dtype.kind == "V" and dtype.fields is None and dtype.subdtype is None:
@@ -476,6 +573,18 @@ def _text(value: object) -> str | None:
         except UnicodeDecodeError:
             return None
     return value if isinstance(value, str) else None
+
+
+def _read(image: IO[bytes], size: int) -> bytes:
+    """``size`` bytes from ``image`` or up to its end (a raw file object may return fewer per read)."""
+    parts, left = [], size
+    while left > 0:
+        part = image.read(left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def _short(value: object) -> str:
