@@ -187,3 +187,22 @@ def test_credit_for_an_explained_resize_needs_the_pair_before():
     new = [None, (8, 32), (32, 16), (16, 16), (16, 4)]
     pairs, _ = align(old, new)
     assert pairs["_operations/2/_kernel"] == ("_operations/2/_kernel", False)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_banded_programme_gives_the_full_tables_alignment_forced_pairs_and_ties(seed):
+    """Long sequences run on a proved band of diagonals: same traceback, forced pairs and pairable targets."""
+    from regraft.align import _band_align, _certainty
+
+    rng = random.Random(7000 + seed)
+    n = rng.randint(1, 30)
+    m = max(1, n + rng.randint(-3, 3)) if seed % 2 else rng.randint(1, 30)
+    scores = np.array([[rng.choice([0, 0, 20, 50, 100, 100, 200]) for _ in range(m)] for _ in range(n)],
+                      dtype=np.int64)
+    if seed % 2:  # near-identical sequences: a narrow band is proved wide enough
+        for i in range(min(n, m)):
+            scores[i, i] = 200
+    looser = scores.max(axis=1) + (30 if seed % 3 == 0 else 0)  # any upper bound is sound
+    banded = _band_align(lambda r, c: scores[r, c], looser, scores.max(axis=0), n, m,
+                         slack=seed % 3, give_up=False)
+    assert banded == (_traceback(_dp_moves(scores), prefer_diagonal=False), *_certainty(scores))

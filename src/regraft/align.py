@@ -377,6 +377,12 @@ def _align_sequence(s_items: list[Node], t_items: list[Node], ns: Namespace, out
         out.removed.extend(x.path for x in s_items if x.signature())
         out.inserted.extend(x.path for x in t_items if x.signature())
         return
+    if (n + 1) * (m + 1) > BAND_MIN_CELLS:
+        banded = _band_sequence(s_items, t_items)
+        if banded is not None:
+            early, forced, pairable = banded
+            _recurse_sequence(s_items, t_items, early, forced, pairable, ns, out, by_order)
+            return
     scores = _score_matrix(s_items, t_items)
     early = _traceback(_dp_moves(scores), prefer_diagonal=False)  # matches as early as possible
     explained = _explained_resizes(s_items, t_items, scores)
@@ -389,6 +395,14 @@ def _align_sequence(s_items: list[Node], t_items: list[Node], ns: Namespace, out
         if _earned(other, scores, explained) > _earned(early, scores, explained):
             scores, early = credited, other
     forced, pairable = _certainty(scores)
+    _recurse_sequence(s_items, t_items, early, forced, pairable, ns, out, by_order)
+
+
+def _recurse_sequence(s_items: list[Node], t_items: list[Node], early: list[tuple[int, int]],
+                      forced: set[tuple[int, int]], pairable: set[int], ns: Namespace, out: Alignment,
+                      by_order: bool) -> None:
+    """Record a sequence alignment: recurse into its pairs, list removed, inserted and tied layers."""
+    n, m = len(s_items), len(t_items)
     matched_s, matched_t = set(), set()
     for i, j in early:
         placed_by_order = (i, j) not in forced
@@ -398,6 +412,88 @@ def _align_sequence(s_items: list[Node], t_items: list[Node], ns: Namespace, out
     out.removed.extend(s_items[i].path for i in range(n) if i not in matched_s and s_items[i].signature())
     out.inserted.extend(t_items[j].path for j in range(m) if j not in matched_t and t_items[j].signature())
     out.tied.extend(t_items[j].path for j in sorted(pairable - matched_t))
+
+
+def _band_sequence(s_items: list[Node], t_items: list[Node]) -> tuple[list[tuple[int, int]], set[tuple[int, int]], set[int]] | None:
+    """:func:`_band_align` of two long sequences, or None where the full table must run.
+
+    The scores of a band cell are those of :func:`_score_matrix`. A sequence where a
+    resize could be explained by the pair before it (:func:`_explained_resizes`)
+    takes the full table, which weighs the credited alignment against the plain one.
+    """
+    s_ids, t_ids, small = _structure_scores(s_items, t_items)
+    s_w = np.array([_widths(x) for x in s_items], dtype=np.int64).reshape(-1, 2)
+    t_w = np.array([_widths(x) for x in t_items], dtype=np.int64).reshape(-1, 2)
+    # Explained needs chain_s[i], chain_t[j], equal output and different input widths.
+    chained_t: dict[int, set[int]] = {}
+    for j in range(1, len(t_items)):
+        if t_w[j - 1, 1] == t_w[j, 0] and t_w[j, 0] >= 0:
+            chained_t.setdefault(int(t_w[j, 1]), set()).add(int(t_w[j, 0]))
+    for i in range(1, len(s_items)):
+        if s_w[i - 1, 1] == s_w[i, 0] and s_w[i, 0] >= 0 and chained_t.get(int(s_w[i, 1]), set()) - {int(s_w[i, 0])}:
+            return None
+    names_s = np.array([x.name or "" for x in s_items], dtype=object)
+    names_t = np.array([x.name or "" for x in t_items], dtype=object)
+    s_arr, t_arr = np.asarray(s_ids), np.asarray(t_ids)
+    use_names = bool(names_s.any() and names_t.any())
+
+    def cells(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        base = small[s_arr[rows], t_arr[cols]]
+        if not use_names:
+            return base
+        ns_, nt_ = names_s[rows], names_t[cols]
+        both = (ns_ != "") & (nt_ != "")
+        same = ns_ == nt_
+        return np.where(both & ~same, 0, base + SAME_NAME * (both & same & (base > 0)))
+
+    def best_of(ids: list[int], names: np.ndarray, other_ids: list[int], other_names: np.ndarray,
+                table: np.ndarray) -> np.ndarray:
+        # Exact best score per item: unnamed partners score as structure, a named item pairs
+        # only with unnamed partners or its namesakes (+SAME_NAME).
+        if not use_names:
+            best_by_id = table.max(axis=1)
+            return best_by_id[np.asarray(ids)]
+        unnamed = sorted({other_ids[j] for j in range(len(other_ids)) if not other_names[j]})
+        best_unnamed = table[:, unnamed].max(axis=1) if unnamed else np.zeros(table.shape[0], dtype=np.int64)
+        best_any = table.max(axis=1)
+        namesakes: dict[str, set[int]] = {}
+        for j, name in enumerate(other_names):
+            if name:
+                namesakes.setdefault(name, set()).add(other_ids[j])
+        out = np.empty(len(ids), dtype=np.int64)
+        for i, (sid, name) in enumerate(zip(ids, names)):
+            if not name:
+                out[i] = best_any[sid]
+                continue
+            value = int(best_unnamed[sid])
+            for tid in namesakes.get(name, ()):
+                if table[sid, tid] > 0:
+                    value = max(value, int(table[sid, tid]) + SAME_NAME)
+            out[i] = value
+        return out
+
+    rowmax = best_of(s_ids, names_s, t_ids, names_t, small)
+    colmax = best_of(t_ids, names_t, s_ids, names_s, small.T)
+    return _band_align(cells, rowmax, colmax, len(s_items), len(t_items))
+
+
+def _structure_scores(s_items: list[Node], t_items: list[Node]) -> tuple[list[int], list[int], np.ndarray]:
+    """Structure class of every item on each side, and the name-free score of every pair of classes."""
+    s_keys = [_structure_key(x) for x in s_items]
+    t_keys = [_structure_key(x) for x in t_items]
+    s_ids, s_uniq = _factorise(s_keys)
+    t_ids, t_uniq = _factorise(t_keys)
+    s_rep: dict[int, Node] = {}
+    t_rep: dict[int, Node] = {}
+    for item, sid in zip(s_items, s_ids):
+        s_rep.setdefault(sid, item)
+    for item, tid in zip(t_items, t_ids):
+        t_rep.setdefault(tid, item)
+    small = np.zeros((len(s_uniq), len(t_uniq)), dtype=np.int64)
+    for a in range(len(s_uniq)):
+        for b in range(len(t_uniq)):
+            small[a, b] = _score(_without_name(s_rep[a]), _without_name(t_rep[b]))
+    return s_ids, t_ids, small
 
 
 def _score_matrix(s_items: list[Node], t_items: list[Node]) -> np.ndarray:
@@ -668,3 +764,133 @@ def _increasing_chain(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
         chain.append(pairs[n])
         n = parent[n]
     return chain[::-1]
+
+
+# Long sequences: the same dynamic programme restricted to a band of diagonals.
+#
+# Aligning n old layers with m new ones fills an (n + 1) x (m + 1) table: quadratic in
+# time and memory (a 50,000-variable chain is ~17,000 layers: 290 million cells). A
+# near-identical pair of sequences keeps every optimal path close to the diagonal, so
+# the programme is run on the diagonals ``lo..hi`` only (``j - i`` of a cell), and the
+# band is *proved* wide enough before its result is used: every path that leaves the
+# band crosses diagonal ``lo - 1`` or ``hi + 1``, and an upper bound on the best path
+# through any cell of those two diagonals (each row and column contributes at most its
+# best score, each skipped item costs ``GAP``) must be below the band's optimum. Then
+# every optimal path of the full table lies inside the band, the band's forward and
+# backward values equal the full table's on every cell of an optimal path, and so the
+# traceback, the forced pairs and the pairable targets are exactly those of the full
+# table. If the proof fails the band is widened; past a quarter of the table the full
+# programme runs instead. Cells of the band are stored skewed: row ``i``, column ``k``
+# is cell ``(i, i + lo + k)``.
+
+BAND_MIN_CELLS = 1 << 18  # below this many cells the full table is cheap
+_NEG = np.iinfo(np.int64).min // 4
+
+
+def _band_forward(skew: np.ndarray, n: int, m: int, lo: int, want_moves: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Forward values (and move flags) of the band; ``skew[r, k]`` scores pair ``(r, r + lo + k)``."""
+    width = skew.shape[1]
+    ks = np.arange(width, dtype=np.int64)
+    gap_k = GAP * ks
+    values = np.full((n + 1, width), _NEG, dtype=np.int64)
+    moves = np.zeros((n + 1, width), dtype=np.uint8) if want_moves else None
+    j = lo + ks
+    valid = (j >= 0) & (j <= m)
+    values[0] = np.where(valid, -GAP * j, _NEG)
+    if moves is not None:
+        moves[0] = np.where(valid & (j > 0), LEFT, 0)
+    up = np.empty(width, dtype=np.int64)
+    left = np.empty(width, dtype=np.int64)
+    for i in range(1, n + 1):
+        prev = values[i - 1]
+        j = i + lo + ks
+        valid = (j >= 0) & (j <= m)
+        s = skew[i - 1]
+        diag = np.where(s > 0, prev + s, _NEG)
+        up[:-1] = prev[1:] - GAP
+        up[-1] = _NEG
+        vertical = np.maximum(diag, up)
+        vertical[j == 0] = -GAP * i  # the first column holds only gaps
+        row = np.maximum.accumulate(vertical + gap_k) - gap_k
+        np.maximum(row, _NEG, out=row)
+        row[~valid] = _NEG
+        values[i] = row
+        if moves is not None:
+            left[0] = _NEG
+            left[1:] = row[:-1] - GAP
+            flags = np.where(diag == row, DIAG, 0) | np.where(up == row, UP, 0) | np.where(left == row, LEFT, 0)
+            flags[j == 0] = UP
+            flags[~valid] = 0
+            moves[i] = flags
+    return values, moves
+
+
+def _band_bound_ok(rowmax: np.ndarray, colmax: np.ndarray, n: int, m: int, lo: int, hi: int, best: int) -> bool:
+    """Whether every path through diagonal ``lo - 1`` or ``hi + 1`` scores below ``best`` (see above)."""
+    rp = np.concatenate(([0], np.cumsum(rowmax, dtype=np.int64)))
+    cp = np.concatenate(([0], np.cumsum(colmax, dtype=np.int64)))
+    rs, cs = rp[-1] - rp, cp[-1] - cp
+    for d in (lo - 1, hi + 1):
+        if d < -n or d > m:
+            continue  # no cell on that diagonal: nothing can leave the band that way
+        i = np.arange(max(0, -d), min(n, m - d) + 1, dtype=np.int64)
+        j = i + d
+        ahead, behind = (n - i) - (m - j), (m - j) - (n - i)
+        upper = (np.minimum(rp[i] - GAP * np.maximum(0, j - i), cp[j] - GAP * np.maximum(0, i - j))
+                 + np.minimum(rs[i] - GAP * np.maximum(0, behind), cs[j] - GAP * np.maximum(0, ahead)))
+        if upper.size and int(upper.max()) >= best:
+            return False
+    return True
+
+
+def _band_align(band_scores, rowmax: np.ndarray, colmax: np.ndarray, n: int, m: int,
+                slack: int = 8, give_up: bool = True) -> tuple[list[tuple[int, int]], set[tuple[int, int]], set[int]] | None:
+    """``(early traceback, forced pairs, pairable targets)`` from a proved band, or None if no band pays.
+
+    ``band_scores(rows, cols)`` scores arrays of pairs (``0`` where they cannot pair);
+    ``rowmax`` / ``colmax`` bound each row's / column's best score from above.
+    ``give_up=False`` widens the band up to the whole table instead of returning None (tests).
+    """
+    base_lo, base_hi = min(0, m - n), max(0, m - n)
+    while True:
+        lo, hi = max(-n, base_lo - slack), min(m, base_hi + slack)
+        width = hi - lo + 1
+        if give_up and width * 4 > m + 1:
+            return None
+        r = np.arange(n, dtype=np.int64)[:, None]
+        c = r + lo + np.arange(width, dtype=np.int64)[None, :]
+        inside = (c >= 0) & (c < m)
+        skew = np.zeros((n, width), dtype=np.int64)
+        skew[inside] = band_scores(np.broadcast_to(r, c.shape)[inside], c[inside])
+        forward, moves = _band_forward(skew, n, m, lo, want_moves=True)
+        end = (m - n) - lo
+        best = int(forward[n, end])
+        if _band_bound_ok(rowmax, colmax, n, m, lo, hi, best):
+            break
+        slack = max(1, slack * 4)
+    backward = _band_forward(skew[::-1, ::-1], n, m, (m - n) - hi, want_moves=False)[0][::-1, ::-1]
+    on_path = forward + backward == best
+    ks = np.arange(width, dtype=np.int64)
+    levels = 2 * np.arange(n + 1, dtype=np.int64)[:, None] + lo + ks[None, :]
+    per_level = np.bincount(levels[on_path], minlength=n + m + 2)
+    level = np.clip(levels[:-1], 0, n + m)
+    optimal_pair = (skew > 0) & on_path[:-1] & on_path[1:] & (forward[:-1] + skew == forward[1:]) & inside
+    forced = optimal_pair & (per_level[level] == 1) & (per_level[level + 1] == 0)
+    fi, fk = np.nonzero(forced)
+    pi, pk = np.nonzero(optimal_pair)
+    # Traceback as _traceback(prefer_diagonal=False): gaps first, so matches land as early as possible.
+    i, k, pairs = n, end, []
+    while i > 0 or i + lo + k > 0:
+        flags = int(moves[i, k])
+        if flags & UP:
+            i, k = i - 1, k + 1
+        elif flags & LEFT:
+            k -= 1
+        elif flags & DIAG:
+            pairs.append((i - 1, i - 1 + lo + k))
+            i -= 1
+        else:  # pragma: no cover - every reachable cell has a move
+            raise RuntimeError("alignment band is inconsistent")
+    pairs.reverse()
+    return (pairs, {(int(a), int(a + lo + b)) for a, b in zip(fi, fk)},
+            {int(a + lo + b) for a, b in zip(pi, pk)})

@@ -257,9 +257,9 @@ def make_plan(
                 decided[target.key] = decision._replace(
                     reason=decision.reason + "; a dict item: .weights.h5 does not keep dict keys, only order",
                     confidence=CONFIDENCE_ORDER, order_only=True)
-    tied_layers = [layer + "/" for layer in (*alignment.tied, *nested.tied)]
+    tied_layers = {layer + "/" for layer in (*alignment.tied, *nested.tied)}
     tied = {t.key for t in targets if t.key not in decided
-            and any(t.keys.get(namespace, "").startswith(layer) for layer in tied_layers)}
+            and tied_layers and _under_any(t.keys.get(namespace, ""), tied_layers)}
     tied |= _elsewhere_alike(source_tree, target_tree, ns, decided, used, prefix)
     removed = [key for key in alignment.removed if not _has_used(source_tree, key, used)]
 
@@ -526,6 +526,16 @@ def _nesting_stage_of(s_layers: list[Node], t_layers: list[Node], ns: Namespace,
         if not any(id(c.leaf) in used or is_contested(c.leaf.key) for c in children):
             s_open.append(i)
     return align_layers(s_layers, t_layers, s_open, t_open, anchors, ns)
+
+
+def _under_any(key: str, layers: set[str]) -> bool:
+    """Whether ``key`` starts with one of ``layers`` (each ending in ``/``): one set lookup per ``/`` of the key."""
+    end = key.find("/")
+    while end != -1:
+        if key[:end + 1] in layers:
+            return True
+        end = key.find("/", end + 1)
+    return False
 
 
 def _elsewhere_alike(source_tree: Node, target_tree: Node, ns: Namespace, decided: dict[str, Decision],

@@ -15,7 +15,6 @@ from typing import NoReturn
 
 from regraft.cli import commands
 from regraft.cli.output import fail
-from regraft.cli.verify import verify_command
 from regraft.errors import LoadError, RegraftError
 
 __all__ = ["main", "build_parser"]
@@ -168,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the probe inputs (default 0)")
     p.add_argument("--inputs", metavar="NPY", help="probe inputs: a .npy array, or an .npz of several inputs")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(run=verify_command)
+    p.set_defaults(run=_verify_command)
 
     p = sub.add_parser(allow_abbrev=False, name="demo", help="run the built-in examples: four model changes",
                        description="Build four model changes (inserted layer, more filters, renamed layer, a layer "
@@ -200,6 +199,13 @@ class _Parser(argparse.ArgumentParser):
             if close:
                 return f" (did you mean '{close[0]}'?)"
         return ""
+
+
+def _verify_command(args: argparse.Namespace) -> int:
+    # Imported when run: numpy and the verifier are not needed by `regraft inspect` and the others.
+    from regraft.cli.verify import verify_command
+
+    return verify_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:
