@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from regraft.entries import WEIGHT, SourceEntry
+from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
 
 __all__ = ["TORCH_ROLES", "is_torch_style", "canonical_key", "numbered"]
 
@@ -34,7 +34,7 @@ def canonical_key(name: str, torch: bool) -> str:
 
 
 def numbered(entries: list[SourceEntry]) -> list[SourceEntry]:
-    """Number each layer's weights in key order; weights first."""
+    """Number each layer's weights in order of appearance; weights first, then slots, then bookkeeping."""
     counters: dict[str, int] = {}
     out = []
     for e in entries:
@@ -42,5 +42,8 @@ def numbered(entries: list[SourceEntry]) -> list[SourceEntry]:
         if e.kind == WEIGHT:
             index = counters.get(e.layer, 0)
             counters[e.layer] = index + 1
-        out.append(SourceEntry(e.key, e.shape, e.dtype, e.kind, e.layer, e.role, index, e.layer_name, e.aliases))
-    return sorted(out, key=lambda e: (e.kind != WEIGHT, e.key))
+        out.append(
+            SourceEntry(e.key, e.shape, e.dtype, e.kind, e.layer, e.role, index, e.layer_name, e.aliases, e.slot_of)
+        )
+    order = {WEIGHT: 0, OPTIMIZER_SLOT: 1, BOOKKEEPING: 2}
+    return sorted(out, key=lambda e: (order[e.kind], e.key))

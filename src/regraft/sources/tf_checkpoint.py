@@ -25,6 +25,7 @@ import numpy as np
 from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
 from regraft.errors import CorruptCheckpointError, SourceError
 from regraft.sources._bundle import DAMAGED_HINT, OBJECT_GRAPH_KEY, Bundle
+from regraft.sources._keystyle import numbered
 from regraft.sources.base import Source
 
 __all__ = ["TFCheckpoint", "resolve_prefix"]
@@ -207,7 +208,7 @@ class TFCheckpoint(Source):
                 kind = BOOKKEEPING
             self._bundle_key[key] = key
             out.append(SourceEntry(key, b.shape, _dtype_name(b.dtype), kind, parent, role, None, None, (), slot_of))
-        return _with_layer_indices(out)
+        return numbered(out)
 
     # -- TF2 object graph ------------------------------------------------------------
 
@@ -313,7 +314,7 @@ class TFCheckpoint(Source):
                     SourceEntry(canonical, b.shape, _dtype_name(b.dtype), kind, layer, role.lstrip("_"), None, None, aliases, slot_of)
                 )
         self._layer_names = {**landmarks, **_positional_layer_names(full_names)}
-        return _with_layer_indices(out)
+        return numbered(out)
 
 
 _POSITIONAL_SEGMENT = re.compile(r"^(\d+|layer(_with_weights)?-\d+)$")
@@ -366,22 +367,6 @@ def _positional_layer_names(full_names: dict[str, str]) -> dict[str, tuple[str |
 
 def _dtype_name(dtype: object) -> str:
     return np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-
-
-def _with_layer_indices(entries: list[SourceEntry]) -> list[SourceEntry]:
-    """Number each layer's weights in order of appearance and sort weights first."""
-    counters: dict[str, int] = {}
-    out = []
-    for e in entries:
-        index = None
-        if e.kind == WEIGHT:
-            index = counters.get(e.layer, 0)
-            counters[e.layer] = index + 1
-        out.append(
-            SourceEntry(e.key, e.shape, e.dtype, e.kind, e.layer, e.role, index, e.layer_name, e.aliases, e.slot_of)
-        )
-    order = {WEIGHT: 0, OPTIMIZER_SLOT: 1, BOOKKEEPING: 2}
-    return sorted(out, key=lambda e: (order[e.kind], e.key))
 
 
 def _optimizer_nodes(nodes: list) -> set[int]:
