@@ -347,9 +347,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # Keras maps a deep functional graph recursively (a few frames per layer): run
-    # in a thread with a large stack and a high recursion limit.
+    return run_on_deep_stack(run, parse_args(argv))
+
+
+def run_on_deep_stack(work, args) -> int:
+    """``work(args)`` in a thread with a large stack and a high recursion limit.
+
+    Keras maps a deep functional graph recursively (a few frames per layer).
+    """
     sys.setrecursionlimit(RECURSION_LIMIT)
     threading.stack_size(STACK_BYTES)
     result: list[int] = []
@@ -357,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def target() -> None:
         try:
-            result.append(run(args))
+            result.append(work(args))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             errors.append(exc)
 
@@ -367,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         raise errors[0]
     return result[0]
-
 
 if __name__ == "__main__":
     sys.exit(main())

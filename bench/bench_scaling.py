@@ -29,7 +29,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_align import log, quiet  # noqa: E402
-from bench_plan_speed import RECURSION_LIMIT, STACK_BYTES, VARS_PER_PAIR, build  # noqa: E402
+from bench_plan_speed import VARS_PER_PAIR, build, run_on_deep_stack  # noqa: E402
 
 MODES = ("plan-tf", "plan-h5", "tf-read", "load-weights")
 
@@ -141,23 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(s < 10 * VARS_PER_PAIR for s in args.sizes) or args.repeat < 1:
         parser.error(f"sizes must be at least {10 * VARS_PER_PAIR} and --repeat at least 1")
-    sys.setrecursionlimit(RECURSION_LIMIT)
-    threading.stack_size(STACK_BYTES)
-    result: list[int] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(run(args))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="bench")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0]
+    return run_on_deep_stack(run, args)
 
 
 if __name__ == "__main__":
