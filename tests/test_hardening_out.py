@@ -43,28 +43,19 @@ def build_big():
     return build(65536)
 '''
 
+def _bench_faults():
+    """bench/faults.py, whose child script the tests run too."""
+    path = os.path.join(os.path.dirname(SRC), "bench", "faults.py")
+    spec = importlib.util.spec_from_file_location("bench_faults", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # The CLI in a child process, with regraft's weight writer wrapped: "fsize" sets a real file-size limit just
 # before writing (SIGXFSZ ignored, so a write past it fails with EFBIG as on a full disk); "announce" prints
-# WRITING when the write starts, so the parent can kill the child during it.
-CHILD = r'''
-import os, resource, signal, sys
-import regraft.targets.keras as target
-from regraft.cli.main import main
-
-mode, limit = sys.argv[1], int(sys.argv[2])
-original = target.save_weights
-
-def save_weights(model, out):
-    if mode == "fsize":
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-    elif mode == "announce":
-        print("WRITING", flush=True)
-    return original(model, out)
-
-target.save_weights = save_weights
-sys.exit(main(sys.argv[3:]))
-'''
+# WRITING when the write starts, so the parent can kill the child during it. The same script as the bench's.
+CHILD = _bench_faults().CHILD
 
 
 def _module(tmp_path):
