@@ -350,22 +350,11 @@ def test_mobilenet_v2_grows_through_depthwise_convolutions(tmp_path):
     assert regraft.verify(old, new).max_rel < 1e-5
 
 
-def auto_named_mlp(grown: bool):
-    """No layer names: alignment alone decides. The first layer widens 48 -> 64, a 48 -> 48 layer is inserted."""
-    inputs = keras.Input((48,))
-    x = keras.layers.Dense(64 if grown else 48, activation="relu")(inputs)
-    x = keras.layers.Dense(48, activation="relu")(x)
-    if grown:
-        x = keras.layers.Dense(48, activation="relu")(x)
-    x = keras.layers.Dense(48, activation="relu")(x)
-    return keras.Model(inputs, keras.layers.Dense(3)(x))
-
-
 def test_a_widened_first_layer_pairs_with_its_old_self_not_with_the_next(tmp_path):
     keras.utils.set_random_seed(8)
-    old = auto_named_mlp(False)
+    old = BENCH.mlp_unnamed(False)
     path = save_tf(tmp_path / "m" / "ckpt", model=old)
-    new = auto_named_mlp(True)
+    new = BENCH.mlp_unnamed(True)
     plan = regraft.plan(new, path)
     first, second = new.layers[1], new.layers[2]
     sources = {a.target.key: a.source.key if a.source else None for a in plan.assignments}
