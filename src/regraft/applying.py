@@ -27,9 +27,11 @@ as much as the load itself, see ``bench/bench_apply.py``).
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import warnings
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
@@ -39,7 +41,7 @@ from regraft.errors import LoadError, RegraftError
 from regraft.growth import run_steps, steps_need_fresh
 from regraft.naming import dtype_of
 from regraft.plans import CAST, LOADED, TRANSFORMED, Assignment, Plan, fingerprint_source, fingerprint_target
-from regraft.report import AppliedTensor, LoadReport
+from regraft.report import AppliedTensor, LoadReport, ShardedRead
 from regraft.sources import open_source
 from regraft.sources.base import Source
 from regraft.targets import Target, target_for
@@ -51,7 +53,7 @@ Progress = Callable[[int, int, str], None]
 
 
 def apply(plan: Plan, model: Any, source: Source | None = None, *, freeze: bool = False,
-          progress: Progress | None = None) -> LoadReport:
+          progress: Progress | None = None, full_checksums: bool = False) -> LoadReport:
     """Load the checkpoint into ``model`` exactly as ``plan`` says (all-or-nothing).
 
     ``model`` must be the model the plan was made for, or one built the same way
@@ -59,6 +61,13 @@ def apply(plan: Plan, model: Any, source: Source | None = None, *, freeze: bool 
     variables. ``source`` is the checkpoint already open (it must be the one the
     plan was made from); by default it is opened from the plan's path and
     checked against the plan's fingerprint.
+
+    A variable laid out over several devices (Keras 3 on JAX with
+    ``keras.distribution``) is read block by block: each device's block of the
+    checkpoint tensor, once per distinct block (see :func:`_sharded_blocks`). A
+    TF bundle or ``.npz`` checksums whole tensors, so block reads are not
+    checksummed (the report says so per variable) unless ``full_checksums=True``,
+    which checksums each such tensor whole in the check pass.
 
     Raises:
         RegraftError: the model or the checkpoint no longer fits the plan, or the
@@ -68,14 +77,15 @@ def apply(plan: Plan, model: Any, source: Source | None = None, *, freeze: bool 
         >>> report = regraft.apply(regraft.read_plan("plan.yaml", model), model)   # doctest: +SKIP
     """
     with interrupts_held():  # ends after the source is closed: nothing runs after it
-        return _apply_opened(plan, model, source, freeze, progress)
+        return _apply_opened(plan, model, source, freeze, progress, full_checksums)
 
 
-def _apply_opened(plan: Plan, model: Any, source: Source | None, freeze: bool, progress: Progress | None) -> LoadReport:
+def _apply_opened(plan: Plan, model: Any, source: Source | None, freeze: bool, progress: Progress | None,
+                  full_checksums: bool = False) -> LoadReport:
     target = target_for(model)
     plan = _bind(plan, target)
     if source is not None:
-        return _apply(plan, source, target, freeze, progress)
+        return _apply(plan, source, target, freeze, progress, full_checksums)
     with open_source(plan.source_path) as opened:
         if fingerprint_source(opened.entries()) != plan.source_fingerprint:
             raise RegraftError(
@@ -83,15 +93,17 @@ def _apply_opened(plan: Plan, model: Any, source: Source | None, freeze: bool, p
                 "(its keys, shapes or dtypes differ).",
                 hint="Make a new plan against the checkpoint as it is now.",
             )
-        return _apply(plan, opened, target, freeze, progress)
+        return _apply(plan, opened, target, freeze, progress, full_checksums)
 
 
-def _apply(plan: Plan, source: Source, target: Target, freeze: bool, progress: Progress | None) -> LoadReport:
+def _apply(plan: Plan, source: Source, target: Target, freeze: bool, progress: Progress | None,
+           full_checksums: bool = False) -> LoadReport:
     with interrupts_held():
         writes, staging = _writes(plan)
-        done = _check_all(writes, source, plan, target, staging, progress)
+        layouts = _layouts(writes, target)
+        done = _check_all(writes, source, plan, target, staging, progress, layouts, full_checksums)
         hold_interrupts()  # from the first assignment on, the load finishes
-        _commit(writes, source, plan, target, staging)
+        _commit(writes, source, plan, target, staging, layouts)
         frozen = freeze_loaded(plan, target) if freeze else []
         report = LoadReport.build(plan, done, frozen)
     return report
@@ -145,9 +157,10 @@ def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | 
     """
     with interrupts_held():
         writes, staging = _writes(plan)
-        done = _check_all(writes, source, plan, target, staging, progress)
+        layouts = _layouts(writes, target)
+        done = _check_all(writes, source, plan, target, staging, progress, layouts)
         hold_interrupts()
-        _commit(writes, source, plan, target, staging)
+        _commit(writes, source, plan, target, staging, layouts)
     return done
 
 
@@ -156,13 +169,33 @@ def _writes(plan: Plan) -> tuple[list[Assignment], "_Staging"]:
     return writes, _Staging(writes)
 
 
+def _layouts(writes: list[Assignment], target: Target) -> dict[str, list[tuple[slice, ...]]]:
+    """The per-device blocks of every written variable laid out over several devices."""
+    layouts = {}
+    for a in writes:
+        indices = target.shards(a.target)
+        if indices is not None:
+            layouts[a.target.key] = indices
+    return layouts
+
+
 def _check_all(
-    writes: list[Assignment], source: Source, plan: Plan, target: Target, staging: "_Staging", progress: Progress | None
+    writes: list[Assignment], source: Source, plan: Plan, target: Target, staging: "_Staging", progress: Progress | None,
+    layouts: dict[str, list[tuple[slice, ...]]] | None = None, full_checksums: bool = False,
 ) -> dict[str, AppliedTensor]:
     """Pass 1 over every write; the progress callback runs here, where stopping changes nothing."""
     done: dict[str, AppliedTensor] = {}
+    layouts = layouts or {}
     for i, a in enumerate(writes):
-        done[a.target.key] = AppliedTensor(a.target.key, _check(a, source, plan, target, staging))
+        if a.target.key in layouts:
+            if full_checksums and a.source is not None and source.slices_skip_checksum:
+                source.verify(a.source.key)
+            _, error, read = _sharded_blocks(a, layouts[a.target.key], source, plan, target)
+            if full_checksums and read.checksum:
+                read = replace(read, checksum="verified whole")
+            done[a.target.key] = AppliedTensor(a.target.key, error, read)
+        else:
+            done[a.target.key] = AppliedTensor(a.target.key, _check(a, source, plan, target, staging))
         if progress is not None:
             progress(i + 1, len(writes), a.target.key)
     return done
@@ -202,11 +235,19 @@ def _check(a: Assignment, source: Source, plan: Plan, target: Target, staging: _
     return error
 
 
-def _commit(writes: list[Assignment], source: Source, plan: Plan, target: Target, staging: _Staging) -> None:
+def _commit(writes: list[Assignment], source: Source, plan: Plan, target: Target, staging: _Staging,
+            layouts: dict[str, list[tuple[slice, ...]]] | None = None) -> None:
     """Pass 2: read every checked tensor again and assign it (callers hold back interrupts)."""
     assigned = 0
+    layouts = layouts or {}
     try:
         for a in writes:
+            if a.target.key in layouts:
+                blocks, _, _ = _sharded_blocks(a, layouts[a.target.key], source, plan, target)
+                target.assign_shards(a.target, blocks)
+                del blocks
+                assigned += 1
+                continue
             location = source.native_location(a.source.key) if a.status == LOADED and a.source else None
             value = target.read_native(*location, a.target.dtype) if location is not None else None
             if value is None:  # not a TF bundle, or a backend without TensorFlow's reader
@@ -290,8 +331,8 @@ def hold_interrupts() -> None:
         active.hold()
 
 
-def _check_shape(a: Assignment, shape: tuple[int, ...], plan: Plan) -> None:
-    if tuple(shape) != tuple(a.target.shape):
+def _check_shape(a: Assignment, shape: tuple[int, ...], plan: Plan, expected: tuple[int, ...] | None = None) -> None:
+    if tuple(shape) != tuple(a.target.shape if expected is None else expected):
         key = a.source.key if a.source else a.target.key
         raise LoadError(
             f"Tensor '{key}' in {plan.source_path} has shape {tuple(shape)} on disk, "
@@ -324,6 +365,99 @@ def _transformed(a: Assignment, source: Source, target: Target) -> tuple[np.ndar
     if value.dtype != dtype_of(a.target.dtype):
         return convert(value, a.target, a.source.key if a.source else a.target.key)
     return value, None
+
+
+# --------------------------------------------------------------------------- sharded variables
+
+Block = tuple[slice, ...]
+
+
+def _sharded_blocks(
+    a: Assignment, indices: list[Block], source: Source, plan: Plan, target: Target
+) -> tuple[list[np.ndarray], float | None, ShardedRead]:
+    """The value of each device's block of ``a``'s variable, how it was read, and the cast's largest error.
+
+    Each distinct block is read once (replicas share the array). A plain load or a
+    cast reads the block alone (:meth:`Source.read_slice`) and casts it (overflow
+    checked per block); a one-step ``pad`` or ``linear_to_dense`` reads the part of
+    the source the block maps to. Any other transform reads the whole tensor, runs
+    the pipeline, and cuts the blocks on the host: ``read_whole`` says so.
+    """
+    distinct = list(dict.fromkeys(_bounds(i) for i in indices))
+    source_item = dtype_of(a.source.dtype).itemsize if a.source is not None else 0
+    whole_bytes = _nbytes(a.source) if a.source is not None else 0
+    shard_bytes = max(math.prod(stop - start for start, stop in box) for box in distinct) * source_item
+    checksum = "not verified: read as slices" if a.source is not None and source.slices_skip_checksum else ""
+    mapper = _block_mapper(a)
+    values: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+    errors: list[float] = []
+    if mapper is not None:
+        touched = []
+        for box in distinct:
+            before = source.sliced_bytes_read
+            value = mapper(box, source)
+            touched.append(source.sliced_bytes_read - before)
+            value, error = convert(value, a.target, a.source.key) if value.dtype != dtype_of(a.target.dtype) else (
+                value, None)
+            _check_shape(a, value.shape, plan, tuple(stop - start for start, stop in box))
+            values[box] = value
+            if error is not None:
+                errors.append(error)
+        read = ShardedRead(len(indices), len(distinct), tuple(touched), shard_bytes, whole_bytes, None, checksum)
+    else:
+        whole, error = _transformed(a, source, target)
+        _check_shape(a, whole.shape, plan)
+        for box in distinct:
+            values[box] = np.array(whole[tuple(slice(*b) for b in box)], copy=True, order="C")
+        del whole
+        if error is not None:
+            errors.append(error)
+        names = "+".join(name for name, _ in a.steps) or str(a.status)
+        reason = f"read whole: {names} is not sliceable" if a.source is not None else None
+        read = ShardedRead(len(indices), len(distinct), (whole_bytes,) if a.source is not None else (), shard_bytes,
+                           whole_bytes, reason, checksum.replace("not verified: read as slices", "verified")
+                           if checksum else "")
+    blocks = [values[_bounds(i)] for i in indices]
+    return blocks, (max(errors) if errors else None), read
+
+
+def _bounds(index: Block) -> tuple[tuple[int, int], ...]:
+    return tuple((int(s.start), int(s.stop)) for s in index)
+
+
+def _block_mapper(a: Assignment) -> Callable[[tuple[tuple[int, int], ...], Source], np.ndarray] | None:
+    """How to read one block of ``a``'s value from the source, or ``None`` when only a whole read can."""
+    entry = a.source
+    if entry is None:
+        return None
+    if a.status in (LOADED, CAST):
+        return lambda box, source: source.read_slice(entry.key, tuple(slice(*b) for b in box))
+    if a.status != TRANSFORMED or len(a.steps) != 1:
+        return None
+    name, options = a.steps[0]
+    if name == "linear_to_dense":  # a transpose: the block (rows, columns) is the source's (columns, rows)
+        return lambda box, source: np.ascontiguousarray(
+            source.read_slice(entry.key, (slice(*box[1]), slice(*box[0]))).T)
+    if name == "pad":
+        return lambda box, source: _padded_block(entry, box, source, a.target.shape, **options)
+    return None
+
+
+def _padded_block(entry: Any, box: tuple[tuple[int, int], ...], source: Source, shape: tuple[int, ...],
+                  value: float = 0.0, where: str = "end") -> np.ndarray:
+    """A block of the padded tensor: the part inside the source's range read as a block, ``value`` around it."""
+    dtype = dtype_of(entry.dtype)
+    out = np.full(tuple(stop - start for start, stop in box), np.asarray(value).astype(dtype), dtype)
+    inner, place = [], []
+    for (start, stop), old, new in zip(box, entry.shape, shape):
+        shift = 0 if where == "end" else new - old
+        lo, hi = max(start - shift, 0), min(stop - shift, old)
+        if hi <= lo:
+            return out  # the block lies wholly in the padding
+        inner.append(slice(lo, hi))
+        place.append(slice(lo + shift - start, hi + shift - start))
+    out[tuple(place)] = source.read_slice(entry.key, tuple(inner))
+    return out
 
 
 def freeze_loaded(plan: Plan, target: Target) -> list[str]:

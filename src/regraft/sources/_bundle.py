@@ -25,6 +25,7 @@ from regraft.naming import dtype_of
 
 from regraft.errors import CorruptCheckpointError, SourceError, UnsupportedFormatError
 from regraft.sources._crc32c import crc32c, mask
+from regraft.sources._slices import read_block, touched_bytes
 from regraft.sources._proto import (
     BundleEntryProto,
     BundleHeader,
@@ -342,6 +343,28 @@ class Bundle:
                     with whole[entry.offset : entry.offset + entry.size] as data:
                         actual = crc32c(data)
         self._check_crc(entry, mask(actual))
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> tuple[np.ndarray, int]:
+        """Reads one block of a numeric tensor (``index``: one ``slice(start, stop)`` per axis).
+
+        The data file is memory-mapped and only the block's pages are copied out.
+        The entry's CRC32C covers the whole entry, so a block read is *not*
+        checksummed: :meth:`verify` checks the whole entry when that is wanted.
+
+        Returns:
+            The block as a new C-contiguous array, and the file bytes the read
+            touched (:func:`regraft.sources._slices.touched_bytes`).
+
+        Raises:
+            The errors of :meth:`read`, except a checksum mismatch.
+        """
+        entry, dtype = self._sized_entry(key)
+        with self._open_data(entry) as f:
+            if entry.size == 0:
+                return np.empty(tuple(s.stop - s.start for s in index), dtype), 0
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                block = read_block(mapped, entry.offset, dtype, entry.shape, index)
+        return block, touched_bytes(entry.offset, entry.shape, dtype.itemsize, index)
 
     def _sized_entry(self, key: str) -> tuple[BundleEntry, np.dtype]:
         """The numeric entry of ``key`` and its dtype, checking its byte size matches its shape."""

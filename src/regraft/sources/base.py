@@ -27,7 +27,8 @@ class Source(ABC):
     * :meth:`read` — one tensor's bytes, verified where the format allows;
     * optionally :meth:`layers` (every layer the file records, with its Keras name
       and class where known: name evidence and landmarks for matching),
-      :meth:`native_location`, :meth:`verify`, :meth:`read_into` and :meth:`close`.
+      :meth:`native_location`, :meth:`verify`, :meth:`read_into`, :meth:`read_slice`
+      and :meth:`close`.
 
     Attributes:
         path: the path the user gave.
@@ -46,6 +47,11 @@ class Source(ABC):
     #: recognises a file, the one whose suffix it has is opened anyway so that its
     #: constructor says precisely what is wrong (a truncated zip, a bad header).
     suffixes: tuple[str, ...] = ()
+    #: True when the format checksums whole tensors, so that :meth:`read_slice`, which
+    #: reads a block only, cannot verify it (a TF bundle's CRC32C, a zip member's CRC32).
+    slices_skip_checksum: bool = False
+    #: File bytes :meth:`read_slice` has touched so far (a sharded load's cost per device).
+    sliced_bytes_read: int = 0
 
     def __init__(self, path: str, entries: Iterable[SourceEntry]) -> None:
         self.path = path
@@ -93,6 +99,18 @@ class Source(ABC):
                 hint="The checkpoint is inconsistent; save it again.",
             )
         out[...] = value
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """``read(key)[index]`` as a fresh array: one device's block of a sharded variable.
+
+        ``index`` holds one ``slice(start, stop)`` per axis, integer bounds, step 1.
+        This default reads the whole tensor (verified as :meth:`read` verifies it) and
+        counts all of its bytes in :attr:`sliced_bytes_read`; formats that can read a
+        block alone override it and count what they touched.
+        """
+        value = self.read(key)
+        self.sliced_bytes_read += value.nbytes
+        return np.array(value[index], copy=True, order="C")
 
     def native_location(self, key: str) -> tuple[str, str] | None:
         """``(checkpoint prefix, tensor name)`` when the backend can read this tensor itself, else ``None``."""

@@ -118,6 +118,14 @@ class KerasSharded(Source):
         """Read one tensor from the shard that holds it."""
         return self._owner[key].read(key)
 
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Read one block from the shard that holds the tensor (counted here too)."""
+        shard = self._owner[key]
+        before = shard.sliced_bytes_read
+        block = shard.read_slice(key, index)
+        self.sliced_bytes_read += shard.sliced_bytes_read - before
+        return block
+
     def layers(self) -> dict[str, tuple[str | None, str | None]]:
         """Every saved layer across the shards, with its Keras name and class where known."""
         return dict(self._layers)

@@ -13,6 +13,7 @@ other keys are variable names (``dense/kernel``, the ``name`` namespace).
 
 from __future__ import annotations
 
+import mmap
 import os
 import zipfile
 
@@ -21,6 +22,8 @@ import numpy as np
 from regraft.entries import BOOKKEEPING, WEIGHT, SourceEntry
 from regraft.errors import CorruptCheckpointError, SourceError, UnsupportedFormatError
 from regraft.sources._keystyle import canonical_key, is_torch_style, numbered
+from regraft.sources._slices import read_block, touched_bytes
+from regraft.sources.keras_archive import _data_offset
 from regraft.sources.base import Source
 
 __all__ = ["NpzFile"]
@@ -32,6 +35,8 @@ class NpzFile(Source):
     """An ``.npz`` archive of named arrays; each array is read on demand."""
 
     suffixes = (".npz",)
+
+    slices_skip_checksum = True  # zip's CRC32 covers the whole member
 
     @classmethod
     def detect(cls, path: str) -> bool:
@@ -53,6 +58,7 @@ class NpzFile(Source):
         except OSError as exc:
             raise SourceError(f"{path} cannot be read: {exc.strerror or exc}.",
                               hint="Check the path and its permissions.") from None
+        self._stored: dict[str, tuple[bool, np.dtype, int]] = {}
         try:
             members = {n[: -len(".npy")]: n for n in self._zip.namelist() if n.endswith(".npy")}
             others = [n for n in self._zip.namelist() if not n.endswith(".npy")]
@@ -86,6 +92,7 @@ class NpzFile(Source):
                     shape, fortran, dtype = fmt.read_array_header_1_0(f)
                 else:
                     shape, fortran, dtype = fmt.read_array_header_2_0(f)
+                self._stored[member] = (bool(fortran), dtype, f.tell())  # where the array's bytes start
         except (ValueError, zipfile.BadZipFile, EOFError, OSError) as exc:
             raise CorruptCheckpointError(f"{self.path}: array '{name}' has no valid .npy header ({exc}).",
                                          hint=_RESAVE) from None
@@ -105,6 +112,29 @@ class NpzFile(Source):
         except (ValueError, zipfile.BadZipFile, EOFError, OSError) as exc:
             raise CorruptCheckpointError(f"Cannot read array '{key}' from {self.path}: {exc}.", hint=_RESAVE) from None
         return np.array(array, dtype=array.dtype.newbyteorder("="), copy=True, order="C")
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Read one block of a stored (uncompressed) C-order member from a memory map of the archive.
+
+        Not checked against the member's CRC32, which covers the whole member; a
+        compressed or Fortran-order member is read whole (:meth:`Source.read_slice`).
+        """
+        member = self._member[key]
+        info = self._zip.getinfo(member)
+        fortran, dtype, header = self._stored[member]
+        entry = self._entries[key]
+        if info.compress_type != zipfile.ZIP_STORED or fortran or not entry.shape or dtype.hasobject:
+            return super().read_slice(key, index)
+        try:
+            start = _data_offset(self.path, info) + header
+            with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                if start + info.file_size - header > len(mapped):
+                    raise ValueError(f"member '{member}' ends past the end of the file")
+                block = read_block(mapped, start, dtype, tuple(entry.shape), index)
+        except (ValueError, zipfile.BadZipFile, OSError) as exc:
+            raise CorruptCheckpointError(f"Cannot read array '{key}' from {self.path}: {exc}.", hint=_RESAVE) from None
+        self.sliced_bytes_read += touched_bytes(start, tuple(entry.shape), dtype.itemsize, index)
+        return block
 
     def close(self) -> None:
         """Close the archive."""

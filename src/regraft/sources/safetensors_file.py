@@ -35,6 +35,7 @@ from regraft.entries import BOOKKEEPING, WEIGHT, SourceEntry
 from regraft.errors import CorruptCheckpointError, SourceError, UnsupportedFormatError
 from regraft.sources._keystyle import canonical_key, is_torch_style, numbered
 from regraft.sources.base import Source
+from regraft.sources._slices import read_block, touched_bytes
 
 __all__ = ["SafetensorsFile", "read_header", "DTYPES"]
 
@@ -240,6 +241,21 @@ class SafetensorsFile(Source):
             return np.array(array, dtype=_dtype(dtype), copy=True)
         except ValueError as exc:
             raise CorruptCheckpointError(f"Cannot read tensor '{key}' from {file}: {exc}.", hint=_RESAVE) from None
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Copy one block of a tensor out of its file's memory map (only the block's pages are read)."""
+        file, dtype, shape, begin, end = self._where[key]
+        mm, now = self._map(file)
+        if end > min(len(mm), now):
+            raise CorruptCheckpointError(
+                f"Cannot read tensor '{key}' from {file}: it ends at byte {end}, the file now has {now}.", hint=_RESAVE)
+        want = _dtype(dtype).newbyteorder("<") if _dtype(dtype).itemsize > 1 else _dtype(dtype)
+        try:
+            block = read_block(mm, begin, want, tuple(shape), index)
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"Cannot read tensor '{key}' from {file}: {exc}.", hint=_RESAVE) from None
+        self.sliced_bytes_read += touched_bytes(begin, tuple(shape), want.itemsize, index)
+        return block
 
     def _map(self, file: str) -> Any:
         if file not in self._maps:

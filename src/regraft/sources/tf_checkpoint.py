@@ -131,6 +131,8 @@ def _latest_from_state(state: str) -> str:
 class TFCheckpoint(Source):
     """A TensorFlow tensor-bundle checkpoint, in any of its three key styles."""
 
+    slices_skip_checksum = True  # each entry's CRC32C covers the whole entry
+
     @classmethod
     def detect(cls, path: str) -> bool:
         """True when ``path`` names a tensor bundle (prefix, .index, .data-* or a folder of one)."""
@@ -193,6 +195,15 @@ class TFCheckpoint(Source):
     def verify(self, key: str) -> None:
         """Check the tensor's size and checksum in place (memory-mapped), keeping no bytes."""
         self.bundle.verify(self._bundle_key[key])
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Read one block from the memory-mapped data file: leading rows are one byte range, columns strided.
+
+        Not checksummed (the entry's CRC32C covers the whole entry): :meth:`verify` does that.
+        """
+        block, touched = self.bundle.read_slice(self._bundle_key[key], index)
+        self.sliced_bytes_read += touched
+        return block
 
     # -- TF1 name-based ------------------------------------------------------------
 

@@ -53,7 +53,8 @@ class Target(Protocol):
     Matching only needs :meth:`describe` (keys in the checkpoint's namespace,
     computed the way the framework itself would write them), :meth:`layer_graph`
     and :meth:`layer_classes`; applying needs :meth:`variables`, :meth:`read`,
-    :meth:`assign`, :meth:`read_native` and :meth:`freeze`; the CLI :meth:`save`.
+    :meth:`assign`, :meth:`read_native`, :meth:`shards`, :meth:`assign_shards` and
+    :meth:`freeze`; the CLI :meth:`save`.
     """
 
     model: Any
@@ -84,6 +85,21 @@ class Target(Protocol):
 
         The caller reuses an array's memory for the next tensor once this returns:
         the variable must hold a copy, never a view of ``value``.
+        """
+        ...
+
+    def shards(self, variable: TargetVariable) -> list[tuple[slice, ...]] | None:
+        """This process's blocks of a variable laid out over several devices, or ``None`` (one device).
+
+        One index per device this process addresses, in a fixed order, each one
+        ``slice(start, stop)`` per axis (integer bounds). Replicas repeat an index.
+        """
+        ...
+
+    def assign_shards(self, variable: TargetVariable, blocks: list[np.ndarray]) -> None:
+        """Give a sharded variable its value as one array per index of :meth:`shards`, in that order.
+
+        The variable is replaced whole, keeping its layout; nothing is gathered on one device.
         """
         ...
 

@@ -151,6 +151,13 @@ class FileTarget:
                               f"({variable.dtype}, shape {variable.shape}).", hint="Report this: the plan was checked.")
         variable.variable.value = array
 
+    def shards(self, variable: TargetVariable) -> list[tuple[slice, ...]] | None:
+        """A file's buffers live in host memory: never sharded."""
+        return None
+
+    def assign_shards(self, variable: TargetVariable, blocks: list[np.ndarray]) -> None:
+        raise NotImplementedError("a FileTarget holds no sharded variables")
+
     def read_native(self, prefix: str, name: str, dtype: str) -> Any | None:
         from regraft.sources._bundle import Bundle
 

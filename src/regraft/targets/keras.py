@@ -38,6 +38,8 @@ __all__ = [
     "assign",
     "read_value",
     "restore_tensor",
+    "shard_indices",
+    "assign_shard_blocks",
     "save_weights",
     "layer_graph",
     "GraphLayer",
@@ -155,6 +157,52 @@ def assign(target: TargetVariable, value: Any) -> None:
     if isinstance(value, np.ndarray) and _compat.backend() != "tensorflow":
         value = value.copy()
     target.variable.assign(value)
+
+
+def shard_indices(target: TargetVariable) -> list[tuple[slice, ...]] | None:
+    """The blocks of a JAX variable laid out over several devices (``keras.distribution``), or ``None``.
+
+    One index per device this process addresses (``jax.Array.sharding``'s
+    ``addressable_devices_indices_map``), sorted by device id, with integer bounds.
+    On other backends, and for a variable on one device, ``None``.
+    """
+    placed = _placement(target)
+    if placed is None:
+        return None
+    shape = tuple(target.shape)
+    return [
+        tuple(slice(*part.indices(size)[:2]) for part, size in zip(index, shape)) + tuple(
+            slice(0, size) for size in shape[len(index):])
+        for _, index in placed[1]
+    ]
+
+
+def assign_shard_blocks(target: TargetVariable, blocks: list[np.ndarray]) -> None:
+    """Put each block on its device and give the variable the array they make, in its own layout.
+
+    ``blocks`` follow :func:`shard_indices`' order; a block repeated for replicas is the
+    same numpy array, put on each of its devices. No device ever holds the whole tensor
+    unless the layout says so.
+    """
+    import jax
+
+    sharding, placed = _placement(target)  # type: ignore[misc]
+    if len(blocks) != len(placed):
+        raise ValueError(f"{len(blocks)} blocks for the {len(placed)} devices of '{target.key}'")
+    arrays = [jax.device_put(block, device) for block, (device, _) in zip(blocks, placed)]
+    value = jax.make_array_from_single_device_arrays(tuple(target.shape), sharding, arrays)
+    target.variable.assign(value)
+
+
+def _placement(target: TargetVariable) -> tuple[Any, list[tuple[Any, tuple[slice, ...]]]] | None:
+    """``(sharding, [(device, index), ...])`` of a JAX variable spread over several devices, else ``None``."""
+    if _compat.backend() != "jax":
+        return None
+    sharding = getattr(target.variable.value, "sharding", None)
+    if sharding is None or len(sharding.device_set) < 2:
+        return None
+    by_device = sharding.addressable_devices_indices_map(tuple(target.shape))
+    return sharding, sorted(by_device.items(), key=lambda item: item[0].id)
 
 
 def restore_tensor(prefix: str, name: str, dtype: str) -> Any | None:
@@ -735,6 +783,12 @@ class KerasTarget:
 
     def read_native(self, prefix: str, name: str, dtype: str) -> Any | None:
         return restore_tensor(prefix, name, dtype)
+
+    def shards(self, variable: TargetVariable) -> list[tuple[slice, ...]] | None:
+        return shard_indices(variable)
+
+    def assign_shards(self, variable: TargetVariable, blocks: list[np.ndarray]) -> None:
+        assign_shard_blocks(variable, blocks)
 
     def freeze(self, variable: TargetVariable) -> None:
         if variable.layer_object is not None:
