@@ -32,11 +32,13 @@ test: $(BIN)/regraft
 	$(BIN)/python -m pytest
 
 # The TF environment writes the checkpoints (TensorFlow's own writer); the JAX
-# environment, which has no TensorFlow, loads them and runs the TensorFlow-free tests.
+# environment, which has no TensorFlow, loads them and runs the TensorFlow-free tests,
+# on 8 virtual CPU devices (the flag must be set before JAX starts) for tests/test_sharded.py.
 test-jax: $(BIN)/regraft $(JAX_BIN)/regraft
 	rm -rf $(TF_FILES)
 	KERAS_BACKEND=tensorflow $(BIN)/python tests/backend_cases.py $(TF_FILES)
-	KERAS_BACKEND=jax REGRAFT_TF_FILES=$(abspath $(TF_FILES)) $(JAX_BIN)/python -m pytest -rs $(JAX_TESTS) \
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 KERAS_BACKEND=jax REGRAFT_TF_FILES=$(abspath $(TF_FILES)) \
+		$(JAX_BIN)/python -m pytest -rs $(JAX_TESTS) \
 		$(foreach t,$(JAX_DESELECT),--deselect $(t))
 
 # Test files importing TensorFlow at module level (test_load, test_sources, test_cli, test_zoo) run
@@ -45,7 +47,7 @@ JAX_TESTS := tests/test_backends.py tests/test_align.py tests/test_structure.py 
 	tests/test_naming.py tests/test_targets.py tests/test_verify.py tests/test_plan.py tests/test_planfile.py \
 	tests/test_transforms.py tests/test_growth.py tests/test_bundle.py tests/test_compat.py \
 	tests/test_apply_faults.py tests/test_building.py tests/test_hardening_h5.py tests/test_progress.py \
-	tests/test_writers.py tests/test_convert.py tests/test_torch_layout.py
+	tests/test_writers.py tests/test_convert.py tests/test_torch_layout.py tests/test_sharded.py
 # The test_verify ones write a TF checkpoint through regraft, which needs the TensorFlow backend by
 # design; the test_apply_faults one writes its checkpoint with TensorFlow in a child process; the
 # test_compat one pins TensorFlow's own `_trackable_children` (elsewhere regraft predicts the children).

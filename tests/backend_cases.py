@@ -71,6 +71,34 @@ def _chain_old():
     return model
 
 
+SHARDED_UNITS = (64, 512, 256, 64)  # inputs, d1, d2, head: every width divides by 8 devices
+
+
+def sharded_mlp(units: tuple[int, ...] = SHARDED_UNITS, dtype: str | None = None, insert: bool = False):
+    """``Input -> d1 -> d2 [-> extra] -> head`` (Dense layers), wide enough that a device's block is many pages.
+
+    tests/test_sharded.py builds it again inside a ``keras.distribution`` scope.
+    """
+    import keras
+
+    kw = {"dtype": dtype} if dtype else {}
+    inputs = keras.Input((units[0],))
+    x = keras.layers.Dense(units[1], name="d1", **kw)(inputs)
+    x = keras.layers.Dense(units[2], name="d2", **kw)(x)
+    if insert:
+        x = keras.layers.Dense(units[2], name="extra", **kw)(x)
+    return keras.Model(inputs, keras.layers.Dense(units[3], name="head", **kw)(x), name="sharded_mlp")
+
+
+def _sharded_old():
+    """:func:`sharded_mlp` with random values, and one that does not fit float16 in its last tensor."""
+    model = sharded_mlp()
+    conftest.randomize(model, 6)
+    bias = model.get_layer("head").bias
+    bias.assign(np.where(np.arange(bias.shape[0]) == 3, 1e6, np.asarray(bias.numpy())).astype("float32"))
+    return model
+
+
 @dataclass(frozen=True)
 class Case:
     """An old model written by TF, a new model to load into, and which old variable each new one gets."""
@@ -81,6 +109,7 @@ class Case:
     # new variable path -> old variable path; None means "left fresh". Empty: same paths (unchanged model).
     expected: dict[str, str | None] = field(default_factory=dict)
     strict: bool = True
+    safetensors: bool = False  # also write old.safetensors (the safetensors package; the JAX stage lacks it)
 
 
 CASES: tuple[Case, ...] = tuple(
@@ -97,6 +126,7 @@ CASES: tuple[Case, ...] = tuple(
           "tutorial/dense2/kernel": "tutorial/dense2/kernel", "tutorial/dense2/bias": "tutorial/dense2/bias",
           "tutorial/dense3/kernel": None, "tutorial/dense3/bias": None},
          strict=False),
+    Case("sharded_mlp", _fresh(_sharded_old), _fresh(sharded_mlp), safetensors=True),
 )
 
 
@@ -109,6 +139,10 @@ def write_case(case: Case, folder: str) -> None:
     tf.train.Checkpoint(model=old).write(os.path.join(folder, "ckpt"))
     old.save_weights(os.path.join(folder, "old.weights.h5"))
     np.savez(os.path.join(folder, "values.npz"), **{v.path: np.asarray(v.numpy()) for v in old.weights})
+    if case.safetensors:
+        from safetensors.numpy import save_file
+
+        save_file({v.path: np.asarray(v.numpy()) for v in old.weights}, os.path.join(folder, "old.safetensors"))
 
 
 def main(argv: list[str]) -> int:

@@ -160,6 +160,7 @@ def load(
     progress: Progress | None = None,
     allow_outside_state: bool = False,
     optimizer: Any = None,
+    full_checksums: bool = False,
 ) -> LoadReport:
     """Load a checkpoint into a (possibly changed) built Keras model: :func:`plan`, then apply.
 
@@ -183,6 +184,10 @@ def load(
             with the model; the report's ``optimizer`` section says what each slot got. A
             loaded variable whose slots the checkpoint lacks is a strict problem. An unbuilt
             optimizer is built even when the load is then refused.
+        full_checksums: for a model laid out over several devices (Keras 3 on JAX with
+            ``keras.distribution``), whose variables are read block by block, also checksum
+            each TF-bundle or ``.npz`` tensor whole first (block reads cannot verify a
+            checksum that covers the whole tensor); see docs/multihost.md.
 
     Returns:
         A :class:`LoadReport` with one status per variable.
@@ -202,7 +207,8 @@ def load(
         if optimizer is not None:
             the_plan = with_optimizer(the_plan, optimizer, model.trainable_variables)
         _refuse_if_strict(the_plan, source.path, f"model '{model.name}'", strict)
-        return apply(the_plan, model, source, freeze=freeze, progress=progress)  # the source it was made from
+        return apply(the_plan, model, source, freeze=freeze, progress=progress,  # the source it was made from
+                     full_checksums=full_checksums)
 
 
 _STRICT_HINT = ("Map renamed keys with rename=, allow expected gaps with allow_missing=/allow_unused=, confirm "
