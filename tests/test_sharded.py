@@ -324,3 +324,99 @@ def test_a_pytorch_layout_is_transposed_per_block(files, tmp_path):
         _shards_equal(variable, old[variable.path])
     read = report.sharded["d2/kernel"]  # rows of the kernel are columns of the stored [256, 512] weight
     assert read.read_whole is None and read.blocks == 4
+
+
+# --------------------------------------------------------------------------- two processes (JAX multi-controller)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(files: str, fail_in: int | None) -> list[dict]:
+    """Run :func:`_process` as processes 0 and 1 of one JAX job (4 CPU devices each); return what each printed."""
+    import json
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", KERAS_BACKEND="jax",
+               PYTHONPATH=os.pathsep.join([os.path.join(here, "..", "src"), here]))
+    port = str(_free_port())
+    children = [subprocess.Popen([sys.executable, __file__, str(i), port, files, str(fail_in)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    results = []
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def test_two_processes_each_read_only_the_blocks_of_their_devices(files):
+    """A 1 x 8 mesh over 2 processes: each holds 4 of the 8 row blocks and reads those, half of each tensor."""
+    results = _two_processes(files, None)
+    old = _old(files)
+    for process, result in enumerate(results):
+        assert result["loaded"] and result["shards_equal"], result
+        for key in ("d1/kernel", "d2/kernel", "head/kernel"):
+            devices, blocks, read = result["sharded"][key]
+            assert (devices, blocks, read) == (4, 4, old[key].nbytes // 2), (process, key)
+        devices, blocks, read = result["sharded"]["head/bias"]  # replicated: read once per process
+        assert (devices, blocks, read) == (4, 1, old["head/bias"].nbytes)
+
+
+def test_a_process_failing_its_check_stops_the_other_before_it_assigns(files):
+    results = _two_processes(files, 1)
+    assert results[1]["error"] == "RuntimeError: stopped in the check pass"
+    assert results[0]["error"].startswith("LoadError: Loading ") and "another process of this model failed its checks" \
+        in results[0]["error"]
+    assert results[0]["unchanged"] and results[1]["unchanged"]
+
+
+def _process(process: int, port: str, files: str, fail_in: str) -> None:
+    """One process of :func:`_two_processes`: build the distributed model, load, print what happened as JSON."""
+    import json
+
+    import jax
+
+    import keras
+
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process)
+    keras.utils.set_random_seed(0)  # initial values must agree across processes (JAX checks)
+    model = _build(_distribution(ROWS_OVER_8, (1, 8)))
+
+    def local_shards() -> dict:
+        return {(v.path, str(s.device)): np.asarray(s.data).copy() for v in model.weights
+                for s in v.value.addressable_shards}
+
+    before = local_shards()
+
+    def stop(done: int, total: int, key: str) -> None:
+        raise RuntimeError("stopped in the check pass")
+
+    result: dict = {"process": process}
+    try:
+        with regraft.open(os.path.join(files, "ckpt")) as source:
+            report = regraft.apply(regraft.plan(model, source), model, source,
+                                   progress=stop if str(process) == fail_in else None)
+        old = _old(files)
+        result["loaded"] = True
+        result["shards_equal"] = all(same_bytes(np.asarray(s.data), old[v.path][s.index])
+                                     for v in model.weights for s in v.value.addressable_shards)
+        result["sharded"] = {k: [r.devices, r.blocks, sum(r.block_bytes)] for k, r in report.sharded.items()}
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        result["error"] = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+        after = local_shards()
+        result["unchanged"] = all(same_bytes(after[k], before[k]) for k in before)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _process(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])

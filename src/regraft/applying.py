@@ -101,7 +101,7 @@ def _apply(plan: Plan, source: Source, target: Target, freeze: bool, progress: P
     with interrupts_held():
         writes, staging = _writes(plan)
         layouts = _layouts(writes, target)
-        done = _check_all(writes, source, plan, target, staging, progress, layouts, full_checksums)
+        done = _check_agreed(writes, source, plan, target, staging, progress, layouts, full_checksums)
         hold_interrupts()  # from the first assignment on, the load finishes
         _commit(writes, source, plan, target, staging, layouts)
         frozen = freeze_loaded(plan, target) if freeze else []
@@ -158,7 +158,7 @@ def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | 
     with interrupts_held():
         writes, staging = _writes(plan)
         layouts = _layouts(writes, target)
-        done = _check_all(writes, source, plan, target, staging, progress, layouts)
+        done = _check_agreed(writes, source, plan, target, staging, progress, layouts)
         hold_interrupts()
         _commit(writes, source, plan, target, staging, layouts)
     return done
@@ -177,6 +177,29 @@ def _layouts(writes: list[Assignment], target: Target) -> dict[str, list[tuple[s
         if indices is not None:
             layouts[a.target.key] = indices
     return layouts
+
+
+def _check_agreed(
+    writes: list[Assignment], source: Source, plan: Plan, target: Target, staging: "_Staging", progress: Progress | None,
+    layouts: dict[str, list[tuple[slice, ...]]], full_checksums: bool = False,
+) -> dict[str, AppliedTensor]:
+    """:func:`_check_all`; for a sharded model, then every process's verdict (a model spanning
+    several processes changes on all of them or on none: each process reads and checks only its
+    own blocks, so one that failed tells the others, which then refuse too)."""
+    if not layouts:
+        return _check_all(writes, source, plan, target, staging, progress)
+    try:
+        done = _check_all(writes, source, plan, target, staging, progress, layouts, full_checksums)
+    except BaseException:
+        target.all_passed(False)
+        raise
+    if not target.all_passed(True):
+        raise LoadError(
+            f"Loading {plan.source_path} was refused: another process of this model failed its checks "
+            "(its error says why). Nothing was assigned here either.",
+            hint="Read the error of the process that failed; fix that and load again on every process.",
+        )
+    return done
 
 
 def _check_all(

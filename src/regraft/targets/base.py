@@ -53,8 +53,8 @@ class Target(Protocol):
     Matching only needs :meth:`describe` (keys in the checkpoint's namespace,
     computed the way the framework itself would write them), :meth:`layer_graph`
     and :meth:`layer_classes`; applying needs :meth:`variables`, :meth:`read`,
-    :meth:`assign`, :meth:`read_native`, :meth:`shards`, :meth:`assign_shards` and
-    :meth:`freeze`; the CLI :meth:`save`.
+    :meth:`assign`, :meth:`read_native`, :meth:`shards`, :meth:`assign_shards`,
+    :meth:`all_passed` and :meth:`freeze`; the CLI :meth:`save`.
     """
 
     model: Any
@@ -100,6 +100,14 @@ class Target(Protocol):
         """Give a sharded variable its value as one array per index of :meth:`shards`, in that order.
 
         The variable is replaced whole, keeping its layout; nothing is gathered on one device.
+        """
+        ...
+
+    def all_passed(self, passed: bool) -> bool:
+        """Whether every process of a multi-process model passed its check pass (``passed``: this one's).
+
+        A collective: when the model spans several processes, each calls it once per
+        load, after its check pass, failed or not; with one process it returns ``passed``.
         """
         ...
 

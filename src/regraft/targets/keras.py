@@ -40,6 +40,7 @@ __all__ = [
     "restore_tensor",
     "shard_indices",
     "assign_shard_blocks",
+    "processes_agree",
     "save_weights",
     "layer_graph",
     "GraphLayer",
@@ -192,6 +193,23 @@ def assign_shard_blocks(target: TargetVariable, blocks: list[np.ndarray]) -> Non
     arrays = [jax.device_put(block, device) for block, (device, _) in zip(blocks, placed)]
     value = jax.make_array_from_single_device_arrays(tuple(target.shape), sharding, arrays)
     target.variable.assign(value)
+
+
+def processes_agree(passed: bool) -> bool:
+    """True when every JAX process passed (``passed`` is this one's): a collective with several processes.
+
+    ``jax.experimental.multihost_utils.process_allgather`` of one flag per process;
+    with one process (or another backend) no collective runs and ``passed`` is returned.
+    """
+    if _compat.backend() != "jax":
+        return passed
+    import jax
+
+    if jax.process_count() == 1:
+        return passed
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(passed))))
 
 
 def _placement(target: TargetVariable) -> tuple[Any, list[tuple[Any, tuple[slice, ...]]]] | None:
@@ -789,6 +807,9 @@ class KerasTarget:
 
     def assign_shards(self, variable: TargetVariable, blocks: list[np.ndarray]) -> None:
         assign_shard_blocks(variable, blocks)
+
+    def all_passed(self, passed: bool) -> bool:
+        return processes_agree(passed)
 
     def freeze(self, variable: TargetVariable) -> None:
         if variable.layer_object is not None:
