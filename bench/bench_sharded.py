@@ -89,15 +89,21 @@ def main() -> int:
     args = parser.parse_args()
 
     import jax
+
+    if jax.device_count() != 8:
+        print(f"JAX has {jax.device_count()} devices, expected 8 (XLA_FLAGS set too late?)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="bench-sharded-") as folder:
+        return _run(args, folder)
+
+
+def _run(args: argparse.Namespace, folder: str) -> int:
+    import jax
     import keras
     from keras import distribution
 
     import regraft
 
-    if jax.device_count() != 8:
-        print(f"JAX has {jax.device_count()} devices, expected 8 (XLA_FLAGS set too late?)", file=sys.stderr)
-        return 2
-    folder = tempfile.mkdtemp(prefix="bench-sharded-")
     old = build(args.width)
     rng = np.random.default_rng(0)
     for v in old.weights:
