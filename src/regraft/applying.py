@@ -99,8 +99,9 @@ def _apply_opened(plan: Plan, model: Any, source: Source | None, freeze: bool, p
 def _apply(plan: Plan, source: Source, target: Target, freeze: bool, progress: Progress | None,
            full_checksums: bool = False) -> LoadReport:
     with interrupts_held():
-        writes, staging = _writes(plan)
+        writes = _writes(plan)
         layouts = _layouts(writes, target)
+        staging = _Staging([a for a in writes if a.target.key not in layouts])
         done = _check_agreed(writes, source, plan, target, staging, progress, layouts, full_checksums)
         hold_interrupts()  # from the first assignment on, the load finishes
         _commit(writes, source, plan, target, staging, layouts)
@@ -156,17 +157,17 @@ def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | 
             error's message states.
     """
     with interrupts_held():
-        writes, staging = _writes(plan)
+        writes = _writes(plan)
         layouts = _layouts(writes, target)
+        staging = _Staging([a for a in writes if a.target.key not in layouts])
         done = _check_agreed(writes, source, plan, target, staging, progress, layouts)
         hold_interrupts()
         _commit(writes, source, plan, target, staging, layouts)
     return done
 
 
-def _writes(plan: Plan) -> tuple[list[Assignment], "_Staging"]:
-    writes = [a for a in (*plan.assignments, *plan.optimizer_assignments) if a.writes]
-    return writes, _Staging(writes)
+def _writes(plan: Plan) -> list[Assignment]:
+    return [a for a in (*plan.assignments, *plan.optimizer_assignments) if a.writes]
 
 
 def _layouts(writes: list[Assignment], target: Target) -> dict[str, list[tuple[slice, ...]]]:
@@ -438,8 +439,7 @@ def _sharded_blocks(
         names = "+".join(name for name, _ in a.steps) or str(a.status)
         reason = f"read whole: {names} is not sliceable" if a.source is not None else None
         read = ShardedRead(len(indices), len(distinct), (whole_bytes,) if a.source is not None else (), shard_bytes,
-                           whole_bytes, reason, checksum.replace("not verified: read as slices", "verified")
-                           if checksum else "")
+                           whole_bytes, reason, "verified" if checksum else "")  # Source.read checksums
     blocks = [values[_bounds(i)] for i in indices]
     return blocks, (max(errors) if errors else None), read
 
