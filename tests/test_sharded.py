@@ -333,6 +333,25 @@ def test_a_pytorch_layout_is_transposed_per_block(files, tmp_path):
     assert read.read_whole is None and read.blocks == 4
 
 
+def test_a_pytorch_conv_layout_is_permuted_per_block(files, tmp_path):
+    """A Conv2D kernel saved OIHW by numpy: each device's HWIO block reads its permuted block of the file."""
+    import keras
+
+    rng = np.random.default_rng(7)
+    kernel = rng.standard_normal((3, 3, 8, 16)).astype("float32")  # Keras HWIO
+    bias = rng.standard_normal(16).astype("float32")
+    np.savez(tmp_path / "conv.npz", **{"0.weight": np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)), "0.bias": bias})
+    keras.backend.clear_session()
+    with _distribution({"conv/kernel": (None, None, "model", None), "conv/bias": ("model",)}).scope():
+        inputs = keras.Input((6, 6, 8))
+        model = keras.Model(inputs, keras.layers.Conv2D(16, 3, name="conv")(inputs))
+    report = regraft.load(model, str(tmp_path / "conv.npz"))
+    _shards_equal(model.get_layer("conv").kernel, kernel)
+    _shards_equal(model.get_layer("conv").bias, bias)
+    read = report.sharded["conv/kernel"]
+    assert read.read_whole is None and read.blocks == 4 and read.shard_bytes == 3 * 3 * 2 * 16 * 4
+
+
 # --------------------------------------------------------------------------- two processes (JAX multi-controller)
 
 

@@ -45,7 +45,7 @@ from regraft.report import AppliedTensor, LoadReport, ShardedRead
 from regraft.sources import open_source
 from regraft.sources.base import Source
 from regraft.targets import Target, target_for
-from regraft.transforms import cast_array
+from regraft.transforms import axis_permutation, cast_array
 
 __all__ = ["apply", "apply_plan", "convert", "freeze_loaded", "hold_interrupts", "interrupts_held", "Progress"]
 
@@ -403,8 +403,8 @@ def _sharded_blocks(
 
     Each distinct block is read once (replicas share the array). A plain load or a
     cast reads the block alone (:meth:`Source.read_slice`) and casts it (overflow
-    checked per block); a one-step ``pad`` or ``linear_to_dense`` reads the part of
-    the source the block maps to. Any other transform reads the whole tensor, runs
+    checked per block); a one-step ``pad`` or axis permutation (the PyTorch layouts
+    ``linear_to_dense``, ``conv_oihw_to_hwio``) reads the part of the source the block maps to. Any other transform reads the whole tensor, runs
     the pipeline, and cuts the blocks on the host: ``read_whole`` says so.
     """
     distinct = list(dict.fromkeys(_bounds(i) for i in indices))
@@ -458,9 +458,15 @@ def _block_mapper(a: Assignment) -> Callable[[tuple[tuple[int, int], ...], Sourc
     if a.status != TRANSFORMED or len(a.steps) != 1:
         return None
     name, options = a.steps[0]
-    if name == "linear_to_dense":  # a transpose: the block (rows, columns) is the source's (columns, rows)
-        return lambda box, source: np.ascontiguousarray(
-            source.read_slice(entry.key, (slice(*box[1]), slice(*box[0]))).T)
+    perm = axis_permutation(name, len(entry.shape))
+    if perm is not None:  # a PyTorch layout: the block is the permuted block of the source
+        def permuted(box: tuple[tuple[int, int], ...], source: Source) -> np.ndarray:
+            inner = [slice(0)] * len(perm)
+            for axis, taken in enumerate(perm):
+                inner[taken] = slice(*box[axis])
+            return np.ascontiguousarray(source.read_slice(entry.key, tuple(inner)).transpose(perm))
+
+        return permuted
     if name == "pad":
         return lambda box, source: _padded_block(entry, box, source, a.target.shape, **options)
     return None

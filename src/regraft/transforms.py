@@ -123,6 +123,7 @@ __all__ = [
     "cast_array",
     "widen_mapping",
     "identity_kernel",
+    "axis_permutation",
 ]
 
 Shape = tuple[int, ...]
@@ -1027,6 +1028,25 @@ def _linear_to_dense_apply(value: np.ndarray, fresh: None, /, *, target_shape: S
 def _conv_permutation(rank: int) -> tuple[int, ...]:
     """OI + spatial axes → spatial axes + IO (and a transposed conv's IO + spatial → spatial + OI)."""
     return (*range(2, rank), 1, 0)
+
+
+def axis_permutation(name: str, rank: int) -> tuple[int, ...] | None:
+    """The axes a layout transform that only permutes axes takes: result axis ``k`` is input axis ``perm[k]``.
+
+    ``None`` for every other transform. A block of the result is then the permuted
+    block of the input, which is how a sharded load reads one device's block.
+
+    Example:
+        >>> axis_permutation("conv_oihw_to_hwio", 4), axis_permutation("linear_to_dense", 2)
+        ((2, 3, 1, 0), (1, 0))
+        >>> axis_permutation("pad", 2) is None
+        True
+    """
+    if name == "linear_to_dense" and rank == 2:
+        return (1, 0)
+    if name == "conv_oihw_to_hwio" and 3 <= rank <= 5:
+        return _conv_permutation(rank)
+    return None
 
 
 def _conv_shape(in_shape: Shape | None, target_shape: Shape, /) -> Shape:
