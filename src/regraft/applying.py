@@ -410,7 +410,9 @@ def _sharded_blocks(
     distinct = list(dict.fromkeys(_bounds(i) for i in indices))
     source_item = dtype_of(a.source.dtype).itemsize if a.source is not None else 0
     whole_bytes = _nbytes(a.source) if a.source is not None else 0
-    shard_bytes = max((math.prod(stop - start for start, stop in box) for box in distinct), default=0) * source_item
+    if not indices:  # this process addresses none of its devices: nothing to read here
+        return [], None, ShardedRead(0, 0, (), 0, whole_bytes)
+    shard_bytes = max(math.prod(stop - start for start, stop in box) for box in distinct) * source_item
     checksum = "not verified: read as slices" if a.source is not None and source.slices_skip_checksum else ""
     mapper = _block_mapper(a)
     values: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
