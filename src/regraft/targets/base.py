@@ -100,6 +100,8 @@ class Target(Protocol):
         """Give a sharded variable its value as one array per index of :meth:`shards`, in that order.
 
         The variable is replaced whole, keeping its layout; nothing is gathered on one device.
+        Unlike :meth:`assign`'s array, the blocks are fresh arrays the caller never reuses:
+        the devices' arrays may wrap their memory (JAX does on the CPU).
         """
         ...
 
