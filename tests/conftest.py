@@ -257,6 +257,32 @@ def build(kind: str, seed: int):
 ARCHITECTURES = ("subclassed", "functional", "sequential", "nested_functional", "nested_subclassed")
 
 
+@pytest.fixture(scope="session")
+def tf_written(tmp_path_factory):
+    """``tf_written(write, copy_to=None)``: the folder of the files that ``write``, a ``backend_cases.tf_writer``,
+    writes with TensorFlow: written here on the TF backend, read from ``REGRAFT_TF_FILES`` elsewhere; skips
+    without either. ``copy_to`` (a test's ``tmp_path``) gets a copy, for a test that damages the files."""
+    import shutil
+
+    import backend_cases
+
+    done: dict[str, str] = {}
+
+    def get(write, copy_to=None) -> str:
+        key = backend_cases.writer_key(write)
+        if key not in done:
+            try:
+                done[key] = backend_cases.written_folder(write, lambda name: str(tmp_path_factory.mktemp(name)))
+            except LookupError as exc:
+                pytest.skip(str(exc))
+        if copy_to is None:
+            return done[key]
+        shutil.copytree(done[key], os.fspath(copy_to), dirs_exist_ok=True)
+        return os.fspath(copy_to)
+
+    return get
+
+
 @pytest.fixture
 def tf_keras():
     """The tf-keras package (Keras 2), or skip."""
