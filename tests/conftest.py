@@ -277,7 +277,7 @@ def tf_written(tmp_path_factory):
                 pytest.skip(str(exc))
         if copy_to is None:
             return done[key]
-        shutil.copytree(done[key], os.fspath(copy_to), dirs_exist_ok=True)
+        shutil.copytree(done[key], os.fspath(copy_to), dirs_exist_ok=True, ignore=shutil.ignore_patterns(".done"))
         return os.fspath(copy_to)
 
     return get
