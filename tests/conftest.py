@@ -111,16 +111,21 @@ def save_tf1(arrays: dict[str, np.ndarray], path) -> str:
             return saver.save(sess, os.fspath(path))
 
 
-def tf_tensor(prefix: str, entry) -> np.ndarray:
-    """What TensorFlow's own reader returns for a regraft entry (tries its key and its aliases)."""
+def tf_reader_values(prefix: str) -> dict[str, np.ndarray]:
+    """Every tensor of numbers TensorFlow's own reader returns for the checkpoint ``prefix``, by key."""
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(prefix)
-    present = reader.get_variable_to_shape_map()
+    values = {key: np.asarray(reader.get_tensor(key)) for key in reader.get_variable_to_shape_map()}
+    return {key: value for key, value in values.items() if value.dtype.kind not in "OSU"}
+
+
+def tf_tensor(tf_values: dict[str, np.ndarray], entry) -> np.ndarray:
+    """What TensorFlow's own reader returned (``tf_reader_values``) for a regraft entry (its key or an alias)."""
     candidates = [k + VALUE_SUFFIX for k in (entry.key, *entry.aliases)] + [entry.key]
-    found = [k for k in candidates if k in present]
+    found = [k for k in candidates if k in tf_values]
     assert found, f"TensorFlow's reader has none of {candidates}"
-    return reader.get_tensor(found[0])
+    return tf_values[found[0]]
 
 
 # --------------------------------------------------------------------------- models
