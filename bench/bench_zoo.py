@@ -1838,6 +1838,9 @@ class Prepared:
     files: dict[str, str]
     old_variables: int
     build_seconds: float
+    # format -> digests of every tensor the file holds, read by TensorFlow / h5py when the files were
+    # written (read_prepared); None: file_digests reads them when the case runs.
+    in_file: dict[str, set[str]] | None = None
 
 
 @dataclass
@@ -1996,6 +1999,52 @@ def prepare(pair: Pair, formats: tuple[str, ...], seed: int, workdir: Path) -> P
     return Prepared(pair, new, targets, old_labels, files, len(old_labelled), time.perf_counter() - start)
 
 
+def write_prepared(prep: Prepared, workdir: Path) -> None:
+    """Record in ``workdir/prepared.json`` what scoring needs from the old model and its files.
+
+    The files must be in ``workdir``. With the record, :func:`read_prepared` scores them on any
+    Keras backend, without TensorFlow (the tests' JAX stage): the old model's value digests and
+    labels, each new variable's expected source by label, and each file's tensor digests, which
+    are read here, with TensorFlow's own reader.
+    """
+    record = {
+        "pair": prep.pair.name,
+        "files": {fmt: os.path.relpath(path, workdir) for fmt, path in prep.files.items()},
+        "old_labels": prep.old_labels,
+        "old_variables": prep.old_variables,
+        "in_file": {fmt: sorted(file_digests(fmt, path)) for fmt, path in prep.files.items()},
+        "new_labels": [t.label for t in prep.targets],
+        "expected": {t.label: [t.expected, t.expected_digest, list(t.expected_shape)]
+                     for t in prep.targets if t.expected is not None},
+    }
+    (workdir / "prepared.json").write_text(json.dumps(record, indent=1))
+
+
+def read_prepared(pair: Pair, workdir: Path) -> Prepared:
+    """The pair prepared by :func:`write_prepared` in ``workdir``, its new model built here (any backend)."""
+    start = time.perf_counter()
+    record = json.loads((workdir / "prepared.json").read_text())
+    if record["pair"] != pair.name:
+        raise RuntimeError(f"{workdir} holds pair {record['pair']}, not {pair.name}")
+    clear_sessions("keras")
+    new = pair.build_new()
+    labelled = labelled_variables(new)
+    if [label for label, _ in labelled] != record["new_labels"]:
+        raise RuntimeError(f"{pair.name}: the new model built here has other variables than when its files were "
+                           f"written: {[label for label, _ in labelled]} != {record['new_labels']}")
+    targets = []
+    for label, v in labelled:
+        fresh = value_of(v)
+        t = Target(label, v, shape_of(v), fresh, digest(fresh))
+        if label in record["expected"]:
+            t.expected, t.expected_digest, shape = record["expected"][label]
+            t.expected_shape = tuple(shape)
+        targets.append(t)
+    files = {fmt: str(workdir / rel) for fmt, rel in record["files"].items()}
+    return Prepared(pair, new, targets, record["old_labels"], files, record["old_variables"],
+                    time.perf_counter() - start, {fmt: set(d) for fmt, d in record["in_file"].items()})
+
+
 def run_case(prep: Prepared, fmt: str) -> Case:
     """Score one saved format of one pair: decisions, the fresh-mode load, the strict load."""
     import regraft
@@ -2004,7 +2053,7 @@ def run_case(prep: Prepared, fmt: str) -> Case:
     start = time.perf_counter()
     pair, new, targets, path = prep.pair, prep.new, prep.targets, prep.files[fmt]
     case = Case(pair.name, pair.group, fmt, pair.note, new_variables=len(targets), old_variables=prep.old_variables)
-    in_file = file_digests(fmt, path)
+    in_file = prep.in_file[fmt] if prep.in_file is not None else file_digests(fmt, path)
     case.old_absent = sorted(label for d, label in prep.old_labels.items() if d not in in_file)
     categories = {id(t.variable): category(t, in_file) for t in targets}
     counts = Counter(categories.values())

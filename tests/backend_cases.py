@@ -16,10 +16,20 @@ call :func:`write_case` themselves.
 
 Models come from ``conftest.build`` and friends, built after ``clear_session()`` so
 auto-generated names, and so ``variable.path``, are the same in both processes.
+
+Any test can declare its own TF-written files the same way: a module-level function
+``write(folder)`` decorated with :func:`tf_writer` writes them (building its own seeded
+models), and the test asks the ``tf_written`` fixture (conftest) for the folder. On the
+TF backend the fixture calls ``write`` in-process; with ``REGRAFT_TF_FILES`` it returns
+``OUT_DIR/written/<module>.<function>``, which :func:`main` filled by importing each
+test module that declares writers and calling them. The test rebuilds the old model on its own
+backend (the same seeded values) or reads the values the writer saved beside the files.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -145,6 +155,67 @@ def write_case(case: Case, folder: str) -> None:
         save_file({v.path: np.asarray(v.numpy()) for v in old.weights}, os.path.join(folder, "old.safetensors"))
 
 
+WRITERS: dict[str, Callable[[str], None]] = {}
+
+
+def writer_key(write: Callable[[str], None]) -> str:
+    return f"{write.__module__}.{write.__name__}"
+
+
+def tf_writer(write: Callable[[str], None]) -> Callable[[str], None]:
+    """Declare ``write(folder)`` as writing, with TensorFlow, files that tests on every backend read.
+
+    ``write`` builds its own models (deterministically: it runs after ``clear_session()``)
+    and writes into ``folder``, which exists. A stage without TensorFlow reads what
+    :func:`main` wrote in the TF environment; see the module docstring.
+    """
+    WRITERS[writer_key(write)] = write
+    return write
+
+
+def written_folder(write: Callable[[str], None], scratch: Callable[[str], str]) -> str:
+    """The folder holding ``write``'s files: ``REGRAFT_TF_FILES/written/<key>``, or written here (TF backend).
+
+    ``scratch(name)`` makes a new empty folder (``tmp_path_factory.mktemp``). Raises
+    :class:`LookupError` when the files cannot be had: no ``REGRAFT_TF_FILES`` and no TensorFlow backend.
+    """
+    key = writer_key(write)
+    root = os.environ.get("REGRAFT_TF_FILES")
+    if root:
+        folder = os.path.join(root, "written", key)
+        if not os.path.exists(os.path.join(folder, ".done")):
+            raise FileNotFoundError(f"REGRAFT_TF_FILES={root} lacks {key}'s files: run tests/backend_cases.py again")
+        return folder
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise LookupError("needs files written by TensorFlow: set REGRAFT_TF_FILES (make test-jax does)")
+    folder = scratch(key)
+    _write(write, folder)
+    return folder
+
+
+def _write(write: Callable[[str], None], folder: str) -> None:
+    import keras
+
+    os.makedirs(folder, exist_ok=True)
+    keras.backend.clear_session()
+    write(folder)
+    open(os.path.join(folder, ".done"), "w").close()
+
+
+def write_declared(out_dir: str) -> int:
+    """Import every test module that declares writers (its text holds ``@tf_writer``) and call each writer."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in sorted(glob.glob(os.path.join(here, "test_*.py"))):
+        with open(path, encoding="utf-8") as f:
+            if "@tf_writer" in f.read():
+                importlib.import_module(os.path.splitext(os.path.basename(path))[0])
+    for key, write in sorted(WRITERS.items()):
+        _write(write, os.path.join(out_dir, "written", key))
+    return len(WRITERS)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(f"usage: {sys.argv[0]} OUT_DIR", file=sys.stderr)
@@ -156,9 +227,10 @@ def main(argv: list[str]) -> int:
         return 2
     for case in CASES:
         write_case(case, os.path.join(argv[0], case.name))
-    print(f"wrote {len(CASES)} cases to {argv[0]}")
+    declared = write_declared(argv[0])
+    print(f"wrote {len(CASES)} cases and the files of {declared} declared writers to {argv[0]}")
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+if __name__ == "__main__":  # through the module the tests import, whose WRITERS they fill
+    raise SystemExit(importlib.import_module("backend_cases").main(sys.argv[1:]))

@@ -111,16 +111,21 @@ def save_tf1(arrays: dict[str, np.ndarray], path) -> str:
             return saver.save(sess, os.fspath(path))
 
 
-def tf_tensor(prefix: str, entry) -> np.ndarray:
-    """What TensorFlow's own reader returns for a regraft entry (tries its key and its aliases)."""
+def tf_reader_values(prefix: str) -> dict[str, np.ndarray]:
+    """Every tensor of numbers TensorFlow's own reader returns for the checkpoint ``prefix``, by key."""
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(prefix)
-    present = reader.get_variable_to_shape_map()
+    values = {key: np.asarray(reader.get_tensor(key)) for key in reader.get_variable_to_shape_map()}
+    return {key: value for key, value in values.items() if value.dtype.kind not in "OSU"}
+
+
+def tf_tensor(tf_values: dict[str, np.ndarray], entry) -> np.ndarray:
+    """What TensorFlow's own reader returned (``tf_reader_values``) for a regraft entry (its key or an alias)."""
     candidates = [k + VALUE_SUFFIX for k in (entry.key, *entry.aliases)] + [entry.key]
-    found = [k for k in candidates if k in present]
+    found = [k for k in candidates if k in tf_values]
     assert found, f"TensorFlow's reader has none of {candidates}"
-    return reader.get_tensor(found[0])
+    return tf_values[found[0]]
 
 
 # --------------------------------------------------------------------------- models
@@ -255,6 +260,32 @@ def build(kind: str, seed: int):
 
 
 ARCHITECTURES = ("subclassed", "functional", "sequential", "nested_functional", "nested_subclassed")
+
+
+@pytest.fixture(scope="session")
+def tf_written(tmp_path_factory):
+    """``tf_written(write, copy_to=None)``: the folder of the files that ``write``, a ``backend_cases.tf_writer``,
+    writes with TensorFlow: written here on the TF backend, read from ``REGRAFT_TF_FILES`` elsewhere; skips
+    without either. ``copy_to`` (a test's ``tmp_path``) gets a copy, for a test that damages the files."""
+    import shutil
+
+    import backend_cases
+
+    done: dict[str, str] = {}
+
+    def get(write, copy_to=None) -> str:
+        key = backend_cases.writer_key(write)
+        if key not in done:
+            try:
+                done[key] = backend_cases.written_folder(write, lambda name: str(tmp_path_factory.mktemp(name)))
+            except LookupError as exc:
+                pytest.skip(str(exc))
+        if copy_to is None:
+            return done[key]
+        shutil.copytree(done[key], os.fspath(copy_to), dirs_exist_ok=True, ignore=shutil.ignore_patterns(".done"))
+        return os.fspath(copy_to)
+
+    return get
 
 
 @pytest.fixture

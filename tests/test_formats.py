@@ -4,6 +4,8 @@ safetensors (single and sharded), .npz, SavedModel folders.
 Every file is written by its real writer (Keras model.save / save_weights, the safetensors
 package, numpy.savez, tf.saved_model.save, model.export) in tmp_path. Loads are checked by
 value against the writer's own arrays, bit for bit; damaged files against exact error text.
+The SavedModel folders come from a ``tf_writer`` (``tests/backend_cases.py``), so these tests
+also run on the other Keras backends, without TensorFlow.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ import keras  # noqa: E402
 import regraft  # noqa: E402
 from regraft.errors import CorruptCheckpointError, SourceError, UnsupportedFormatError  # noqa: E402
 
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+from backend_cases import tf_writer  # noqa: E402
+
+
+@pytest.fixture
+def safetensors_numpy():
+    """The safetensors package's numpy writer, or skip."""
+    return pytest.importorskip("safetensors.numpy")
 
 
 def chain(inserted: bool = False, seed: int = 0) -> keras.Model:
@@ -158,7 +166,7 @@ def test_sharded_keras_weights(tmp_path):
 # --------------------------------------------------------------------------- safetensors
 
 
-def test_safetensors_file_loads_by_value(tmp_path):
+def test_safetensors_file_loads_by_value(tmp_path, safetensors_numpy):
     old = chain()
     path = str(tmp_path / "old.safetensors")
     safetensors_numpy.save_file(by_path(old), path, metadata={"framework": "keras"})
@@ -170,7 +178,7 @@ def test_safetensors_file_loads_by_value(tmp_path):
     load_changed(path, old)
 
 
-def test_safetensors_dtypes_round_trip(tmp_path):
+def test_safetensors_dtypes_round_trip(tmp_path, safetensors_numpy):
     import ml_dtypes
 
     arrays = {
@@ -192,7 +200,7 @@ def test_safetensors_dtypes_round_trip(tmp_path):
             assert same_bytes(got, value) and got.flags.writeable
 
 
-def test_sharded_safetensors(tmp_path):
+def test_sharded_safetensors(tmp_path, safetensors_numpy):
     old = chain()
     values = by_path(old)
     names = sorted(values)
@@ -258,7 +266,7 @@ def test_safetensors_headers_are_bounded(tmp_path, header, payload, problem):
     assert info.value.hint
 
 
-def test_safetensors_header_length_and_json(tmp_path):
+def test_safetensors_header_length_and_json(tmp_path, safetensors_numpy):
     real = tmp_path / "real.safetensors"
     safetensors_numpy.save_file({"a/w": np.ones(4, "float32")}, str(real))
     data = real.read_bytes()
@@ -290,7 +298,7 @@ def test_safetensors_header_length_and_json(tmp_path):
         regraft.open(str(tiny))
 
 
-def test_safetensors_and_npz_metadata_without_tensorflow(tmp_path):
+def test_safetensors_and_npz_metadata_without_tensorflow(tmp_path, safetensors_numpy):
     """inspect's path: opening and listing import neither TensorFlow nor Keras, and read no tensor bytes."""
     safetensors_numpy.save_file({"features.0.weight": np.ones((3, 2, 1, 1), "float32")}, str(tmp_path / "a.safetensors"))
     np.savez(tmp_path / "b.npz", **{"dense/kernel": np.ones((2, 3), "float32")})
@@ -347,16 +355,25 @@ def test_damaged_npz(tmp_path):
 # --------------------------------------------------------------------------- SavedModel folders
 
 
-@pytest.mark.parametrize("writer", ["saved_model_save", "export"])
-def test_saved_model_folders(tmp_path, writer):
+@tf_writer
+def saved_model_files(folder):
+    """``chain()`` written by ``tf.saved_model.save`` and by ``model.export``; a subclassed model exported."""
     import tensorflow as tf
 
+    from conftest import dense_chain
+
+    tf.saved_model.save(chain(), os.path.join(folder, "saved_model_save"))
+    chain().export(os.path.join(folder, "export"), verbose=False)
+    keras.backend.clear_session()
+    old = dense_chain((4, 3))
+    randomize(old, 0)
+    old.export(os.path.join(folder, "subclassed_export"), verbose=False)
+
+
+@pytest.mark.parametrize("writer", ["saved_model_save", "export"])
+def test_saved_model_folders(tf_written, writer):
     old = chain()
-    folder = str(tmp_path / "sm")
-    if writer == "export":
-        old.export(folder, verbose=False)
-    else:
-        tf.saved_model.save(old, folder)
+    folder = os.path.join(tf_written(saved_model_files), writer)
     with regraft.open(folder) as src:
         if writer == "export":
             # export() keeps each variable twice (variables/N, _all_variables/N): one entry, named as recorded.
@@ -373,11 +390,9 @@ def test_saved_model_folders(tmp_path, writer):
     load_changed(folder, old)
 
 
-def test_saved_model_without_variables(tmp_path):
-    import tensorflow as tf
-
-    folder = tmp_path / "sm"
-    tf.saved_model.save(chain(), str(folder))
+def test_saved_model_without_variables(tf_written, tmp_path):
+    tf_written(saved_model_files, copy_to=tmp_path)
+    folder = tmp_path / "saved_model_save"
     for f in (folder / "variables").iterdir():
         f.unlink()
     with pytest.raises(SourceError) as info:
@@ -387,7 +402,7 @@ def test_saved_model_without_variables(tmp_path):
         "(found: assets, fingerprint.pb, saved_model.pb, variables).")
 
 
-def test_opening_reads_no_tensor_bytes(tmp_path, monkeypatch):
+def test_opening_reads_no_tensor_bytes(tmp_path, monkeypatch, safetensors_numpy):
     """safetensors maps a file only on the first read; npz reads only .npy headers on open."""
     from regraft.sources import npz, safetensors_file
 
@@ -406,14 +421,11 @@ def test_opening_reads_no_tensor_bytes(tmp_path, monkeypatch):
                 src.read("a/w")
 
 
-def test_export_of_a_subclassed_model_is_not_keyed_by_its_shared_names(tmp_path):
+def test_export_of_a_subclassed_model_is_not_keyed_by_its_shared_names(tf_written):
     """Its layers all record the model's scope ('tutorial/kernel' twice): never merged into one entry."""
     from conftest import dense_chain
 
-    old = dense_chain((4, 3))
-    randomize(old, 0)
-    folder = str(tmp_path / "ex")
-    old.export(folder, verbose=False)
+    folder = os.path.join(tf_written(saved_model_files), "subclassed_export")
     with regraft.open(folder) as src:
         assert (src.format, src.namespace) == ("saved-model", "object")
         assert sorted({e.shape for e in src.entries()}) == [(3,), (4,), (4, 3), (5, 4)]

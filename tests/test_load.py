@@ -4,6 +4,11 @@ casts, freezing, reports and root selection.
 Every checkpoint is written by TensorFlow, Keras 3 or tf-keras in a temporary
 folder. After every load, each loaded variable is compared bit for bit with the
 checkpoint tensor and every other variable with its value before the load.
+
+The files TensorFlow writes come from the ``tf_writer`` functions below (see
+``tests/backend_cases.py``): on the TF backend they run in-process, on another
+backend their files come from the TF environment. Old models are rebuilt here with
+the same seeded values, or their values are read from the ``values.npz`` the writer saved.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras
 import regraft
 from regraft.errors import CorruptCheckpointError, LoadError, RegraftError, TargetError
+
+from backend_cases import tf_writer
 
 from conftest import (
     ARCHITECTURES,
@@ -50,18 +56,54 @@ def statuses(report) -> dict[str, str]:
     return {row["target"]: row["status"] for row in report.rows()}
 
 
+def saved_values(folder: str) -> dict[str, np.ndarray]:
+    """The values a writer saved beside its files (``variable.path`` or index -> value)."""
+    return dict(np.load(os.path.join(folder, "values.npz")))
+
+
+def _save_values(folder: str, model, by="path") -> None:
+    keys = [v.path if by == "path" else str(i) for i, v in enumerate(model.weights)]
+    np.savez(os.path.join(folder, "values.npz"), **{k: np.asarray(v.numpy()) for k, v in zip(keys, model.weights)})
+
+
+# Checkpoints ``tf.train.Checkpoint(**objects).write(<name>/ckpt)`` of seeded models; each test
+# rebuilds the same objects for the values it expects (``TF_SAVED[name]()``).
+TF_SAVED = {f"round_trip/{arch}": (lambda arch=arch: {"model": build(arch, seed=1)}) for arch in ARCHITECTURES}
+
+
+def tf_saved(name):
+    """Declare ``TF_SAVED[name]``: a zero-argument function returning the objects to save."""
+    def declare(objects):
+        TF_SAVED[name] = objects
+        return objects
+
+    return declare
+
+
+@tf_writer
+def tf_saved_files(folder):
+    for name, objects in TF_SAVED.items():
+        keras.backend.clear_session()
+        save_tf(os.path.join(folder, name, "ckpt"), **objects())
+
+
+@pytest.fixture(scope="module")
+def tf_ckpt(tf_written):
+    """``tf_ckpt(name)``: the prefix of ``TF_SAVED[name]``'s checkpoint."""
+    return lambda name: os.path.join(tf_written(tf_saved_files), name, "ckpt")
+
+
 # --------------------------------------------------------------------------- exact round trips
 
 
 @pytest.mark.parametrize("fmt", ["tf", "h5"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_round_trip_is_bit_exact(tmp_path, arch, fmt):
-    source = build(arch, seed=1)
+def test_round_trip_is_bit_exact(tmp_path, tf_ckpt, arch, fmt):
+    path = tf_ckpt(f"round_trip/{arch}") if fmt == "tf" else None
+    source = TF_SAVED[f"round_trip/{arch}"]()["model"]
     target = build(arch, seed=2)
     assert_all_differ(source, target)
-    if fmt == "tf":
-        path = save_tf(tmp_path / "ckpt", model=source)
-    else:
+    if fmt == "h5":
         path = save_h5(source, tmp_path / "model.weights.h5")
     before = snapshot(target)
     calls = []
@@ -74,30 +116,43 @@ def test_round_trip_is_bit_exact(tmp_path, arch, fmt):
     assert [c[2] for c in calls] == [r["target"] for r in report.rows()]
 
 
+@tf_writer
+def tf_keras_trained_files(folder):
+    """A tf-keras functional and Sequential d1 -> bn -> d2, trained one step, saved in TF format; their values."""
+    import tf_keras
+
+    for kind in ("functional", "sequential"):
+        tf_keras.backend.clear_session()
+        tf_keras.utils.set_random_seed(7)
+        layers = [
+            tf_keras.layers.Dense(4, name="d1"),
+            tf_keras.layers.BatchNormalization(name="bn"),
+            tf_keras.layers.Dense(2, name="d2"),
+        ]
+        if kind == "functional":
+            inputs = tf_keras.Input((5,))
+            x = inputs
+            for layer in layers:
+                x = layer(x)
+            old = tf_keras.Model(inputs, x)
+        else:
+            old = tf_keras.Sequential([tf_keras.Input((5,)), *layers])
+        rng = np.random.default_rng(7)
+        old.set_weights([rng.standard_normal(w.shape).astype("float32") for w in old.get_weights()])
+        old.compile(optimizer=tf_keras.optimizers.legacy.Adam(0.01), loss="mse")
+        old.fit(X5, np.ones((2, 2), "float32"), epochs=1, batch_size=2, verbose=0)  # optimizer state in the file
+        os.makedirs(os.path.join(folder, kind))
+        old.save_weights(os.path.join(folder, kind, "tfk"))
+        _save_values(os.path.join(folder, kind), old, by="index")
+
+
 @pytest.mark.parametrize("kind", ["functional", "sequential"])
-def test_tf_keras_checkpoint_into_keras3_model(tmp_path, tf_keras, kind):
+def test_tf_keras_checkpoint_into_keras3_model(tf_written, kind):
     """tf-keras ``save_weights`` (TF format, keys ``layer_with_weights-N/role``) into the same
     architecture built with Keras 3, through the keras2 namespace."""
-    tf_keras.utils.set_random_seed(7)
-    layers = [
-        tf_keras.layers.Dense(4, name="d1"),
-        tf_keras.layers.BatchNormalization(name="bn"),
-        tf_keras.layers.Dense(2, name="d2"),
-    ]
-    if kind == "functional":
-        inputs = tf_keras.Input((5,))
-        x = inputs
-        for layer in layers:
-            x = layer(x)
-        old = tf_keras.Model(inputs, x)
-    else:
-        old = tf_keras.Sequential([tf_keras.Input((5,)), *layers])
-    rng = np.random.default_rng(7)
-    old.set_weights([rng.standard_normal(w.shape).astype("float32") for w in old.get_weights()])
-    old.compile(optimizer=tf_keras.optimizers.legacy.Adam(0.01), loss="mse")
-    old.fit(X5, np.ones((2, 2), "float32"), epochs=1, batch_size=2, verbose=0)  # optimizer state in the file
-    prefix = str(tmp_path / "tfk")
-    old.save_weights(prefix)
+    folder = os.path.join(tf_written(tf_keras_trained_files), kind)
+    prefix = os.path.join(folder, "tfk")
+    old = saved_values(folder)
 
     target = build(kind, seed=8)
     before = snapshot(target)
@@ -108,7 +163,7 @@ def test_tf_keras_checkpoint_into_keras3_model(tmp_path, tf_keras, kind):
         f"layer_with_weights-{n}/{r}"
         for n, r in [(0, "kernel"), (0, "bias"), (1, "gamma"), (1, "beta"), (1, "moving_mean"), (1, "moving_variance"), (2, "kernel"), (2, "bias")]
     ]
-    assert_state(target, before, {id(t): s.numpy() for s, t in zip(old.weights, target.weights)})
+    assert_state(target, before, {id(t): old[str(i)] for i, t in enumerate(target.weights)})
     assert report.counts()["unused"] == 0 and report.counts()["optimizer_and_bookkeeping"] > 0
 
 
@@ -124,34 +179,54 @@ def _encoder_decoder(k):
     return k.Model(inputs, sub("decoder")(sub("encoder")(inputs)), name="ae")
 
 
-@pytest.mark.parametrize("fmt", ["h5", "tf-keras", "tf"])
-def test_tf_keras_sub_models_with_the_same_layer_names_load_each_its_own(tmp_path, tf_keras, fmt):
-    """Keras 2 ``.h5`` names weights ``proj/kernel:0`` in both the encoder's and the decoder's group."""
+@tf_writer
+def tf_keras_encoder_decoder_files(folder):
+    """``_encoder_decoder(tf_keras)`` as Keras 2 .h5, tf-keras TF format and tf.train.Checkpoint; its values."""
+    import tensorflow as tf
+    import tf_keras
+
+    tf_keras.backend.clear_session()
     old = _encoder_decoder(tf_keras)
     rng = np.random.default_rng(11)
     old.set_weights([rng.standard_normal(w.shape).astype("float32") for w in old.get_weights()])
-    path = {"h5": str(tmp_path / "ae.h5"), "tf-keras": str(tmp_path / "ae")}.get(fmt)
-    if fmt == "tf":
-        path = tf.train.Checkpoint(model=old).write(str(tmp_path / "ck" / "ae"))
-    else:
-        old.save_weights(path)
+    old.save_weights(os.path.join(folder, "ae.h5"))
+    old.save_weights(os.path.join(folder, "ae"))
+    tf.train.Checkpoint(model=old).write(os.path.join(folder, "ck", "ae"))
+    _save_values(folder, old, by="index")
+
+
+@pytest.mark.parametrize("fmt", ["h5", "tf-keras", "tf"])
+def test_tf_keras_sub_models_with_the_same_layer_names_load_each_its_own(tf_written, fmt):
+    """Keras 2 ``.h5`` names weights ``proj/kernel:0`` in both the encoder's and the decoder's group."""
+    folder = tf_written(tf_keras_encoder_decoder_files)
+    old = saved_values(folder)
+    path = os.path.join(folder, {"h5": "ae.h5", "tf-keras": "ae", "tf": "ck/ae"}[fmt])
     target = _encoder_decoder(keras)
     before = snapshot(target)
     regraft.load(target, path)  # strict: every variable has its own tensor
-    assert_state(target, before, {id(t): s.numpy() for s, t in zip(old.weights, target.weights)})
+    assert_state(target, before, {id(t): old[str(i)] for i, t in enumerate(target.weights)})
     if fmt == "h5":
         with regraft.open(path) as source:
             assert {"encoder/proj/kernel", "decoder/proj/kernel"} <= {e.key for e in source.entries()}
 
 
-def test_tf1_names_into_keras3_variable_paths(tmp_path):
+def _tf1_arrays(target) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(9)
+    return {v.path: rng.standard_normal(tuple(v.shape)).astype("float32") for v in target.weights}
+
+
+@tf_writer
+def tf1_names_files(folder):
+    save_tf1(_tf1_arrays(functional(("d1", "bn", "d2"))), os.path.join(folder, "v1", "model.ckpt"))
+
+
+def test_tf1_names_into_keras3_variable_paths(tf_written):
     """A TF1 ``Saver`` checkpoint whose variable names equal the Keras 3 variable paths."""
+    path = os.path.join(tf_written(tf1_names_files), "v1", "model.ckpt")
     target = functional(("d1", "bn", "d2"))
     names = [v.path for v in target.weights]
     assert names[:2] == ["d1/kernel", "d1/bias"]
-    rng = np.random.default_rng(9)
-    arrays = {name: rng.standard_normal(tuple(v.shape)).astype("float32") for name, v in zip(names, target.weights)}
-    path = save_tf1(arrays, tmp_path / "v1" / "model.ckpt")
+    arrays = _tf1_arrays(target)
     before = snapshot(target)
     report = regraft.load(target, path)
     assert report.plan.source_format == "tf1-names"
@@ -162,14 +237,19 @@ def test_tf1_names_into_keras3_variable_paths(tmp_path):
 # --------------------------------------------------------------------------- the tutorial situations
 
 
-@pytest.fixture(scope="module")
-def tutorial(tmp_path_factory):
-    """(a) ``dense1 Dense(64, relu) -> dense2 Dense(10)``, saved by tf.train.Checkpoint."""
+@tf_saved("tutorial")
+def tutorial_objects():
     keras.utils.set_random_seed(10)
     old = dense_chain((64, 10), inputs=X16)
     randomize(old, 10)
-    path = save_tf(tmp_path_factory.mktemp("tutorial") / "ckpt", model=old)
-    return old, path
+    return {"model": old}
+
+
+@pytest.fixture(scope="module")
+def tutorial(tf_ckpt):
+    """(a) ``dense1 Dense(64, relu) -> dense2 Dense(10)``, saved by tf.train.Checkpoint."""
+    path = tf_ckpt("tutorial")
+    return tutorial_objects()["model"], path
 
 
 def grown_model():
@@ -277,10 +357,13 @@ def conv_chain(filters2):
     return model
 
 
-def test_tutorial_conv_filters_changed(tmp_path):
+TF_SAVED["conv"] = lambda: {"model": conv_chain(32)}
+
+
+def test_tutorial_conv_filters_changed(tf_ckpt):
     """(b) Conv2D(32, 3) -> Conv2D(64, 3): a mismatch, reported; fresh values kept."""
+    path = tf_ckpt("conv")
     old = conv_chain(32)
-    path = save_tf(tmp_path / "conv", model=old)
     model = conv_chain(64)
     before = snapshot(model)
     with pytest.raises(LoadError) as info:
@@ -309,15 +392,20 @@ def named_functional(first_name, seed):
     return model
 
 
+TF_SAVED["renamed"] = lambda: {"model": named_functional("dense_layer_1", 12)}
+TF_SAVED["renamed_14"] = lambda: {"model": named_functional("dense_layer_1", 14)}
+
+
 @pytest.mark.parametrize("fmt", ["tf", "h5"])
-def test_tutorial_layer_renamed_is_not_loaded_on_a_guess(tmp_path, fmt):
+def test_tutorial_layer_renamed_is_not_loaded_on_a_guess(tmp_path, tf_ckpt, fmt):
     """(c) ``name="dense_layer_1"`` -> ``name="my_dense_layer"``: two different chosen names are two layers.
 
     Same structure in the same place may be the old layer renamed or a new layer that replaced it
     (a new head); regraft does not guess: strict refuses, non-strict leaves it fresh and loads the rest.
     """
+    path = tf_ckpt("renamed") if fmt == "tf" else None
     old = named_functional("dense_layer_1", 12)
-    path = save_tf(tmp_path / "c", model=old) if fmt == "tf" else save_h5(old, tmp_path / "c.weights.h5")
+    path = path or save_h5(old, tmp_path / "c.weights.h5")
     model = named_functional("my_dense_layer", 13)
     before = snapshot(model)
     with pytest.raises(regraft.LoadError, match=r"missing from the checkpoint \(2\): my_dense_layer/\{bias,kernel\}"):
@@ -353,11 +441,14 @@ def blocks_model(n_blocks, extra, seed):
     return model
 
 
+TF_SAVED["blocks"] = lambda: {"model": blocks_model(0, 3, seed=20)}
+
+
 @pytest.fixture(scope="module")
-def blocks_ckpt(tmp_path_factory):
+def blocks_ckpt(tf_ckpt):
     """A checkpoint with 3 ``extra`` layers that the model below does not have, and no blocks."""
-    old = blocks_model(0, 3, seed=20)
-    return old, save_tf(tmp_path_factory.mktemp("blocks") / "ckpt", model=old)
+    path = tf_ckpt("blocks")
+    return TF_SAVED["blocks"]()["model"], path
 
 
 def test_strict_error_collapses_repeated_keys(blocks_ckpt):
@@ -521,11 +612,15 @@ def test_rename_rule_that_matches_nothing_is_a_strict_problem(tutorial):
 # --------------------------------------------------------------------------- all-or-nothing
 
 
+TF_SAVED["functional_30"] = lambda: {"model": build("functional", seed=30)}
+
+
 @pytest.fixture
-def saved_functional(tmp_path):
-    """A functional d1 -> bn -> d2 model saved with tf.train.Checkpoint; returns (model, prefix, data file)."""
+def saved_functional(tf_written, tmp_path):
+    """A functional d1 -> bn -> d2 model saved with tf.train.Checkpoint, copied into ``tmp_path`` (the tests
+    damage it); returns (model, prefix, data file)."""
+    prefix = os.path.join(tf_written(tf_saved_files, copy_to=tmp_path), "functional_30", "ckpt")
     old = build("functional", seed=30)
-    prefix = save_tf(tmp_path / "ckpt", model=old)
     data = prefix + ".data-00000-of-00001"
     assert os.path.isfile(data)
     return old, prefix, data
@@ -561,12 +656,17 @@ def test_corrupt_tensor_midway_restores_every_variable(saved_functional):
     assert_state(model, before)
 
 
-def test_truncated_data_file_restores_every_variable(tmp_path):
+@tf_writer
+def tf1_functional_files(folder):
+    save_tf1({v.path: value_of(v) for v in build("functional", seed=32).weights}, os.path.join(folder, "model.ckpt"))
+
+
+def test_truncated_data_file_restores_every_variable(tf_written, tmp_path):
     """A TF1 checkpoint (no object graph at the end of the data file) cut inside 'd2/kernel', which
     is stored last but loaded seventh: six variables are assigned before the reader hits the end."""
+    prefix = os.path.join(tf_written(tf1_functional_files, copy_to=tmp_path), "model.ckpt")
     old = build("functional", seed=32)
     arrays = {v.path: value_of(v) for v in old.weights}
-    prefix = save_tf1(arrays, tmp_path / "model.ckpt")
     data = prefix + ".data-00000-of-00001"
     kernel = arrays["d2/kernel"]
     offset = offset_of(data, kernel)
@@ -619,12 +719,19 @@ def test_truncated_object_graph_fails_before_any_assignment(saved_functional):
     assert_state(model, before)
 
 
-def test_refused_cast_midway_restores_every_variable(tmp_path):
+def _functional_with_a_big_value():
     old = build("functional", seed=33)
     kernel = value_of(old.get_layer("d2").kernel)
     kernel[1, 1] = 1e6  # finite in float32, inf in float16
     old.get_layer("d2").kernel.assign(kernel)
-    path = save_tf(tmp_path / "big", model=old)
+    return {"model": old}
+
+
+TF_SAVED["big"] = _functional_with_a_big_value
+
+
+def test_refused_cast_midway_restores_every_variable(tf_ckpt):
+    path = tf_ckpt("big")
     keras.utils.set_random_seed(34)
     model = functional(dtype="float16")
     randomize(model, 34)
@@ -646,6 +753,8 @@ def test_refused_cast_midway_restores_every_variable(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 def test_cast_into_other_float_dtypes(tmp_path, dtype):
+    if dtype == "float64" and keras.backend.backend() == "jax":
+        pytest.skip("JAX makes float64 variables float32 unless jax_enable_x64 is set for the whole process")
     old = build("functional", seed=40)
     path = save_h5(old, tmp_path / "f32.weights.h5")
     keras.utils.set_random_seed(41)
@@ -670,14 +779,21 @@ def test_cast_into_other_float_dtypes(tmp_path, dtype):
     assert report.counts()["cast"] == 8 and report.summary().startswith("0 loaded, 8 cast, ")
 
 
-@pytest.mark.parametrize("target_dtype, status", [("bfloat16", "loaded"), ("float32", "cast")])
-@pytest.mark.parametrize("fmt", ["tf", "h5"])
-def test_bfloat16_checkpoint(tmp_path, fmt, target_dtype, status):
-    """bfloat16 weights (stored by Keras' .weights.h5 as opaque 2-byte values) load exactly."""
+@tf_saved("bf16")
+def bfloat16_objects():
     keras.utils.set_random_seed(45)
     old = functional(dtype="bfloat16")
     randomize(old, 45)
-    path = save_tf(tmp_path / "bf16", model=old) if fmt == "tf" else save_h5(old, tmp_path / "bf16.weights.h5")
+    return {"model": old}
+
+
+@pytest.mark.parametrize("target_dtype, status", [("bfloat16", "loaded"), ("float32", "cast")])
+@pytest.mark.parametrize("fmt", ["tf", "h5"])
+def test_bfloat16_checkpoint(tmp_path, tf_ckpt, fmt, target_dtype, status):
+    """bfloat16 weights (stored by Keras' .weights.h5 as opaque 2-byte values) load exactly."""
+    path = tf_ckpt("bf16") if fmt == "tf" else None
+    old = bfloat16_objects()["model"]
+    path = path or save_h5(old, tmp_path / "bf16.weights.h5")
     with regraft.open(path) as src:
         for e in src.entries():
             assert e.dtype == "bfloat16" and src.read(e.key).dtype == np_dtype("bfloat16"), e.key
@@ -696,12 +812,18 @@ def test_bfloat16_checkpoint(tmp_path, fmt, target_dtype, status):
 # --------------------------------------------------------------------------- freeze
 
 
-def test_freeze_only_layers_loaded_unchanged(tmp_path):
+@tf_saved("freeze")
+def freeze_objects():
     keras.utils.set_random_seed(50)
     old = Chain([(n, keras.layers.Dense(u, name=n)) for n, u in (("a", 4), ("b", 3), ("c", 6))], name="freeze")
     old(X5)
     randomize(old, 50)
-    path = save_tf(tmp_path / "ckpt", model=old)
+    return {"model": old}
+
+
+def test_freeze_only_layers_loaded_unchanged(tf_ckpt):
+    path = tf_ckpt("freeze")
+    old = freeze_objects()["model"]
     keras.utils.set_random_seed(51)
     model = Chain(
         [
@@ -748,7 +870,11 @@ def test_no_freeze_by_default(tutorial):
 # --------------------------------------------------------------------------- report
 
 
-def test_report_is_complete_and_serialisable(tmp_path):
+@tf_writer
+def trained_with_adam_files(folder):
+    """A model trained one Adam step, saved with its optimizer by ``tf.train.Checkpoint.save``; its values."""
+    import tensorflow as tf
+
     keras.utils.set_random_seed(60)
     old = Chain(
         [
@@ -761,7 +887,14 @@ def test_report_is_complete_and_serialisable(tmp_path):
     opt = keras.optimizers.Adam(0.01)
     old.compile(optimizer=opt, loss="mse")
     old.fit(X5, np.ones((2, 3), "float32"), epochs=1, batch_size=2, verbose=0)
-    path = tf.train.Checkpoint(model=old, optimizer=opt).save(str(tmp_path / "ckpt"))
+    tf.train.Checkpoint(model=old, optimizer=opt).save(os.path.join(folder, "ckpt"))
+    _save_values(folder, old)
+
+
+def test_report_is_complete_and_serialisable(tf_written):
+    folder = tf_written(trained_with_adam_files)
+    path = os.path.join(folder, "ckpt-1")
+    old = saved_values(folder)
     model = dense_chain((4, 5, 3), name="rep")
     before = snapshot(model)
     report = regraft.load(model, path, strict=False)
@@ -790,7 +923,7 @@ def test_report_is_complete_and_serialisable(tmp_path):
     assert text.splitlines()[0] == f"{path} [tf-object] (object 'model')"
     assert text.splitlines()[-1] == report.summary()
     assert report.summary().endswith("; 15 optimizer/bookkeeping tensors not loaded")
-    assert_state(model, before, {id(model.dense1.kernel): value_of(old.dense1.kernel), id(model.dense1.bias): value_of(old.dense1.bias)})
+    assert_state(model, before, {id(v): old[v.path] for v in (model.dense1.kernel, model.dense1.bias)})
 
 
 def test_weights_h5_with_optimizer_state_loads_weights_only(tmp_path):
@@ -813,12 +946,15 @@ def test_weights_h5_with_optimizer_state_loads_weights_only(tmp_path):
 # --------------------------------------------------------------------------- root selection
 
 
+TF_SAVED["roots"] = lambda: {"model": build("functional", seed=70), "ema": build("functional", seed=71)}
+
+
 @pytest.fixture(scope="module")
-def two_objects(tmp_path_factory):
+def two_objects(tf_ckpt):
     """``tf.train.Checkpoint(model=m, ema=m_copy)``: the same architecture, different values."""
-    m = build("functional", seed=70)
-    ema = build("functional", seed=71)
-    return m, ema, save_tf(tmp_path_factory.mktemp("roots") / "ckpt", model=m, ema=ema)
+    path = tf_ckpt("roots")
+    objects = TF_SAVED["roots"]()
+    return objects["model"], objects["ema"], path
 
 
 @pytest.mark.parametrize("root, pick", [(None, "model"), ("model", "model"), ("ema", "ema"), ("/ema/", "ema")])
@@ -835,13 +971,19 @@ def test_root_selection(two_objects, root, pick):
     assert_state(model, before, {id(t): value_of(s) for s, t in zip(chosen.weights, model.weights)})
 
 
-def test_root_auto_picks_the_object_that_matches(tmp_path):
+@tf_saved("teacher_student")
+def teacher_student_objects():
     keras.utils.set_random_seed(73)
     teacher = Chain([("encoder", keras.layers.Dense(6, name="encoder")), ("decoder", keras.layers.Dense(3, name="decoder"))])
     teacher(X5)
     student = dense_chain((4, 3), name="student")
     randomize(student, 73)
-    path = save_tf(tmp_path / "ckpt", teacher=teacher, student=student)
+    return {"teacher": teacher, "student": student}
+
+
+def test_root_auto_picks_the_object_that_matches(tf_ckpt):
+    path = tf_ckpt("teacher_student")
+    student = teacher_student_objects()["student"]
     model = dense_chain((4, 3), name="student")
     randomize(model, 74)
     before = snapshot(model)
@@ -892,10 +1034,11 @@ def test_not_a_model(tutorial):
 
 
 @pytest.mark.parametrize("fmt", ["tf", "h5"])
-def test_rename_rule_by_recorded_layer_name_works_whatever_the_keys(tmp_path, fmt):
+def test_rename_rule_by_recorded_layer_name_works_whatever_the_keys(tmp_path, tf_ckpt, fmt):
     """``rename={"dense_layer_1/": "my_dense_layer/"}`` names layers, not file keys (``_operations/1``, ``layers/dense``)."""
+    path = tf_ckpt("renamed_14") if fmt == "tf" else None
     old = named_functional("dense_layer_1", 14)
-    path = save_tf(tmp_path / "c", model=old) if fmt == "tf" else save_h5(old, tmp_path / "c.weights.h5")
+    path = path or save_h5(old, tmp_path / "c.weights.h5")
     model = named_functional("my_dense_layer", 15)
     before = snapshot(model)
     report = regraft.load(model, path, rename={"dense_layer_1/": "my_dense_layer/"})

@@ -2,22 +2,29 @@
 
 Every checkpoint here is written by TensorFlow, Keras 3 or tf-keras in a temporary
 folder. Reads are compared bit for bit with TensorFlow's own reader or h5py.
+
+The checkpoints come from ``tf_writer`` functions (``tests/backend_cases.py``), so the
+tests also run on the other Keras backends, without TensorFlow: each writer records
+what TensorFlow's reader returns for its checkpoint (``tf_reader.npz``) and the values of
+models it trained (``values.npz``); seeded models are rebuilt here with the same values.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras
 import regraft
 from regraft.errors import SourceError, UnsupportedFormatError
 
-from conftest import X5, dense_chain, functional, randomize, same_bytes, snapshot, tf_tensor, value_of
+from backend_cases import tf_writer
+from conftest import X5, dense_chain, functional, randomize, same_bytes, snapshot, tf_reader_values, tf_tensor, value_of
 
 DENSE_BN_DENSE = ("d1", "bn", "d2")
 
@@ -25,41 +32,89 @@ DENSE_BN_DENSE = ("d1", "bn", "d2")
 # --------------------------------------------------------------------------- checkpoints (one each per module)
 
 
-@pytest.fixture(scope="module")
-def subclassed_ckpt(tmp_path_factory):
-    """A subclassed model saved as ``tf.train.Checkpoint(model=m).write``."""
+def _record(folder: str, prefix: str, **values) -> None:
+    """Beside the checkpoint: TensorFlow's own reading of it, and the arrays ``values`` (name -> list of arrays)."""
+    np.savez(os.path.join(folder, "tf_reader.npz"), **tf_reader_values(prefix))
+    np.savez(os.path.join(folder, "values.npz"),
+             **{f"{name}/{i}": np.asarray(a) for name, arrays in values.items() for i, a in enumerate(arrays)})
+
+
+def _recorded(folder: str, name: str) -> list[np.ndarray]:
+    values = np.load(os.path.join(folder, "values.npz"))
+    return [values[f"{name}/{i}"] for i in range(sum(1 for k in values.files if k.startswith(name + "/")))]
+
+
+def _tf_read(folder: str) -> dict[str, np.ndarray]:
+    return dict(np.load(os.path.join(folder, "tf_reader.npz")))
+
+
+def _subclassed():
     keras.utils.set_random_seed(1)
     model = dense_chain((4, 3))
     randomize(model, 1)
-    path = tf.train.Checkpoint(model=model).write(str(tmp_path_factory.mktemp("sub") / "ckpt"))
-    return SimpleNamespace(path=path, read_with=("tf", path), model=model)
+    return model
+
+
+def _functional(seed):
+    keras.utils.set_random_seed(seed)
+    model = functional(DENSE_BN_DENSE)
+    randomize(model, seed)
+    return model
+
+
+@tf_writer
+def object_checkpoint_files(folder):
+    """A subclassed and a functional model saved as ``tf.train.Checkpoint(model=m).write``."""
+    import tensorflow as tf
+
+    for name, model in (("sub", _subclassed()), ("fun", _functional(2))):
+        path = tf.train.Checkpoint(model=model).write(os.path.join(folder, name, "ckpt"))
+        _record(os.path.join(folder, name), path)
 
 
 @pytest.fixture(scope="module")
-def functional_ckpt(tmp_path_factory):
+def subclassed_ckpt(tf_written):
+    """A subclassed model saved as ``tf.train.Checkpoint(model=m).write``."""
+    folder = os.path.join(tf_written(object_checkpoint_files), "sub")
+    path = os.path.join(folder, "ckpt")
+    return SimpleNamespace(path=path, read_with=("tf", _tf_read(folder)), model=_subclassed())
+
+
+@pytest.fixture(scope="module")
+def functional_ckpt(tf_written):
     """A functional model saved as ``tf.train.Checkpoint(model=m).write``."""
-    keras.utils.set_random_seed(2)
-    model = functional(DENSE_BN_DENSE)
-    randomize(model, 2)
-    path = tf.train.Checkpoint(model=model).write(str(tmp_path_factory.mktemp("fun") / "ckpt"))
-    return SimpleNamespace(path=path, read_with=("tf", path), model=model)
+    folder = os.path.join(tf_written(object_checkpoint_files), "fun")
+    path = os.path.join(folder, "ckpt")
+    return SimpleNamespace(path=path, read_with=("tf", _tf_read(folder)), model=_functional(2))
 
 
-@pytest.fixture(scope="module")
-def adam_ckpt(tmp_path_factory):
+@tf_writer
+def adam_files(folder):
     """``tf.train.Checkpoint(model=m, optimizer=Adam)`` saved with ``.save()`` after one ``fit`` step,
-    plus the same model's ``.weights.h5`` (which then holds the optimizer too)."""
-    keras.utils.set_random_seed(3)
-    model = functional(DENSE_BN_DENSE)
-    randomize(model, 3)
+    plus the same model's ``.weights.h5`` (which then holds the optimizer too); the trained values."""
+    import tensorflow as tf
+
+    model = _functional(3)
     opt = keras.optimizers.Adam(learning_rate=0.01)
     model.compile(optimizer=opt, loss="mse")
     model.fit(X5, np.ones((2, 2), "float32"), epochs=1, batch_size=2, verbose=0)
-    folder = tmp_path_factory.mktemp("adam")
-    path = tf.train.Checkpoint(model=model, optimizer=opt).save(str(folder / "ckpt"))
-    h5 = str(folder / "trained.weights.h5")
-    model.save_weights(h5)
-    return SimpleNamespace(path=path, read_with=("tf", path), model=model, opt=opt, h5=h5)
+    path = tf.train.Checkpoint(model=model, optimizer=opt).save(os.path.join(folder, "ckpt"))
+    model.save_weights(os.path.join(folder, "trained.weights.h5"))
+    _record(folder, path, weights=[v.numpy() for v in model.weights], m=[v.numpy() for v in opt._momentums],
+            v=[v.numpy() for v in opt._velocities])
+
+
+@pytest.fixture(scope="module")
+def adam_ckpt(tf_written):
+    """The Adam checkpoint and ``.weights.h5``; ``model`` is the same model built here holding the trained
+    values, ``m`` and ``v`` the optimizer's moments per trainable variable."""
+    folder = tf_written(adam_files)
+    path = os.path.join(folder, "ckpt-1")
+    model = _functional(3)
+    for variable, value in zip(model.weights, _recorded(folder, "weights"), strict=True):
+        variable.assign(value)
+    return SimpleNamespace(path=path, read_with=("tf", _tf_read(folder)), model=model, m=_recorded(folder, "m"),
+                           v=_recorded(folder, "v"), h5=os.path.join(folder, "trained.weights.h5"))
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +122,12 @@ def h5_ckpt(adam_ckpt):
     return SimpleNamespace(path=adam_ckpt.h5, read_with=("h5", adam_ckpt.h5), model=adam_ckpt.model)
 
 
-@pytest.fixture(scope="module")
-def tfkeras_ckpt(tmp_path_factory):
-    """A tf-keras Sequential trained one step with the legacy Adam, saved in TF format and as .h5."""
-    tf_keras = pytest.importorskip("tf_keras")
+@tf_writer
+def tf_keras_files(folder):
+    """A tf-keras Sequential trained one step with the legacy Adam, saved in TF format and as .h5; its values."""
+    import tf_keras
+
+    tf_keras.backend.clear_session()
     tf_keras.utils.set_random_seed(4)
     model = tf_keras.Sequential(
         [
@@ -81,22 +138,32 @@ def tfkeras_ckpt(tmp_path_factory):
     )
     model.compile(optimizer=tf_keras.optimizers.legacy.Adam(0.01), loss="mse")
     model.fit(X5, np.ones((2, 2), "float32"), epochs=1, batch_size=2, verbose=0)
-    folder = tmp_path_factory.mktemp("tfk")
-    prefix = str(folder / "weights")
+    prefix = os.path.join(folder, "weights")
     model.save_weights(prefix)  # no .h5 suffix: TensorFlow format
-    h5 = str(folder / "legacy.h5")
-    model.save_weights(h5)
-    return SimpleNamespace(path=prefix, read_with=("tf", prefix), model=model, h5=h5)
+    model.save_weights(os.path.join(folder, "legacy.h5"))
+    _record(folder, prefix, weights=[v.numpy() for v in model.weights], trainable=[v.trainable for v in model.weights])
+
+
+@pytest.fixture(scope="module")
+def tfkeras_ckpt(tf_written):
+    """The tf-keras files; ``weights`` are its variables' values and ``trainable`` their flags, in order."""
+    folder = tf_written(tf_keras_files)
+    prefix = os.path.join(folder, "weights")
+    return SimpleNamespace(path=prefix, read_with=("tf", _tf_read(folder)), weights=_recorded(folder, "weights"),
+                           trainable=[bool(t) for t in _recorded(folder, "trainable")],
+                           h5=os.path.join(folder, "legacy.h5"))
 
 
 @pytest.fixture(scope="module")
 def keras2_h5_ckpt(tfkeras_ckpt):
-    return SimpleNamespace(path=tfkeras_ckpt.h5, read_with=("h5-keras2", tfkeras_ckpt.h5), model=tfkeras_ckpt.model)
+    return SimpleNamespace(path=tfkeras_ckpt.h5, read_with=("h5-keras2", tfkeras_ckpt.h5), weights=tfkeras_ckpt.weights)
 
 
-@pytest.fixture(scope="module")
-def tf1_ckpt(tmp_path_factory):
-    """A TF1 ``Saver`` checkpoint of two variables trained one step with v1 Adam."""
+@tf_writer
+def tf1_files(folder):
+    """A TF1 ``Saver`` checkpoint of two variables trained one step with v1 Adam; their values."""
+    import tensorflow as tf
+
     graph = tf.Graph()
     with graph.as_default():
         tf.compat.v1.set_random_seed(5)
@@ -110,9 +177,17 @@ def tf1_ckpt(tmp_path_factory):
         with tf.compat.v1.Session(graph=graph) as sess:
             sess.run(tf.compat.v1.global_variables_initializer())
             sess.run(train, {x: X5})
-            values = dict(zip(["d1/kernel", "d1/bias"], sess.run([kernel, bias])))
-            path = saver.save(sess, str(tmp_path_factory.mktemp("tf1") / "model.ckpt"))
-    return SimpleNamespace(path=path, read_with=("tf", path), values=values)
+            values = sess.run([kernel, bias])
+            path = saver.save(sess, os.path.join(folder, "model.ckpt"))
+    _record(folder, path, **{"d1/kernel": values[:1], "d1/bias": values[1:]})
+
+
+@pytest.fixture(scope="module")
+def tf1_ckpt(tf_written):
+    folder = tf_written(tf1_files)
+    path = os.path.join(folder, "model.ckpt")
+    values = {name: _recorded(folder, name)[0] for name in ("d1/kernel", "d1/bias")}
+    return SimpleNamespace(path=path, read_with=("tf", _tf_read(folder)), values=values)
 
 
 def entries_of(path):
@@ -171,7 +246,7 @@ def test_functional_object_checkpoint_entries(functional_ckpt):
 def test_checkpoint_with_adam_separates_weights_slots_and_bookkeeping(adam_ckpt):
     fmt, ns, entries = entries_of(adam_ckpt.path)
     assert (fmt, ns) == ("tf-object", "object")
-    model, opt = adam_ckpt.model, adam_ckpt.opt
+    model = adam_ckpt.model
     weight_keys = {
         id(v): k
         for v, k in zip(
@@ -204,11 +279,11 @@ def test_checkpoint_with_adam_separates_weights_slots_and_bookkeeping(adam_ckpt)
     assert len(slots) == 2 * len(model.trainable_variables)
     with regraft.open(adam_ckpt.path) as src:
         for i, v in enumerate(model.trainable_variables):
-            for kind, moments in (("_momentums", opt._momentums), ("_velocities", opt._velocities)):
+            for kind, moments in (("_momentums", adam_ckpt.m), ("_velocities", adam_ckpt.v)):
                 alias = f"optimizer/{kind}/{i}"
                 (slot,) = [e for e in slots.values() if alias in e.aliases or e.key == alias]
                 assert slot.slot_of == weight_keys[id(v)], alias
-                assert same_bytes(src.read(slot.key), value_of(moments[i])), alias
+                assert same_bytes(src.read(slot.key), moments[i]), alias
         # Bookkeeping: iterations, learning rate, save counter.
         bookkeeping = {k: e for k, e in entries.items() if e.kind == "bookkeeping"}
         assert set(bookkeeping) == {"optimizer/_iterations", "optimizer/_learning_rate", "save_counter"}
@@ -222,20 +297,19 @@ def test_checkpoint_with_adam_separates_weights_slots_and_bookkeeping(adam_ckpt)
 def test_tf_keras_legacy_optimizer_checkpoint(tfkeras_ckpt):
     fmt, ns, entries = entries_of(tfkeras_ckpt.path)
     assert (fmt, ns) == ("tf-keras", "keras2")
-    model = tfkeras_ckpt.model
     roles = ["kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance", "kernel", "bias"]
     layers = [0, 0, 1, 1, 1, 1, 2, 2]
     keys = [f"layer_with_weights-{n}/{r}" for n, r in zip(layers, roles)]
     weights = {k: e for k, e in entries.items() if e.kind == "weight"}
     assert sorted(weights) == sorted(keys)
     with regraft.open(tfkeras_ckpt.path) as src:
-        for key, variable in zip(keys, model.weights):
+        for key, value in zip(keys, tfkeras_ckpt.weights, strict=True):
             assert weights[key].role == key.rsplit("/", 1)[1]
             assert weights[key].layer == key.rsplit("/", 1)[0]
-            assert same_bytes(src.read(key), variable.numpy()), key
+            assert same_bytes(src.read(key), value), key
         # The legacy optimizer records its slots in the object graph: m and v per trainable weight.
         slots = {k: e for k, e in entries.items() if e.kind == "optimizer_slot"}
-        trainable_keys = [k for k, v in zip(keys, model.weights) if v.trainable]
+        trainable_keys = [k for k, trainable in zip(keys, tfkeras_ckpt.trainable, strict=True) if trainable]
         assert sorted(slots) == sorted(
             f"{k}/.OPTIMIZER_SLOT/optimizer/{s}" for k in trainable_keys for s in ("m", "v")
         )
@@ -299,10 +373,10 @@ def test_keras2_h5_entries(keras2_h5_ckpt):
     keys = [f"{n}/{r}" for n, r in zip(names, roles)]
     assert list(entries) == keys
     with regraft.open(keras2_h5_ckpt.path) as src:
-        for key, name, variable in zip(keys, names, keras2_h5_ckpt.model.weights):
+        for key, name, value in zip(keys, names, keras2_h5_ckpt.weights, strict=True):
             e = entries[key]
             assert (e.kind, e.layer, e.layer_name, e.role) == ("weight", name, name, key.rsplit("/", 1)[1])
-            assert same_bytes(src.read(key), variable.numpy()), key
+            assert same_bytes(src.read(key), value), key
 
 
 # --------------------------------------------------------------------------- reads equal TF / h5py
@@ -314,16 +388,16 @@ def test_keras2_h5_entries(keras2_h5_ckpt):
 )
 def test_read_equals_tensorflow_and_h5py(fixture, request):
     ckpt = request.getfixturevalue(fixture)
-    how, path = ckpt.read_with
+    how, reference = ckpt.read_with  # the .h5 file, or what TensorFlow's reader read from the checkpoint
     with regraft.open(ckpt.path) as src:
         entries = src.entries()
         assert entries
         if how != "h5":
             assert any(e.kind == "weight" for e in entries)
-        with h5py.File(path, "r") if how.startswith("h5") else _nothing() as f:
+        with h5py.File(reference, "r") if how.startswith("h5") else _nothing() as f:
             for e in entries:
                 if how == "tf":
-                    expected = tf_tensor(path, e)
+                    expected = tf_tensor(reference, e)
                 elif how == "h5":
                     expected = f[e.key][()]
                 else:  # Keras 2 .h5: /<layer_name>/<weight name>:0
@@ -345,21 +419,40 @@ class _nothing:
 # --------------------------------------------------------------------------- path forms
 
 
-@pytest.fixture(scope="module")
-def two_saves(tmp_path_factory):
-    """One model saved twice (values changed between) by Checkpoint.save and by a CheckpointManager."""
+def _saved_twice(save):
+    """A model given two states in turn; ``save()`` after each; returns the model and its states."""
     keras.utils.set_random_seed(6)
     model = dense_chain((3, 2))
-    folder = tmp_path_factory.mktemp("forms")
-    ckpt = tf.train.Checkpoint(model=model)
-    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(folder / "managed"), max_to_keep=5)
     states = []
     for seed in (10, 11):
         randomize(model, seed)
         states.append(snapshot(model))
-        ckpt.save(str(folder / "saved" / "ckpt"))
-        manager.save()
-    return SimpleNamespace(folder=folder, model=model, states=states)
+        save(model)
+    return model, states
+
+
+@tf_writer
+def two_saves_files(folder):
+    """One model saved twice (values changed between) by Checkpoint.save and by a CheckpointManager."""
+    import tensorflow as tf
+
+    objects = {}
+
+    def save(model):
+        if not objects:
+            objects["ckpt"] = tf.train.Checkpoint(model=model)
+            objects["manager"] = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
+                                                            os.path.join(folder, "managed"), max_to_keep=5)
+        objects["ckpt"].save(os.path.join(folder, "saved", "ckpt"))
+        objects["manager"].save()
+
+    _saved_twice(save)
+
+
+@pytest.fixture(scope="module")
+def two_saves(tf_written):
+    model, states = _saved_twice(lambda model: None)
+    return SimpleNamespace(folder=Path(tf_written(two_saves_files)), model=model, states=states)
 
 
 @pytest.mark.parametrize(
@@ -402,16 +495,16 @@ def test_open_accepts_pathlib_and_closes(two_saves):
 # --------------------------------------------------------------------------- errors
 
 
-def _missing(tmp_path):
+def _missing(tmp_path, tf_written):
     return str(tmp_path / "nope" / "ckpt-9"), [str(tmp_path / "nope"), "does not exist either"]
 
 
-def _missing_in_existing_folder(tmp_path):
+def _missing_in_existing_folder(tmp_path, tf_written):
     path = str(tmp_path / "ckpt-9")
     return path, [f"{path} does not exist.", f"{tmp_path} is where it was looked for"]
 
 
-def _unrelated_folder(tmp_path):
+def _unrelated_folder(tmp_path, tf_written):
     folder = tmp_path / "stuff"
     folder.mkdir()
     (folder / "notes.txt").write_text("hello")
@@ -423,7 +516,7 @@ def _unrelated_folder(tmp_path):
     ]
 
 
-def _random_hdf5(tmp_path):
+def _random_hdf5(tmp_path, tf_written):
     path = tmp_path / "random.h5"
     with h5py.File(path, "w") as f:
         f["random"] = np.random.default_rng(0).standard_normal((3, 4))
@@ -434,7 +527,7 @@ def _random_hdf5(tmp_path):
     ]
 
 
-def _text_named_weights_h5(tmp_path):
+def _text_named_weights_h5(tmp_path, tf_written):
     path = tmp_path / "x.weights.h5"
     path.write_text("these are not weights\n")
     return str(path), [
@@ -443,7 +536,7 @@ def _text_named_weights_h5(tmp_path):
     ]
 
 
-def _state_file_to_nowhere(tmp_path):
+def _state_file_to_nowhere(tmp_path, tf_written):
     folder = tmp_path / "stale"
     folder.mkdir()
     (folder / "checkpoint").write_text('model_checkpoint_path: "ckpt-7"\nall_model_checkpoint_paths: "ckpt-7"\n')
@@ -453,11 +546,18 @@ def _state_file_to_nowhere(tmp_path):
     ]
 
 
-def _two_prefixes_no_state(tmp_path):
-    folder = tmp_path / "two"
+@tf_writer
+def two_prefixes_files(folder):
+    import tensorflow as tf
+
     model = functional(("a", "b", "c"))
     for name in ("run-a", "run-b"):
-        tf.train.Checkpoint(model=model).write(str(folder / name))
+        tf.train.Checkpoint(model=model).write(os.path.join(folder, name))
+
+
+def _two_prefixes_no_state(tmp_path, tf_written):
+    folder = tmp_path / "two"
+    tf_written(two_prefixes_files, copy_to=folder)
     return str(folder), [
         f"{folder} holds 2 checkpoints (run-a, run-b) and no 'checkpoint' state file",
         f"Hint: Pass one prefix, e.g. {folder / 'run-b'}.",
@@ -477,8 +577,8 @@ def _two_prefixes_no_state(tmp_path):
     ],
     ids=lambda v: getattr(v, "__name__", "").strip("_"),
 )
-def test_open_errors(tmp_path, make, error):
-    path, fragments = make(tmp_path)
+def test_open_errors(tmp_path, tf_written, make, error):
+    path, fragments = make(tmp_path, tf_written)
     with pytest.raises(error) as info:
         regraft.open(path)
     assert isinstance(info.value, regraft.RegraftError)

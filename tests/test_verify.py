@@ -196,8 +196,8 @@ def test_two_input_two_output_functional_model():
     perturb(new, 1e-3, index=[v.path for v in new.weights].index(new.get_layer("b").kernel.path))
     report = verify(old, new)
     x = probe_inputs(old)
-    a_old, b_old = (np.asarray(t, np.float64) for t in old(x, training=False))
-    a_new, b_new = (np.asarray(t, np.float64) for t in new(x, training=False))
+    a_old, b_old = (np.asarray(keras.ops.convert_to_numpy(t), np.float64) for t in old(x, training=False))
+    a_new, b_new = (np.asarray(keras.ops.convert_to_numpy(t), np.float64) for t in new(x, training=False))
     assert report.outputs[0]["max_abs"] == 0.0
     assert report.outputs[1]["max_abs"] == float(np.max(np.abs(b_old - b_new))) == report.max_abs > 0
     text = str(report).splitlines()

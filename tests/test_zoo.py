@@ -10,6 +10,11 @@ Two kinds of assertions:
   architecture loads 100% with ``strict=True`` and no problems;
 * full recovery of the refactor / insert / tf-keras pairs: every eligible variable
   is either recovered or left for the user to confirm.
+
+The old models are built and saved with TensorFlow (and tf-keras) by a ``tf_writer``
+(``tests/backend_cases.py``), which also records what the scoring needs from them
+(``bench_zoo.write_prepared``); the new models are built and loaded on the backend the
+tests run on, so the matching is checked on JAX and PyTorch without TensorFlow too.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tensorflow")
+from backend_cases import tf_writer
+
 pytest.importorskip("keras")
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_zoo.py"
@@ -81,16 +87,26 @@ def _case_id(case) -> str:
     return f"{case.pair}[{case.format}]"
 
 
+@tf_writer
+def zoo_files(folder):
+    """Each fast pair's old model saved in every format (``bench_zoo.prepare``), with what scoring needs."""
+    for name in FAST:
+        pair = PAIRS[name]
+        workdir = Path(folder) / name
+        workdir.mkdir()
+        with zoo.quiet(sys.stderr):
+            zoo.write_prepared(zoo.prepare(pair, pair.formats, 0, workdir), workdir)
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Each fast pair prepared once (old saved in every format, new built) and scored in every format."""
-    if any(PAIRS[name].framework == "tf_keras" for name in FAST):
-        pytest.importorskip("tf_keras")
+def runs(tf_written):
+    """Each fast pair prepared once (old saved in every format, new built here) and scored in every format."""
+    folder = Path(tf_written(zoo_files))
     out = {}
     for name in FAST:
         pair = PAIRS[name]
         with zoo.quiet(sys.stderr):
-            prep = zoo.prepare(pair, pair.formats, 0, tmp_path_factory.mktemp(name))
+            prep = zoo.read_prepared(pair, folder / name)
             cases = [zoo.run_case(prep, fmt) for fmt in pair.formats]
         out[name] = (prep, cases)
     return out
@@ -115,6 +131,8 @@ def test_known_limits_say_why_and_only_they_do():
     assert PAIRS["ckpt-in-module"].formats == ("tf",)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                    reason="runs the benchmark itself, which writes its files with TensorFlow")
 def test_known_limits_are_scored_but_left_out_of_the_total_and_exit_status(capsys):
     """A limit pair that goes WRONG is printed in its own section; the run still exits 0."""
     assert zoo.main(["--only", "custom-weights-created-other-order-h5", "--formats", "h5"]) == 0
@@ -159,6 +177,8 @@ def test_list_held_layers_are_absent_from_the_tf_checkpoint_only(runs):
     assert by_format["h5"].absent == 0 and by_format["h5"].eligible == 8
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                    reason="checks the files with TensorFlow's own reader")
 def test_optimizer_checkpoint_holds_slots_and_an_older_save(runs):
     """tf-opt is what a training loop leaves: optimizer slots, and the newest of several saves is the one to read."""
     import tensorflow as tf
@@ -168,6 +188,10 @@ def test_optimizer_checkpoint_holds_slots_and_an_older_save(runs):
     assert len(tf.train.get_checkpoint_state(folder).all_model_checkpoint_paths) == 2
     keys = tf.train.load_checkpoint(folder).get_variable_to_shape_map()
     assert any(key.startswith("optimizer/") for key in keys)
+
+
+def test_the_newest_save_of_an_optimizer_checkpoint_is_loaded(runs):
+    _, cases = runs["opt-mlp-insert"]
     (case,) = [c for c in cases if c.format == "tf-opt"]
     assert case.eligible == 12 and case.fresh.recovered == 12, case.fresh.missed_variables
 

@@ -247,8 +247,10 @@ def predicted_checkpoint_children(obj: Any) -> dict[str, Any]:
 
     if isinstance(obj, keras.Variable) or not hasattr(obj, "__dict__"):
         return {}
+    torch_own = _torch_module_attributes() if _is_torch_module(obj) else frozenset()
     return {name: value for name, value in instance_attributes(obj).items()
-            if not name.startswith("_self_") and name != "_modules" and name not in _UNTRACKED_LISTS and _checkpoint_trackable(value)}
+            if not name.startswith("_self_") and name != "_modules" and name not in _UNTRACKED_LISTS
+            and name not in torch_own and _checkpoint_trackable(value)}
 
 
 # Plain lists Keras 3.15 assigns with TensorFlow's attribute tracking switched off
@@ -271,9 +273,23 @@ def instance_attributes(obj: Any) -> dict[str, Any]:
     """
     found = dict(vars(obj))
     modules = found.get("_modules")
-    if isinstance(modules, dict) and any(c.__module__.startswith("torch.") for c in type(obj).__mro__):
+    if isinstance(modules, dict) and _is_torch_module(obj):
         found.update((name, module) for name, module in modules.items() if module is not None and name not in found)
     return found
+
+
+def _is_torch_module(obj: Any) -> bool:
+    """A ``torch.nn.Module`` (every Keras layer on the PyTorch backend), found without importing torch."""
+    return any(c.__module__.startswith("torch.") for c in type(obj).__mro__)
+
+
+@functools.cache
+def _torch_module_attributes() -> frozenset[str]:
+    """The attributes ``torch.nn.Module.__init__`` assigns (its hook and parameter dicts, ``training``):
+    plain dicts that TensorFlow would track, but a Keras layer has them only on the PyTorch backend."""
+    import torch
+
+    return frozenset(vars(torch.nn.Module()))
 
 
 def _tf_wrapped(value: Any) -> bool:
