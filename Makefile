@@ -45,7 +45,7 @@ JAX_TESTS := tests/test_backends.py tests/test_align.py tests/test_structure.py 
 	tests/test_naming.py tests/test_targets.py tests/test_verify.py tests/test_plan.py tests/test_planfile.py \
 	tests/test_transforms.py tests/test_growth.py tests/test_bundle.py tests/test_compat.py \
 	tests/test_apply_faults.py tests/test_building.py tests/test_hardening_h5.py tests/test_progress.py \
-	tests/test_writers.py tests/test_convert.py tests/test_torch_layout.py
+	tests/test_writers.py tests/test_convert.py tests/test_torch_layout.py tests/test_optimizer_state.py
 # The test_verify ones write a TF checkpoint through regraft, which needs the TensorFlow backend by
 # design; the test_apply_faults one writes its checkpoint with TensorFlow in a child process; the
 # test_compat one pins TensorFlow's own `_trackable_children` (elsewhere regraft predicts the children).

@@ -1,58 +1,51 @@
-"""Optimizer state follows its variables: load(..., optimizer=) with real trained optimizers."""
+"""Optimizer state follows its variables: load(..., optimizer=) with real trained optimizers.
+
+Runs on the TensorFlow backend (which trains and writes the checkpoints itself) and on
+JAX without TensorFlow, where the checkpoints are the ones ``tests/backend_cases.py``
+wrote with TensorFlow (``REGRAFT_TF_FILES``) and the old model and its optimizer are
+rebuilt from the numpy copy of their state, so that this backend takes the old
+model's next step itself.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+
+import backend_cases
+from backend_cases import OPTIMIZERS, TRAINED, X3 as X, Y2 as Y, train_step as _step
+from conftest import assert_state, same_bytes, snapshot, value_of
 
 import regraft
 from regraft.errors import RegraftError
 from regraft.optimizer_state import slot_steps
-from tests.conftest import same_bytes, snapshot, assert_state, value_of
-
-X = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
-Y = np.random.default_rng(1).normal(size=(16, 2)).astype("float32")
 
 
 def _model(width: int = 4, insert: bool = False) -> keras.Model:
-    layers = [keras.Input((3,)), keras.layers.Dense(width, activation="relu", name="d1")]
-    if insert:
-        layers.append(keras.layers.Dense(width, name="ins"))
-    layers.append(keras.layers.Dense(2, name="d2"))
-    return keras.Sequential(layers)
+    return backend_cases.optimizer_model(width, insert)
 
 
-OPTIMIZERS = {
-    "adam": lambda: keras.optimizers.Adam(0.01),
-    "sgd_momentum": lambda: keras.optimizers.SGD(0.01, momentum=0.9),
-    "rmsprop_centered": lambda: keras.optimizers.RMSprop(0.01, momentum=0.5, centered=True),
-}
-
-
-def _step(model: keras.Model, optimizer) -> None:
-    """One training step on the fixed batch (the same ops for every model)."""
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(tf.square(model(X) - Y))
-    optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-
-
-def _gradients(model: keras.Model) -> list[np.ndarray]:
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(tf.square(model(X) - Y))
-    return [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
-
-
-def _trained(tmp_path, name: str, steps: int = 5, width: int = 4):
-    model, optimizer = _model(width), OPTIMIZERS[name]()
-    for _ in range(steps):
-        _step(model, optimizer)
-    prefix = str(tmp_path / "ckpt")
-    tf.train.Checkpoint(model=model, optimizer=optimizer).write(prefix)
-    return model, optimizer, prefix
+def _trained(tmp_path, name: str, case: str | None = None):
+    """The old model, its optimizer and the prefix of ``Checkpoint(model=, optimizer=)`` of the
+    ``trained_<name>`` case: trained here on TensorFlow; on another backend, the TF-written files
+    (copied into ``tmp_path``) and the old state rebuilt from their numpy copy."""
+    trained = next(c for c in TRAINED if c.name == (case or f"trained_{name}"))
+    folder = str(tmp_path / trained.name)
+    if keras.backend.backend() == "tensorflow":
+        model, optimizer = backend_cases.write_trained(trained, folder)
+        return model, optimizer, os.path.join(folder, "ckpt")
+    files = os.environ.get("REGRAFT_TF_FILES")
+    if not files:
+        pytest.skip("needs TF-written checkpoints: set REGRAFT_TF_FILES (make test-jax does)")
+    assert os.path.exists(os.path.join(files, trained.name, "state.npz")), \
+        f"REGRAFT_TF_FILES={files} lacks {trained.name}: run tests/backend_cases.py again"
+    shutil.copytree(os.path.join(files, trained.name), folder)
+    model, optimizer = backend_cases.restore_trained(trained, folder)
+    return model, optimizer, os.path.join(folder, "ckpt")
 
 
 def _slots(optimizer, variable) -> dict[str, np.ndarray]:
@@ -64,12 +57,20 @@ def _slots(optimizer, variable) -> dict[str, np.ndarray]:
     return {name: value_of(items[i]) for name, items in lists.items()}
 
 
+def _gradients(model) -> list[np.ndarray]:
+    return [np.asarray(g) for g in backend_cases.gradients(model)]
+
+
+def _iterations(optimizer) -> int:
+    return int(np.asarray(optimizer.iterations.numpy()))
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_unchanged_model_takes_the_old_models_next_step_bit_for_bit(tmp_path, name):
     old, old_opt, prefix = _trained(tmp_path, name)
     new, new_opt = _model(), OPTIMIZERS[name]()
     report = regraft.load(new, prefix, optimizer=new_opt)
-    assert new_opt.iterations.numpy() == old_opt.iterations.numpy() == 5
+    assert _iterations(new_opt) == _iterations(old_opt) == 5
     assert {r["state"] for r in report.to_dict()["optimizer"]} == {"loaded"}
     for a, b in zip(old.trainable_variables, new.trainable_variables):
         old_slots, new_slots = _slots(old_opt, a), _slots(new_opt, b)
@@ -96,7 +97,7 @@ def test_inserted_layer_gets_fresh_slots_and_the_rest_keep_theirs(tmp_path, name
     assert all(s.any() for v in new.trainable_variables if "/ins/" in v.path for s in _slots(new_opt, v).values())
     report = regraft.load(new, prefix, optimizer=new_opt, reshape="preserve")
     rows = {r["slot"]: r for r in report.to_dict()["optimizer"]}
-    assert rows["optimizer/iterations"]["state"] == "loaded" and new_opt.iterations.numpy() == 5
+    assert rows["optimizer/iterations"]["state"] == "loaded" and _iterations(new_opt) == 5
     for layer in ("d1", "d2"):
         for role in ("kernel", "bias"):
             new_var = next(v for v in new.trainable_variables if v.path.endswith(f"{layer}/{role}"))
@@ -118,22 +119,28 @@ def test_legacy_tf_keras_slot_variables_follow_their_weights(tmp_path):
                                tf_keras.layers.Dense(2, name="d2")])
     old_opt = tf_keras.optimizers.legacy.Adam(0.01)
     old.compile(old_opt, "mse")
-    old.fit(X, Y, verbose=0, epochs=3, batch_size=16)
+    old.fit(X, Y, verbose=0, epochs=3, batch_size=16)  # tf_keras: skipped without TensorFlow
     old.save_weights(str(tmp_path / "tk"))
     new, opt = _model(), OPTIMIZERS["adam"]()
     report = regraft.load(new, str(tmp_path / "tk"), optimizer=opt)
     assert {r["state"] for r in report.to_dict()["optimizer"]} == {"loaded"}
-    assert opt.iterations.numpy() == 3
+    assert _iterations(opt) == 3
     for a, b in zip(old.trainable_variables, new.trainable_variables):
         slots = _slots(opt, b)
         assert same_bytes(slots["_momentums"], old_opt.get_slot(a, "m").numpy())
         assert same_bytes(slots["_velocities"], old_opt.get_slot(a, "v").numpy())
 
 
-def test_a_checkpoint_without_optimizer_state_is_a_strict_problem(tmp_path):
+@pytest.mark.parametrize("fmt", ["tf", "h5"])
+def test_a_checkpoint_without_optimizer_state_is_a_strict_problem(tmp_path, fmt):
     model = _model()
-    prefix = str(tmp_path / "weights_only")
-    tf.train.Checkpoint(model=model).write(prefix)
+    if fmt == "tf":
+        from conftest import save_tf  # TensorFlow's writer: skipped without TensorFlow
+
+        prefix = save_tf(tmp_path / "weights_only", model=model)
+    else:  # an uncompiled model's .weights.h5 holds no optimizer
+        prefix = str(tmp_path / "weights_only.weights.h5")
+        model.save_weights(prefix)
     new, opt = _model(), OPTIMIZERS["adam"]()
     _step(new, opt)
     before, opt_before = snapshot(new), {id(v): value_of(v) for v in opt.variables}
@@ -147,7 +154,7 @@ def test_a_checkpoint_without_optimizer_state_is_a_strict_problem(tmp_path):
     assert_state(new, before)
     assert all(same_bytes(opt_before[id(v)], value_of(v)) for v in opt.variables)
     report = regraft.load(new, prefix, optimizer=opt, strict=False)
-    assert opt.iterations.numpy() == 1  # kept: the checkpoint has no step count
+    assert _iterations(opt) == 1  # kept: the checkpoint has no step count
     assert "optimizer: 8 fresh, 1 kept" in report.summary()
     assert all(not s.any() for v in new.trainable_variables for s in _slots(opt, v).values())
 
@@ -155,7 +162,7 @@ def test_a_checkpoint_without_optimizer_state_is_a_strict_problem(tmp_path):
 def test_widened_gradients_scale_as_derived_and_slots_follow(tmp_path):
     """Net2Net: the new model's gradient is the old one copied on the consumer's rows and
     divided by the copy count on the producer's units; slots follow (m / k, v / k**2)."""
-    old, old_opt, prefix = _trained(tmp_path, "adam", width=4)
+    old, old_opt, prefix = _trained(tmp_path, "adam")
     new, new_opt = _model(width=7), OPTIMIZERS["adam"]()
     report = regraft.load(new, prefix, optimizer=new_opt, reshape="preserve")
     mapping = next(np.asarray(o["mapping"]) for a in report.plan.assignments if a.target.key == "d1/kernel"
@@ -255,6 +262,8 @@ def uncompiled():
 """
 
 
+@pytest.mark.skipif("os.environ.get('KERAS_BACKEND', 'tensorflow') != 'tensorflow'",
+                    reason="writes a TF checkpoint, which needs the TensorFlow backend")
 def test_cli_optimizer_writes_model_and_optimizer_to_a_checkpoint(tmp_path, capsys):
     from regraft.cli.main import main
 
@@ -283,16 +292,8 @@ def test_cli_optimizer_writes_model_and_optimizer_to_a_checkpoint(tmp_path, caps
 def test_a_layer_widened_on_both_sides_gets_both_scalings(tmp_path):
     """d1 4 -> 7 and d2 3 -> 5 units: d2's kernel copies rows (consumer of d1) and divides columns
     (producer): its gradient is g[map1[i], map2[j]] / k2[j]; slots follow (m / k2, v / k2**2)."""
-    def build(w1, w2):
-        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(w1, activation="relu", name="d1"),
-                                 keras.layers.Dense(w2, activation="tanh", name="d2"), keras.layers.Dense(2, name="d3")])
-
-    old, old_opt = build(4, 3), OPTIMIZERS["adam"]()
-    for _ in range(4):
-        _step(old, old_opt)
-    prefix = str(tmp_path / "ckpt")
-    tf.train.Checkpoint(model=old, optimizer=old_opt).write(prefix)
-    new, opt = build(7, 5), OPTIMIZERS["adam"]()
+    old, old_opt, prefix = _trained(tmp_path, "adam", "trained_adam_3layer")
+    new, opt = backend_cases.optimizer_model(widths=(7, 5)), OPTIMIZERS["adam"]()
     report = regraft.load(new, prefix, optimizer=opt, reshape="preserve")
     steps = {a.target.key: dict(a.steps) for a in report.plan.assignments}
     map1 = np.asarray(steps["d2/kernel"]["widen_in"]["mapping"])
