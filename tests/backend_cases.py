@@ -16,7 +16,8 @@ call :func:`write_case` themselves.
 
 For the optimizer-state tests, each of :data:`TRAINED` is a small model trained a few
 steps by a Keras 3 optimizer on TensorFlow: ``trained_<name>/ckpt*``
-(``tf.train.Checkpoint(model=, optimizer=)``) and ``trained_<name>/state.npz`` (every model
+(``tf.train.Checkpoint(model=, optimizer=)``), ``trained_<name>/old.keras`` (``model.save``
+after compiling with that optimizer) and ``trained_<name>/state.npz`` (every model
 weight by position, every slot by list and variable position, the step count), from
 which another backend rebuilds the old model *and its optimizer* without regraft
 (:func:`restore_trained`) and takes the old model's next step itself.
@@ -216,12 +217,15 @@ def optimizer_state(model, optimizer) -> dict[str, np.ndarray]:
 
 
 def write_trained(case: Trained, folder: str):
-    """Train ``case`` on TensorFlow, write ``ckpt*`` and ``state.npz`` into ``folder``; the model and optimizer."""
+    """Train ``case`` on TensorFlow, write ``ckpt*``, ``old.keras`` and ``state.npz`` into ``folder``; the model
+    and optimizer."""
     import tensorflow as tf
 
     os.makedirs(folder, exist_ok=True)
     model, optimizer = train(case)
     tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(folder, "ckpt"))
+    model.compile(optimizer=optimizer, loss="mse")
+    model.save(os.path.join(folder, "old.keras"))  # optimizer/vars/N, in optimizer.variables order
     np.savez(os.path.join(folder, "state.npz"), **optimizer_state(model, optimizer))
     return model, optimizer
 

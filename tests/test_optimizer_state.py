@@ -317,3 +317,87 @@ def test_overlay_keeps_old_moments_in_the_block_and_zeros_elsewhere(tmp_path):
     m_new = _slots(opt, new.trainable_variables[0])["_momentums"]
     assert same_bytes(m_new[:, :4], m_old) and not m_new[:, 4:].any() and m_old.all()
     assert {r["slot"]: r["state"] for r in report.to_dict()["optimizer"]}["optimizer/d1/kernel/momentums"] == "transformed"
+
+
+# --------------------------------------------------------------------------- .keras: optimizer/vars/N by position
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_keras_archive_numbered_slots_resume_like_the_old_model(tmp_path, name):
+    """model.save('x.keras') stores the optimizer's variables as optimizer/vars/N with nothing naming
+    their weight: regraft rebuilds the model and optimizer the archive's config describes (as Keras'
+    loader does) to know which is which. The archive is TensorFlow's on every backend."""
+    old, old_opt, prefix = _trained(tmp_path, name)
+    path = os.path.join(os.path.dirname(prefix), "old.keras")
+    new, new_opt = _model(), OPTIMIZERS[name]()
+    report = regraft.load(new, path, optimizer=new_opt)
+    rows = {r["slot"]: r for r in report.to_dict()["optimizer"]}
+    assert {r["state"] for r in rows.values()} == {"loaded"} and _iterations(new_opt) == 5
+    assert rows["optimizer/iterations"]["source"] == "optimizer/vars/0"
+    for a, b in zip(old.trainable_variables, new.trainable_variables):
+        old_slots, new_slots = _slots(old_opt, a), _slots(new_opt, b)
+        assert old_slots.keys() == new_slots.keys() and old_slots
+        assert all(same_bytes(old_slots[k], new_slots[k]) for k in old_slots), b.path
+    _step(old, old_opt)
+    _step(new, new_opt)
+    for a, b in zip(old.weights, new.weights):
+        assert same_bytes(value_of(a), value_of(b)), a.path
+
+
+def test_keras_archive_slots_follow_into_a_changed_model(tmp_path):
+    """A .keras written on this backend; the new model has an inserted layer: d1/d2 slots by value,
+    the inserted layer's fresh."""
+    old, old_opt, _ = _trained(tmp_path, "rmsprop_centered")
+    old.compile(optimizer=old_opt, loss="mse")
+    old.save(str(tmp_path / "here.keras"))
+    new, opt = _model(insert=True), OPTIMIZERS["rmsprop_centered"]()
+    report = regraft.load(new, str(tmp_path / "here.keras"), optimizer=opt, reshape="preserve")
+    assert "optimizer: 13 loaded, 6 fresh" in report.summary()
+    by_path = {v.path.split("/", 1)[1]: v for v in old.trainable_variables}
+    for v in new.trainable_variables:
+        layer_role = v.path.split("/", 1)[1]
+        if layer_role.startswith("ins/"):
+            assert all(not s.any() for s in _slots(opt, v).values())
+            continue
+        want, got = _slots(old_opt, by_path[layer_role]), _slots(opt, v)
+        assert len(want) == 3 and all(same_bytes(want[k], got[k]) for k in want), v.path
+
+
+def test_keras_archive_whose_optimizer_was_built_for_other_variables_is_refused(tmp_path):
+    """d1 frozen after training: the config's model has 2 trainable variables, the saved optimizer
+    slots for 4. Position cannot say which is which: strict refuses, strict=False starts fresh."""
+    old, old_opt, _ = _trained(tmp_path, "adam")
+    old.get_layer("d1").trainable = False
+    old.compile(optimizer=old_opt, loss="mse")
+    path = str(tmp_path / "frozen.keras")
+    old.save(path)
+    new, opt = _model(), OPTIMIZERS["adam"]()
+    _step(new, opt)
+    before, opt_before = snapshot(new), {id(v): value_of(v) for v in opt.variables}
+    with pytest.raises(regraft.errors.LoadError) as info:
+        regraft.load(new, path, optimizer=opt)
+    assert info.value.problems == [
+        "optimizer state missing from the checkpoint (9): optimizer/d{1..2}/bias/{momentums,velocities}, "
+        "optimizer/d{1..2}/kernel/{momentums,velocities}, optimizer/iterations — slots of loaded variables would "
+        f"start fresh ({path} holds 10 optimizer variables; the Adam its config names, built for the model it "
+        "describes, has 6)"
+    ]
+    assert_state(new, before)
+    assert all(same_bytes(opt_before[id(v)], value_of(v)) for v in opt.variables)
+    report = regraft.load(new, path, optimizer=opt, strict=False)
+    assert "optimizer: 8 fresh, 1 kept" in report.summary() and _iterations(opt) == 1
+    assert all(not s.any() for v in new.trainable_variables for s in _slots(opt, v).values())
+
+
+def test_weights_h5_numbered_optimizer_variables_are_refused(tmp_path):
+    """A compiled model's .weights.h5 holds optimizer/vars/N but neither the optimizer's class nor the
+    model: regraft does not guess."""
+    old, old_opt, _ = _trained(tmp_path, "adam")
+    old.compile(optimizer=old_opt, loss="mse")
+    path = str(tmp_path / "w.weights.h5")
+    old.save_weights(path)
+    with pytest.raises(regraft.errors.LoadError) as info:
+        regraft.load(_model(), path, optimizer=OPTIMIZERS["adam"]())
+    assert info.value.problems[0].endswith(
+        f"— slots of loaded variables would start fresh ({path} numbers its optimizer variables (optimizer/vars/N) "
+        "without recording the optimizer's class or the model they were built for)")

@@ -200,7 +200,7 @@ def load(
     with interrupts_held(), source:  # Ctrl-C after the first assignment is held back until load returns
         the_plan = _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
         if optimizer is not None:
-            the_plan = with_optimizer(the_plan, optimizer, model.trainable_variables)
+            the_plan = with_optimizer(the_plan, optimizer, model.trainable_variables, getattr(source, "config", None))
         _refuse_if_strict(the_plan, source.path, f"model '{model.name}'", strict)
         return apply(the_plan, model, source, freeze=freeze, progress=progress)  # the source it was made from
 

@@ -49,7 +49,7 @@ from regraft.naming import dtype_of
 from regraft.plans import Assignment, Plan, status_for
 from regraft.targets import _compat
 
-__all__ = ["optimizer_assignments", "slot_steps", "SLOT_KINDS"]
+__all__ = ["optimizer_assignments", "saved_slots", "SavedSlots", "slot_steps", "SLOT_KINDS"]
 
 # Keras 3 slot list -> (how it scales with the gradient, its fresh value). The power is 1 for
 # a sum or running max of gradients, 2 for a sum of squares, 0 for a copy of the weight itself
@@ -123,13 +123,102 @@ def slot_steps(steps: Iterable[tuple[str, dict[str, Any]]], list_name: str) -> t
     return tuple(out)
 
 
-def optimizer_assignments(plan: Plan, optimizer: Any, trainable: Iterable[Any]) -> tuple[Assignment, ...]:
+@dataclass(frozen=True)
+class SavedSlots:
+    """The checkpoint's optimizer state, keyed for :func:`optimizer_assignments`.
+
+    Attributes:
+        slots: (source key of a weight, Keras 3 slot list) -> the checkpoint's slot entry.
+        step: the step count's entry, if the checkpoint has one.
+        refused: why the checkpoint's optimizer variables could not be given to their
+            weights (``""``: nothing refused).
+    """
+
+    slots: dict[tuple[str, str], SourceEntry]
+    step: SourceEntry | None
+    refused: str = ""
+
+
+def saved_slots(plan: Plan, config: dict[str, Any] | None = None) -> SavedSlots:
+    """The checkpoint's slots by weight: from ``slot_of`` (TF checkpoints), or for Keras 3
+    ``optimizer/vars/N`` (``.keras``, ``.weights.h5``) by position, when that is certain.
+
+    Keras 3 saves an optimizer's variables as ``optimizer/vars/N`` in ``optimizer.variables``
+    order and loads them back by position into the optimizer its loader builds: the one
+    the archive's compile config names, built for ``model.trainable_variables`` of the
+    model its config describes (``Trainer.compile_from_config``). regraft does the same
+    (:func:`regraft.targets.file.compiled_from_config`, no weights read) and reads off,
+    for each ``N``, the slot list and the trainable variable it belongs to, whose key in
+    the archive is its ``.weights.h5`` key. It refuses (``refused``) unless every one of
+    the archive's optimizer variables has the shape and dtype of the rebuilt optimizer's
+    ``N``-th variable and every rebuilt trainable variable is a weight of the archive
+    with its shape (dtypes may differ in width: the step count is int64 on TensorFlow and
+    int32 on JAX). A ``.weights.h5`` records neither the optimizer's class nor the old
+    model, so its numbered variables are refused.
+    """
+    numbered = sorted((e for e in plan.optimizer if e.layer == "optimizer" and e.index is not None
+                       and e.key == f"optimizer/vars/{e.index}"), key=lambda e: e.index or 0)
+    if not numbered:
+        iterations = [e for e in plan.optimizer if e.kind == BOOKKEEPING and e.role in ("iterations", "iter")]
+        return SavedSlots(_source_slots(plan.optimizer), iterations[0] if iterations else None)
+    if plan.source_format != "keras-archive":
+        return SavedSlots({}, None, f"{plan.source_path} numbers its optimizer variables (optimizer/vars/N) without "
+                          "recording the optimizer's class or the model they were built for")
+    try:
+        return _numbered_slots(plan, numbered, config)
+    except RegraftError as exc:
+        return SavedSlots({}, None, exc.message.rstrip("."))
+
+
+def _numbered_slots(plan: Plan, numbered: list[SourceEntry], config: dict[str, Any] | None) -> SavedSlots:
+    from regraft.targets.file import compiled_from_config
+    from regraft.targets.keras import describe
+
+    model, optimizer = compiled_from_config(config, plan.source_path)
+    rebuilt = list(optimizer.variables)
+    kind = type(optimizer).__name__
+    if len(rebuilt) != len(numbered) or [e.index for e in numbered] != list(range(len(numbered))):
+        raise RegraftError(f"{plan.source_path} holds {len(numbered)} optimizer variables; the {kind} its config "
+                           f"names, built for the model it describes, has {len(rebuilt)}")
+    for e, v in zip(numbered, rebuilt):
+        # Integer or float alike: the step count is int64 on TensorFlow, int32 on JAX (cast when loaded).
+        if tuple(e.shape) != tuple(v.shape) or _is_integer(e.dtype) != _is_integer(v.dtype):
+            raise RegraftError(f"{e.key} is {e.dtype} {list(e.shape)}; the {kind} its config names has "
+                               f"{dtype_of(v.dtype)} {list(v.shape)} there ({v.path})")
+    weights = {e.key: e for e in (*(a.source for a in plan.assignments if a.source is not None),
+                                  *(e for e, _ in plan.unused), *(e for e, _ in plan.ignored))}
+    keys = {id(t.variable): t.keys.get("h5") for t in describe(model, ("h5",))}
+    holder = _compat.slot_holder(optimizer)
+    variables, lists = _compat.optimizer_slot_lists(holder)
+    for v in variables:
+        entry = weights.get(keys.get(id(v)) or "")
+        if entry is None or tuple(entry.shape) != tuple(v.shape):
+            raise RegraftError(f"the model its config describes has trainable variable {v.path} "
+                               f"({keys.get(id(v))}, {list(v.shape)}), which {plan.source_path} does not hold")
+    position = {id(v): i for i, v in enumerate(rebuilt)}
+    slots = {}
+    for list_name, items in lists.items():
+        for v, slot in zip(variables, items):
+            if slot is not None and id(slot) in position:
+                slots[(keys[id(v)], list_name)] = numbered[position[id(slot)]]
+    step = position.get(id(_compat.step_variable(holder)))
+    return SavedSlots(slots, numbered[step] if step is not None else None)
+
+
+def _is_integer(dtype: Any) -> bool:
+    return dtype_of(str(dtype)).kind in "iub"
+
+
+def optimizer_assignments(plan: Plan, optimizer: Any, trainable: Iterable[Any],
+                          saved: SavedSlots | None = None) -> tuple[Assignment, ...]:
     """Assignments for ``optimizer``'s slots and step count, following ``plan``'s variables.
 
     Args:
         plan: the model's plan (its ``optimizer`` section lists the checkpoint's slots).
         optimizer: a Keras 3 optimizer; built for ``trainable`` here if it is not built.
         trainable: the model's trainable variables.
+        saved: the checkpoint's slots by weight (:func:`saved_slots`; computed from ``plan``
+            when not given).
 
     Raises:
         RegraftError: the optimizer was built for other variables.
@@ -137,39 +226,39 @@ def optimizer_assignments(plan: Plan, optimizer: Any, trainable: Iterable[Any]) 
     trainable = list(trainable)
     if not getattr(optimizer, "built", False):
         optimizer.build(trainable)
-    variables, lists = _compat.optimizer_slot_lists(optimizer)
+    holder = _compat.slot_holder(optimizer)
+    variables, lists = _compat.optimizer_slot_lists(holder)
     index = {id(v): i for i, v in enumerate(variables)}
     if any(id(v) not in index for v in trainable):
         raise RegraftError(
             f"The optimizer '{optimizer.name}' was built for other variables than this model's.",
             hint="Pass a new optimizer (it is built for the model), or the one compiled with this model.",
         )
-    slots = _source_slots(plan.optimizer)
+    saved = saved if saved is not None else saved_slots(plan)
     out: list[Assignment] = []
     for a in plan.assignments:
         i = index.get(id(a.target.variable))
         if i is None:
             continue
         for list_name, items in lists.items():
-            out.append(_slot_assignment(a, list_name, items[i], slots, optimizer))
-    iterations = [e for e in plan.optimizer if e.kind == BOOKKEEPING and e.role in ("iterations", "iter")]
-    step = optimizer.iterations
+            out.append(_slot_assignment(a, list_name, items[i], saved, holder))
+    step = _compat.step_variable(holder)
     step_target = TargetVariable(ITERATIONS, tuple(step.shape), str(dtype_of(step.dtype)), "optimizer", "", "iterations",
                                  0, False, variable=step)
-    if iterations:
-        e = iterations[0]
+    if saved.step is not None:
+        e = saved.step
         out.append(Assignment(step_target, e, status_for(e, step_target), Stage.EXACT, "the optimizer's step count"))
     else:
-        out.append(Assignment(step_target, None, Status.MISSING, reason="the checkpoint has no optimizer step count"))
+        out.append(Assignment(step_target, None, Status.MISSING,
+                              reason=saved.refused or "the checkpoint has no optimizer step count"))
     return tuple(out)
 
 
-def _slot_assignment(a: Assignment, list_name: str, variable: Any, slots: dict[tuple[str, str], SourceEntry],
-                     optimizer: Any) -> Assignment:
+def _slot_assignment(a: Assignment, list_name: str, variable: Any, saved: SavedSlots, optimizer: Any) -> Assignment:
     key = f"optimizer/{a.target.key}/{list_name.lstrip('_')}"
     target = TargetVariable(key, tuple(variable.shape), str(dtype_of(variable.dtype)), "optimizer", "", list_name,
                             0, False, variable=variable)
-    entry = slots.get((a.source.key, list_name)) if a.source is not None and a.writes else None
+    entry = saved.slots.get((a.source.key, list_name)) if a.source is not None and a.writes else None
     if entry is not None:
         steps = slot_steps(a.steps, list_name) if a.steps else ()
         if steps is not None:
@@ -177,7 +266,8 @@ def _slot_assignment(a: Assignment, list_name: str, variable: Any, slots: dict[t
                 return Assignment(target, entry, status_for(entry, target), a.stage, f"slot of {a.source.key}")
             return Assignment(target, entry, Status.TRANSFORMED, a.stage, f"slot of {a.source.key}, as its variable",
                               steps=steps)
-    reason = _fresh_reason(a, entry is None)
+    reason = f"fresh: {saved.refused}" if saved.refused and a.writes and a.source is not None else \
+        _fresh_reason(a, entry is None)
     # Fresh slots of a fresh variable, or behind a transform with no slot counterpart, are expected
     # (``allowed``); a loaded variable whose slot the checkpoint lacks is a strict problem.
     allowed = None if a.writes and a.source is not None and entry is None else reason
@@ -223,6 +313,9 @@ def _slot_list(e: SourceEntry) -> str | None:
     return None
 
 
-def with_optimizer(plan: Plan, optimizer: Any, trainable: Iterable[Any]) -> Plan:
-    """``plan`` with :func:`optimizer_assignments` as its ``optimizer_assignments``."""
-    return replace(plan, optimizer_assignments=optimizer_assignments(plan, optimizer, trainable))
+def with_optimizer(plan: Plan, optimizer: Any, trainable: Iterable[Any], config: dict[str, Any] | None = None) -> Plan:
+    """``plan`` with :func:`optimizer_assignments` as its ``optimizer_assignments`` (``config``: a
+    ``.keras`` archive's ``config.json``, for its numbered optimizer variables)."""
+    saved = saved_slots(plan, config)
+    return replace(plan, optimizer_assignments=optimizer_assignments(plan, optimizer, trainable, saved),
+                   optimizer_refused=saved.refused)

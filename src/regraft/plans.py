@@ -121,6 +121,8 @@ class Plan:
         optimizer_assignments: with ``load(..., optimizer=)``, one per optimizer slot and
             one for the step count (see :mod:`regraft.optimizer_state`); applied with
             the model's variables, all-or-nothing.
+        optimizer_refused: why the checkpoint's optimizer variables could not be given to
+            their weights (``""``: nothing refused).
     """
 
     source_path: str
@@ -139,6 +141,7 @@ class Plan:
     source_fingerprint: str = ""
     target_fingerprint: str = ""
     optimizer_assignments: tuple[Assignment, ...] = ()
+    optimizer_refused: str = ""
 
     # -- checks -------------------------------------------------------------------
 
@@ -194,8 +197,9 @@ class Plan:
         if lacking:
             lines.append(
                 f"optimizer state missing from the checkpoint ({len(lacking)}): " + ", ".join(collapse(lacking))
-                + " — slots of loaded variables would start fresh (a checkpoint without the optimizer, or slots "
-                "that do not record their variable)"
+                + " — slots of loaded variables would start fresh ("
+                + (self.optimizer_refused or "a checkpoint without the optimizer, or slots that do not record their "
+                   "variable") + ")"
             )
         return lines
 

@@ -59,6 +59,8 @@ __all__ = [
     "attribute_sort_key",
     "run_keras_weights_walk",
     "optimizer_slot_lists",
+    "slot_holder",
+    "step_variable",
     "placeholder_initializers",
 ]
 
@@ -491,3 +493,19 @@ def optimizer_slot_lists(optimizer: Any) -> tuple[list[Any], dict[str, list[Any]
         if isinstance(items, (list, tuple)) and len(items) == len(variables):
             lists[name] = list(items)
     return variables, lists
+
+
+def slot_holder(optimizer: Any) -> Any:
+    """The optimizer that holds the per-variable slots: a ``LossScaleOptimizer``'s
+    ``inner_optimizer`` (public attribute since Keras 3.0), else ``optimizer`` itself."""
+    import keras
+
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer
+    return optimizer
+
+
+def step_variable(optimizer: Any) -> Any:
+    """The optimizer's step-count variable, ``_iterations`` (since Keras 3.0): the one in
+    ``optimizer.variables`` (``iterations`` is a computed value under gradient accumulation)."""
+    return _attribute(optimizer, "_iterations", "Optimizer", "keras 3.0")
