@@ -196,7 +196,10 @@ TRAINED: tuple[Trained, ...] = tuple(Trained(f"trained_{name}", name) for name i
 
 
 def train(case: Trained):
-    """``case``'s model and optimizer after ``case.steps`` steps on this backend."""
+    """``case``'s model and optimizer after ``case.steps`` steps on this backend (seeded: the same every run)."""
+    import keras
+
+    keras.utils.set_random_seed(7)
     model, optimizer = case.build(), OPTIMIZERS[case.optimizer]()
     for _ in range(case.steps):
         train_step(model, optimizer)

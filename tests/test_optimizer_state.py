@@ -281,6 +281,21 @@ def test_cli_optimizer_writes_model_and_optimizer_to_a_checkpoint(tmp_path, caps
     _step(new, opt)
     assert all(same_bytes(value_of(a), value_of(b)) for a, b in zip(old.weights, new.weights))
 
+    # The same through a plan file: regraft plan --optimizer, then regraft apply --optimizer.
+    plan_path = str(tmp_path / "plan.yaml")
+    assert main(["plan", prefix, "--model", f"{models}:build", "--optimizer", "-o", plan_path]) == 0
+    out2 = str(tmp_path / "out2" / "ckpt")
+    assert main(["apply", plan_path, "--model", f"{models}:build", "--optimizer", "--out", out2]) == 0
+    capsys.readouterr()
+    first, first_opt = _model(), OPTIMIZERS["adam"]()
+    regraft.load(first, out, optimizer=first_opt)
+    again, again_opt = _model(), OPTIMIZERS["adam"]()
+    regraft.load(again, out2, optimizer=again_opt)
+    assert _iterations(again_opt) == 5
+    for a, b in zip(first.trainable_variables, again.trainable_variables):
+        want, got = _slots(first_opt, a), _slots(again_opt, b)
+        assert want.keys() == got.keys() and all(same_bytes(want[k], got[k]) for k in want)
+
     assert main(["load", prefix, "--model", f"{models}:build", "--optimizer", "--out", str(tmp_path / "w.weights.h5")]) == 2
     err = capsys.readouterr().err
     assert f"Error: --optimizer needs a TensorFlow checkpoint for --out, not {tmp_path / 'w.weights.h5'}" in err
@@ -401,3 +416,118 @@ def test_weights_h5_numbered_optimizer_variables_are_refused(tmp_path):
     assert info.value.problems[0].endswith(
         f"— slots of loaded variables would start fresh ({path} numbers its optimizer variables (optimizer/vars/N) "
         "without recording the optimizer's class or the model they were built for)")
+
+
+# --------------------------------------------------------------------------- plans and plan files carry the optimizer
+
+
+def test_plan_file_round_trips_the_optimizer_and_apply_resumes_like_the_old_model(tmp_path):
+    old, old_opt, prefix = _trained(tmp_path, "adam")
+    made_for = _model()
+    plan = regraft.plan(made_for, prefix, optimizer=OPTIMIZERS["adam"]())
+    path = str(tmp_path / "plan.yaml")
+    regraft.save_plan(plan, path)
+    new, opt = _model(), OPTIMIZERS["adam"]()  # built the same way; the optimizer unbuilt
+    read = regraft.read_plan(path, new)
+    assert read.to_dict() == plan.to_dict()
+    assert [a.target.variable for a in read.optimizer_assignments] == [None] * 9  # bound by apply
+    report = regraft.apply(read, new, optimizer=opt)
+    assert {r["state"] for r in report.to_dict()["optimizer"]} == {"loaded"} and _iterations(opt) == 5
+    _step(old, old_opt)
+    _step(new, opt)
+    for a, b in zip(old.weights, new.weights):
+        assert same_bytes(value_of(a), value_of(b)), a.path
+
+
+def test_plan_file_optimizer_section_of_a_changed_model_loads_by_value(tmp_path):
+    """An inserted layer, a .keras archive: the fresh slots' fill steps and the numbered slots' sources
+    survive the file; an edited slot source is honoured."""
+    old, old_opt, _ = _trained(tmp_path, "adam")
+    old.compile(optimizer=old_opt, loss="mse")
+    old.save(str(tmp_path / "old.keras"))
+    plan = regraft.plan(_model(insert=True), str(tmp_path / "old.keras"), optimizer=OPTIMIZERS["adam"](),
+                        reshape="preserve")
+    path = tmp_path / "plan.yaml"
+    regraft.save_plan(plan, str(path))
+    text = path.read_text()
+    line = next(x for x in text.splitlines() if x.strip().startswith("optimizer/d2/bias/momentums:"))
+    assert "source: optimizer/vars/8" in line
+    path.write_text(text.replace(line, line.replace("source: optimizer/vars/8", "source: null")
+                                 .replace("status: loaded", "status: missing")))
+    new, opt = _model(insert=True), OPTIMIZERS["adam"]()
+    _step(new, opt)  # used: every slot is non-zero before
+    kept = value_of(_compat_slot(opt, new, "d2/bias", "_momentums"))
+    report = regraft.apply(regraft.read_plan(str(path), new), new, optimizer=opt)
+    assert "optimizer: 8 loaded, 4 fresh, 1 kept" in report.summary()
+    assert same_bytes(value_of(_compat_slot(opt, new, "d2/bias", "_momentums")), kept)
+    for layer_role in ("d1/kernel", "d1/bias", "d2/kernel"):
+        want = _slots(old_opt, next(v for v in old.trainable_variables if v.path.endswith(layer_role)))
+        got = _slots(opt, next(v for v in new.trainable_variables if v.path.endswith(layer_role)))
+        assert all(same_bytes(want[k], got[k]) for k in want), layer_role
+    assert all(not s.any() for v in new.trainable_variables if "/ins/" in v.path for s in _slots(opt, v).values())
+
+
+def _compat_slot(optimizer, model, layer_role: str, list_name: str):
+    from regraft.targets import _compat
+
+    variables, lists = _compat.optimizer_slot_lists(optimizer)
+    variable = next(v for v in model.trainable_variables if v.path.endswith(layer_role))
+    return lists[list_name][[id(v) for v in variables].index(id(variable))]
+
+
+def test_plan_file_optimizer_section_refusals(tmp_path):
+    _, _, prefix = _trained(tmp_path, "adam")
+    path = tmp_path / "plan.yaml"
+    regraft.save_plan(regraft.plan(_model(), prefix, optimizer=OPTIMIZERS["adam"]()), str(path))
+    new = _model()
+    before = snapshot(new)
+    with pytest.raises(RegraftError) as info:
+        regraft.apply(regraft.read_plan(str(path), new), new)
+    assert info.value.message == ("This plan has an optimizer section (made with optimizer=): pass the optimizer "
+                                  "to load it into.")
+    sgd = OPTIMIZERS["sgd_momentum"]()
+    with pytest.raises(RegraftError) as info:
+        regraft.apply(regraft.read_plan(str(path), new), new, optimizer=sgd)
+    assert info.value.message == (
+        f"This plan's optimizer slots are not those of the optimizer '{sgd.name}' (SGD): "
+        "optimizer/d{1..2}/bias/velocities, optimizer/d{1..2}/kernel/velocities are in one and not the other.")
+    assert_state(new, before)
+    regraft.save_plan(regraft.plan(_model(), prefix), str(tmp_path / "plain.yaml"))
+    with pytest.raises(RegraftError) as info:
+        regraft.apply(regraft.read_plan(str(tmp_path / "plain.yaml"), new), new, optimizer=OPTIMIZERS["adam"]())
+    assert info.value.message == "This plan has no optimizer section: it was made without an optimizer."
+    text = path.read_text()
+    lines = text.splitlines()
+    number = next(i for i, x in enumerate(lines, 1) if x.strip().startswith("optimizer/d1/kernel/momentums:"))
+    path.write_text(text.replace("shape: [3, 4], dtype: float32}", "shape: abc, dtype: float32}", 1))
+    with pytest.raises(RegraftError) as info:
+        regraft.read_plan(str(path), new)
+    assert info.value.message == (
+        f"Plan {path}, line {number}: 'optimizer.slots.optimizer/d1/kernel/momentums.shape' is the text 'abc'; "
+        "expected a list of whole numbers (the slot's shape).")
+    path.write_text(text.replace("optimizer/d1/kernel/momentums: {source: optimizer/",
+                                 "optimizer/d1/kernel/momentums: {source: optimizer/_iterations, x: optimizer/", 1))
+    with pytest.raises(RegraftError) as info:
+        regraft.read_plan(str(path), new)
+    assert info.value.message == (
+        f"Plan {path}, line {number}: 'optimizer.slots.optimizer/d1/kernel/momentums.source' names "
+        "'optimizer/_iterations' of shape []; expected a tensor of the slot's shape [3, 4], or null.")
+
+
+def test_cli_diff_and_plan_take_optimizer(tmp_path, capsys):
+    from regraft.cli.main import main
+
+    _, _, prefix = _trained(tmp_path, "adam")
+    models = tmp_path / "models.py"
+    models.write_text(MODELS_PY)
+    assert main(["diff", prefix, "--model", f"{models}:build", "--optimizer"]) == 0
+    printed = capsys.readouterr().out
+    assert "loaded  optimizer/d1/kernel/momentums" in printed and "optimizer: 9" in printed
+    plan_path = str(tmp_path / "plan.yaml")
+    assert main(["plan", prefix, "--model", f"{models}:build", "--optimizer", "-o", plan_path]) == 0
+    capsys.readouterr()
+    model = _model()
+    assert len(regraft.read_plan(plan_path, model).optimizer_assignments) == 9
+    assert main(["apply", plan_path, "--model", f"{models}:build", "--optimizer", "--out",
+                 str(tmp_path / "w.weights.h5")]) == 2
+    assert "Error: --optimizer needs a TensorFlow checkpoint for --out" in capsys.readouterr().err

@@ -45,11 +45,11 @@ from typing import Any, Iterable
 
 from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, SourceEntry, Stage, Status, TargetVariable
 from regraft.errors import RegraftError
-from regraft.naming import dtype_of
+from regraft.naming import collapse, dtype_of
 from regraft.plans import Assignment, Plan, status_for
 from regraft.targets import _compat
 
-__all__ = ["optimizer_assignments", "saved_slots", "SavedSlots", "slot_steps", "SLOT_KINDS"]
+__all__ = ["optimizer_assignments", "bind_optimizer", "saved_slots", "SavedSlots", "slot_steps", "SLOT_KINDS"]
 
 # Keras 3 slot list -> (how it scales with the gradient, its fresh value). The power is 1 for
 # a sum or running max of gradients, 2 for a sum of squares, 0 for a copy of the weight itself
@@ -223,6 +223,23 @@ def optimizer_assignments(plan: Plan, optimizer: Any, trainable: Iterable[Any],
     Raises:
         RegraftError: the optimizer was built for other variables.
     """
+    slots, step_target = _slot_targets(plan, optimizer, trainable)
+    saved = saved if saved is not None else saved_slots(plan)
+    holder = _compat.slot_holder(optimizer)
+    out = [_slot_assignment(a, target, saved, holder) for a, target in slots]
+    if saved.step is not None:
+        e = saved.step
+        out.append(Assignment(step_target, e, status_for(e, step_target), Stage.EXACT, "the optimizer's step count"))
+    else:
+        out.append(Assignment(step_target, None, Status.MISSING,
+                              reason=saved.refused or "the checkpoint has no optimizer step count"))
+    return tuple(out)
+
+
+def _slot_targets(plan: Plan, optimizer: Any, trainable: Iterable[Any]
+                  ) -> tuple[list[tuple[Assignment, TargetVariable]], TargetVariable]:
+    """(the model variable's assignment, a target per slot) for every slot of ``optimizer``, and the
+    step count's target. Builds an unbuilt optimizer for ``trainable``."""
     trainable = list(trainable)
     if not getattr(optimizer, "built", False):
         optimizer.build(trainable)
@@ -234,30 +251,60 @@ def optimizer_assignments(plan: Plan, optimizer: Any, trainable: Iterable[Any],
             f"The optimizer '{optimizer.name}' was built for other variables than this model's.",
             hint="Pass a new optimizer (it is built for the model), or the one compiled with this model.",
         )
-    saved = saved if saved is not None else saved_slots(plan)
-    out: list[Assignment] = []
+    out = []
     for a in plan.assignments:
         i = index.get(id(a.target.variable))
         if i is None:
             continue
         for list_name, items in lists.items():
-            out.append(_slot_assignment(a, list_name, items[i], saved, holder))
+            variable = items[i]
+            if variable is None:  # a variable the optimizer overwrites with its gradient has no slots
+                continue
+            key = f"optimizer/{a.target.key}/{list_name.lstrip('_')}"
+            out.append((a, TargetVariable(key, tuple(variable.shape), str(dtype_of(variable.dtype)), "optimizer", "",
+                                          list_name, 0, False, variable=variable)))
     step = _compat.step_variable(holder)
-    step_target = TargetVariable(ITERATIONS, tuple(step.shape), str(dtype_of(step.dtype)), "optimizer", "", "iterations",
-                                 0, False, variable=step)
-    if saved.step is not None:
-        e = saved.step
-        out.append(Assignment(step_target, e, status_for(e, step_target), Stage.EXACT, "the optimizer's step count"))
-    else:
-        out.append(Assignment(step_target, None, Status.MISSING,
-                              reason=saved.refused or "the checkpoint has no optimizer step count"))
-    return tuple(out)
+    step_target = TargetVariable(ITERATIONS, tuple(step.shape), str(dtype_of(step.dtype)), "optimizer", "",
+                                 "iterations", 0, False, variable=step)
+    return out, step_target
 
 
-def _slot_assignment(a: Assignment, list_name: str, variable: Any, saved: SavedSlots, optimizer: Any) -> Assignment:
-    key = f"optimizer/{a.target.key}/{list_name.lstrip('_')}"
-    target = TargetVariable(key, tuple(variable.shape), str(dtype_of(variable.dtype)), "optimizer", "", list_name,
-                            0, False, variable=variable)
+def bind_optimizer(plan: Plan, optimizer: Any, trainable: Iterable[Any]) -> Plan:
+    """``plan`` (read from a plan file) with its optimizer assignments bound to ``optimizer``'s variables.
+
+    Raises:
+        RegraftError: the plan has no optimizer section, or ``optimizer`` has other slots
+            (another class or options) or slots of other shapes or dtypes than the plan's.
+    """
+    if not plan.optimizer_assignments:
+        raise RegraftError(
+            "This plan has no optimizer section: it was made without an optimizer.",
+            hint="Make the plan with regraft.plan(model, path, optimizer=opt) (CLI: regraft plan --optimizer).")
+    slots, step_target = _slot_targets(plan, optimizer, trainable)
+    live = {t.key: t for _, t in slots}
+    live[step_target.key] = step_target
+    planned = [a.target.key for a in plan.optimizer_assignments]
+    if set(planned) != set(live):
+        other = sorted(set(planned) ^ set(live))
+        raise RegraftError(
+            f"This plan's optimizer slots are not those of the optimizer '{optimizer.name}' "
+            f"({type(optimizer).__name__}): {', '.join(collapse(other))} "
+            f"{'is' if len(other) == 1 else 'are'} in one and not the other.",
+            hint="Pass an optimizer of the class and options the plan was made with, or make a new plan.")
+    bound = []
+    for a in plan.optimizer_assignments:
+        target = live[a.target.key]
+        if (tuple(target.shape), target.dtype) != (tuple(a.target.shape), a.target.dtype):
+            raise RegraftError(
+                f"This plan's optimizer slot '{a.target.key}' is {a.target.dtype} {list(a.target.shape)}; the "
+                f"optimizer '{optimizer.name}' has {target.dtype} {list(target.shape)} there.",
+                hint="Pass an optimizer of the class and options the plan was made with, or make a new plan.")
+        bound.append(replace(a, target=target))
+    return replace(plan, optimizer_assignments=tuple(bound))
+
+
+def _slot_assignment(a: Assignment, target: TargetVariable, saved: SavedSlots, optimizer: Any) -> Assignment:
+    list_name = target.role
     entry = saved.slots.get((a.source.key, list_name)) if a.source is not None and a.writes else None
     if entry is not None:
         steps = slot_steps(a.steps, list_name) if a.steps else ()
