@@ -128,6 +128,9 @@ OPTIMIZERS: dict[str, Callable[[], object]] = {
     "adam": lambda: __import__("keras").optimizers.Adam(0.01),
     "sgd_momentum": lambda: __import__("keras").optimizers.SGD(0.01, momentum=0.9),
     "rmsprop_centered": lambda: __import__("keras").optimizers.RMSprop(0.01, momentum=0.5, centered=True),
+    # Adam wrapped for mixed precision: its loss scale doubles every 2 finite steps (1024 -> 4096 in 5 steps).
+    "loss_scale_adam": lambda: __import__("keras").optimizers.LossScaleOptimizer(
+        __import__("keras").optimizers.Adam(0.01), initial_scale=1024.0, dynamic_growth_steps=2),
 }
 
 
@@ -173,8 +176,23 @@ def gradients(model) -> list:
 
 
 def train_step(model, optimizer) -> None:
-    """One training step on the fixed batch: the same ops for every model of one backend."""
-    optimizer.apply_gradients(zip(gradients(model), model.trainable_variables))
+    """One training step on the fixed batch: the same ops for every model of one backend.
+
+    On JAX through ``stateless_apply``, as Keras' JAX trainer does (a ``LossScaleOptimizer``'s
+    eager ``apply`` leaks tracers from its ``cond`` there)."""
+    import keras
+
+    grads = gradients(model)
+    if keras.backend.backend() != "jax":
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return
+    trainable = model.trainable_variables
+    if not optimizer.built:
+        optimizer.build(trainable)
+    new_trainable, new_optimizer = optimizer.stateless_apply(
+        [v.value for v in optimizer.variables], grads, [v.value for v in trainable])
+    for variable, value in zip((*trainable, *optimizer.variables), (*new_trainable, *new_optimizer)):
+        variable.assign(value)
 
 
 @dataclass(frozen=True)
@@ -208,14 +226,15 @@ def train(case: Trained):
 
 def optimizer_state(model, optimizer) -> dict[str, np.ndarray]:
     """Every weight (``w/<i>``, by position in ``model.weights``), every slot (``<list>/<i>``, by position in
-    ``model.trainable_variables``) and ``iterations``, as numpy arrays."""
+    ``model.trainable_variables``), ``iterations`` and a loss scale's ``scale/<name>``, as numpy arrays."""
     from regraft.targets import _compat
 
-    variables, lists = _compat.optimizer_slot_lists(optimizer)
+    variables, lists = _compat.optimizer_slot_lists(_compat.slot_holder(optimizer))
     assert [id(v) for v in variables] == [id(v) for v in model.trainable_variables]
     out = {f"w/{i}": np.asarray(v.numpy()) for i, v in enumerate(model.weights)}
     out.update({f"{name}/{i}": np.asarray(s.numpy()) for name, items in lists.items() for i, s in enumerate(items)})
     out["iterations"] = np.asarray(optimizer.iterations.numpy())
+    out.update({f"scale/{name}": np.asarray(v.numpy()) for name, v in _compat.loss_scale_variables(optimizer).items()})
     return out
 
 
@@ -242,11 +261,13 @@ def restore_trained(case: Trained, folder: str):
     optimizer.build(model.trainable_variables)
     for i, v in enumerate(model.weights):
         v.assign(state[f"w/{i}"])
-    _, lists = _compat.optimizer_slot_lists(optimizer)
+    _, lists = _compat.optimizer_slot_lists(_compat.slot_holder(optimizer))
     for name, items in lists.items():
         for i, slot in enumerate(items):
             slot.assign(state[f"{name}/{i}"])
     optimizer.iterations.assign(state["iterations"].astype(str(optimizer.iterations.dtype)))
+    for name, v in _compat.loss_scale_variables(optimizer).items():
+        v.assign(state[f"scale/{name}"].astype(str(v.dtype)))
     return model, optimizer
 
 

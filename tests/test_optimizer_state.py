@@ -52,13 +52,24 @@ def _slots(optimizer, variable) -> dict[str, np.ndarray]:
     """The optimizer's slot values for ``variable`` by slot list name (through its public variables' paths)."""
     from regraft.targets import _compat
 
-    variables, lists = _compat.optimizer_slot_lists(optimizer)
+    variables, lists = _compat.optimizer_slot_lists(_compat.slot_holder(optimizer))
     i = [id(v) for v in variables].index(id(variable))
     return {name: value_of(items[i]) for name, items in lists.items()}
 
 
 def _gradients(model) -> list[np.ndarray]:
     return [np.asarray(g) for g in backend_cases.gradients(model)]
+
+
+def _assert_same_loss_scale(old_opt, new_opt) -> None:
+    """A LossScaleOptimizer's dynamic scale and its counter are carried (checked non-initial)."""
+    from regraft.targets import _compat
+
+    old_scale, new_scale = _compat.loss_scale_variables(old_opt), _compat.loss_scale_variables(new_opt)
+    assert old_scale.keys() == new_scale.keys()
+    if old_scale:
+        assert float(np.asarray(old_scale["dynamic_scale"].numpy())) == 4096.0  # 1024, doubled twice in 5 steps
+        assert all(same_bytes(value_of(old_scale[k]), value_of(new_scale[k])) for k in old_scale)
 
 
 def _iterations(optimizer) -> int:
@@ -76,6 +87,7 @@ def test_unchanged_model_takes_the_old_models_next_step_bit_for_bit(tmp_path, na
         old_slots, new_slots = _slots(old_opt, a), _slots(new_opt, b)
         assert old_slots.keys() == new_slots.keys() and old_slots
         assert all(same_bytes(old_slots[k], new_slots[k]) for k in old_slots)
+    _assert_same_loss_scale(old_opt, new_opt)
     _step(old, old_opt)
     _step(new, new_opt)
     # The same values through the same ops on one CPU thread pool: the step is bit for bit equal.
@@ -348,7 +360,10 @@ def test_keras_archive_numbered_slots_resume_like_the_old_model(tmp_path, name):
     report = regraft.load(new, path, optimizer=new_opt)
     rows = {r["slot"]: r for r in report.to_dict()["optimizer"]}
     assert {r["state"] for r in rows.values()} == {"loaded"} and _iterations(new_opt) == 5
-    assert rows["optimizer/iterations"]["source"] == "optimizer/vars/0"
+    # A LossScaleOptimizer saves its own 4 variables first, then its inner optimizer's (whose step count counts).
+    assert rows["optimizer/iterations"]["source"] == ("optimizer/vars/4" if name == "loss_scale_adam"
+                                                      else "optimizer/vars/0")
+    _assert_same_loss_scale(old_opt, new_opt)
     for a, b in zip(old.trainable_variables, new.trainable_variables):
         old_slots, new_slots = _slots(old_opt, a), _slots(new_opt, b)
         assert old_slots.keys() == new_slots.keys() and old_slots
@@ -470,7 +485,7 @@ def test_plan_file_optimizer_section_of_a_changed_model_loads_by_value(tmp_path)
 def _compat_slot(optimizer, model, layer_role: str, list_name: str):
     from regraft.targets import _compat
 
-    variables, lists = _compat.optimizer_slot_lists(optimizer)
+    variables, lists = _compat.optimizer_slot_lists(_compat.slot_holder(optimizer))
     variable = next(v for v in model.trainable_variables if v.path.endswith(layer_role))
     return lists[list_name][[id(v) for v in variables].index(id(variable))]
 
@@ -531,3 +546,37 @@ def test_cli_diff_and_plan_take_optimizer(tmp_path, capsys):
     assert main(["apply", plan_path, "--model", f"{models}:build", "--optimizer", "--out",
                  str(tmp_path / "w.weights.h5")]) == 2
     assert "Error: --optimizer needs a TensorFlow checkpoint for --out" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- LossScaleOptimizer
+
+
+def test_loss_scale_checkpoint_into_plain_adam_and_back(tmp_path):
+    """A LossScaleOptimizer's slots live in its inner optimizer; its own _iterations stays 0 and the inner
+    one counts the steps, so the inner's is carried. A plain optimizer's checkpoint into a loss-scaled one
+    keeps the loss scale as built (not a strict problem)."""
+    from regraft.targets import _compat
+
+    old, old_opt, prefix = _trained(tmp_path, "loss_scale_adam")
+    new, opt = _model(), OPTIMIZERS["adam"]()
+    report = regraft.load(new, prefix, optimizer=opt)
+    assert _iterations(opt) == 5 and {r["state"] for r in report.to_dict()["optimizer"]} == {"loaded"}
+    assert {r["slot"]: r["source"] for r in report.to_dict()["optimizer"]}["optimizer/iterations"] == \
+        "optimizer/inner_optimizer/_iterations"
+    for a, b in zip(old.trainable_variables, new.trainable_variables):
+        want, got = _slots(old_opt, a), _slots(opt, b)
+        assert want.keys() == got.keys() == {"_momentums", "_velocities"}
+        assert all(same_bytes(want[k], got[k]) for k in want)
+
+    plain, plain_opt, plain_prefix = _trained(tmp_path, "adam")
+    scaled, scaled_opt = _model(), OPTIMIZERS["loss_scale_adam"]()
+    report = regraft.load(scaled, plain_prefix, optimizer=scaled_opt)
+    rows = {r["slot"]: r for r in report.to_dict()["optimizer"]}
+    assert rows["optimizer/loss_scale/dynamic_scale"]["state"] == "kept"
+    assert rows["optimizer/loss_scale/dynamic_scale"]["reason"] == (
+        "kept as built: the checkpoint's optimizer has no loss scale (dynamic_scale)")
+    assert float(np.asarray(_compat.loss_scale_variables(scaled_opt)["dynamic_scale"].numpy())) == 1024.0
+    assert _iterations(scaled_opt) == 5
+    for a, b in zip(plain.trainable_variables, scaled.trainable_variables):
+        want, got = _slots(plain_opt, a), _slots(scaled_opt, b)
+        assert all(same_bytes(want[k], got[k]) for k in want)

@@ -40,7 +40,7 @@ a producer unit (up to ``eps``). ``widen_in``'s ``noise`` is not applied to slot
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, SourceEntry, Stage, Status, TargetVariable
@@ -79,6 +79,8 @@ LEGACY_SLOTS = {
 }
 _PERMUTATIONS = {"identity", "cast", "linear_to_dense", "conv_oihw_to_hwio", "depthwise_oihw_to_hwcm", "slice"}
 ITERATIONS = "optimizer/iterations"
+# A LossScaleOptimizer's own state (its attributes since Keras 3.0): carried like the step count.
+LOSS_SCALE = ("dynamic_scale", "step_counter")
 
 
 @dataclass(frozen=True)
@@ -132,11 +134,13 @@ class SavedSlots:
         step: the step count's entry, if the checkpoint has one.
         refused: why the checkpoint's optimizer variables could not be given to their
             weights (``""``: nothing refused).
+        loss_scale: a ``LossScaleOptimizer``'s ``dynamic_scale`` and ``step_counter``, by name.
     """
 
     slots: dict[tuple[str, str], SourceEntry]
     step: SourceEntry | None
     refused: str = ""
+    loss_scale: dict[str, SourceEntry] = field(default_factory=dict)
 
 
 def saved_slots(plan: Plan, config: dict[str, Any] | None = None) -> SavedSlots:
@@ -159,8 +163,9 @@ def saved_slots(plan: Plan, config: dict[str, Any] | None = None) -> SavedSlots:
     numbered = sorted((e for e in plan.optimizer if e.layer == "optimizer" and e.index is not None
                        and e.key == f"optimizer/vars/{e.index}"), key=lambda e: e.index or 0)
     if not numbered:
-        iterations = [e for e in plan.optimizer if e.kind == BOOKKEEPING and e.role in ("iterations", "iter")]
-        return SavedSlots(_source_slots(plan.optimizer), iterations[0] if iterations else None)
+        return SavedSlots(_source_slots(plan.optimizer), _step_entry(plan.optimizer), "",
+                          {e.role: e for e in plan.optimizer if e.kind == BOOKKEEPING and e.role in LOSS_SCALE
+                           and "inner_optimizer" not in e.key.split("/")})
     if plan.source_format != "keras-archive":
         return SavedSlots({}, None, f"{plan.source_path} numbers its optimizer variables (optimizer/vars/N) without "
                           "recording the optimizer's class or the model they were built for")
@@ -202,7 +207,17 @@ def _numbered_slots(plan: Plan, numbered: list[SourceEntry], config: dict[str, A
             if slot is not None and id(slot) in position:
                 slots[(keys[id(v)], list_name)] = numbered[position[id(slot)]]
     step = position.get(id(_compat.step_variable(holder)))
-    return SavedSlots(slots, numbered[step] if step is not None else None)
+    scale = {name: numbered[position[id(v)]] for name, v in _compat.loss_scale_variables(optimizer).items()
+             if id(v) in position}
+    return SavedSlots(slots, numbered[step] if step is not None else None, "", scale)
+
+
+def _step_entry(entries: Iterable[SourceEntry]) -> SourceEntry | None:
+    """The step count of a TF checkpoint's optimizer: a wrapped optimizer's (``inner_optimizer``, which
+    counts the steps of a ``LossScaleOptimizer``, whose own ``_iterations`` stays 0), else the first."""
+    found = [e for e in entries if e.kind == BOOKKEEPING and e.role in ("iterations", "iter")]
+    inner = [e for e in found if "inner_optimizer" in e.key.split("/")]
+    return (inner or found or [None])[0]
 
 
 def _is_integer(dtype: Any) -> bool:
@@ -223,23 +238,32 @@ def optimizer_assignments(plan: Plan, optimizer: Any, trainable: Iterable[Any],
     Raises:
         RegraftError: the optimizer was built for other variables.
     """
-    slots, step_target = _slot_targets(plan, optimizer, trainable)
+    slots, scalars = _slot_targets(plan, optimizer, trainable)
     saved = saved if saved is not None else saved_slots(plan)
     holder = _compat.slot_holder(optimizer)
     out = [_slot_assignment(a, target, saved, holder) for a, target in slots]
+    step_target = scalars.pop("iterations")
     if saved.step is not None:
         e = saved.step
         out.append(Assignment(step_target, e, status_for(e, step_target), Stage.EXACT, "the optimizer's step count"))
     else:
         out.append(Assignment(step_target, None, Status.MISSING,
                               reason=saved.refused or "the checkpoint has no optimizer step count"))
+    for name, target in scalars.items():  # a LossScaleOptimizer's dynamic loss scale
+        e = saved.loss_scale.get(name)
+        if e is not None:
+            out.append(Assignment(target, e, status_for(e, target), Stage.EXACT, f"the loss scale's {name}"))
+        else:
+            reason = f"kept as built: the checkpoint's optimizer has no loss scale ({name})"
+            out.append(Assignment(target, None, Status.MISSING, Stage.NONE, reason, allowed=reason))
     return tuple(out)
 
 
 def _slot_targets(plan: Plan, optimizer: Any, trainable: Iterable[Any]
-                  ) -> tuple[list[tuple[Assignment, TargetVariable]], TargetVariable]:
+                  ) -> tuple[list[tuple[Assignment, TargetVariable]], dict[str, TargetVariable]]:
     """(the model variable's assignment, a target per slot) for every slot of ``optimizer``, and the
-    step count's target. Builds an unbuilt optimizer for ``trainable``."""
+    targets of its scalars (``iterations``; a ``LossScaleOptimizer``'s ``dynamic_scale`` and
+    ``step_counter``). Builds an unbuilt optimizer for ``trainable``."""
     trainable = list(trainable)
     if not getattr(optimizer, "built", False):
         optimizer.build(trainable)
@@ -263,10 +287,11 @@ def _slot_targets(plan: Plan, optimizer: Any, trainable: Iterable[Any]
             key = f"optimizer/{a.target.key}/{list_name.lstrip('_')}"
             out.append((a, TargetVariable(key, tuple(variable.shape), str(dtype_of(variable.dtype)), "optimizer", "",
                                           list_name, 0, False, variable=variable)))
-    step = _compat.step_variable(holder)
-    step_target = TargetVariable(ITERATIONS, tuple(step.shape), str(dtype_of(step.dtype)), "optimizer", "",
-                                 "iterations", 0, False, variable=step)
-    return out, step_target
+    scalars = {"iterations": (ITERATIONS, _compat.step_variable(holder))}
+    scalars.update({name: (f"optimizer/loss_scale/{name}", v)
+                    for name, v in _compat.loss_scale_variables(optimizer).items()})
+    return out, {name: TargetVariable(key, tuple(v.shape), str(dtype_of(v.dtype)), "optimizer", "", name, 0, False,
+                                      variable=v) for name, (key, v) in scalars.items()}
 
 
 def bind_optimizer(plan: Plan, optimizer: Any, trainable: Iterable[Any]) -> Plan:
@@ -280,9 +305,9 @@ def bind_optimizer(plan: Plan, optimizer: Any, trainable: Iterable[Any]) -> Plan
         raise RegraftError(
             "This plan has no optimizer section: it was made without an optimizer.",
             hint="Make the plan with regraft.plan(model, path, optimizer=opt) (CLI: regraft plan --optimizer).")
-    slots, step_target = _slot_targets(plan, optimizer, trainable)
+    slots, scalars = _slot_targets(plan, optimizer, trainable)
     live = {t.key: t for _, t in slots}
-    live[step_target.key] = step_target
+    live.update({t.key: t for t in scalars.values()})
     planned = [a.target.key for a in plan.optimizer_assignments]
     if set(planned) != set(live):
         other = sorted(set(planned) ^ set(live))

@@ -60,6 +60,7 @@ __all__ = [
     "run_keras_weights_walk",
     "optimizer_slot_lists",
     "slot_holder",
+    "loss_scale_variables",
     "step_variable",
     "placeholder_initializers",
 ]
@@ -509,3 +510,14 @@ def step_variable(optimizer: Any) -> Any:
     """The optimizer's step-count variable, ``_iterations`` (since Keras 3.0): the one in
     ``optimizer.variables`` (``iterations`` is a computed value under gradient accumulation)."""
     return _attribute(optimizer, "_iterations", "Optimizer", "keras 3.0")
+
+
+def loss_scale_variables(optimizer: Any) -> dict[str, Any]:
+    """A built ``LossScaleOptimizer``'s ``dynamic_scale`` and ``step_counter`` variables (attributes
+    its ``build`` sets, since Keras 3.0); ``{}`` for any other optimizer."""
+    import keras
+
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return {}
+    return {name: _attribute(optimizer, name, "LossScaleOptimizer", "keras 3.0")
+            for name in ("dynamic_scale", "step_counter")}
