@@ -580,3 +580,59 @@ def test_loss_scale_checkpoint_into_plain_adam_and_back(tmp_path):
     for a, b in zip(plain.trainable_variables, scaled.trainable_variables):
         want, got = _slots(plain_opt, a), _slots(scaled_opt, b)
         assert all(same_bytes(want[k], got[k]) for k in want)
+
+
+# --------------------------------------------------------------------------- Adafactor: factored slots
+
+
+def _adafactor_archive(tmp_path):
+    """A model trained 4 steps by Adafactor on this backend, saved as .keras (Keras writes it on every backend)."""
+    keras.utils.set_random_seed(11)
+    old, opt = _model(), keras.optimizers.Adafactor(0.05)
+    for _ in range(4):
+        _step(old, opt)
+    old.compile(optimizer=opt, loss="mse")
+    path = str(tmp_path / "adafactor.keras")
+    old.save(path)
+    return old, opt, path
+
+
+def test_adafactor_factored_slots_resume_like_the_old_model(tmp_path):
+    old, old_opt, path = _adafactor_archive(tmp_path)
+    new, opt = _model(), keras.optimizers.Adafactor(0.05)
+    report = regraft.load(new, path, optimizer=opt)
+    assert {r["state"] for r in report.to_dict()["optimizer"]} == {"loaded"} and _iterations(opt) == 4
+    for a, b in zip(old.trainable_variables, new.trainable_variables):
+        want, got = _slots(old_opt, a), _slots(opt, b)
+        assert want.keys() == got.keys() == {"_r", "_c", "_v"}
+        assert all(same_bytes(want[k], got[k]) for k in want), b.path
+    kernel_r = _slots(opt, new.trainable_variables[0])["_r"]
+    assert kernel_r.shape == (3,) and kernel_r.all()  # the row means of d1's (3, 4) kernel, trained
+    _step(old, old_opt)
+    _step(new, opt)
+    for a, b in zip(old.weights, new.weights):
+        assert same_bytes(value_of(a), value_of(b)), a.path
+
+
+def test_adafactor_factored_slots_of_a_widened_variable_start_fresh_with_the_reason(tmp_path):
+    old, old_opt, path = _adafactor_archive(tmp_path)
+    new, opt = _model(width=7), keras.optimizers.Adafactor(0.05)
+    _step(new, opt)  # used: its slots are not zeros before the load
+    report = regraft.load(new, path, optimizer=opt, reshape="preserve")
+    rows = {r["slot"]: r for r in report.to_dict()["optimizer"]}
+    assert rows["optimizer/d1/kernel/r"]["state"] == "fresh"
+    assert rows["optimizer/d1/kernel/r"]["reason"] == (
+        "fresh: a factored slot (_r, shape [3], not its variable's) has no counterpart of widen_out")
+    assert rows["optimizer/d2/kernel/c"]["reason"] == (
+        "fresh: a factored slot (_c, shape [2], not its variable's) has no counterpart of widen_in")
+    assert rows["optimizer/d1/kernel/v"]["state"] == "transformed"  # a second moment: divided by k**2
+    assert rows["optimizer/d2/bias/r"]["state"] == "loaded"
+    mapping = next(np.asarray(o["mapping"]) for a in report.plan.assignments if a.target.key == "d1/kernel"
+                   for n, o in a.steps if n == "widen_out")
+    count = np.bincount(mapping)[mapping]
+    s_old = [_slots(old_opt, v) for v in old.trainable_variables]
+    s_new = [_slots(opt, v) for v in new.trainable_variables]
+    assert not s_new[0]["_r"].any() and not s_new[0]["_c"].any() and not s_new[2]["_r"].any()
+    np.testing.assert_allclose(s_new[0]["_v"], s_old[0]["_v"][:, mapping] / count**2, rtol=1e-6)
+    assert all(same_bytes(s_new[3][k], s_old[3][k]) for k in ("_r", "_c", "_v"))
+    _step(new, opt)  # training goes on from the loaded state

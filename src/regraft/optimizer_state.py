@@ -70,7 +70,12 @@ SLOT_KINDS: dict[str, tuple[int | None, str | float | None]] = {
     "_accumulated_delta_vars": (None, 0.0),
     "_linears": (None, 0.0),  # Ftrl: gradients minus a multiple of the weight
     "_model_variables_moving_average": (0, None),  # use_ema
+    "_v": (2, 0.0),  # Adafactor: its second moment, of the variable's shape
+    "_r": (None, 0.0),  # Adafactor's factored second moment: row means (shape[:-1]; a dummy scalar for 1-D)
+    "_c": (None, 0.0),  # and column means (shape[:-2] + shape[-1:])
 }
+# Slots whose shape is not their variable's: copied only when the variable is loaded as saved.
+FACTORED = {"_r", "_c"}
 # Legacy tf.keras slot names (object-graph ``slot_variables``) -> the Keras 3 list holding the same moment.
 LEGACY_SLOTS = {
     "m": "_momentums", "v": "_velocities", "vhat": "_velocity_hats", "momentum": "_momentums",
@@ -100,8 +105,12 @@ def slot_steps(steps: Iterable[tuple[str, dict[str, Any]]], list_name: str) -> t
         (('widen_in', {'mapping': [0, 1, 0], 'axis': -1, 'power': 2}),)
         >>> slot_steps([("widen_in", {"mapping": [0, 1, 0], "axis": -2, "noise": 0.1})], "_momentums")
         (('widen_out', {'mapping': [0, 1, 0], 'axis': -2}),)
+        >>> slot_steps([("widen_in", {"mapping": [0, 1, 0], "axis": -2})], "_r") is None  # Adafactor's row means
+        True
     """
     power = SLOT_KINDS.get(list_name, (None, None))[0]
+    if list_name in FACTORED:
+        return () if all(name in ("identity", "cast") for name, _ in steps) else None
     if power == 0:
         return tuple((name, dict(options)) for name, options in steps)
     out: list[tuple[str, dict[str, Any]]] = []
@@ -340,6 +349,9 @@ def _slot_assignment(a: Assignment, target: TargetVariable, saved: SavedSlots, o
                               steps=steps)
     reason = f"fresh: {saved.refused}" if saved.refused and a.writes and a.source is not None else \
         _fresh_reason(a, entry is None)
+    if list_name in FACTORED and entry is not None and a.steps:
+        reason = (f"fresh: a factored slot ({list_name}, shape {list(target.shape)}, not its variable's) has no "
+                  f"counterpart of {a.transform}")
     # Fresh slots of a fresh variable, or behind a transform with no slot counterpart, are expected
     # (``allowed``); a loaded variable whose slot the checkpoint lacks is a strict problem.
     allowed = None if a.writes and a.source is not None and entry is None else reason

@@ -479,7 +479,7 @@ def placeholder_initializers(record: Callable[[Any, Any], None]) -> Iterator[Non
 OPTIMIZER_SLOT_LISTS = (
     "_momentums", "momentums", "_velocities", "_velocity_hats", "_average_gradients", "_accumulators",
     "_m", "_u", "_accumulated_grads", "_accumulated_delta_vars", "_linears", "_accumulated_gradients",
-    "_model_variables_moving_average",
+    "_model_variables_moving_average", "_r", "_c", "_v",
 )
 
 
