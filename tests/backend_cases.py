@@ -128,6 +128,7 @@ OPTIMIZERS: dict[str, Callable[[], object]] = {
     "adam": lambda: __import__("keras").optimizers.Adam(0.01),
     "sgd_momentum": lambda: __import__("keras").optimizers.SGD(0.01, momentum=0.9),
     "rmsprop_centered": lambda: __import__("keras").optimizers.RMSprop(0.01, momentum=0.5, centered=True),
+    "nadam": lambda: __import__("keras").optimizers.Nadam(0.01),  # its step reads a scalar, _u_product
     # Adam wrapped for mixed precision: its loss scale doubles every 2 finite steps (1024 -> 4096 in 5 steps).
     "loss_scale_adam": lambda: __import__("keras").optimizers.LossScaleOptimizer(
         __import__("keras").optimizers.Adam(0.01), initial_scale=1024.0, dynamic_growth_steps=2),
@@ -235,6 +236,7 @@ def optimizer_state(model, optimizer) -> dict[str, np.ndarray]:
     out.update({f"{name}/{i}": np.asarray(s.numpy()) for name, items in lists.items() for i, s in enumerate(items)})
     out["iterations"] = np.asarray(optimizer.iterations.numpy())
     out.update({f"scale/{name}": np.asarray(v.numpy()) for name, v in _compat.loss_scale_variables(optimizer).items()})
+    out.update({f"scalar/{name}": np.asarray(v.numpy()) for name, v in _compat.optimizer_scalars(optimizer).items()})
     return out
 
 
@@ -268,6 +270,8 @@ def restore_trained(case: Trained, folder: str):
     optimizer.iterations.assign(state["iterations"].astype(str(optimizer.iterations.dtype)))
     for name, v in _compat.loss_scale_variables(optimizer).items():
         v.assign(state[f"scale/{name}"].astype(str(v.dtype)))
+    for name, v in _compat.optimizer_scalars(optimizer).items():
+        v.assign(state[f"scalar/{name}"].astype(str(v.dtype)))
     return model, optimizer
 
 

@@ -636,3 +636,25 @@ def test_adafactor_factored_slots_of_a_widened_variable_start_fresh_with_the_rea
     np.testing.assert_allclose(s_new[0]["_v"], s_old[0]["_v"][:, mapping] / count**2, rtol=1e-6)
     assert all(same_bytes(s_new[3][k], s_old[3][k]) for k in ("_r", "_c", "_v"))
     _step(new, opt)  # training goes on from the loaded state
+
+
+def test_muon_slots_only_some_variables_have_resume_like_the_old_model(tmp_path):
+    """Muon keeps Adam's second moment (adam_velocities) only for the variables it does not orthogonalise
+    (None for the kernels): those slots are placed by position from a .keras archive and the rest skipped."""
+    keras.utils.set_random_seed(3)
+    old, old_opt = _model(), keras.optimizers.Muon(0.01)
+    for _ in range(3):
+        _step(old, old_opt)
+    old.compile(optimizer=old_opt, loss="mse")
+    old.save(str(tmp_path / "muon.keras"))
+    new, opt = _model(), keras.optimizers.Muon(0.01)
+    report = regraft.load(new, str(tmp_path / "muon.keras"), optimizer=opt)
+    rows = {r["slot"]: r for r in report.to_dict()["optimizer"]}
+    assert sorted(rows) == ["optimizer/d1/bias/adam_velocities", "optimizer/d1/bias/momentums",
+                            "optimizer/d1/kernel/momentums", "optimizer/d2/bias/adam_velocities",
+                            "optimizer/d2/bias/momentums", "optimizer/d2/kernel/momentums", "optimizer/iterations"]
+    assert {r["state"] for r in rows.values()} == {"loaded"}
+    _step(old, old_opt)
+    _step(new, opt)
+    for a, b in zip(old.weights, new.weights):
+        assert same_bytes(value_of(a), value_of(b)), a.path

@@ -71,6 +71,7 @@ SLOT_KINDS: dict[str, tuple[int | None, str | float | None]] = {
     "_linears": (None, 0.0),  # Ftrl: gradients minus a multiple of the weight
     "_model_variables_moving_average": (0, None),  # use_ema
     "_v": (2, 0.0),  # Adafactor: its second moment, of the variable's shape
+    "adam_velocities": (2, 0.0),  # Muon: Adam's second moment for the variables it does not orthogonalise
     "_r": (None, 0.0),  # Adafactor's factored second moment: row means (shape[:-1]; a dummy scalar for 1-D)
     "_c": (None, 0.0),  # and column means (shape[:-2] + shape[-1:])
 }
@@ -86,6 +87,8 @@ _PERMUTATIONS = {"identity", "cast", "linear_to_dense", "conv_oihw_to_hwio", "de
 ITERATIONS = "optimizer/iterations"
 # A LossScaleOptimizer's own state (its attributes since Keras 3.0): carried like the step count.
 LOSS_SCALE = ("dynamic_scale", "step_counter")
+# Optimizer state other than slots and the step count that its next step reads (by role: the name without "_").
+SCALARS = (*LOSS_SCALE, "u_product")  # Nadam: the product of its momentum schedule
 
 
 @dataclass(frozen=True)
@@ -143,13 +146,13 @@ class SavedSlots:
         step: the step count's entry, if the checkpoint has one.
         refused: why the checkpoint's optimizer variables could not be given to their
             weights (``""``: nothing refused).
-        loss_scale: a ``LossScaleOptimizer``'s ``dynamic_scale`` and ``step_counter``, by name.
+        scalars: other optimizer state carried like the step count, by name (:data:`SCALARS`).
     """
 
     slots: dict[tuple[str, str], SourceEntry]
     step: SourceEntry | None
     refused: str = ""
-    loss_scale: dict[str, SourceEntry] = field(default_factory=dict)
+    scalars: dict[str, SourceEntry] = field(default_factory=dict)
 
 
 def saved_slots(plan: Plan, config: dict[str, Any] | None = None) -> SavedSlots:
@@ -172,9 +175,7 @@ def saved_slots(plan: Plan, config: dict[str, Any] | None = None) -> SavedSlots:
     numbered = sorted((e for e in plan.optimizer if e.layer == "optimizer" and e.index is not None
                        and e.key == f"optimizer/vars/{e.index}"), key=lambda e: e.index or 0)
     if not numbered:
-        return SavedSlots(_source_slots(plan.optimizer), _step_entry(plan.optimizer), "",
-                          {e.role: e for e in plan.optimizer if e.kind == BOOKKEEPING and e.role in LOSS_SCALE
-                           and "inner_optimizer" not in e.key.split("/")})
+        return SavedSlots(_source_slots(plan.optimizer), _step_entry(plan.optimizer), "", _scalar_entries(plan.optimizer))
     if plan.source_format != "keras-archive":
         return SavedSlots({}, None, f"{plan.source_path} numbers its optimizer variables (optimizer/vars/N) without "
                           "recording the optimizer's class or the model they were built for")
@@ -216,9 +217,29 @@ def _numbered_slots(plan: Plan, numbered: list[SourceEntry], config: dict[str, A
             if slot is not None and id(slot) in position:
                 slots[(keys[id(v)], list_name)] = numbered[position[id(slot)]]
     step = position.get(id(_compat.step_variable(holder)))
-    scale = {name: numbered[position[id(v)]] for name, v in _compat.loss_scale_variables(optimizer).items()
-             if id(v) in position}
-    return SavedSlots(slots, numbered[step] if step is not None else None, "", scale)
+    scalars = {name: numbered[position[id(v)]] for name, v in _scalar_variables(optimizer).items() if id(v) in position}
+    return SavedSlots(slots, numbered[step] if step is not None else None, "", scalars)
+
+
+def _scalar_variables(optimizer: Any) -> dict[str, Any]:
+    """The optimizer's :data:`SCALARS` variables by name (a wrapper's and its inner optimizer's)."""
+    holder = _compat.slot_holder(optimizer)
+    return {**_compat.loss_scale_variables(optimizer),
+            **{name.lstrip("_"): v for name, v in _compat.optimizer_scalars(holder).items()}}
+
+
+def _scalar_entries(entries: Iterable[SourceEntry]) -> dict[str, SourceEntry]:
+    """A TF checkpoint's :data:`SCALARS`: a loss scale's own, else an inner optimizer's first."""
+    out: dict[str, SourceEntry] = {}
+    for e in entries:
+        if e.kind != BOOKKEEPING or e.role not in SCALARS:
+            continue
+        inner = "inner_optimizer" in e.key.split("/")
+        if e.role in LOSS_SCALE and inner:
+            continue
+        if e.role not in out or inner:
+            out[e.role] = e
+    return out
 
 
 def _step_entry(entries: Iterable[SourceEntry]) -> SourceEntry | None:
@@ -258,12 +279,13 @@ def optimizer_assignments(plan: Plan, optimizer: Any, trainable: Iterable[Any],
     else:
         out.append(Assignment(step_target, None, Status.MISSING,
                               reason=saved.refused or "the checkpoint has no optimizer step count"))
-    for name, target in scalars.items():  # a LossScaleOptimizer's dynamic loss scale
-        e = saved.loss_scale.get(name)
+    for name, target in scalars.items():  # a LossScaleOptimizer's dynamic loss scale, Nadam's u_product
+        e = saved.scalars.get(name)
+        what = f"loss scale ({name})" if name in LOSS_SCALE else name
         if e is not None:
-            out.append(Assignment(target, e, status_for(e, target), Stage.EXACT, f"the loss scale's {name}"))
+            out.append(Assignment(target, e, status_for(e, target), Stage.EXACT, f"the optimizer's {what}"))
         else:
-            reason = f"kept as built: the checkpoint's optimizer has no loss scale ({name})"
+            reason = f"kept as built: the checkpoint's optimizer has no {what}"
             out.append(Assignment(target, None, Status.MISSING, Stage.NONE, reason, allowed=reason))
     return tuple(out)
 
@@ -297,8 +319,8 @@ def _slot_targets(plan: Plan, optimizer: Any, trainable: Iterable[Any]
             out.append((a, TargetVariable(key, tuple(variable.shape), str(dtype_of(variable.dtype)), "optimizer", "",
                                           list_name, 0, False, variable=variable)))
     scalars = {"iterations": (ITERATIONS, _compat.step_variable(holder))}
-    scalars.update({name: (f"optimizer/loss_scale/{name}", v)
-                    for name, v in _compat.loss_scale_variables(optimizer).items()})
+    scalars.update({name: (f"optimizer/loss_scale/{name}" if name in LOSS_SCALE else f"optimizer/{name}", v)
+                    for name, v in _scalar_variables(optimizer).items()})
     return out, {name: TargetVariable(key, tuple(v.shape), str(dtype_of(v.dtype)), "optimizer", "", name, 0, False,
                                       variable=v) for name, (key, v) in scalars.items()}
 

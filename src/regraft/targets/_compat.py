@@ -61,6 +61,7 @@ __all__ = [
     "optimizer_slot_lists",
     "slot_holder",
     "loss_scale_variables",
+    "optimizer_scalars",
     "step_variable",
     "placeholder_initializers",
 ]
@@ -479,8 +480,10 @@ def placeholder_initializers(record: Callable[[Any, Any], None]) -> Iterator[Non
 OPTIMIZER_SLOT_LISTS = (
     "_momentums", "momentums", "_velocities", "_velocity_hats", "_average_gradients", "_accumulators",
     "_m", "_u", "_accumulated_grads", "_accumulated_delta_vars", "_linears", "_accumulated_gradients",
-    "_model_variables_moving_average", "_r", "_c", "_v",
+    "_model_variables_moving_average", "_r", "_c", "_v", "adam_velocities",
 )
+# Scalar state an optimizer's step reads besides its step count: Nadam's ``_u_product`` (since Keras 3.0).
+OPTIMIZER_SCALARS = ("_u_product",)
 
 
 def optimizer_slot_lists(optimizer: Any) -> tuple[list[Any], dict[str, list[Any]]]:
@@ -521,3 +524,8 @@ def loss_scale_variables(optimizer: Any) -> dict[str, Any]:
         return {}
     return {name: _attribute(optimizer, name, "LossScaleOptimizer", "keras 3.0")
             for name in ("dynamic_scale", "step_counter")}
+
+
+def optimizer_scalars(optimizer: Any) -> dict[str, Any]:
+    """The ``OPTIMIZER_SCALARS`` variables ``optimizer`` has, by attribute name."""
+    return {name: getattr(optimizer, name) for name in OPTIMIZER_SCALARS if getattr(optimizer, name, None) is not None}
