@@ -658,3 +658,33 @@ def test_muon_slots_only_some_variables_have_resume_like_the_old_model(tmp_path)
     _step(new, opt)
     for a, b in zip(old.weights, new.weights):
         assert same_bytes(value_of(a), value_of(b)), a.path
+
+
+def test_every_builtin_optimizer_variable_is_a_known_slot_or_scalar():
+    """Pins the slot lists and scalars regraft knows against this Keras: a variable of a built-in optimizer
+    that is none of them (a new slot list in a later Keras) would silently keep its value."""
+    import inspect
+
+    from regraft.targets import _compat
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    seen = []
+    for name in sorted(dir(keras.optimizers)):
+        cls = getattr(keras.optimizers, name)
+        if not (inspect.isclass(cls) and issubclass(cls, keras.optimizers.Optimizer)):
+            continue
+        if cls in (keras.optimizers.Optimizer, getattr(keras.optimizers, "MultiOptimizer", None)):
+            continue  # the base class; MultiOptimizer delegates to several optimizers (not handled)
+        optimizer = cls(keras.optimizers.Adam()) if cls is keras.optimizers.LossScaleOptimizer else cls()
+        optimizer.build(model.trainable_variables)
+        holder = _compat.slot_holder(optimizer)
+        _, lists = _compat.optimizer_slot_lists(holder)
+        known = {id(s) for items in lists.values() for s in items if s is not None}
+        known |= {id(v) for v in (_compat.step_variable(holder), *_compat.loss_scale_variables(optimizer).values(),
+                                  *_compat.optimizer_scalars(holder).values())}
+        rest = [v.path for v in optimizer.variables if id(v) not in known and not v.path.endswith("learning_rate")]
+        if cls is keras.optimizers.LossScaleOptimizer:  # its own step count stays 0: the inner one counts
+            rest.remove(_compat.step_variable(optimizer).path)
+        assert rest == [], name
+        seen.append(name)
+    assert {"Adam", "Adafactor", "Muon", "Nadam", "LossScaleOptimizer", "SGD", "RMSprop", "Ftrl"} <= set(seen)
