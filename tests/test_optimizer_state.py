@@ -419,6 +419,38 @@ def test_keras_archive_whose_optimizer_was_built_for_other_variables_is_refused(
     assert all(not s.any() for v in new.trainable_variables for s in _slots(opt, v).values())
 
 
+def test_keras_archive_whose_optimizer_keras_cannot_rebuild_is_refused(tmp_path):
+    """config.json naming an optimizer class Keras does not know (a real archive, its config edited)."""
+    import json
+    import zipfile
+
+    old, old_opt, _ = _trained(tmp_path, "adam")
+    old.compile(optimizer=old_opt, loss="mse")
+    old.save(str(tmp_path / "good.keras"))
+    path = str(tmp_path / "unknown.keras")
+    with zipfile.ZipFile(tmp_path / "good.keras") as src, zipfile.ZipFile(path, "w") as out:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "config.json":
+                config = json.loads(data)
+                config["compile_config"]["optimizer"]["class_name"] = "NoSuchOptimizer"
+                data = json.dumps(config).encode()
+            out.writestr(info, data)
+    new, opt = _model(), OPTIMIZERS["adam"]()
+    before = snapshot(new)
+    with pytest.raises(regraft.errors.LoadError) as info:
+        regraft.load(new, path, optimizer=opt)
+    [problem] = info.value.problems
+    assert problem.startswith(
+        "optimizer state missing from the checkpoint (9): optimizer/d{1..2}/bias/{momentums,velocities}, "
+        "optimizer/d{1..2}/kernel/{momentums,velocities}, optimizer/iterations — slots of loaded variables would "
+        f"start fresh (Cannot rebuild the model and optimizer of {path} from its config: Keras raised ValueError: ")
+    assert "NoSuchOptimizer" in problem
+    assert_state(new, before)
+    report = regraft.load(new, path, optimizer=opt, strict=False)  # the weights still load
+    assert report.counts()["loaded"] == 4 and "optimizer: 8 fresh, 1 kept" in report.summary()
+
+
 def test_weights_h5_numbered_optimizer_variables_are_refused(tmp_path):
     """A compiled model's .weights.h5 holds optimizer/vars/N but neither the optimizer's class nor the
     model: regraft does not guess."""

@@ -12,8 +12,15 @@ model's variables, all-or-nothing. For each trainable variable of the model:
   one) gets fresh slots: its optimizer's initial value (zeros; Adagrad's
   ``initial_accumulator_value``).
 
-The step count (``iterations``) is carried; other optimizer scalars (the learning
-rate) are not: the optimizer passed in keeps its own.
+The step count (``iterations``) is carried, and so are the scalars a step reads
+(:data:`SCALARS`: a ``LossScaleOptimizer``'s dynamic loss scale, Nadam's
+``u_product``); the learning rate is not: the optimizer passed in keeps its own. A
+``LossScaleOptimizer``'s slots and step count are its inner optimizer's.
+
+Where the checkpoint's slots come from (:func:`saved_slots`): a TF checkpoint records
+each slot's variable (``slot_of``); a ``.keras`` archive numbers them
+(``optimizer/vars/N``), and they are placed by rebuilding the model and optimizer its
+config describes, as Keras' own loader does, or refused with the reason.
 
 Slot transforms for Net2Net widening
 ------------------------------------
@@ -166,10 +173,10 @@ def saved_slots(plan: Plan, config: dict[str, Any] | None = None) -> SavedSlots:
     (:func:`regraft.targets.file.compiled_from_config`, no weights read) and reads off,
     for each ``N``, the slot list and the trainable variable it belongs to, whose key in
     the archive is its ``.weights.h5`` key. It refuses (``refused``) unless every one of
-    the archive's optimizer variables has the shape and dtype of the rebuilt optimizer's
-    ``N``-th variable and every rebuilt trainable variable is a weight of the archive
-    with its shape (dtypes may differ in width: the step count is int64 on TensorFlow and
-    int32 on JAX). A ``.weights.h5`` records neither the optimizer's class nor the old
+    the archive's optimizer variables has the shape of the rebuilt optimizer's ``N``-th
+    variable and is an integer where it is (widths may differ: the step count is int64
+    on TensorFlow and int32 on JAX), and every rebuilt trainable variable is a weight of
+    the archive with its shape. A ``.weights.h5`` records neither the optimizer's class nor the old
     model, so its numbered variables are refused.
     """
     numbered = sorted((e for e in plan.optimizer if e.layer == "optimizer" and e.index is not None
