@@ -69,14 +69,14 @@ test-torch: $(TORCH_BIN)/regraft $(TF_FILES)/.written
 # The matching and load tests (test_load, test_sources, test_cli, test_formats, test_zoo) read what
 # TensorFlow wrote from TF_FILES; a test that needs TensorFlow at run time (its own reader as the
 # reference, writing a TF checkpoint or SavedModel, tf_keras) is skipped and says why (-rs).
-# Not here: test_optimizer_state, test_hardening_tf, test_hardening_out, test_fuzz (TF stage only).
+# Not here: test_hardening_tf, test_hardening_out, test_fuzz (TF stage only).
 JAX_TESTS := tests/test_backends.py tests/test_align.py tests/test_structure.py tests/test_registry.py \
 	tests/test_naming.py tests/test_targets.py tests/test_verify.py tests/test_plan.py tests/test_planfile.py \
 	tests/test_transforms.py tests/test_growth.py tests/test_bundle.py tests/test_compat.py \
 	tests/test_apply_faults.py tests/test_building.py tests/test_hardening_h5.py tests/test_progress.py \
 	tests/test_writers.py tests/test_convert.py tests/test_torch_layout.py \
 	tests/test_load.py tests/test_sources.py tests/test_cli.py tests/test_formats.py tests/test_zoo.py \
-	tests/test_sharded.py
+	tests/test_sharded.py tests/test_optimizer_state.py
 # The test_verify ones write a TF checkpoint through regraft, which needs the TensorFlow backend by
 # design; the test_apply_faults one writes its checkpoint with TensorFlow in a child process; the
 # test_compat one pins TensorFlow's own `_trackable_children` (elsewhere regraft predicts the children).

@@ -14,6 +14,14 @@ variable's value under its ``variable.path`` (written by numpy, so a test compar
 what it loaded with values regraft did not read). Under the TF backend the tests
 call :func:`write_case` themselves.
 
+For the optimizer-state tests, each of :data:`TRAINED` is a small model trained a few
+steps by a Keras 3 optimizer on TensorFlow: ``trained_<name>/ckpt*``
+(``tf.train.Checkpoint(model=, optimizer=)``), ``trained_<name>/old.keras`` (``model.save``
+after compiling with that optimizer) and ``trained_<name>/state.npz`` (every model
+weight by position, every slot by list and variable position, the step count), from
+which another backend rebuilds the old model *and its optimizer* without regraft
+(:func:`restore_trained`) and takes the old model's next step itself.
+
 Models come from ``conftest.build`` and friends, built after ``clear_session()`` so
 auto-generated names, and so ``variable.path``, are the same in both processes.
 
@@ -216,6 +224,162 @@ def write_declared(out_dir: str) -> int:
     return len(WRITERS)
 
 
+# --------------------------------------------------------------------------- trained models with optimizer state
+
+X3 = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
+Y2 = np.random.default_rng(1).normal(size=(16, 2)).astype("float32")
+
+OPTIMIZERS: dict[str, Callable[[], object]] = {
+    "adam": lambda: __import__("keras").optimizers.Adam(0.01),
+    "sgd_momentum": lambda: __import__("keras").optimizers.SGD(0.01, momentum=0.9),
+    "rmsprop_centered": lambda: __import__("keras").optimizers.RMSprop(0.01, momentum=0.5, centered=True),
+    "nadam": lambda: __import__("keras").optimizers.Nadam(0.01),  # its step reads a scalar, _u_product
+    # Adam wrapped for mixed precision: its loss scale doubles every 2 finite steps (1024 -> 4096 in 5 steps).
+    "loss_scale_adam": lambda: __import__("keras").optimizers.LossScaleOptimizer(
+        __import__("keras").optimizers.Adam(0.01), initial_scale=1024.0, dynamic_growth_steps=2),
+}
+
+
+def optimizer_model(width: int = 4, insert: bool = False, widths: tuple[int, ...] = ()) -> object:
+    """``Input(3) -> Dense(width, relu) 'd1' [-> Dense(width) 'ins'] -> Dense(2) 'd2'``; with ``widths``
+    ``(w1, w2)``: ``d1`` (relu, w1) -> ``d2`` (tanh, w2) -> ``d3`` (2)."""
+    import keras
+
+    if widths:
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(widths[0], activation="relu", name="d1"),
+                                 keras.layers.Dense(widths[1], activation="tanh", name="d2"),
+                                 keras.layers.Dense(2, name="d3")])
+    layers = [keras.Input((3,)), keras.layers.Dense(width, activation="relu", name="d1")]
+    if insert:
+        layers.append(keras.layers.Dense(width, name="ins"))
+    layers.append(keras.layers.Dense(2, name="d2"))
+    return keras.Sequential(layers)
+
+
+def gradients(model) -> list:
+    """The gradients of the mean squared error on the fixed batch, on this backend (TensorFlow or JAX)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(X3) - Y2))
+        return tape.gradient(loss, model.trainable_variables)
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def loss(values):
+            outputs, _ = model.stateless_call(values, non_trainable, X3)
+            return jnp.mean(jnp.square(outputs - Y2))
+
+        return jax.grad(loss)([v.value for v in model.trainable_variables])
+    raise NotImplementedError(f"no gradient helper for the {backend} backend")
+
+
+def train_step(model, optimizer) -> None:
+    """One training step on the fixed batch: the same ops for every model of one backend.
+
+    On JAX through ``stateless_apply``, as Keras' JAX trainer does (a ``LossScaleOptimizer``'s
+    eager ``apply`` leaks tracers from its ``cond`` there)."""
+    import keras
+
+    grads = gradients(model)
+    if keras.backend.backend() != "jax":
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return
+    trainable = model.trainable_variables
+    if not optimizer.built:
+        optimizer.build(trainable)
+    new_trainable, new_optimizer = optimizer.stateless_apply(
+        [v.value for v in optimizer.variables], grads, [v.value for v in trainable])
+    for variable, value in zip((*trainable, *optimizer.variables), (*new_trainable, *new_optimizer)):
+        variable.assign(value)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A model of :func:`optimizer_model` trained ``steps`` steps by ``OPTIMIZERS[optimizer]``."""
+
+    name: str
+    optimizer: str
+    steps: int = 5
+    widths: tuple[int, ...] = ()
+
+    def build(self):
+        return optimizer_model(widths=self.widths)
+
+
+TRAINED: tuple[Trained, ...] = tuple(Trained(f"trained_{name}", name) for name in OPTIMIZERS) + (
+    Trained("trained_adam_3layer", "adam", steps=4, widths=(4, 3)),
+)
+
+
+def train(case: Trained):
+    """``case``'s model and optimizer after ``case.steps`` steps on this backend (seeded: the same every run)."""
+    import keras
+
+    keras.utils.set_random_seed(7)
+    model, optimizer = case.build(), OPTIMIZERS[case.optimizer]()
+    for _ in range(case.steps):
+        train_step(model, optimizer)
+    return model, optimizer
+
+
+def optimizer_state(model, optimizer) -> dict[str, np.ndarray]:
+    """Every weight (``w/<i>``, by position in ``model.weights``), every slot (``<list>/<i>``, by position in
+    ``model.trainable_variables``), ``iterations`` and a loss scale's ``scale/<name>``, as numpy arrays."""
+    from regraft.targets import _compat
+
+    variables, lists = _compat.optimizer_slot_lists(_compat.slot_holder(optimizer))
+    assert [id(v) for v in variables] == [id(v) for v in model.trainable_variables]
+    out = {f"w/{i}": np.asarray(v.numpy()) for i, v in enumerate(model.weights)}
+    out.update({f"{name}/{i}": np.asarray(s.numpy()) for name, items in lists.items() for i, s in enumerate(items)})
+    out["iterations"] = np.asarray(optimizer.iterations.numpy())
+    out.update({f"scale/{name}": np.asarray(v.numpy()) for name, v in _compat.loss_scale_variables(optimizer).items()})
+    out.update({f"scalar/{name}": np.asarray(v.numpy()) for name, v in _compat.optimizer_scalars(optimizer).items()})
+    return out
+
+
+def write_trained(case: Trained, folder: str):
+    """Train ``case`` on TensorFlow, write ``ckpt*``, ``old.keras`` and ``state.npz`` into ``folder``; the model
+    and optimizer."""
+    import tensorflow as tf
+
+    os.makedirs(folder, exist_ok=True)
+    model, optimizer = train(case)
+    tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(folder, "ckpt"))
+    model.compile(optimizer=optimizer, loss="mse")
+    model.save(os.path.join(folder, "old.keras"))  # optimizer/vars/N, in optimizer.variables order
+    np.savez(os.path.join(folder, "state.npz"), **optimizer_state(model, optimizer))
+    return model, optimizer
+
+
+def restore_trained(case: Trained, folder: str):
+    """The old model and optimizer of ``case`` on this backend, set from ``state.npz`` (regraft reads nothing)."""
+    from regraft.targets import _compat
+
+    state = dict(np.load(os.path.join(folder, "state.npz")))
+    model, optimizer = case.build(), OPTIMIZERS[case.optimizer]()
+    optimizer.build(model.trainable_variables)
+    for i, v in enumerate(model.weights):
+        v.assign(state[f"w/{i}"])
+    _, lists = _compat.optimizer_slot_lists(_compat.slot_holder(optimizer))
+    for name, items in lists.items():
+        for i, slot in enumerate(items):
+            slot.assign(state[f"{name}/{i}"])
+    optimizer.iterations.assign(state["iterations"].astype(str(optimizer.iterations.dtype)))
+    for name, v in _compat.loss_scale_variables(optimizer).items():
+        v.assign(state[f"scale/{name}"].astype(str(v.dtype)))
+    for name, v in _compat.optimizer_scalars(optimizer).items():
+        v.assign(state[f"scalar/{name}"].astype(str(v.dtype)))
+    return model, optimizer
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(f"usage: {sys.argv[0]} OUT_DIR", file=sys.stderr)
@@ -227,8 +391,10 @@ def main(argv: list[str]) -> int:
         return 2
     for case in CASES:
         write_case(case, os.path.join(argv[0], case.name))
+    for trained in TRAINED:
+        write_trained(trained, os.path.join(argv[0], trained.name))
     declared = write_declared(argv[0])
-    print(f"wrote {len(CASES)} cases and the files of {declared} declared writers to {argv[0]}")
+    print(f"wrote {len(CASES) + len(TRAINED)} cases and the files of {declared} declared writers to {argv[0]}")
     return 0
 
 

@@ -50,6 +50,7 @@ def plan(
     noise: float = 0.0,
     accept_order: bool = False,
     allow_outside_state: bool = False,
+    optimizer: Any = None,
 ) -> Plan:
     """Decide what each variable of ``model`` takes from the checkpoint, from metadata only.
 
@@ -76,6 +77,8 @@ def plan(
             and a strict problem.
         allow_outside_state: follow a folder's ``checkpoint`` state file that names a
             checkpoint outside the folder (see :func:`open`).
+        optimizer: a Keras 3 optimizer whose slots and step count the plan also decides
+            (see :func:`load`); a saved plan carries them in its ``optimizer`` section.
 
     Returns:
         An immutable :class:`Plan`; print it, save it (:func:`regraft.save_plan`), or
@@ -86,11 +89,22 @@ def plan(
         >>> print(p); regraft.save_plan(p, "plan.yaml")  # doctest: +SKIP
     """
     if isinstance(source, Source):
-        return _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
+        return _with_optimizer(
+            _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order),
+            model, source, optimizer)
     with _without_gc():
         opened = open_source(source, allow_outside_state=allow_outside_state)
     with opened:
-        return _plan(model, opened, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
+        return _with_optimizer(
+            _plan(model, opened, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order),
+            model, opened, optimizer)
+
+
+def _with_optimizer(the_plan: Plan, model: Any, source: Source, optimizer: Any) -> Plan:
+    """``the_plan`` with the optimizer's slots and step count (:mod:`regraft.optimizer_state`), if one is given."""
+    if optimizer is None:
+        return the_plan
+    return with_optimizer(the_plan, optimizer, model.trainable_variables, getattr(source, "config", None))
 
 
 @contextlib.contextmanager
@@ -138,7 +152,8 @@ def _make(model: Any, source: Source, rules: Rules, rename: Any, allow_missing: 
 def diff(model: Any, path: PathLike, **options: Any) -> LoadReport:
     """What :func:`load` would do, without loading anything (a report with ``applied=False``).
 
-    Takes the same keyword options as :func:`plan`.
+    Takes the same keyword options as :func:`plan` (``optimizer=`` included: the report's
+    optimizer section then says what each slot would get).
     """
     return LoadReport.build(plan(model, path, **options), None)
 
@@ -204,8 +219,7 @@ def load(
         source = open_source(path, allow_outside_state=allow_outside_state)
     with interrupts_held(), source:  # Ctrl-C after the first assignment is held back until load returns
         the_plan = _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
-        if optimizer is not None:
-            the_plan = with_optimizer(the_plan, optimizer, model.trainable_variables)
+        the_plan = _with_optimizer(the_plan, model, source, optimizer)
         _refuse_if_strict(the_plan, source.path, f"model '{model.name}'", strict)
         return apply(the_plan, model, source, freeze=freeze, progress=progress,  # the source it was made from
                      full_checksums=full_checksums)

@@ -53,14 +53,17 @@ Progress = Callable[[int, int, str], None]
 
 
 def apply(plan: Plan, model: Any, source: Source | None = None, *, freeze: bool = False,
-          progress: Progress | None = None, full_checksums: bool = False) -> LoadReport:
+          progress: Progress | None = None, full_checksums: bool = False, optimizer: Any = None) -> LoadReport:
     """Load the checkpoint into ``model`` exactly as ``plan`` says (all-or-nothing).
 
     ``model`` must be the model the plan was made for, or one built the same way
     (same variable keys, shapes and dtypes): the plan is then bound to its
     variables. ``source`` is the checkpoint already open (it must be the one the
     plan was made from); by default it is opened from the plan's path and
-    checked against the plan's fingerprint.
+    checked against the plan's fingerprint. ``optimizer``: the optimizer to load
+    the plan's optimizer section into (a plan made with ``optimizer=``, read from
+    a file), bound to its slots like the model's variables; it is built for the
+    model's trainable variables if it is not built.
 
     A variable laid out over several devices (Keras 3 on JAX with
     ``keras.distribution``) is read block by block: each device's block of the
@@ -77,13 +80,22 @@ def apply(plan: Plan, model: Any, source: Source | None = None, *, freeze: bool 
         >>> report = regraft.apply(regraft.read_plan("plan.yaml", model), model)   # doctest: +SKIP
     """
     with interrupts_held():  # ends after the source is closed: nothing runs after it
-        return _apply_opened(plan, model, source, freeze, progress, full_checksums)
+        return _apply_opened(plan, model, source, freeze, progress, full_checksums, optimizer)
 
 
 def _apply_opened(plan: Plan, model: Any, source: Source | None, freeze: bool, progress: Progress | None,
-                  full_checksums: bool = False) -> LoadReport:
+                  full_checksums: bool = False, optimizer: Any = None) -> LoadReport:
     target = target_for(model)
     plan = _bind(plan, target)
+    if optimizer is not None:
+        from regraft.optimizer_state import bind_optimizer
+
+        plan = bind_optimizer(plan, optimizer, model.trainable_variables)
+    elif any(a.target.variable is None for a in plan.optimizer_assignments):
+        raise RegraftError(
+            "This plan has an optimizer section (made with optimizer=): pass the optimizer to load it into.",
+            hint="regraft.apply(plan, model, optimizer=opt) (CLI: regraft apply --optimizer), or delete the plan "
+            "file's 'optimizer' section to load the model's variables only.")
     if source is not None:
         return _apply(plan, source, target, freeze, progress, full_checksums)
     with open_source(plan.source_path) as opened:

@@ -28,6 +28,15 @@ Schema (version 1)::
     inserted_layers: [str]
     removed_layers: [str]
     rules: [{rule: str, used: int}]
+    optimizer:              # only in plans made with optimizer= (CLI --optimizer)
+      refused: str|null     # why the checkpoint's optimizer variables could not be placed
+      slots:
+        <optimizer/VARIABLE/SLOT or optimizer/iterations>: {source: str|null, status: str, transform: str|null,
+                             stage: str|null, reason: str, shape: [int], dtype: str, steps: [...], allowed_by: str}
+
+An optimizer slot's ``source`` may be edited like a variable's; ``null`` with no
+``steps`` leaves the slot as the optimizer has it. The slots are bound to an
+optimizer by :func:`regraft.apply` (``optimizer=``), which checks they are its own.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from regraft.entries import WEIGHT, SourceEntry, Stage, TargetVariable
 from regraft.errors import RegraftError
 from regraft.files import read_text
 from regraft.growth import check_steps
-from regraft.naming import collapse
+from regraft.naming import collapse, dtype_of
 from regraft.plans import (
     AMBIGUOUS,
     CAST,
@@ -110,8 +119,11 @@ def _dump(data: dict[str, Any]) -> str:
 
     _Dumper.add_representer(_Line, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v.items(), flow_style=True))
     variables = {key: _Line(entry) for key, entry in data["variables"].items()}
-    return yaml.dump({**data, "variables": variables}, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
-                     width=100_000)
+    lined = {**data, "variables": variables}
+    if "optimizer" in data:
+        lined["optimizer"] = {**data["optimizer"],
+                              "slots": {key: _Line(entry) for key, entry in data["optimizer"]["slots"].items()}}
+    return yaml.dump(lined, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100_000)
 
 
 def read_plan(path: str | os.PathLike[str], model: Any) -> Plan:
@@ -136,6 +148,7 @@ def read_plan(path: str | os.PathLike[str], model: Any) -> Plan:
         check.string_list(data, (key,))
     rules = check.list_of(data, ("rules",), dict)
     ignored_items = check.list_of(data, ("ignored",), (str, dict))
+    optimizer_section = check.optimizer(data) if data.get("optimizer") is not None else None
     root = checkpoint.get("root") or ""
 
     targets = target_for(model).describe(())[0]
@@ -179,6 +192,10 @@ def read_plan(path: str | os.PathLike[str], model: Any) -> Plan:
     used = {a.source.key for a in assignments if a.source is not None}  # a proposal reserves its tensor
     prefix = root + "/" if root else ""
     weights = [e for e in entries.values() if e.kind == WEIGHT]
+    optimizer_assignments: tuple[Assignment, ...] = ()
+    if optimizer_section is not None:
+        optimizer_assignments = tuple(_slot(key, entry, entries, check)
+                                      for key, entry in optimizer_section["slots"].items())
     return Plan(
         source_path=checkpoint["path"],
         source_format=source_format,
@@ -195,6 +212,8 @@ def read_plan(path: str | os.PathLike[str], model: Any) -> Plan:
         removed=tuple(data.get("removed_layers") or ()),
         source_fingerprint=checkpoint["fingerprint"],
         target_fingerprint=model_section["fingerprint"],
+        optimizer_assignments=optimizer_assignments,
+        optimizer_refused=(optimizer_section or {}).get("refused") or "",
     )
 
 
@@ -298,6 +317,36 @@ class _Checker:
                 raise self.error((*keys, name, "candidates"), f"is {_kind(candidates)}", "a list of checkpoint keys")
         return value
 
+    def optimizer(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The optimizer section: ``refused`` and a mapping of slot keys to entries."""
+        section = self.mapping(data, ("optimizer",), {"slots": dict}, {"refused": str})
+        for key, entry in section["slots"].items():
+            where = ("optimizer", "slots", key)
+            if not isinstance(key, str) or not key.startswith("optimizer/"):
+                raise self.error(where, "is not an optimizer slot key", "a key starting with 'optimizer/'")
+            if not isinstance(entry, dict):
+                raise self.error(where, f"is {_kind(entry)}", "a mapping with a 'source', 'shape' and 'dtype'")
+            source = entry.get("source")
+            if source is not None and not isinstance(source, str):
+                raise self.error((*where, "source"), f"is {_kind(source)}", "a checkpoint key or null")
+            shape = entry.get("shape")
+            if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                      for n in shape):
+                raise self.error((*where, "shape"), "is missing" if shape is None else f"is {_kind(shape)}",
+                                 "a list of whole numbers (the slot's shape)")
+            for field, required in (("dtype", True), ("status", False), ("stage", False), ("reason", False),
+                                    ("allowed_by", False)):
+                value = entry.get(field)
+                if (value is None and required) or (value is not None and not isinstance(value, str)):
+                    raise self.error((*where, field), "is missing" if value is None else f"is {_kind(value)}",
+                                     "a string")
+            steps = entry.get("steps")
+            if steps is not None and (not isinstance(steps, list) or not all(
+                    isinstance(s, dict) and isinstance(s.get("name"), str) for s in steps)):
+                raise self.error((*where, "steps"), f"is {_kind(steps)}",
+                                 "a list of mappings with a 'name', like  - {name: fill, value: 0.0}")
+        return section
+
     def string_list(self, data: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
         value = self._get(data, keys)
         if value is None:
@@ -378,3 +427,28 @@ def _transformed(target: TargetVariable, source: SourceEntry | None, entry: dict
     check_steps(steps, source.shape if source else None, target.shape, target.key)
     return Assignment(target, source, TRANSFORMED, stage, reason, entry.get("allowed_by"), confidence, (), steps,
                       order_only=bool(entry.get("order_only")))
+
+
+def _slot(key: str, entry: dict[str, Any], entries: dict[str, SourceEntry], check: _Checker) -> Assignment:
+    """An optimizer slot's assignment; its target is a placeholder until :func:`regraft.apply` binds it."""
+    where = ("optimizer", "slots", key)
+    try:
+        dtype = str(dtype_of(entry["dtype"]))
+    except TypeError:
+        raise check.error((*where, "dtype"), f"is {entry['dtype']!r}", "a dtype name such as 'float32'") from None
+    target = TargetVariable(key, tuple(entry["shape"]), dtype, "optimizer", "", key.rpartition("/")[2], 0, False)
+    stage = _stage(entry.get("stage"), check, (*where, "stage"))
+    reason, allowed, name = entry.get("reason") or "", entry.get("allowed_by"), entry.get("source")
+    if name is not None and name not in entries:
+        raise check.error((*where, "source"), f"names '{name}', which is not in the checkpoint",
+                          "a key listed by `regraft inspect CKPT --all`, or null")
+    source = entries[name] if name is not None else None
+    if entry.get("steps"):
+        return _transformed(target, source, entry, stage, reason, None, check)
+    if source is None:  # kept as the optimizer has it
+        return Assignment(target, None, MISSING, stage, reason, allowed)
+    status = status_for(source, target)
+    if status == SHAPE_MISMATCH:
+        raise check.error((*where, "source"), f"names '{name}' of shape {list(source.shape)}",
+                          f"a tensor of the slot's shape {list(target.shape)}, or null")
+    return Assignment(target, source, status, stage, reason, None)

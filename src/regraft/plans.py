@@ -121,6 +121,8 @@ class Plan:
         optimizer_assignments: with ``load(..., optimizer=)``, one per optimizer slot and
             one for the step count (see :mod:`regraft.optimizer_state`); applied with
             the model's variables, all-or-nothing.
+        optimizer_refused: why the checkpoint's optimizer variables could not be given to
+            their weights (``""``: nothing refused).
     """
 
     source_path: str
@@ -139,6 +141,7 @@ class Plan:
     source_fingerprint: str = ""
     target_fingerprint: str = ""
     optimizer_assignments: tuple[Assignment, ...] = ()
+    optimizer_refused: str = ""
 
     # -- checks -------------------------------------------------------------------
 
@@ -194,8 +197,9 @@ class Plan:
         if lacking:
             lines.append(
                 f"optimizer state missing from the checkpoint ({len(lacking)}): " + ", ".join(collapse(lacking))
-                + " — slots of loaded variables would start fresh (a checkpoint without the optimizer, or slots "
-                "that do not record their variable)"
+                + " — slots of loaded variables would start fresh ("
+                + (self.optimizer_refused or "a checkpoint without the optimizer, or slots that do not record their "
+                   "variable") + ")"
             )
         return lines
 
@@ -329,7 +333,22 @@ class Plan:
             "inserted_layers": list(self.inserted),
             "removed_layers": list(self.removed),
             "rules": [{"rule": str(rule), "used": count} for rule, count in self.rules],
+            **({"optimizer": self._optimizer_dict()} if self.optimizer_assignments else {}),
         }
+
+    def _optimizer_dict(self) -> dict[str, Any]:
+        """The optimizer section of a plan file: one entry per slot and the step count."""
+        slots = {}
+        for a in self.optimizer_assignments:
+            entry: dict[str, Any] = {"source": a.source.key if a.source else None, "status": str(a.status),
+                                     "transform": a.transform, "stage": str(a.stage) or None, "reason": a.reason,
+                                     "shape": list(a.target.shape), "dtype": a.target.dtype}
+            if a.steps:
+                entry["steps"] = [{"name": name, **options} for name, options in a.steps]
+            if a.allowed:
+                entry["allowed_by"] = a.allowed
+            slots[a.target.key] = entry
+        return {"refused": self.optimizer_refused or None, "slots": slots}
 
 def status_for(source: SourceEntry, target: TargetVariable) -> Status:
     """What loading ``source`` into ``target`` is, from shapes and dtypes alone."""

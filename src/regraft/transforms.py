@@ -527,6 +527,8 @@ def cast_array(
         >>> import numpy as np
         >>> cast_array(np.array([1.0, 0.1]), "float32")[0].dtype.name
         'float32'
+        >>> cast_array(np.array(5, "int64"), "int32")[0].shape  # a scalar stays one (a step count)
+        ()
         >>> try:
         ...     cast_array(np.array([1.0, 70000.0], "float32"), "float16", "w")
         ... except LoadError as exc:
@@ -551,7 +553,7 @@ def cast_array(
     if overflow.any():
         raise _cast_refused(key, value.dtype, want, float(np.abs(source64[overflow]).max()), target_key)
     error = float(np.max(np.abs(out64 - source64))) if value.size else 0.0
-    return np.ascontiguousarray(out), error
+    return np.require(out, requirements="C"), error  # not ascontiguousarray: it makes a scalar 1-d
 
 
 def _cast_refused(key: str, dtype: np.dtype, want: np.dtype, bad: float, target_key: str | None) -> LoadError:

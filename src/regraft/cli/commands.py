@@ -68,10 +68,13 @@ def diff(args: argparse.Namespace) -> int:
     from regraft.report import LoadReport
 
     model = build_model(args.model)
-    plan = regraft.plan(model, args.checkpoint, **_options(args))
+    optimizer = _compiled_optimizer(model, args.model) if args.optimizer else None
+    plan = regraft.plan(model, args.checkpoint, optimizer=optimizer, **_options(args))
     report = LoadReport.build(plan, None)
     problems = plan.problems()
     text = report.grouped() + (("\n\n" + report.table()) if args.table else "")
+    if plan.optimizer_assignments:
+        text += "\n\n" + report.optimizer_table()
     if problems:
         # Shape mismatches are listed above already: count them here instead of listing them twice.
         mismatches = sum(1 for p in problems if p.startswith("shape mismatch:"))
@@ -94,7 +97,8 @@ def plan(args: argparse.Namespace) -> int:
     from regraft.report import LoadReport
 
     model = build_model(args.model)
-    the_plan = regraft.plan(model, args.checkpoint, **_options(args))
+    optimizer = _compiled_optimizer(model, args.model) if args.optimizer else None
+    the_plan = regraft.plan(model, args.checkpoint, optimizer=optimizer, **_options(args))
     save_plan(the_plan, args.output)
     report = LoadReport.build(the_plan, None)
     data = report.to_dict()
@@ -108,11 +112,7 @@ def load(args: argparse.Namespace) -> int:
     import regraft
     from regraft.cli.modelspec import build_model
 
-    _check_out(args.out)
-    if args.optimizer and args.out.endswith((".weights.h5", ".keras", ".safetensors")):
-        raise RegraftError(f"--optimizer needs a TensorFlow checkpoint for --out, not {args.out}: "
-                           "regraft writes the optimizer's state only into a TF checkpoint.",
-                           hint="Give --out a checkpoint prefix without an extension (out/ckpt).")
+    _check_out(args.out, args.optimizer)
     model = build_model(args.model)
     optimizer = _compiled_optimizer(model, args.model) if args.optimizer else None
     report = regraft.load(model, args.checkpoint, strict=args.strict, freeze=args.freeze, optimizer=optimizer,
@@ -137,11 +137,13 @@ def apply(args: argparse.Namespace) -> int:
     from regraft.applying import apply
     from regraft.planfile import read_plan
 
-    _check_out(args.out)
+    _check_out(args.out, args.optimizer)
     model = build_model(args.model)
+    optimizer = _compiled_optimizer(model, args.model) if args.optimizer else None
     the_plan = read_plan(args.plan_file, model)
-    report = apply(the_plan, model, freeze=args.freeze, progress=progress_printer(not args.json, model))
-    return _write(model, report, args)
+    report = apply(the_plan, model, freeze=args.freeze, progress=progress_printer(not args.json, model),
+                   optimizer=optimizer)
+    return _write(model, report, args, optimizer)
 
 
 #: What ``--out`` writes, by how the name ends; a name with no extension is a TF checkpoint prefix.
@@ -173,14 +175,19 @@ def out_format(out: str) -> str:
     return "checkpoint"
 
 
-def _check_out(out: str) -> None:
+def _check_out(out: str, optimizer: bool = False) -> None:
     """Refuse, before any work, an ``--out`` regraft would not write.
 
     A format it does not write, a folder, a name too long, a folder that is not
-    writable. The writer checks again, and reports what only writing finds (a full disk).
+    writable, or (``optimizer``) a format that does not carry the optimizer. The writer
+    checks again, and reports what only writing finds (a full disk).
     """
     from regraft.writing import bundle_names, check_out_path
 
+    if optimizer and out.endswith((".weights.h5", ".keras", ".safetensors")):
+        raise RegraftError(f"--optimizer needs a TensorFlow checkpoint for --out, not {out}: "
+                           "regraft writes the optimizer's state only into a TF checkpoint.",
+                           hint="Give --out a checkpoint prefix without an extension (out/ckpt).")
     fmt = out_format(out)
     if fmt != "checkpoint":
         check_out_path(out, what="the model" if fmt == ".keras" else "the weights", example="model" + fmt)

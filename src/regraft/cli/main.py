@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "get, what stays fresh, what goes unused. Nothing is loaded or written.")
     _add_match_options(p)
     p.add_argument("--table", action="store_true", help="also print one line per variable")
+    p.add_argument("--optimizer", action="store_true",
+                   help="also show what each slot of the optimizer the --model function compiled the model with "
+                   "would get")
     p.set_defaults(run=commands.diff)
 
     p = sub.add_parser(allow_abbrev=False, name="plan", help="write the load plan as a YAML file a person can review and edit",
@@ -101,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "fingerprints of the checkpoint and model. Edit a 'source' and run `regraft apply`.")
     _add_match_options(p)
     p.add_argument("-o", "--output", required=True, metavar="PLAN.yaml", help="where to write the plan")
+    p.add_argument("--optimizer", action="store_true",
+                   help="also plan the state of the optimizer the --model function compiled the model with "
+                   "(the plan's 'optimizer' section; `regraft apply --optimizer` loads it)")
     p.set_defaults(run=commands.plan)
 
     p = sub.add_parser(allow_abbrev=False, name="apply", help="apply a (possibly edited) plan file and save the new model's weights",
@@ -111,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FILE.py:CALLABLE or package.module:CALLABLE returning the built new model")
     p.add_argument("--out", required=True, help="where to write the loaded model's weights")
     p.add_argument("--freeze", action="store_true", help="mark layers loaded unchanged as non-trainable")
+    p.add_argument("--optimizer", action="store_true",
+                   help="also load the plan's optimizer section into the optimizer the --model function compiled "
+                   "the model with, and write both to --out, which must be a TF checkpoint prefix")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=commands.apply)
 

@@ -59,6 +59,10 @@ __all__ = [
     "attribute_sort_key",
     "run_keras_weights_walk",
     "optimizer_slot_lists",
+    "slot_holder",
+    "loss_scale_variables",
+    "optimizer_scalars",
+    "step_variable",
     "placeholder_initializers",
 ]
 
@@ -492,8 +496,10 @@ def placeholder_initializers(record: Callable[[Any, Any], None]) -> Iterator[Non
 OPTIMIZER_SLOT_LISTS = (
     "_momentums", "momentums", "_velocities", "_velocity_hats", "_average_gradients", "_accumulators",
     "_m", "_u", "_accumulated_grads", "_accumulated_delta_vars", "_linears", "_accumulated_gradients",
-    "_model_variables_moving_average",
+    "_model_variables_moving_average", "_r", "_c", "_v", "adam_velocities",
 )
+# Scalar state an optimizer's step reads besides its step count: Nadam's ``_u_product`` (since Keras 3.0).
+OPTIMIZER_SCALARS = ("_u_product",)
 
 
 def optimizer_slot_lists(optimizer: Any) -> tuple[list[Any], dict[str, list[Any]]]:
@@ -507,3 +513,35 @@ def optimizer_slot_lists(optimizer: Any) -> tuple[list[Any], dict[str, list[Any]
         if isinstance(items, (list, tuple)) and len(items) == len(variables):
             lists[name] = list(items)
     return variables, lists
+
+
+def slot_holder(optimizer: Any) -> Any:
+    """The optimizer that holds the per-variable slots: a ``LossScaleOptimizer``'s
+    ``inner_optimizer`` (public attribute since Keras 3.0), else ``optimizer`` itself."""
+    import keras
+
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer
+    return optimizer
+
+
+def step_variable(optimizer: Any) -> Any:
+    """The optimizer's step-count variable, ``_iterations`` (since Keras 3.0): the one in
+    ``optimizer.variables`` (``iterations`` is a computed value under gradient accumulation)."""
+    return _attribute(optimizer, "_iterations", "Optimizer", "keras 3.0")
+
+
+def loss_scale_variables(optimizer: Any) -> dict[str, Any]:
+    """A built ``LossScaleOptimizer``'s ``dynamic_scale`` and ``step_counter`` variables (attributes
+    its ``build`` sets, since Keras 3.0); ``{}`` for any other optimizer."""
+    import keras
+
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return {}
+    return {name: _attribute(optimizer, name, "LossScaleOptimizer", "keras 3.0")
+            for name in ("dynamic_scale", "step_counter")}
+
+
+def optimizer_scalars(optimizer: Any) -> dict[str, Any]:
+    """The ``OPTIMIZER_SCALARS`` variables ``optimizer`` has, by attribute name."""
+    return {name: getattr(optimizer, name) for name in OPTIMIZER_SCALARS if getattr(optimizer, name, None) is not None}

@@ -33,7 +33,7 @@ from regraft.keys import namespace as namespace_of
 from regraft.sources.base import Source
 from regraft.targets.base import GraphLayer, LayerTable
 
-__all__ = ["FileTarget", "WRITES", "model_from_archive", "output_format", "check_writable"]
+__all__ = ["FileTarget", "WRITES", "model_from_archive", "compiled_from_config", "output_format", "check_writable"]
 
 #: What :meth:`FileTarget.save` writes (by the output's extension) from which ``--like`` formats.
 WRITES = {
@@ -356,3 +356,43 @@ def model_from_archive(path: str) -> Any:
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
             hint="Its layers need classes Keras knows: use `regraft load` with the new model's code, or pass "
             "a --like file of the old checkpoint's kind.") from None
+
+
+def compiled_from_config(config: dict[str, Any] | None, path: str) -> tuple[Any, Any]:
+    """The model a ``.keras`` archive's ``config.json`` describes (built, no weights read) and the
+    optimizer its compile config names, built for the model's trainable variables.
+
+    This is what Keras' own loader does before it assigns ``optimizer/vars/N`` by
+    position (``Trainer.compile_from_config``: ``compile(optimizer=...)``, which wraps
+    it in a ``LossScaleOptimizer`` under ``mixed_float16``, then
+    ``optimizer.build(model.trainable_variables)``). Only the optimizer of the compile
+    config is used: its loss and metrics are not needed and may be custom code.
+    Keras' ``safe_mode`` stays on.
+
+    Raises:
+        RegraftError: no compile config or optimizer recorded, or Keras could not rebuild
+            the model or the optimizer.
+    """
+    import json
+
+    import keras
+
+    compile_config = (config or {}).get("compile_config") or {}
+    if not compile_config.get("optimizer"):
+        raise RegraftError(f"{path}: its config.json records no optimizer (the model was saved uncompiled).",
+                           hint="Compile the model before model.save(), or save a TF checkpoint.")
+    model_config = {k: v for k, v in (config or {}).items() if k != "compile_config"}
+    try:
+        model = keras.models.model_from_json(json.dumps(model_config))
+        model.compile(optimizer=keras.saving.deserialize_keras_object(compile_config["optimizer"]))
+        if not model.built:
+            raise ValueError("the model its config describes is not built (no build_config)")
+        model.optimizer.build(model.trainable_variables)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RegraftError(
+            f"Cannot rebuild the model and optimizer of {path} from its config: Keras raised "
+            f"{type(exc).__name__}: {first}",
+            hint="Their classes must be ones Keras knows; otherwise save a TF checkpoint "
+            "(tf.train.Checkpoint(model=, optimizer=)), whose slots name their variables.") from None
+    return model, model.optimizer
