@@ -167,11 +167,14 @@ def _to_snake_case() -> Callable[[str], str]:
     return _import("keras.src.utils.naming", "to_snake_case", "Keras 3.3")
 
 
+@functools.lru_cache(maxsize=4096)
 def snake_case(class_name: str) -> str:
     """Keras' snake case of a class name, as in auto-generated layer names (``Conv2D`` → ``conv2d``).
 
     ``keras.src.utils.naming.to_snake_case`` (Keras 3.0, under ``keras.src`` since
     3.3). The weights saver names the items of a list attribute with it too.
+    Memoised: a pure function of the name, asked once per layer (three regular
+    expressions each).
     """
     return _to_snake_case()(class_name)
 
