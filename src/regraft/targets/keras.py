@@ -111,7 +111,7 @@ def describe_with_layers(
         out.append(
             TargetVariable(
                 key=key,
-                shape=tuple(int(d) for d in variable.shape),
+                shape=_compat.variable_shape(variable),
                 dtype=dtype_names.get(variable.dtype) or dtype_names.setdefault(
                     variable.dtype, np.dtype(variable.dtype).name),
                 layer=layer_path,
