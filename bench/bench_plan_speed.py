@@ -82,8 +82,10 @@ LISTERS = {
     "inspect-tf": [sys.executable, "-m", "regraft", "inspect"],
     "inspect-h5": [sys.executable, "-m", "regraft", "inspect"],
     "tf-list": [sys.executable, "-c", "import sys, tensorflow as tf; tf.train.list_variables(sys.argv[1])"],
-    "h5py-list": [sys.executable, "-c", "import sys, h5py; f = h5py.File(sys.argv[1], 'r'); "
-                  "f.visititems(lambda n, o: (o.shape, o.dtype) if isinstance(o, h5py.Dataset) else None)"],
+    # visititems stops at the first callback that returns something: the callback returns None.
+    "h5py-list": [sys.executable, "-c", "import sys, h5py; f = h5py.File(sys.argv[1], 'r'); found = []; "
+                  "f.visititems(lambda n, o: found.append((o.shape, o.dtype)) if isinstance(o, h5py.Dataset) else None); "
+                  "assert found"],
 }
 # Deep functional graphs recurse once per layer when Keras maps them.
 STACK_BYTES = 1 << 30
