@@ -17,7 +17,18 @@ It then times, interleaved, ``--repeat`` runs (median reported) of:
   load-weights  new.load_weights("old.weights.h5", skip_mismatch=True)     loads data
 
 The two native loaders also read every tensor, so they are context, not a like-
-for-like comparison. Unless ``--no-verify`` is given, the first run of each
+for-like comparison.
+
+It also times, in the same interleaved runs, listing each file's tensors from a
+fresh process (process start and imports included, output to /dev/null):
+
+  inspect-tf    python -m regraft inspect prefix
+  inspect-h5    python -m regraft inspect old.weights.h5
+  tf-list       python -c "tf.train.list_variables(prefix)"            TensorFlow's listing
+  h5py-list     python -c "h5py: visit every dataset, read its shape and dtype"
+
+and, in this process, ``regraft.open(path)`` with ``entries()`` (open-tf, open-h5:
+the part of ``inspect`` that grows with the number of tensors). Unless ``--no-verify`` is given, the first run of each
 native loader, and one extra ``regraft.load`` per format (timed once, not part
 of the ratios), are checked by value, as in ``bench_align.py``: each new variable is ``recovered``
 (holds the old variable with the same layer and variable name), ``wrong``
@@ -64,7 +75,18 @@ WIDTH = 8
 VARS_PER_PAIR = 6  # Dense: kernel, bias; BatchNormalization: gamma, beta, moving_mean, moving_variance
 INSERT_AT = (0.25, 0.5, 0.75)  # LayerNormalization inserted after the pair at this share of the depth
 REMOVE_AT = 0.6  # BatchNormalization of the pair at this share of the depth is removed
-MODES = ("plan-tf", "plan-h5", "tf-read", "load-weights")
+MODES = ("plan-tf", "plan-h5", "tf-read", "load-weights", "open-tf", "open-h5", "inspect-tf", "inspect-h5",
+         "tf-list", "h5py-list")
+# Listing in a fresh process, as a user runs it: the command per mode (the file path is appended).
+LISTERS = {
+    "inspect-tf": [sys.executable, "-m", "regraft", "inspect"],
+    "inspect-h5": [sys.executable, "-m", "regraft", "inspect"],
+    "tf-list": [sys.executable, "-c", "import sys, tensorflow as tf; tf.train.list_variables(sys.argv[1])"],
+    # visititems stops at the first callback that returns something: the callback returns None.
+    "h5py-list": [sys.executable, "-c", "import sys, h5py; f = h5py.File(sys.argv[1], 'r'); found = []; "
+                  "f.visititems(lambda n, o: found.append((o.shape, o.dtype)) if isinstance(o, h5py.Dataset) else None); "
+                  "assert found"],
+}
 # Deep functional graphs recurse once per layer when Keras maps them.
 STACK_BYTES = 1 << 30
 RECURSION_LIMIT = 1_000_000
@@ -121,6 +143,30 @@ def build(pairs: int, changed: bool) -> keras.Model:
         if i in inserts:
             x = keras.layers.LayerNormalization(name=f"inserted_ln_{inserts[i]}")(x)
     return keras.Model(inputs, x, name="changed" if changed else "original")
+
+
+def listed(mode: str, path: str) -> Callable[[], None]:
+    """Run the listing command of ``mode`` on ``path`` in a fresh process; raise if it fails."""
+    import subprocess
+
+    def run() -> None:
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        done = subprocess.run([*LISTERS[mode], path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        if done.returncode:
+            raise RuntimeError(f"exit status {done.returncode}: {done.stderr.decode(errors='replace')[-300:]}")
+
+    return run
+
+
+def opened(path: str) -> Callable[[], int]:
+    """``regraft.open(path)`` and its entries, in this process: what ``inspect`` spends per tensor."""
+    import regraft
+
+    def run() -> int:
+        with regraft.open(path) as source:
+            return len(source.entries())
+
+    return run
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any, str | None]:
@@ -273,10 +319,14 @@ def run(args: argparse.Namespace) -> int:
                     elif mode == "tf-read":
                         seconds, value, raised = timed(
                             lambda: tf.train.Checkpoint(model=new).read(prefix).expect_partial())
-                    else:
+                    elif mode == "load-weights":
                         seconds, value, raised = timed(lambda: new.load_weights(h5, skip_mismatch=True))
+                    elif mode in ("open-tf", "open-h5"):
+                        seconds, value, raised = timed(opened(prefix if mode == "open-tf" else h5))
+                    else:
+                        seconds, value, raised = timed(listed(mode, prefix if mode in ("inspect-tf", "tf-list") else h5))
                 timings[mode].seconds.append(seconds)
-                if raised and mode.startswith("plan"):
+                if raised and (mode.startswith(("plan", "open", "inspect"))):
                     failures.append(f"{mode} raised {raised}")
                 if mode.startswith("plan") and value is not None and rep == 0:
                     outcomes[mode[-2:]] = outcome(mode[-2:], value)
@@ -298,6 +348,8 @@ def run(args: argparse.Namespace) -> int:
     ratios = {
         "plan-tf / tf-read": timings["plan-tf"].median / timings["tf-read"].median,
         "plan-h5 / load-weights": timings["plan-h5"].median / timings["load-weights"].median,
+        "inspect-tf / tf-list": timings["inspect-tf"].median / timings["tf-list"].median,
+        "inspect-h5 / h5py-list": timings["inspect-h5"].median / timings["h5py-list"].median,
     }
     for name, value in ratios.items():
         log(out, f"{name}: {value:.2f}")

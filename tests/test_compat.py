@@ -124,6 +124,15 @@ def test_own_variables_are_a_layers_own_trainable_then_non_trainable(net):
     assert [v.name for v in compat.own_variables(bn)] == ["gamma", "beta", "moving_mean", "moving_variance"]
 
 
+def test_variable_shape_is_the_variables_shape_as_ints(net):
+    variables = [*compat.own_variables(net.block), *compat.own_variables(net.block.inner)]
+    assert [compat.variable_shape(v) for v in variables] == [tuple(int(d) for d in v.shape) for v in variables]
+    assert all(type(d) is int for v in variables for d in compat.variable_shape(v))
+    # Without the private field (another Keras), the public shape serves.
+    stand_in = type("Variable", (), {"shape": (2, 3)})()
+    assert compat.variable_shape(stand_in) == (2, 3)
+
+
 def test_tracked_layers_are_the_direct_sub_layers_list_items_included(net):
     assert _names(compat.tracked_layers(net)) == ["block", "h0", "h1"]
     assert _names(compat.tracked_layers(net.block)) == ["inner"]

@@ -172,8 +172,13 @@ def _ensure(root: Node, key: str) -> Node:
     return node
 
 
+_DIGIT_RUNS = re.compile(r"(\d+)")
+
+
 def _natural(key: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+    parts: list[Any] = _DIGIT_RUNS.split(key)  # text, digits, text, ...: every odd item is a run of digits
+    parts[1::2] = map(int, parts[1::2])
+    return parts
 
 
 def align_trees(source: Node, target: Node, ns: str | Namespace) -> Alignment:

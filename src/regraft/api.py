@@ -34,7 +34,8 @@ def open(path: PathLike, *, allow_outside_state: bool = False) -> Source:  # noq
         >>> with regraft.open("ckpts/run7") as src:          # doctest: +SKIP
         ...     for e in src.entries(): print(e.key, e.shape, e.dtype, e.kind)
     """
-    return open_source(path, allow_outside_state=allow_outside_state)
+    with _without_gc():
+        return open_source(path, allow_outside_state=allow_outside_state)
 
 
 def plan(

@@ -246,7 +246,8 @@ def make_plan(
                                          else tuple(prefix + c for c in candidates))
     # What is left on both sides: aligned again as flat sequences of leaf layers, between the
     # layers already paired (a model split into a sub-model and a head, Sequential made functional).
-    nested = _nesting_stage(source_tree, target_tree, ns, decided, used, fresh, ambiguous)
+    layers = leaf_layers(source_tree), leaf_layers(target_tree)  # both stages below walk them
+    nested = _nesting_stage(layers, ns, decided, used, fresh, ambiguous)
     for pair in nested.pairs:
         decided[pair.target.key] = _aligned_decision(pair, namespace, prefix, names)
         used.add(id(pair.source))
@@ -260,7 +261,7 @@ def make_plan(
     tied_layers = {layer + "/" for layer in (*alignment.tied, *nested.tied)}
     tied = {t.key for t in targets if t.key not in decided
             and tied_layers and _under_any(t.keys.get(namespace, ""), tied_layers)}
-    tied |= _elsewhere_alike(source_tree, target_tree, ns, decided, used, prefix)
+    tied |= _elsewhere_alike(layers, ns, decided, used, prefix)
     removed = [key for key in alignment.removed if not _has_used(source_tree, key, used)]
 
     assignments = []
@@ -474,10 +475,13 @@ def _trees(targets: list[TargetVariable], available: dict[str, SourceEntry], nam
     return source_tree, target_tree
 
 
-def _nesting_stage(source_tree: Node, target_tree: Node, ns: Namespace, decided: dict[str, Decision],
+def _nesting_stage(layers: tuple[list[Node], list[Node]], ns: Namespace, decided: dict[str, Decision],
                    used: set[int], fresh: dict[str, tuple[str, str]], ambiguous: dict[str, tuple[str, ...]]) -> Alignment:
-    """Align the leaf layers nothing was decided for, as flat sequences between the pairs already made."""
-    s_layers, t_layers = leaf_layers(source_tree), leaf_layers(target_tree)
+    """Align the leaf layers nothing was decided for, as flat sequences between the pairs already made.
+
+    ``layers`` are the leaf layers of the source and target trees (:func:`~regraft.align.leaf_layers`).
+    """
+    s_layers, t_layers = layers
     s_kind, t_kind = _kinds_of(s_layers), _kinds_of(t_layers)
     if ns.lists_by_class and all(s_kind.values()) and all(t_kind.values()):
         # .weights.h5 and Keras 2 .h5 keys order layers alphabetically (by class where Keras named
@@ -538,7 +542,7 @@ def _under_any(key: str, layers: set[str]) -> bool:
     return False
 
 
-def _elsewhere_alike(source_tree: Node, target_tree: Node, ns: Namespace, decided: dict[str, Decision],
+def _elsewhere_alike(layers: tuple[list[Node], list[Node]], ns: Namespace, decided: dict[str, Decision],
                      used: set[int], prefix: str) -> set[str]:
     """Positional pairs that an alike layer in another container could equally explain: made order-only.
 
@@ -547,7 +551,7 @@ def _elsewhere_alike(source_tree: Node, target_tree: Node, ns: Namespace, decide
     down (or up) is just as good a counterpart. Such a pair is not certain; the
     alike layer left without a source is returned (it is a confirmation too).
     """
-    s_layers, t_layers = leaf_layers(source_tree), leaf_layers(target_tree)
+    s_layers, t_layers = layers
     owner = {id(c.leaf): node for node in s_layers for c in leaf_children(node)}
 
     def signature(node: Node) -> tuple:

@@ -212,18 +212,9 @@ class KerasH5(Source):
 
     # ----------------------------------------------------------------------------------------- metadata
 
-    @contextlib.contextmanager
-    def _reading(self, what: str) -> Iterator[None]:
+    def _reading(self, what: str) -> _Reading:
         """Turn h5py's failures on damaged metadata (KeyError, RuntimeError, OSError, ...) into one error."""
-        try:
-            yield
-        except RegraftError:
-            raise
-        except (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpointError(
-                f"{self.path}: cannot read {what}: {_reason(exc)}.",
-                hint="The file is damaged or was not written by Keras; save the weights again with model.save_weights().",
-            ) from None
+        return _Reading(self.path, what)
 
     def _refuse(self, where: str, problem: str, hint: str = _NOT_KERAS) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{self.path}: '{where}' {problem}.", hint=hint)
@@ -301,7 +292,8 @@ class KerasH5(Source):
         with self._reading(f"attribute '{name}' of '{where}'"):
             if not h5py.h5a.exists(oid, name.encode()):  # type: ignore[arg-type]
                 return None
-            kind = h5py.h5a.open(oid, name.encode()).get_type()  # type: ignore[arg-type]
+            attribute = h5py.h5a.open(oid, name.encode())  # type: ignore[arg-type]
+            kind = attribute.get_type()
             # Decode only strings and plain numbers: h5py crashes (SIGSEGV) decoding a
             # variable-length sequence whose type bytes were damaged, and Keras writes none.
             if not isinstance(kind, (h5py.h5t.TypeStringID, h5py.h5t.TypeIntegerID, h5py.h5t.TypeFloatID)):
@@ -313,8 +305,7 @@ class KerasH5(Source):
                 )
             if isinstance(kind, h5py.h5t.TypeStringID) and kind.is_variable_str():
                 self._check_global_heaps()
-            owner = h5py.Group(oid) if isinstance(oid, h5py.h5g.GroupID) else h5py.Dataset(oid)
-            return h5py.AttributeManager(owner)[name]
+            return _attribute_value(attribute)
 
     def _check_global_heaps(self) -> None:
         """Refuse a damaged HDF5 global heap before h5py decodes a variable-length string from it.
@@ -431,13 +422,13 @@ class KerasH5(Source):
         import h5py
 
         with self._reading(f"dataset '{where}'"):
-            dtype, shape = oid.dtype, oid.shape  # type: ignore[attr-defined]
+            dtype, shape = _dtype(oid.get_type()), oid.shape  # type: ignore[attr-defined]
             plist = oid.get_create_plist()  # type: ignore[attr-defined]
             layout, external, filters = plist.get_layout(), plist.get_external_count(), plist.get_nfilters()
             stored = int(oid.get_storage_size())  # type: ignore[attr-defined]
             self._extent(oid, where, stored)
         if dtype.kind in _NUMERIC and dtype.fields is None and dtype.subdtype is None:
-            name = dtype.name
+            name = _dtype_name(dtype)
         elif dtype.kind == "V" and dtype.fields is None and dtype.subdtype is None:
             tag = self._attribute(oid, where, "dtype")
             if _text(tag) != "bfloat16" or dtype.itemsize != 2:
@@ -566,6 +557,81 @@ class KerasH5(Source):
                     self._dataset_path[key] = h5py.h5i.get_name(dataset).decode("utf-8").lstrip("/")
                 out.append(SourceEntry(key, shape, dtype, WEIGHT, parent, role, index, layer_name))
         return out
+
+
+class _Reading:
+    """The context of :meth:`KerasH5._reading` (a class: it is entered once per dataset, and a
+    generator-based context manager costs several times more)."""
+
+    __slots__ = ("path", "what")
+
+    def __init__(self, path: str, what: str) -> None:
+        self.path, self.what = path, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or isinstance(exc, RegraftError):
+            return False
+        if isinstance(exc, (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError)):
+            raise CorruptCheckpointError(
+                f"{self.path}: cannot read {self.what}: {_reason(exc)}.",
+                hint="The file is damaged or was not written by Keras; save the weights again with model.save_weights().",
+            ) from None
+        return False
+
+
+_DTYPES: dict[Any, np.dtype] = {}  # HDF5 type (by its encoding) -> numpy dtype, for numeric types
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def _dtype(kind: Any) -> np.dtype:
+    """The numpy dtype of an HDF5 type id; numeric types are converted once per file type.
+
+    A Keras file holds thousands of datasets of two or three types, and h5py builds
+    a new dtype for each (the slowest step of describing a dataset).
+    """
+    import h5py
+
+    if not isinstance(kind, (h5py.h5t.TypeIntegerID, h5py.h5t.TypeFloatID)):
+        return kind.dtype
+    code = kind.encode()
+    dtype = _DTYPES.get(code)
+    if dtype is None:
+        dtype = _DTYPES[code] = kind.dtype
+    return dtype
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype.name
+    return name
+
+
+def _attribute_value(attribute: Any) -> object:
+    """The value of an open attribute (a low-level id), decoded as ``h5py.AttributeManager`` does.
+
+    Strings come back as ``str`` (variable-length ones decoded with ``surrogateescape``,
+    fixed-length ones as ``bytes``), a scalar as a numpy scalar, an empty dataspace as
+    ``h5py.Empty``. Reading through the id already open spares a second ``H5Aopen``.
+    """
+    import h5py
+
+    shape, dtype = attribute.shape, attribute.dtype
+    if shape is None:
+        return h5py.Empty(dtype)
+    memory_type = h5py.h5t.py_create(dtype)
+    if dtype.subdtype is not None:  # an array type: numpy holds its shape in the array's
+        dtype, inner = dtype.subdtype
+        shape = tuple(shape) + tuple(inner)
+    array = np.zeros(shape, dtype=dtype, order="C")
+    attribute.read(array, mtype=memory_type)
+    string = h5py.check_string_dtype(dtype)
+    if string is not None and string.length is None:
+        array = np.array([b.decode("utf-8", "surrogateescape") for b in array.flat], dtype=dtype).reshape(array.shape)
+    return array[()] if array.ndim == 0 else array
 
 
 def keras2_key(group: str, weight_name: str) -> str:

@@ -376,8 +376,16 @@ def _positional_layer_names(full_names: dict[str, str]) -> dict[str, tuple[str |
     return {node: (name, None) for node, name in named.items() if name and claims[name] == 1}
 
 
+_DTYPE_NAMES: dict[object, str] = {}  # numpy dtype -> its name (np.dtype.name is slow; 10,000 entries share 2 dtypes)
+
+
 def _dtype_name(dtype: object) -> str:
-    return np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):
+        return dtype
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = np.dtype(dtype).name
+    return name
 
 
 def _optimizer_nodes(nodes: list) -> set[int]:

@@ -157,6 +157,19 @@ def own_variables(layer: Any) -> list[Any]:
     return list(trainable) + list(non_trainable)
 
 
+def variable_shape(variable: Any) -> tuple[int, ...]:
+    """A Keras variable's shape as a tuple of ints: ``KerasVariable._shape`` (Keras 3.0).
+
+    The TensorFlow backend's ``shape`` wraps it in a new ``tf.TensorShape`` on every
+    read (a third of describing a model's variables); where ``_shape`` is not a
+    tuple of ints, ``shape`` serves.
+    """
+    shape = getattr(variable, "_shape", None)
+    if type(shape) is tuple and all(type(d) is int for d in shape):
+        return shape
+    return tuple(int(d) for d in variable.shape)
+
+
 def tracked_layers(layer: Any) -> list[Any]:
     """The direct sub-layers Keras tracks on ``layer``: ``Layer._layers`` (Keras 3.0).
 
@@ -171,11 +184,14 @@ def _to_snake_case() -> Callable[[str], str]:
     return _import("keras.src.utils.naming", "to_snake_case", "Keras 3.3")
 
 
+@functools.lru_cache(maxsize=4096)
 def snake_case(class_name: str) -> str:
     """Keras' snake case of a class name, as in auto-generated layer names (``Conv2D`` → ``conv2d``).
 
     ``keras.src.utils.naming.to_snake_case`` (Keras 3.0, under ``keras.src`` since
     3.3). The weights saver names the items of a list attribute with it too.
+    Memoised: a pure function of the name, asked once per layer (three regular
+    expressions each).
     """
     return _to_snake_case()(class_name)
 

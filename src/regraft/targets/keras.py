@@ -21,6 +21,7 @@ variables on the target side; every private name it reads goes through
 
 from __future__ import annotations
 
+import types
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -85,9 +86,9 @@ def describe_with_layers(
 
     Weightless layers are included: alignment uses them as landmarks.
     """
-    _check_model(model)
-    variables = unique_variables(model)
-    owners = _owners(model)
+    weights = _check_model(model)
+    variables = _unique(weights)
+    owners = _owners(model, weights)
     readable = _readable_keys(model)
     tables: dict[str, dict[int, str]] = {}
     layers: dict[str, dict[str, tuple[str | None, str | None]]] = {}
@@ -100,6 +101,7 @@ def describe_with_layers(
     if "torch" in namespaces:
         tables["torch"], layers["torch"] = _torch_walk(model)
     used: dict[str, int] = {}
+    dtype_names: dict[Any, str] = {}  # a variable's dtype -> its numpy name, converted once per dtype
     out = []
     for variable in variables:
         layer, layer_path, index = owners.get(id(variable), (None, "", 0))
@@ -112,8 +114,9 @@ def describe_with_layers(
         out.append(
             TargetVariable(
                 key=key,
-                shape=tuple(int(d) for d in variable.shape),
-                dtype=np.dtype(variable.dtype).name,
+                shape=_compat.variable_shape(variable),
+                dtype=dtype_names.get(variable.dtype) or dtype_names.setdefault(
+                    variable.dtype, np.dtype(variable.dtype).name),
                 layer=layer_path,
                 layer_class=type(layer).__name__ if layer is not None else "",
                 role=variable.name,
@@ -127,19 +130,22 @@ def describe_with_layers(
     return out, layers
 
 
-def _check_model(model: Any) -> None:
+def _check_model(model: Any) -> list[Any]:
+    """``model.weights``, once it is checked that ``model`` is a built Keras model."""
     keras = _keras()
     if not isinstance(model, keras.Model) and not isinstance(model, keras.layers.Layer):
         raise TargetError(
             f"Expected a Keras model. Received: an object of type {type(model).__name__}.",
             hint="Pass the keras.Model you want to load into.",
         )
-    if not model.built or (not model.weights and _has_unbuilt_layers(model)):
+    weights = list(model.weights) if model.built else []
+    if not model.built or (not weights and _has_unbuilt_layers(model)):
         raise TargetError(
             f"Model '{model.name}' is not built, so it has no variables to load into yet.",
             hint="Build it first: call it once on an example batch (model(x)) or call "
             "model.build(input_shape).",
         )
+    return weights
 
 
 def read_value(target: TargetVariable) -> np.ndarray:
@@ -238,8 +244,12 @@ def restore_tensor(prefix: str, name: str, dtype: str) -> Any | None:
 
 def unique_variables(model: Any) -> list[Any]:
     """``model.weights`` without repeats (a shared layer lists its variables once per use), in order."""
+    return _unique(model.weights)
+
+
+def _unique(weights: list[Any]) -> list[Any]:
     seen: set[int] = set()
-    return [v for v in model.weights if not (id(v) in seen or seen.add(id(v)))]
+    return [v for v in weights if not (id(v) in seen or seen.add(id(v)))]
 
 
 def _unique_key(path: str, used: dict[str, int]) -> str:
@@ -254,7 +264,7 @@ def _has_unbuilt_layers(model: Any) -> bool:
     return any(not layer.built for layer in _compat.flatten_layers(model))
 
 
-def _owners(model: Any) -> dict[int, tuple[Any, str, int]]:
+def _owners(model: Any, weights: list[Any]) -> dict[int, tuple[Any, str, int]]:
     """Map each variable id to (owning layer, layer path, index inside that layer).
 
     The owner is the innermost layer whose own (non-nested) variables include it.
@@ -266,7 +276,7 @@ def _owners(model: Any) -> dict[int, tuple[Any, str, int]]:
         for index, variable in enumerate(own):
             out.setdefault(id(variable), (layer, path, index))
     # Variables whose owner was not found keep the variable path's parent.
-    for variable in model.weights:
+    for variable in weights:
         if id(variable) not in out:
             out[id(variable)] = (None, variable.path.rsplit("/", 1)[0], 0)
     return out
@@ -463,19 +473,24 @@ def _walk_weights(model: Any, make: Any) -> None:
     saveable_class = _compat.saveable_class()
     sort_key = _compat.attribute_sort_key()
     class_names: dict[tuple[type, str], frozenset[str]] = {}
+    orders: dict[tuple[type, str, tuple[str, ...]], list[str]] = {}  # names to visit, per class and instance names
     visited: set[int] = set()
 
     def attributes(saveable: Any) -> Any:
         obj_type = _compat.saveable_type(saveable)
-        skip = _compat.attribute_skipset(obj_type)
         if obj_type in ("Sequential", "Functional"):
             yield "layers", saveable.layers
-        key = (type(saveable), obj_type)
-        if key not in class_names:
-            names = {name for cls in type(saveable).__mro__ for name in vars(cls)}
-            class_names[key] = frozenset(n for n in names if not n.startswith("__") and n not in skip)
-        own = {n for n in _compat.instance_attributes(saveable) if not n.startswith("__") and n not in skip}
-        for name in sorted(own | class_names[key], key=sort_key):
+        instance_names = tuple(_compat.instance_attributes(saveable))
+        order = orders.get((type(saveable), obj_type, instance_names))
+        if order is None:  # layers of one class mostly share their attribute names: sorted once
+            skip = _compat.attribute_skipset(obj_type)
+            key = (type(saveable), obj_type)
+            if key not in class_names:
+                class_names[key] = frozenset(
+                    n for n in _class_attributes(type(saveable)) if not n.startswith("__") and n not in skip)
+            own = {n for n in instance_names if not n.startswith("__") and n not in skip}
+            order = orders[(type(saveable), obj_type, instance_names)] = sorted(own | class_names[key], key=sort_key)
+        for name in order:
             try:
                 child = getattr(saveable, name)
             except Exception:  # Keras' walk skips an attribute that raises; so does the file
@@ -507,6 +522,21 @@ def _walk_weights(model: Any, make: Any) -> None:
                 save_container(item, _join(path, _unique_name("container", used)), seen)
 
     save_state(model, "")
+
+
+def _class_attributes(cls: type) -> list[str]:
+    """The names ``dir()`` finds on ``cls`` whose value on an instance may be saveable or a container.
+
+    A name whose first definition along the MRO is a plain function gives a bound
+    method, which the walk never follows, unless the instance shadows it (then
+    the name is among the instance's own); leaving such names out spares a
+    ``getattr`` per method of every layer.
+    """
+    first: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        for name, value in vars(klass).items():
+            first.setdefault(name, value)
+    return [name for name, value in first.items() if not isinstance(value, types.FunctionType)]
 
 
 def _join(path: str, name: str) -> str:
