@@ -27,6 +27,7 @@ as much as the load itself, see ``bench/bench_apply.py``).
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import warnings
@@ -88,10 +89,7 @@ def _apply_opened(plan: Plan, model: Any, source: Source | None, freeze: bool, p
 
 def _apply(plan: Plan, source: Source, target: Target, freeze: bool, progress: Progress | None) -> LoadReport:
     with interrupts_held():
-        writes, staging = _writes(plan)
-        done = _check_all(writes, source, plan, target, staging, progress)
-        hold_interrupts()  # from the first assignment on, the load finishes
-        _commit(writes, source, plan, target, staging)
+        done = apply_plan(plan, source, target, progress)
         frozen = freeze_loaded(plan, target) if freeze else []
         report = LoadReport.build(plan, done, frozen)
     return report
@@ -144,86 +142,155 @@ def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | 
             error's message states.
     """
     with interrupts_held():
-        writes, staging = _writes(plan)
-        done = _check_all(writes, source, plan, target, staging, progress)
-        hold_interrupts()
-        _commit(writes, source, plan, target, staging)
+        writes = [a for a in (*plan.assignments, *plan.optimizer_assignments) if a.writes]
+        identity = file_identity(source.files)  # before any tensor is read
+        done = _check_all(writes, source, plan, target, progress)
+        _refuse_changed(source, identity, plan)  # the last moment the model can still be left unchanged
+        hold_interrupts()  # from the first assignment on, the load finishes
+        _commit(writes, source, plan, target, identity)
     return done
 
 
-def _writes(plan: Plan) -> tuple[list[Assignment], "_Staging"]:
-    writes = [a for a in (*plan.assignments, *plan.optimizer_assignments) if a.writes]
-    return writes, _Staging(writes)
-
-
 def _check_all(
-    writes: list[Assignment], source: Source, plan: Plan, target: Target, staging: "_Staging", progress: Progress | None
+    writes: list[Assignment], source: Source, plan: Plan, target: Target, progress: Progress | None
 ) -> dict[str, AppliedTensor]:
     """Pass 1 over every write; the progress callback runs here, where stopping changes nothing."""
     done: dict[str, AppliedTensor] = {}
     for i, a in enumerate(writes):
-        done[a.target.key] = AppliedTensor(a.target.key, _check(a, source, plan, target, staging))
+        done[a.target.key] = AppliedTensor(a.target.key, _check(a, source, plan, target))
         if progress is not None:
             progress(i + 1, len(writes), a.target.key)
     return done
 
 
-class _Staging:
-    """One reusable buffer, the size of the largest tensor read through regraft's readers.
-
-    Reading every tensor into the same (already paged-in) memory instead of a
-    new array each time avoids the page faults of fresh allocations, which
-    cost more than the copy itself.
-    """
-
-    def __init__(self, writes: list[Assignment]) -> None:
-        sizes = [_nbytes(a.source) for a in writes if a.status == LOADED and a.source is not None]
-        self._buffer = np.empty(max(sizes, default=0), np.uint8)
-
-    def array(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-        """A view of the buffer as an array of ``shape`` and ``dtype``."""
-        dt = dtype_of(dtype)
-        count = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        return self._buffer[:count].view(dt).reshape(shape)
-
-
-def _nbytes(entry: Any) -> int:
-    return int(np.prod(entry.shape, dtype=np.int64)) * dtype_of(entry.dtype).itemsize
-
-
-def _check(a: Assignment, source: Source, plan: Plan, target: Target, staging: _Staging) -> float | None:
+def _check(a: Assignment, source: Source, plan: Plan, target: Target) -> float | None:
     """Pass 1: read and check what ``a`` will assign, keep nothing; return the cast's rounding error."""
     if a.status == LOADED and a.source is not None:
         _check_shape(a, a.source.shape, plan)
         source.verify(a.source.key)
         return None
-    value, error = _value(a, source, plan, target, staging)
+    value, error = _value(a, source, plan, target)
     _check_shape(a, value.shape, plan)
     return error
 
 
-def _commit(writes: list[Assignment], source: Source, plan: Plan, target: Target, staging: _Staging) -> None:
-    """Pass 2: read every checked tensor again and assign it (callers hold back interrupts)."""
-    assigned = 0
+def _commit(writes: list[Assignment], source: Source, plan: Plan, target: Target, identity: FileIdentity) -> None:
+    """Pass 2: read every checked tensor again and assign it (callers hold back interrupts).
+
+    Raises:
+        LoadError: the environment failed or the files changed meanwhile; the message
+            says which variables were assigned and how to recover.
+    """
+    assigned: list[Assignment] = []
     try:
         for a in writes:
-            location = source.native_location(a.source.key) if a.status == LOADED and a.source else None
-            value = target.read_native(*location, a.target.dtype) if location is not None else None
-            if value is None:  # not a TF bundle, or a backend without TensorFlow's reader
-                value, _ = _value(a, source, plan, target, staging)
-            _check_shape(a, tuple(value.shape), plan)
-            # ``value`` stays referenced during the assignment, so the variable copies it into
-            # its own buffer (already in memory) rather than adopting a newly allocated one.
-            target.assign(a.target, value)
-            del value
-            assigned += 1
+            _assign(a, source, plan, target)
+            assigned.append(a)
     except Exception as exc:
+        raise _partly_loaded(plan, writes, assigned, changed_files(identity), _reason(exc)) from exc
+    changed = changed_files(identity)
+    if changed:  # every variable was assigned, but maybe from the bytes of another file
+        raise _partly_loaded(plan, writes, assigned, changed, None)
+
+
+def _assign(a: Assignment, source: Source, plan: Plan, target: Target) -> None:
+    """Read what ``a`` writes and assign it: one copy from the file into the variable's next buffer where possible."""
+    if a.status == LOADED and a.source is not None:
+        entry = a.source
+        location = source.native_location(entry.key)
+        value = target.read_native(*location, a.target.dtype) if location is not None else None
+        if value is None:  # not a TF bundle, or a backend without TensorFlow's reader
+            _check_shape(a, entry.shape, plan)
+            target.assign_filled(a.target, lambda out: source.read_into(entry.key, out))
+            return
+    else:
+        value, _ = _value(a, source, plan, target)
+    _check_shape(a, tuple(value.shape), plan)
+    target.assign(a.target, value)
+
+
+# --------------------------------------------------------------------------- what can fail after the check
+
+FileIdentity = dict[str, "tuple[int, int, int, int] | None"]
+
+
+def file_identity(files: tuple[str, ...] | list[str]) -> FileIdentity:
+    """Each file's ``(device, inode, size, mtime_ns)``, or ``None`` if it cannot be stat'ed.
+
+    Two snapshots differ when a file was rewritten, replaced or removed in between.
+    """
+    out: FileIdentity = {}
+    for path in files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out[path] = None
+        else:
+            out[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def changed_files(before: FileIdentity) -> list[str]:
+    """What changed in the files of ``before`` since it was taken, one phrase per file."""
+    now = file_identity(tuple(before))
+    out = []
+    for path, old in before.items():
+        new = now[path]
+        if new == old:
+            continue
+        if new is None:
+            out.append(f"{path} was removed")
+        elif old is None:
+            out.append(f"{path} appeared")
+        elif new[:2] != old[:2]:
+            out.append(f"{path} was replaced by another file")
+        elif new[2] != old[2]:
+            out.append(f"{path} changed size from {old[2]:,} to {new[2]:,} bytes")
+        else:
+            out.append(f"{path} was rewritten (modification time changed)")
+    return out
+
+
+def _refuse_changed(source: Source, identity: FileIdentity, plan: Plan) -> None:
+    changed = changed_files(identity)
+    if changed:
         raise LoadError(
-            f"Loading {plan.source_path} stopped after {assigned} of {len(writes)} variables were "
-            f"assigned, although every tensor had passed its checks: {exc}. The model is now partly loaded.",
-            hint="The checkpoint was probably changed on disk during the load, or the disk failed. "
-            "Rebuild the model (or load its previous weights) and load again.",
-        ) from exc
+            f"The checkpoint {plan.source_path} changed on disk while its tensors were being checked: "
+            f"{'; '.join(changed)}. Nothing was assigned: the model is unchanged.",
+            hint="Load again once nothing writes to the checkpoint.",
+        )
+
+
+def _partly_loaded(
+    plan: Plan, writes: list[Assignment], assigned: list[Assignment], changed: list[str], error: str | None
+) -> LoadError:
+    """The error for a commit the environment broke: which variables were assigned, and how to recover."""
+    if error is None:
+        what = f"Every variable was assigned from {plan.source_path}, but it changed on disk during the load"
+    else:
+        what = (f"Loading {plan.source_path} stopped after {len(assigned)} of {len(writes)} variables were "
+                f"assigned, although every tensor had passed its checks ({error})")
+    if changed:
+        what += f": {'; '.join(changed)}"
+    cause = "Load again once nothing writes to the checkpoint" if changed else "Load again once the disk or device works"
+    if not assigned:
+        return LoadError(f"{what}. Nothing was assigned: the model is unchanged.", hint=f"{cause}.")
+    left = [a.target.key for a in writes[len(assigned):]]
+    state = f"assigned {_listing([a.target.key for a in assigned])}"
+    state += f"; not assigned {_listing(left)}" if left else ""
+    fresh_read = [a.target.key for a in assigned if a.status == TRANSFORMED and steps_need_fresh(a.steps)]
+    if fresh_read:
+        hint = (f"{cause}, into a rebuilt model: {_listing(fresh_read)} already hold values transformed from their "
+                "fresh ones, so a second load into this model would not give the same result.")
+    else:
+        hint = (f"{cause}: it overwrites every variable the plan writes, so this model then ends up as if "
+                "loaded once.")
+    return LoadError(f"{what}. The model is now partly loaded ({state}).", hint=hint)
+
+
+def _listing(keys: list[str], most: int = 4) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:most])
+    return shown if len(keys) <= most else f"{shown} and {len(keys) - most} more"
 
 
 class interrupts_held:
@@ -300,8 +367,8 @@ def _check_shape(a: Assignment, shape: tuple[int, ...], plan: Plan) -> None:
         )
 
 
-def _value(a: Assignment, source: Source, plan: Plan, target: Target, staging: _Staging) -> tuple[Any, float | None]:
-    """The value ``a`` assigns, read through regraft's reader (a staging view for plain loads)."""
+def _value(a: Assignment, source: Source, plan: Plan, target: Target) -> tuple[Any, float | None]:
+    """The value ``a`` assigns, read through regraft's reader."""
     if a.status == TRANSFORMED:
         return _transformed(a, source, target)
     entry = a.source
@@ -309,11 +376,8 @@ def _value(a: Assignment, source: Source, plan: Plan, target: Target, staging: _
         raise LoadError(f"Variable '{a.target.key}' has no source to load.")
     if a.status == CAST:
         return convert(source.read(entry.key), a.target, entry.key)
-    if tuple(entry.shape) != tuple(a.target.shape):
-        _check_shape(a, entry.shape, plan)
-    out = staging.array(tuple(entry.shape), entry.dtype)
-    source.read_into(entry.key, out)
-    return out, None
+    _check_shape(a, entry.shape, plan)
+    return source.read(entry.key), None
 
 
 def _transformed(a: Assignment, source: Source, target: Target) -> tuple[np.ndarray, float | None]:
@@ -344,3 +408,7 @@ def freeze_loaded(plan: Plan, target: Target) -> list[str]:
             frozen.append(assignments[0].target.layer)
     return frozen
 
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, RegraftError) else f"{type(exc).__name__}: {exc}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class Target(Protocol):
     Matching only needs :meth:`describe` (keys in the checkpoint's namespace,
     computed the way the framework itself would write them), :meth:`layer_graph`
     and :meth:`layer_classes`; applying needs :meth:`variables`, :meth:`read`,
-    :meth:`assign`, :meth:`read_native` and :meth:`freeze`; the CLI :meth:`save`.
+    :meth:`assign`, :meth:`assign_filled`, :meth:`read_native` and :meth:`freeze`; the CLI :meth:`save`.
     """
 
     model: Any
@@ -84,6 +84,15 @@ class Target(Protocol):
 
         The caller reuses an array's memory for the next tensor once this returns:
         the variable must hold a copy, never a view of ``value``.
+        """
+        ...
+
+    def assign_filled(self, variable: TargetVariable, fill: Callable[[np.ndarray], None]) -> None:
+        """Give a variable the value ``fill`` writes into a new array of its shape and dtype.
+
+        The target chooses the memory: where it can, the variable's next buffer
+        itself, so a tensor read from a file is copied once. ``fill`` may raise;
+        the variable is then unchanged.
         """
         ...
 

@@ -23,19 +23,21 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from regraft.entries import NAMESPACES, TargetVariable
 from regraft.targets.base import GraphLayer, LayerTable
 from regraft.errors import TargetError
+from regraft.naming import dtype_of
 import regraft.targets._compat as _compat
 
 __all__ = [
     "describe",
     "describe_with_layers",
     "assign",
+    "assign_filled",
     "read_value",
     "restore_tensor",
     "save_weights",
@@ -155,6 +157,27 @@ def assign(target: TargetVariable, value: Any) -> None:
     if isinstance(value, np.ndarray) and _compat.backend() != "tensorflow":
         value = value.copy()
     target.variable.assign(value)
+
+
+def assign_filled(target: TargetVariable, fill: Callable[[np.ndarray], None]) -> None:
+    """Give the variable the value ``fill`` writes into a new array of its shape and dtype.
+
+    On TensorFlow the array is the memory of a new host tensor that the variable
+    then adopts (:func:`_compat.empty_host_tensor`): the value is written once,
+    with no copy in memory and no array beside the variable's own. Elsewhere it
+    is a new numpy array, which the variable may wrap since nothing reuses it.
+    """
+    made = _compat.empty_host_tensor(tuple(target.shape), target.dtype)
+    if made is None:
+        out = np.empty(tuple(target.shape), dtype_of(target.dtype))
+        fill(out)
+        target.variable.assign(out)
+        return
+    tensor, memory = made
+    del made
+    fill(memory)
+    del memory  # while a view of its memory lives, TensorFlow would copy the tensor rather than adopt it
+    target.variable.assign(tensor)
 
 
 def restore_tensor(prefix: str, name: str, dtype: str) -> Any | None:
@@ -732,6 +755,9 @@ class KerasTarget:
 
     def assign(self, variable: TargetVariable, value: Any) -> None:
         assign(variable, value)
+
+    def assign_filled(self, variable: TargetVariable, fill: Callable[[np.ndarray], None]) -> None:
+        assign_filled(variable, fill)
 
     def read_native(self, prefix: str, name: str, dtype: str) -> Any | None:
         return restore_tensor(prefix, name, dtype)
