@@ -131,7 +131,10 @@ def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | 
         source: the opened checkpoint the plan was made from.
         target: the model the plan is bound to.
         progress: called as ``progress(done, total, key)`` after each tensor is
-            checked; if it raises, nothing has been assigned.
+            checked; if it raises, nothing has been assigned. If it also has an
+            ``assigned(done, total, key)`` method, that is called after each
+            assignment of the commit pass; what it raises there is ignored (a
+            display must not stop a load half-way), and it is not called again.
 
     Returns:
         What was done per written target key.
@@ -147,7 +150,7 @@ def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | 
         done = _check_all(writes, source, plan, target, progress)
         _refuse_changed(source, identity, plan)  # the last moment the model can still be left unchanged
         hold_interrupts()  # from the first assignment on, the load finishes
-        _commit(writes, source, plan, target, identity)
+        _commit(writes, source, plan, target, identity, getattr(progress, "assigned", None))
     return done
 
 
@@ -174,7 +177,10 @@ def _check(a: Assignment, source: Source, plan: Plan, target: Target) -> float |
     return error
 
 
-def _commit(writes: list[Assignment], source: Source, plan: Plan, target: Target, identity: FileIdentity) -> None:
+def _commit(
+    writes: list[Assignment], source: Source, plan: Plan, target: Target, identity: FileIdentity,
+    assigned_progress: Progress | None,
+) -> None:
     """Pass 2: read every checked tensor again and assign it (callers hold back interrupts).
 
     Raises:
@@ -186,6 +192,11 @@ def _commit(writes: list[Assignment], source: Source, plan: Plan, target: Target
         for a in writes:
             _assign(a, source, plan, target)
             assigned.append(a)
+            if assigned_progress is not None:
+                try:
+                    assigned_progress(len(assigned), len(writes), a.target.key)
+                except Exception:  # a display failing: the load goes on without it
+                    assigned_progress = None
     except Exception as exc:
         raise _partly_loaded(plan, writes, assigned, changed_files(identity), _reason(exc)) from exc
     changed = changed_files(identity)
