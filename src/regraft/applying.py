@@ -205,17 +205,19 @@ def _commit(
 
 
 def _assign(a: Assignment, source: Source, plan: Plan, target: Target) -> None:
-    """Read what ``a`` writes and assign it: one copy from the file into the variable's next buffer where possible."""
+    """Read what ``a`` writes and assign it.
+
+    A plain load is read by regraft's reader (checksum verified again) straight
+    into the variable's next buffer (:meth:`Target.assign_filled`): one copy from
+    the file, no array beside it. ``bench/bench_apply.py`` compares this with
+    TensorFlow's ``RestoreV2`` per tensor, which is slower.
+    """
     if a.status == LOADED and a.source is not None:
         entry = a.source
-        location = source.native_location(entry.key)
-        value = target.read_native(*location, a.target.dtype) if location is not None else None
-        if value is None:  # not a TF bundle, or a backend without TensorFlow's reader
-            _check_shape(a, entry.shape, plan)
-            target.assign_filled(a.target, lambda out: source.read_into(entry.key, out))
-            return
-    else:
-        value, _ = _value(a, source, plan, target)
+        _check_shape(a, entry.shape, plan)
+        target.assign_filled(a.target, lambda out: source.read_into(entry.key, out))
+        return
+    value, _ = _value(a, source, plan, target)
     _check_shape(a, tuple(value.shape), plan)
     target.assign(a.target, value)
 
