@@ -13,16 +13,20 @@ is checked before any tensor is read. Then two passes:
    corrupt tensor, a refused cast, an exception or interrupt (the progress
    callback runs here) stops the load with the model untouched.
 2. **Commit.** The same tensors are read again (from the page cache) and
-   assigned, one at a time, into the variables' own buffers. Data can no
-   longer fail here; from the first assignment until ``load``/``apply``
-   returns, Ctrl-C is held back (:class:`interrupts_held`), so a load either
-   stops in the check with nothing changed or finishes and returns.
+   assigned, one at a time, each read straight into the memory of the
+   variable's next value (:meth:`Target.assign_filled`). Data can no longer
+   fail here; from the first assignment until ``load``/``apply`` returns,
+   Ctrl-C is held back (:class:`interrupts_held`), so a load either stops in
+   the check with nothing changed or finishes and returns.
 
-What could still fail in the commit is the environment: the checkpoint being
-rewritten in place, or the disk failing, in the second between the passes.
-regraft then raises a :class:`~regraft.errors.LoadError` that says the model is
-partly loaded (it has no copy of the old values to restore: keeping one costs
-as much as the load itself, see ``bench/bench_apply.py``).
+What can still fail in the commit is the environment: the checkpoint's files
+changing, an I/O error, memory running out. The files' identity (device,
+inode, size, mtime_ns) is recorded before the check pass: a change by the end
+of the check is refused with nothing assigned; a change or failure during the
+commit raises a :class:`~regraft.errors.LoadError` that says the model is partly
+loaded, lists what was assigned and how to recover. There is no undo: keeping
+the old values costs the model's size in memory or a journal slower than the
+load itself (``bench/bench_apply.py``; docs/design.md, "All-or-nothing").
 """
 
 from __future__ import annotations
@@ -207,15 +211,17 @@ def _commit(
 def _assign(a: Assignment, source: Source, plan: Plan, target: Target) -> None:
     """Read what ``a`` writes and assign it.
 
-    A plain load is read by regraft's reader (checksum verified again) straight
-    into the variable's next buffer (:meth:`Target.assign_filled`): one copy from
-    the file, no array beside it. ``bench/bench_apply.py`` compares this with
+    A plain load is read by regraft's reader straight into the variable's next
+    buffer (:meth:`Target.assign_filled`): one copy from the file, no array beside
+    it. The check pass verified the bytes and the files are unchanged since
+    (compared just before the commit, and again after it), so the reader may skip
+    its checksum (``checked=True``). ``bench/bench_apply.py`` compares this with
     TensorFlow's ``RestoreV2`` per tensor, which is slower.
     """
     if a.status == LOADED and a.source is not None:
         entry = a.source
         _check_shape(a, entry.shape, plan)
-        target.assign_filled(a.target, lambda out: source.read_into(entry.key, out))
+        target.assign_filled(a.target, lambda out: source.read_into(entry.key, out, checked=True))
         return
     value, _ = _value(a, source, plan, target)
     _check_shape(a, tuple(value.shape), plan)
