@@ -57,10 +57,11 @@ def test_sizes_come_from_the_model():
 
 def test_the_commit_pass_is_drawn_with_its_own_counts_and_rate():
     """A .weights.h5 load reads its bytes in the commit pass: the bar goes on through it, counting
-    again from its start, and ends with a line of its own."""
+    again from its start, out of the bytes the check pass reported (a variable left fresh is not
+    loaded), and ends with a line of its own."""
     out = Terminal()
     times = iter([0.0, 0.1, 0.2, 1.2, 1.7, 2.2])
-    bar = ProgressBar({"a": 10 * MB, "b": 30 * MB}, stream=out, clock=times.__next__)
+    bar = ProgressBar({"a": 10 * MB, "b": 30 * MB, "fresh": 60 * MB}, stream=out, clock=times.__next__)
     bar(1, 2, "a")
     bar(2, 2, "b")  # the check pass took 0.2 s: nothing drawn
     bar.assigned(1, 2, "a")

@@ -43,17 +43,21 @@ class ProgressBar:
         self.clock = clock
         self.start = self.first = clock()  # the pass's start; the load's
         self.phase = "check"
+        self.checked: list[str] = []  # the keys the check pass reported: what the commit writes
         self.done_bytes = 0
         self.drawn_at: float | None = None
 
     def __call__(self, done: int, total: int, key: str) -> None:
         """The check pass: ``done`` of ``total`` tensors checked, ``key`` the last one."""
+        self.checked.append(key)
         self._step(done, total, key, ("loading", "checked", "; assigning"))
 
     def assigned(self, done: int, total: int, key: str) -> None:
         """The commit pass: ``done`` of ``total`` tensors assigned, ``key`` the last one."""
         if self.phase == "check":  # the first assignment: counts and rate start again
             self.phase, self.start, self.done_bytes = "commit", self.clock(), 0
+            if self.checked:  # the model's variables left fresh are not part of the load
+                self.total_bytes = sum(self.sizes.get(k, 0) for k in self.checked)
         self._step(done, total, key, ("assigning", "assigned", ""))
 
     def _step(self, done: int, total: int, key: str, words: tuple[str, str, str]) -> None:
