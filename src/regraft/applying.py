@@ -150,9 +150,9 @@ def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | 
     """
     with interrupts_held():
         writes = [a for a in (*plan.assignments, *plan.optimizer_assignments) if a.writes]
-        identity = file_identity(source.files)  # before any tensor is read
+        identity = file_identity(getattr(source, "files", ()))  # before any tensor is read
         done = _check_all(writes, source, plan, target, progress)
-        _refuse_changed(source, identity, plan)  # the last moment the model can still be left unchanged
+        _refuse_changed(identity, plan)  # the last moment the model can still be left unchanged
         hold_interrupts()  # from the first assignment on, the load finishes
         _commit(writes, source, plan, target, identity, getattr(progress, "assigned", None))
     return done
@@ -270,7 +270,7 @@ def changed_files(before: FileIdentity) -> list[str]:
     return out
 
 
-def _refuse_changed(source: Source, identity: FileIdentity, plan: Plan) -> None:
+def _refuse_changed(identity: FileIdentity, plan: Plan) -> None:
     changed = changed_files(identity)
     if changed:
         raise LoadError(
