@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{max(added[part]) / 2**20:>14.1f}")
         med = {p: statistics.median(v) for p, v in times.items()}
         print("\ndesigns (sum of medians):")
-        print(f"  check + commit (regraft, TF):     {med['check: crc in place'] + med['commit: restore, copy']:.3f} s")
+        print(f"  check + commit (regraft, TF):     {med['check: crc in place'] + med['commit: bundle, no crc']:.3f} s")
+        print(f"  check + RestoreV2 commit (TF):    {med['check: crc in place'] + med['commit: restore, copy']:.3f} s")
         print(f"  journal + commit (one pass, TF):  {med['undo: journal'] + med['commit: restore, adopt']:.3f} s")
         print(f"  commit only, no guarantee (TF):   {med['commit: restore, copy']:.3f} s")
         print(f"  .weights.h5 commit, staging:      {med['commit: h5 staging']:.3f} s")
