@@ -10,10 +10,20 @@ a load), over every saved tensor; the table gives the median seconds.
   commit: restore, copy    RestoreV2 per tensor, assigned while still referenced: the variable
                            copies it into its own buffer (regraft's commit pass)
   commit: restore, adopt   RestoreV2 per tensor, the variable adopts the new buffer
-  commit: h5 staging       h5py read_direct into one reused buffer, then assign (regraft's .weights.h5 commit)
+  commit: bundle into tensor  regraft's reader (readinto, then CRC32C of the bytes read) into a new
+                           host tensor's memory, which the variable adopts
+  commit: bundle, no crc   the same without the second checksum (regraft's TF commit: the check
+                           pass verified the bytes, and the files' identity is unchanged)
+  commit: h5 staging       h5py read_direct into one reused buffer, then assign (the old .weights.h5
+                           commit: TensorFlow copies the buffer into a new tensor)
+  commit: h5 into tensor   h5py read_direct into a new host tensor's memory, which the variable adopts
+                           (regraft's .weights.h5 commit, Target.assign_filled)
   commit: h5 fresh arrays  h5py read into a new array per tensor, then assign (what load_weights does)
   undo: journal            write every variable's current value to an unnamed temporary file, no copy
                            in memory (what an undo journal costs at least)
+  undo: keep old tensors   regraft's .weights.h5 commit, holding each variable's previous tensor until
+                           the end (an undo in memory: no copy on TensorFlow, the model's size in memory)
+  undo: copy in memory     the same, holding a numpy copy of each previous value
 
 A design's load time is about the sum of its parts: regraft's is "check: crc in
 place" + "commit: restore, copy" for a TF bundle; the journal design adds "undo:
@@ -44,9 +54,14 @@ PARTS = (
     "check: read + crc",
     "commit: restore, copy",
     "commit: restore, adopt",
+    "commit: bundle into tensor",
+    "commit: bundle, no crc",
     "commit: h5 staging",
+    "commit: h5 into tensor",
     "commit: h5 fresh arrays",
     "undo: journal",
+    "undo: keep old tensors",
+    "undo: copy in memory",
 )
 MARK = "@@part "
 
@@ -61,7 +76,8 @@ def _pairs(setup: bench_load.Setup, model) -> list[tuple[object, str, str]]:
     return out
 
 
-def run_part(part: str, workdir: Path) -> float:
+def run_part(part: str, workdir: Path) -> tuple[float, int]:
+    """Seconds the part took, and the peak RSS it added in bytes."""
     import h5py
     import numpy as np
     import tensorflow as tf
@@ -75,9 +91,19 @@ def run_part(part: str, workdir: Path) -> float:
     bundle = Bundle(setup.tf_prefix)
     data = bundle.data_path(0)
 
+    from regraft.targets import _compat
+
+    def into_tensor(variable, dataset) -> None:
+        tensor, memory = _compat.empty_host_tensor(tuple(dataset.shape), "float32")
+        dataset.read_direct(memory)
+        del memory
+        variable.assign(tensor)
+
     def restore(key: str):
         return tf.raw_ops.RestoreV2(prefix=setup.tf_prefix, tensor_names=[key], shape_and_slices=[""], dtypes=[tf.float32])[0]
 
+    bench_load.reset_peak_rss()
+    rss_before = bench_load.current_rss()
     start = time.perf_counter()
     if part == "check: crc in place":
         for _, key, _ in pairs:
@@ -109,6 +135,25 @@ def run_part(part: str, workdir: Path) -> float:
                 view = staging[: dataset.size].reshape(dataset.shape)
                 dataset.read_direct(view)
                 variable.assign(view)
+    elif part in ("commit: bundle into tensor", "commit: bundle, no crc"):
+        for variable, key, _ in pairs:
+            tensor, memory = _compat.empty_host_tensor(tuple(variable.shape), "float32")
+            bundle.read_into(key, memory, checksum=part == "commit: bundle into tensor")
+            del memory
+            variable.assign(tensor)
+    elif part == "commit: h5 into tensor":
+        with h5py.File(setup.h5_path, "r") as f:
+            for variable, _, name in pairs:
+                into_tensor(variable, f[name])
+    elif part in ("undo: keep old tensors", "undo: copy in memory"):
+        kept = []
+        with h5py.File(setup.h5_path, "r") as f:
+            for variable, _, name in pairs:
+                old = tf.convert_to_tensor(variable.value)  # the variable's buffer itself, not a copy
+                kept.append(old if part == "undo: keep old tensors" else np.array(old))
+                del old
+                into_tensor(variable, f[name])
+        del kept
     elif part == "commit: h5 fresh arrays":
         with h5py.File(setup.h5_path, "r") as f:
             for variable, _, name in pairs:
@@ -119,7 +164,8 @@ def run_part(part: str, workdir: Path) -> float:
                 journal.write(memoryview(np.asarray(variable.value.value())).cast("B"))
     else:
         raise ValueError(part)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return seconds, bench_load.peak_rss() - rss_before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"command: {' '.join([sys.executable, *sys.argv])}")
         print(f"model: {setup.layers} Dense {setup.width}x{setup.width} layers, {2 * setup.layers} tensors")
         times: dict[str, list[float]] = {p: [] for p in PARTS}
+        added: dict[str, list[int]] = {p: [] for p in PARTS}
         for _ in range(args.repeat):
             for part in PARTS:
                 command = [sys.executable, __file__, "--part", part, "--workdir", str(workdir)]
@@ -149,16 +196,23 @@ def main(argv: list[str] | None = None) -> int:
                 if done.returncode or not lines:
                     print(f"FAILED {part}:\n{done.stderr[-2000:]}", file=sys.stderr)
                     return 1
-                times[part].append(json.loads(lines[-1][len(MARK) :]))
-        print(f"\n{'part':<28}{'median s':>10}{'min s':>8}{'max s':>8}")
+                seconds, rss = json.loads(lines[-1][len(MARK) :])
+                times[part].append(seconds)
+                added[part].append(rss)
+        print(f"\n{'part':<28}{'median s':>10}{'min s':>8}{'max s':>8}{'RSS added MB':>14}")
         for part, values in times.items():
-            print(f"{part:<28}{statistics.median(values):>10.3f}{min(values):>8.3f}{max(values):>8.3f}")
+            print(f"{part:<28}{statistics.median(values):>10.3f}{min(values):>8.3f}{max(values):>8.3f}"
+                  f"{max(added[part]) / 2**20:>14.1f}")
         med = {p: statistics.median(v) for p, v in times.items()}
         print("\ndesigns (sum of medians):")
-        print(f"  check + commit (regraft, TF):     {med['check: crc in place'] + med['commit: restore, copy']:.3f} s")
+        print(f"  check + commit (regraft, TF):     {med['check: crc in place'] + med['commit: bundle, no crc']:.3f} s")
+        print(f"  check + RestoreV2 commit (TF):    {med['check: crc in place'] + med['commit: restore, copy']:.3f} s")
         print(f"  journal + commit (one pass, TF):  {med['undo: journal'] + med['commit: restore, adopt']:.3f} s")
         print(f"  commit only, no guarantee (TF):   {med['commit: restore, copy']:.3f} s")
         print(f"  .weights.h5 commit, staging:      {med['commit: h5 staging']:.3f} s")
+        print(f"  .weights.h5 commit, into tensor:  {med['commit: h5 into tensor']:.3f} s  (regraft)")
+        print(f"  .weights.h5, undo kept in memory: {med['undo: keep old tensors']:.3f} s (old tensors), "
+              f"{med['undo: copy in memory']:.3f} s (copies)")
         print(f"  .weights.h5 + journal:            {med['undo: journal'] + med['commit: h5 fresh arrays']:.3f} s")
     finally:
         if temporary:

@@ -18,7 +18,7 @@ import regraft
 import regraft.applying as applying
 from regraft.errors import LoadError
 
-from conftest import assert_state, build, randomize, save_h5, save_tf, snapshot, value_of
+from conftest import assert_state, build, dense_chain, randomize, save_h5, save_tf, snapshot, value_of
 
 
 @pytest.fixture(params=["tf", "h5"])
@@ -34,6 +34,24 @@ HELD_BACK = (
     "regraft: interrupt received while the checked tensors were being assigned; "
     "the load was finished rather than left half-done."
 )
+
+
+def watch_assignments(monkeypatch, before=None, after=None):
+    """Call ``before(key)`` and ``after(key)`` around each variable's assignment in the commit pass,
+    whichever way the target assigns it (a value, or memory it fills)."""
+    from regraft.targets.keras import KerasTarget
+
+    for name in ("assign", "assign_filled"):
+        real = getattr(KerasTarget, name)
+
+        def wrapped(self, variable, value, _real=real):
+            if before is not None:
+                before(variable.key)
+            _real(self, variable, value)
+            if after is not None:
+                after(variable.key)
+
+        monkeypatch.setattr(KerasTarget, name, wrapped)
 
 
 def loaded_values(old, model) -> dict[int, np.ndarray]:
@@ -96,19 +114,15 @@ def test_interrupt_after_the_last_assignment_finishes_the_load(saved, monkeypatc
     old, path = saved
     model = build("functional", seed=42)
     before = snapshot(model)
-    from regraft.targets.keras import KerasTarget
-
     n = len(model.weights)
     calls = []
-    real_assign = KerasTarget.assign
 
-    def assign(self, variable, value):
-        real_assign(self, variable, value)
-        calls.append(variable.key)
+    def after(key):
+        calls.append(key)
         if len(calls) == n:
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(KerasTarget, "assign", assign)
+    watch_assignments(monkeypatch, after=after)
     with pytest.warns(RuntimeWarning, match="the load was finished rather than left half-done"):
         report = regraft.load(model, path)
     assert len(calls) == n and report.counts()["loaded"] == n
@@ -151,32 +165,189 @@ def test_no_undo_journal_is_written(saved, monkeypatch):
     assert_state(model, before, loaded_values(old, model))
 
 
-def test_failure_in_the_commit_pass_says_the_model_is_partly_loaded(saved, monkeypatch):
-    """Data cannot fail after the check pass; if the environment does (the file rewritten in place,
-    the disk failing), the error says so plainly instead of claiming the model is unchanged."""
+def data_file(path: str) -> str:
+    """The file holding the tensors' bytes: the .weights.h5 itself, or the TF bundle's data shard."""
+    return path if path.endswith(".h5") else path + ".data-00000-of-00001"
+
+
+def touch(path: str) -> None:
+    """Rewrite ``path``'s modification time (one second later), as a writer rewriting it in place would."""
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+D1 = "'d1/kernel', 'd1/bias', 'bn/gamma'"
+REST = "'bn/beta', 'bn/moving_mean', 'bn/moving_variance', 'd2/kernel' and 1 more"
+RELOAD = ("it overwrites every variable the plan writes, so this model then ends up as if loaded once.")
+
+
+def test_io_error_in_the_commit_names_what_was_assigned_and_how_to_recover(saved, monkeypatch):
+    """The disk failing after the check pass (here as the 4th variable is assigned) cannot be undone
+    without a second copy of the model; the error says exactly which variables hold new values."""
     old, path = saved
     model = build("functional", seed=45)
-    from regraft.targets.keras import KerasTarget
+    before = snapshot(model)
+    seen = []
 
-    real_assign = KerasTarget.assign
-    calls = []
-
-    def assign(self, variable, value):
-        if len(calls) == 3:
+    def fail_fourth(key):
+        if len(seen) == 3:
             raise OSError(5, "Input/output error")
-        calls.append(variable.key)
-        real_assign(self, variable, value)
+        seen.append(key)
 
-    monkeypatch.setattr(KerasTarget, "assign", assign)
+    watch_assignments(monkeypatch, before=fail_fourth)
     with pytest.raises(LoadError) as info:
         regraft.load(model, path)
     assert str(info.value) == (
-        f"Loading {path} stopped after 3 of 8 variables were assigned, although every tensor had passed "
-        "its checks: [Errno 5] Input/output error. The model is now partly loaded.\n"
-        "Hint: The checkpoint was probably changed on disk during the load, or the disk failed. "
-        "Rebuild the model (or load its previous weights) and load again."
+        f"Loading {path} stopped after 3 of 8 variables were assigned, although every tensor had passed its "
+        f"checks (OSError: [Errno 5] Input/output error). The model is now partly loaded (assigned {D1}; "
+        f"not assigned {REST}).\n"
+        f"Hint: Load again once the disk or device works: {RELOAD}"
+    )
+    loaded = loaded_values(old, model)
+    assert_state(model, before, {k: v for k, v in loaded.items() if k in {id(w) for w in model.weights[:3]}})
+    monkeypatch.undo()
+    regraft.load(model, path)  # as the hint says: the second load finishes the first
+    assert_state(model, before, loaded)
+
+
+def test_failure_on_the_first_assignment_says_the_model_is_unchanged(saved, monkeypatch):
+    old, path = saved
+    model = build("functional", seed=46)
+    before = snapshot(model)
+
+    def fail(key):
+        raise MemoryError("out of device memory")
+
+    watch_assignments(monkeypatch, before=fail)
+    with pytest.raises(LoadError) as info:
+        regraft.load(model, path)
+    assert str(info.value) == (
+        f"Loading {path} stopped after 0 of 8 variables were assigned, although every tensor had passed its "
+        "checks (MemoryError: out of device memory). Nothing was assigned: the model is unchanged.\n"
+        "Hint: Load again once the disk or device works."
+    )
+    assert_state(model, before)
+
+
+def test_checkpoint_truncated_during_the_check_pass_is_refused_with_nothing_assigned(saved):
+    """A writer truncating the file while it is checked is caught from the file's size before the
+    commit, where the model can still be left unchanged."""
+    old, path = saved
+    model = build("functional", seed=47)
+    before = snapshot(model)
+    data = data_file(path)
+    size = os.path.getsize(data)
+
+    def truncate(done, total, key):
+        if done == total:
+            os.truncate(data, size - 8)
+
+    with pytest.raises(LoadError) as info:
+        regraft.load(model, path, progress=truncate)
+    assert str(info.value) == (
+        f"The checkpoint {path} changed on disk while its tensors were being checked: {data} changed size "
+        f"from {size:,} to {size - 8:,} bytes. Nothing was assigned: the model is unchanged.\n"
+        "Hint: Load again once nothing writes to the checkpoint."
+    )
+    assert_state(model, before)
+
+
+def test_checkpoint_replaced_during_the_check_pass_is_refused_with_nothing_assigned(saved, tmp_path):
+    """An atomic replace (a new inode under the same name) would make TensorFlow's reader, which opens
+    the path again in the commit, read bytes that were never checked: refused before the commit."""
+    old, path = saved
+    model = build("functional", seed=48)
+    before = snapshot(model)
+    data = data_file(path)
+
+    def replace(done, total, key):
+        if done == 1:
+            copy = str(tmp_path / "copy")
+            with open(data, "rb") as src, open(copy, "wb") as dst:
+                dst.write(src.read())
+            os.replace(copy, data)
+
+    with pytest.raises(LoadError) as info:
+        regraft.load(model, path, progress=replace)
+    assert str(info.value) == (
+        f"The checkpoint {path} changed on disk while its tensors were being checked: {data} was replaced "
+        "by another file. Nothing was assigned: the model is unchanged.\n"
+        "Hint: Load again once nothing writes to the checkpoint."
+    )
+    assert_state(model, before)
+
+
+def test_checkpoint_rewritten_during_the_commit_is_named_even_when_every_assignment_succeeds(saved, monkeypatch):
+    """Bytes rewritten in place during the commit may be assigned without any read failing (HDF5
+    keeps no checksum): the file's changed modification time is reported after the last assignment."""
+    old, path = saved
+    model = build("functional", seed=49)
+    before = snapshot(model)
+    data = data_file(path)
+    seen = []
+
+    def rewrite_after_second(key):
+        seen.append(key)
+        if len(seen) == 2:
+            touch(data)
+
+    watch_assignments(monkeypatch, after=rewrite_after_second)
+    with pytest.raises(LoadError) as info:
+        regraft.load(model, path)
+    assert str(info.value) == (
+        f"Every variable was assigned from {path}, but it changed on disk during the load: {data} was "
+        "rewritten (modification time changed). The model is now partly loaded (assigned 'd1/kernel', "
+        "'d1/bias', 'bn/gamma', 'bn/beta' and 4 more).\n"
+        f"Hint: Load again once nothing writes to the checkpoint: {RELOAD}"
+    )
+    assert_state(model, before, loaded_values(old, model))  # here the bytes did not change
+
+
+def test_read_failing_after_the_file_changed_names_both(saved, monkeypatch):
+    old, path = saved
+    model = build("functional", seed=50)
+    data = data_file(path)
+    seen = []
+
+    def change_then_fail(key):
+        if len(seen) == 2:
+            touch(data)
+            raise OSError(5, "Input/output error")
+        seen.append(key)
+
+    watch_assignments(monkeypatch, before=change_then_fail)
+    with pytest.raises(LoadError) as info:
+        regraft.load(model, path)
+    assert str(info.value) == (
+        f"Loading {path} stopped after 2 of 8 variables were assigned, although every tensor had passed its "
+        f"checks (OSError: [Errno 5] Input/output error): {data} was rewritten (modification time changed). "
+        "The model is now partly loaded (assigned 'd1/kernel', 'd1/bias'; not assigned 'bn/gamma', 'bn/beta', "
+        "'bn/moving_mean', 'bn/moving_variance' and 2 more).\n"
+        f"Hint: Load again once nothing writes to the checkpoint: {RELOAD}"
     )
 
+
+def test_partly_loaded_transformed_variable_asks_for_a_rebuilt_model(tmp_path, monkeypatch):
+    """An ``overlay`` keeps the variable's fresh values outside the old block: once assigned, its
+    fresh values are gone, so loading into the same model again would not repeat the first load."""
+    old = dense_chain((4, 2))
+    new = dense_chain((6, 2))
+    path = save_tf(tmp_path / "ckpt", model=old)
+    seen = []
+
+    def fail_third(key):
+        if len(seen) == 2:
+            raise OSError(5, "Input/output error")
+        seen.append(key)
+
+    watch_assignments(monkeypatch, before=fail_third)
+    with pytest.raises(LoadError) as info:
+        regraft.load(new, path, reshape="overlay")
+    assert str(info.value).endswith(
+        "Hint: Load again once the disk or device works, into a rebuilt model: 'dense1/kernel', 'dense1/bias' "
+        "already hold values transformed from their fresh ones, so a second load into this model would not "
+        "give the same result."
+    ), str(info.value)
 
 STRESS = textwrap.dedent(
     """

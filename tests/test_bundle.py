@@ -547,3 +547,28 @@ def test_crc32c_known_values_against_the_reference() -> None:
     assert pure_python_crc32c(data[5000:], pure_python_crc32c(data[:5000])) == crc32c(data)
     assert masked_crc32c(b"") == 0xA282EAD8
     assert all(unmask(mask(v)) == v for v in (0, 1, 0xFFFFFFFF, 0xE3069283))
+
+
+def test_read_into_fills_the_array_given_and_checks_the_checksum_unless_told_not_to(v2_ckpt: str, tmp_path: Path) -> None:
+    """The commit pass reads into the variable's next buffer; it skips the checksum only for a
+    tensor the check pass verified in a file unchanged since."""
+    prefix = _copy_checkpoint(v2_ckpt, tmp_path)
+    bundle = Bundle(prefix)
+    key = "v_float64/.ATTRIBUTES/VARIABLE_VALUE"
+    entry = bundle.entries[key]
+    expected = bundle.read(key)
+    out = np.empty(entry.shape, np.float64)
+    bundle.read_into(key, out)
+    assert out.tobytes() == expected.tobytes()
+    data_path = bundle.data_path(0)
+    data = bytearray(Path(data_path).read_bytes())
+    data[entry.offset] ^= 0x10
+    Path(data_path).write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError) as info:
+        bundle.read_into(key, out)
+    assert info.value.message.startswith(f"{data_path}: tensor {key!r} has checksum ")
+    bundle.read_into(key, out, checksum=False)
+    assert out.tobytes() == bytes(data[entry.offset : entry.offset + entry.size])
+    other = np.empty(entry.shape, np.float32)  # another dtype: filled through read(), checksum included
+    with pytest.raises(CorruptCheckpointError):
+        bundle.read_into(key, other, checksum=False)

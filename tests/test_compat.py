@@ -400,3 +400,29 @@ def test_placeholder_initializers_fail_loudly_without_the_private_method(monkeyp
     with pytest.raises(TargetError, match="keras.Variable._initialize_with_initializer"):
         with compat.placeholder_initializers(lambda variable, initializer: None):
             pass
+
+
+def test_empty_host_tensor_is_written_through_its_view_and_adopted_by_the_variable():
+    """What the commit pass relies on: bytes written into the view are the tensor's, and a variable
+    assigned the tensor (once the view is dropped) takes its buffer without copying it."""
+    import numpy as np
+    import tensorflow as tf
+
+    variable = keras.Variable(np.zeros((3, 4), "float32"))
+    tensor, memory = compat.empty_host_tensor((3, 4), "float32")
+    assert memory.flags.writeable and memory.shape == (3, 4) and memory.dtype == np.float32
+    memory[...] = np.arange(12, dtype="float32").reshape(3, 4)
+    address = memory.__array_interface__["data"][0]
+    assert address % 64 == 0  # TensorFlow's alignment, which its kernels require
+    del memory
+    variable.assign(tensor)
+    assert np.array_equal(variable.numpy(), np.arange(12, dtype="float32").reshape(3, 4))
+    held = tf.convert_to_tensor(variable.value)
+    assert np.from_dlpack(held).__array_interface__["data"][0] == address  # adopted, not copied
+
+
+@pytest.mark.parametrize("shape, dtype", [((2,), "bfloat16"), ((0, 3), "float32")])
+def test_empty_host_tensor_declines_what_it_cannot_view(shape, dtype):
+    """bfloat16 has no DLPack code in numpy, and an empty tensor has no memory: the caller then
+    fills a numpy array instead."""
+    assert compat.empty_host_tensor(shape, dtype) is None

@@ -93,6 +93,10 @@ def test_applying_goes_through_the_target_protocol(tmp_path):
             self.assigned.append(variable.key)
             super().assign(variable, value)
 
+        def assign_filled(self, variable, fill):
+            self.assigned.append(variable.key)
+            super().assign_filled(variable, fill)
+
     target = Recording(model)
     assert isinstance(target, Target) and target_for(target) is target
     apply(regraft.plan(model, path), target)

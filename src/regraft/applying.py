@@ -13,21 +13,26 @@ is checked before any tensor is read. Then two passes:
    corrupt tensor, a refused cast, an exception or interrupt (the progress
    callback runs here) stops the load with the model untouched.
 2. **Commit.** The same tensors are read again (from the page cache) and
-   assigned, one at a time, into the variables' own buffers. Data can no
-   longer fail here; from the first assignment until ``load``/``apply``
-   returns, Ctrl-C is held back (:class:`interrupts_held`), so a load either
-   stops in the check with nothing changed or finishes and returns.
+   assigned, one at a time, each read straight into the memory of the
+   variable's next value (:meth:`Target.assign_filled`). Data can no longer
+   fail here; from the first assignment until ``load``/``apply`` returns,
+   Ctrl-C is held back (:class:`interrupts_held`), so a load either stops in
+   the check with nothing changed or finishes and returns.
 
-What could still fail in the commit is the environment: the checkpoint being
-rewritten in place, or the disk failing, in the second between the passes.
-regraft then raises a :class:`~regraft.errors.LoadError` that says the model is
-partly loaded (it has no copy of the old values to restore: keeping one costs
-as much as the load itself, see ``bench/bench_apply.py``).
+What can still fail in the commit is the environment: the checkpoint's files
+changing, an I/O error, memory running out. The files' identity (device,
+inode, size, mtime_ns) is recorded before the check pass: a change by the end
+of the check is refused with nothing assigned; a change or failure during the
+commit raises a :class:`~regraft.errors.LoadError` that says the model is partly
+loaded, lists what was assigned and how to recover. There is no undo: keeping
+the old values costs the model's size in memory or a journal slower than the
+load itself (``bench/bench_apply.py``; docs/design.md, "All-or-nothing").
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import warnings
@@ -111,12 +116,7 @@ def _apply_opened(plan: Plan, model: Any, source: Source | None, freeze: bool, p
 def _apply(plan: Plan, source: Source, target: Target, freeze: bool, progress: Progress | None,
            full_checksums: bool = False) -> LoadReport:
     with interrupts_held():
-        writes = _writes(plan)
-        layouts = _layouts(writes, target)
-        staging = _Staging([a for a in writes if a.target.key not in layouts])
-        done = _check_agreed(writes, source, plan, target, staging, progress, layouts, full_checksums)
-        hold_interrupts()  # from the first assignment on, the load finishes
-        _commit(writes, source, plan, target, staging, layouts)
+        done = apply_plan(plan, source, target, progress, full_checksums=full_checksums)
         frozen = freeze_loaded(plan, target) if freeze else []
         report = LoadReport.build(plan, done, frozen)
     return report
@@ -150,7 +150,8 @@ def convert(value: np.ndarray, target: TargetVariable, source_key: str) -> tuple
     return cast_array(value, target.dtype, source_key, target_key=target.key)
 
 
-def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | None = None) -> dict[str, AppliedTensor]:
+def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | None = None, *,
+               full_checksums: bool = False) -> dict[str, AppliedTensor]:
     """Write every ``loaded``/``cast``/``transformed`` assignment of ``plan`` into the model, all-or-nothing.
 
     Args:
@@ -158,7 +159,12 @@ def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | 
         source: the opened checkpoint the plan was made from.
         target: the model the plan is bound to.
         progress: called as ``progress(done, total, key)`` after each tensor is
-            checked; if it raises, nothing has been assigned.
+            checked; if it raises, nothing has been assigned. If it also has an
+            ``assigned(done, total, key)`` method, that is called after each
+            assignment of the commit pass; what it raises there is ignored (a
+            display must not stop a load half-way), and it is not called again.
+        full_checksums: also checksum whole every TF-bundle or ``.npz`` tensor of a
+            variable read block by block (see :func:`apply`).
 
     Returns:
         What was done per written target key.
@@ -171,10 +177,10 @@ def apply_plan(plan: Plan, source: Source, target: Target, progress: Progress | 
     with interrupts_held():
         writes = _writes(plan)
         layouts = _layouts(writes, target)
-        staging = _Staging([a for a in writes if a.target.key not in layouts])
-        done = _check_agreed(writes, source, plan, target, staging, progress, layouts)
-        hold_interrupts()
-        _commit(writes, source, plan, target, staging, layouts)
+        identity = file_identity(getattr(source, "files", ()))  # before any tensor is read
+        done = _check_agreed(writes, source, plan, target, progress, layouts, identity, full_checksums)
+        hold_interrupts()  # from the first assignment on, the load finishes
+        _commit(writes, source, plan, target, identity, getattr(progress, "assigned", None), layouts)
     return done
 
 
@@ -193,16 +199,20 @@ def _layouts(writes: list[Assignment], target: Target) -> dict[str, list[tuple[s
 
 
 def _check_agreed(
-    writes: list[Assignment], source: Source, plan: Plan, target: Target, staging: "_Staging", progress: Progress | None,
-    layouts: dict[str, list[tuple[slice, ...]]], full_checksums: bool = False,
+    writes: list[Assignment], source: Source, plan: Plan, target: Target, progress: Progress | None,
+    layouts: dict[str, list[tuple[slice, ...]]], identity: "FileIdentity", full_checksums: bool = False,
 ) -> dict[str, AppliedTensor]:
-    """:func:`_check_all`; for a sharded model, then every process's verdict (a model spanning
-    several processes changes on all of them or on none: each process reads and checks only its
-    own blocks, so one that failed tells the others, which then refuse too)."""
+    """:func:`_check_all`, then the files' identity (:func:`_refuse_changed`); for a sharded model, then
+    every process's verdict (a model spanning several processes changes on all of them or on none:
+    each process reads and checks only its own blocks, so one that failed tells the others, which
+    then refuse too)."""
     if not layouts:
-        return _check_all(writes, source, plan, target, staging, progress)
+        done = _check_all(writes, source, plan, target, progress)
+        _refuse_changed(identity, plan)  # the last moment the model can still be left unchanged
+        return done
     try:
-        done = _check_all(writes, source, plan, target, staging, progress, layouts, full_checksums)
+        done = _check_all(writes, source, plan, target, progress, layouts, full_checksums)
+        _refuse_changed(identity, plan)
     except BaseException:
         target.all_passed(False)
         raise
@@ -216,7 +226,7 @@ def _check_agreed(
 
 
 def _check_all(
-    writes: list[Assignment], source: Source, plan: Plan, target: Target, staging: "_Staging", progress: Progress | None,
+    writes: list[Assignment], source: Source, plan: Plan, target: Target, progress: Progress | None,
     layouts: dict[str, list[tuple[slice, ...]]] | None = None, full_checksums: bool = False,
 ) -> dict[str, AppliedTensor]:
     """Pass 1 over every write; the progress callback runs here, where stopping changes nothing."""
@@ -231,50 +241,34 @@ def _check_all(
                 read = replace(read, checksum="verified whole")
             done[a.target.key] = AppliedTensor(a.target.key, error, read)
         else:
-            done[a.target.key] = AppliedTensor(a.target.key, _check(a, source, plan, target, staging))
+            done[a.target.key] = AppliedTensor(a.target.key, _check(a, source, plan, target))
         if progress is not None:
             progress(i + 1, len(writes), a.target.key)
     return done
 
 
-class _Staging:
-    """One reusable buffer, the size of the largest tensor read through regraft's readers.
-
-    Reading every tensor into the same (already paged-in) memory instead of a
-    new array each time avoids the page faults of fresh allocations, which
-    cost more than the copy itself.
-    """
-
-    def __init__(self, writes: list[Assignment]) -> None:
-        sizes = [_nbytes(a.source) for a in writes if a.status == LOADED and a.source is not None]
-        self._buffer = np.empty(max(sizes, default=0), np.uint8)
-
-    def array(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-        """A view of the buffer as an array of ``shape`` and ``dtype``."""
-        dt = dtype_of(dtype)
-        count = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        return self._buffer[:count].view(dt).reshape(shape)
-
-
-def _nbytes(entry: Any) -> int:
-    return int(np.prod(entry.shape, dtype=np.int64)) * dtype_of(entry.dtype).itemsize
-
-
-def _check(a: Assignment, source: Source, plan: Plan, target: Target, staging: _Staging) -> float | None:
+def _check(a: Assignment, source: Source, plan: Plan, target: Target) -> float | None:
     """Pass 1: read and check what ``a`` will assign, keep nothing; return the cast's rounding error."""
     if a.status == LOADED and a.source is not None:
         _check_shape(a, a.source.shape, plan)
         source.verify(a.source.key)
         return None
-    value, error = _value(a, source, plan, target, staging)
+    value, error = _value(a, source, plan, target)
     _check_shape(a, value.shape, plan)
     return error
 
 
-def _commit(writes: list[Assignment], source: Source, plan: Plan, target: Target, staging: _Staging,
-            layouts: dict[str, list[tuple[slice, ...]]] | None = None) -> None:
-    """Pass 2: read every checked tensor again and assign it (callers hold back interrupts)."""
-    assigned = 0
+def _commit(
+    writes: list[Assignment], source: Source, plan: Plan, target: Target, identity: FileIdentity,
+    assigned_progress: Progress | None, layouts: dict[str, list[tuple[slice, ...]]] | None = None,
+) -> None:
+    """Pass 2: read every checked tensor again and assign it (callers hold back interrupts).
+
+    Raises:
+        LoadError: the environment failed or the files changed meanwhile; the message
+            says which variables were assigned and how to recover.
+    """
+    assigned: list[Assignment] = []
     layouts = layouts or {}
     try:
         for a in writes:
@@ -282,25 +276,123 @@ def _commit(writes: list[Assignment], source: Source, plan: Plan, target: Target
                 blocks, _, _ = _sharded_blocks(a, layouts[a.target.key], source, plan, target)
                 target.assign_shards(a.target, blocks)
                 del blocks
-                assigned += 1
-                continue
-            location = source.native_location(a.source.key) if a.status == LOADED and a.source else None
-            value = target.read_native(*location, a.target.dtype) if location is not None else None
-            if value is None:  # not a TF bundle, or a backend without TensorFlow's reader
-                value, _ = _value(a, source, plan, target, staging)
-            _check_shape(a, tuple(value.shape), plan)
-            # ``value`` stays referenced during the assignment, so the variable copies it into
-            # its own buffer (already in memory) rather than adopting a newly allocated one.
-            target.assign(a.target, value)
-            del value
-            assigned += 1
+            else:
+                _assign(a, source, plan, target)
+            assigned.append(a)
+            if assigned_progress is not None:
+                try:
+                    assigned_progress(len(assigned), len(writes), a.target.key)
+                except Exception:  # a display failing: the load goes on without it
+                    assigned_progress = None
     except Exception as exc:
+        raise _partly_loaded(plan, writes, assigned, changed_files(identity), _reason(exc)) from exc
+    changed = changed_files(identity)
+    if changed:  # every variable was assigned, but maybe from the bytes of another file
+        raise _partly_loaded(plan, writes, assigned, changed, None)
+
+
+def _assign(a: Assignment, source: Source, plan: Plan, target: Target) -> None:
+    """Read what ``a`` writes and assign it.
+
+    A plain load is read by regraft's reader straight into the variable's next
+    buffer (:meth:`Target.assign_filled`): one copy from the file, no array beside
+    it. The check pass verified the bytes and the files are unchanged since
+    (compared just before the commit, and again after it), so the reader may skip
+    its checksum (``checked=True``). ``bench/bench_apply.py`` compares this with
+    TensorFlow's ``RestoreV2`` per tensor, which is slower.
+    """
+    if a.status == LOADED and a.source is not None:
+        entry = a.source
+        _check_shape(a, entry.shape, plan)
+        target.assign_filled(a.target, lambda out: source.read_into(entry.key, out, checked=True))
+        return
+    value, _ = _value(a, source, plan, target)
+    _check_shape(a, tuple(value.shape), plan)
+    target.assign(a.target, value)
+
+
+# --------------------------------------------------------------------------- what can fail after the check
+
+FileIdentity = dict[str, "tuple[int, int, int, int] | None"]
+
+
+def file_identity(files: tuple[str, ...] | list[str]) -> FileIdentity:
+    """Each file's ``(device, inode, size, mtime_ns)``, or ``None`` if it cannot be stat'ed.
+
+    Two snapshots differ when a file was rewritten, replaced or removed in between.
+    """
+    out: FileIdentity = {}
+    for path in files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out[path] = None
+        else:
+            out[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def changed_files(before: FileIdentity) -> list[str]:
+    """What changed in the files of ``before`` since it was taken, one phrase per file."""
+    now = file_identity(tuple(before))
+    out = []
+    for path, old in before.items():
+        new = now[path]
+        if new == old:
+            continue
+        if new is None:
+            out.append(f"{path} was removed")
+        elif old is None:
+            out.append(f"{path} appeared")
+        elif new[:2] != old[:2]:
+            out.append(f"{path} was replaced by another file")
+        elif new[2] != old[2]:
+            out.append(f"{path} changed size from {old[2]:,} to {new[2]:,} bytes")
+        else:
+            out.append(f"{path} was rewritten (modification time changed)")
+    return out
+
+
+def _refuse_changed(identity: FileIdentity, plan: Plan) -> None:
+    changed = changed_files(identity)
+    if changed:
         raise LoadError(
-            f"Loading {plan.source_path} stopped after {assigned} of {len(writes)} variables were "
-            f"assigned, although every tensor had passed its checks: {exc}. The model is now partly loaded.",
-            hint="The checkpoint was probably changed on disk during the load, or the disk failed. "
-            "Rebuild the model (or load its previous weights) and load again.",
-        ) from exc
+            f"The checkpoint {plan.source_path} changed on disk while its tensors were being checked: "
+            f"{'; '.join(changed)}. Nothing was assigned: the model is unchanged.",
+            hint="Load again once nothing writes to the checkpoint.",
+        )
+
+
+def _partly_loaded(
+    plan: Plan, writes: list[Assignment], assigned: list[Assignment], changed: list[str], error: str | None
+) -> LoadError:
+    """The error for a commit the environment broke: which variables were assigned, and how to recover."""
+    if error is None:
+        what = f"Every variable was assigned from {plan.source_path}, but it changed on disk during the load"
+    else:
+        what = (f"Loading {plan.source_path} stopped after {len(assigned)} of {len(writes)} variables were "
+                f"assigned, although every tensor had passed its checks ({error})")
+    if changed:
+        what += f": {'; '.join(changed)}"
+    cause = "Load again once nothing writes to the checkpoint" if changed else "Load again once the disk or device works"
+    if not assigned:
+        return LoadError(f"{what}. Nothing was assigned: the model is unchanged.", hint=f"{cause}.")
+    left = [a.target.key for a in writes[len(assigned):]]
+    state = f"assigned {_listing([a.target.key for a in assigned])}"
+    state += f"; not assigned {_listing(left)}" if left else ""
+    fresh_read = [a.target.key for a in assigned if a.status == TRANSFORMED and steps_need_fresh(a.steps)]
+    if fresh_read:
+        hint = (f"{cause}, into a rebuilt model: {_listing(fresh_read)} already hold values transformed from their "
+                "fresh ones, so a second load into this model would not give the same result.")
+    else:
+        hint = (f"{cause}: it overwrites every variable the plan writes, so this model then ends up as if "
+                "loaded once.")
+    return LoadError(f"{what}. The model is now partly loaded ({state}).", hint=hint)
+
+
+def _listing(keys: list[str], most: int = 4) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:most])
+    return shown if len(keys) <= most else f"{shown} and {len(keys) - most} more"
 
 
 class interrupts_held:
@@ -377,8 +469,8 @@ def _check_shape(a: Assignment, shape: tuple[int, ...], plan: Plan, expected: tu
         )
 
 
-def _value(a: Assignment, source: Source, plan: Plan, target: Target, staging: _Staging) -> tuple[Any, float | None]:
-    """The value ``a`` assigns, read through regraft's reader (a staging view for plain loads)."""
+def _value(a: Assignment, source: Source, plan: Plan, target: Target) -> tuple[Any, float | None]:
+    """The value ``a`` assigns, read through regraft's reader."""
     if a.status == TRANSFORMED:
         return _transformed(a, source, target)
     entry = a.source
@@ -386,11 +478,8 @@ def _value(a: Assignment, source: Source, plan: Plan, target: Target, staging: _
         raise LoadError(f"Variable '{a.target.key}' has no source to load.")
     if a.status == CAST:
         return convert(source.read(entry.key), a.target, entry.key)
-    if tuple(entry.shape) != tuple(a.target.shape):
-        _check_shape(a, entry.shape, plan)
-    out = staging.array(tuple(entry.shape), entry.dtype)
-    source.read_into(entry.key, out)
-    return out, None
+    _check_shape(a, entry.shape, plan)
+    return source.read(entry.key), None
 
 
 def _transformed(a: Assignment, source: Source, target: Target) -> tuple[np.ndarray, float | None]:
@@ -458,6 +547,10 @@ def _sharded_blocks(
     return blocks, (max(errors) if errors else None), read
 
 
+def _nbytes(entry: Any) -> int:
+    return int(np.prod(entry.shape, dtype=np.int64)) * dtype_of(entry.dtype).itemsize
+
+
 def _bounds(index: Block) -> tuple[tuple[int, int], ...]:
     return tuple((int(s.start), int(s.stop)) for s in index)
 
@@ -521,3 +614,7 @@ def freeze_loaded(plan: Plan, target: Target) -> list[str]:
             frozen.append(assignments[0].target.layer)
     return frozen
 
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, RegraftError) else f"{type(exc).__name__}: {exc}"

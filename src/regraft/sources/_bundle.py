@@ -325,6 +325,26 @@ class Bundle:
         self._check_crc(entry, mask(crc32c(raw)))
         return array
 
+    def read_into(self, key: str, out: np.ndarray, checksum: bool = True) -> None:
+        """Reads one numeric tensor into ``out``: the bytes go from the file straight into ``out``
+        (an array of the tensor's shape and dtype; others are filled from :meth:`read`).
+
+        With ``checksum=False`` the bytes' CRC32C is not computed again: for a tensor
+        :meth:`verify` passed in a file the caller knows is unchanged since.
+
+        Raises:
+            The same errors as :meth:`read`; ``out`` may then hold part of the bytes.
+        """
+        entry, dtype = self._sized_entry(key)
+        if out.dtype != dtype or out.shape != tuple(entry.shape) or not out.flags.c_contiguous:
+            out[...] = self.read(key)
+            return
+        raw = out.reshape(-1).view(np.uint8).data
+        with self._open_data(entry) as f:
+            self._fill(entry, f, raw)
+        if checksum:
+            self._check_crc(entry, mask(crc32c(raw)))
+
     def verify(self, key: str) -> None:
         """Checks one numeric tensor's size and checksum without keeping its bytes.
 

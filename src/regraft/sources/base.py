@@ -90,8 +90,13 @@ class Source(ABC):
         """
         self.read(key)
 
-    def read_into(self, key: str, out: np.ndarray) -> None:
-        """Read one tensor into ``out``, an array of its shape and dtype (to reuse one buffer)."""
+    def read_into(self, key: str, out: np.ndarray, checked: bool = False) -> None:
+        """Read one tensor into ``out``, an array of its shape and dtype (the memory of a variable's next value).
+
+        ``checked``: the tensor passed :meth:`verify` and its files are unchanged
+        since (the caller compared their identity): a format may skip the checks
+        :meth:`verify` made, such as a checksum.
+        """
         value = self.read(key)
         if value.shape != out.shape:
             raise CorruptCheckpointError(

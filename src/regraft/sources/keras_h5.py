@@ -148,7 +148,7 @@ class KerasH5(Source):
             return array.view(dtype_of("bfloat16"))
         return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
-    def read_into(self, key: str, out: np.ndarray) -> None:
+    def read_into(self, key: str, out: np.ndarray, checked: bool = False) -> None:
         """Read one dataset straight into ``out`` (no intermediate array) when the dtypes agree."""
         dataset = self._file[self._dataset_path[key]]
         if dataset.dtype != out.dtype or tuple(dataset.shape) != out.shape or not out.size:

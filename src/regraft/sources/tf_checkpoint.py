@@ -192,6 +192,10 @@ class TFCheckpoint(Source):
         """Read the tensor with canonical ``key`` (checksum verified)."""
         return self.bundle.read(self._bundle_key[key])
 
+    def read_into(self, key: str, out: np.ndarray, checked: bool = False) -> None:
+        """Read the tensor with canonical ``key`` straight into ``out`` (checksum verified unless ``checked``)."""
+        self.bundle.read_into(self._bundle_key[key], out, checksum=not checked)
+
     def verify(self, key: str) -> None:
         """Check the tensor's size and checksum in place (memory-mapped), keeping no bytes."""
         self.bundle.verify(self._bundle_key[key])

@@ -58,6 +58,7 @@ __all__ = [
     "attribute_skipset",
     "attribute_sort_key",
     "run_keras_weights_walk",
+    "empty_host_tensor",
     "optimizer_slot_lists",
     "slot_holder",
     "loss_scale_variables",
@@ -467,6 +468,48 @@ def save_weights_to_buffer(model: Any, buffer: Any) -> None:
         save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
     finally:
         store.close()
+
+# --------------------------------------------------------------------------- loading
+
+
+class _Memory:
+    """Exposes a tensor's memory as a writable numpy array (``__array_interface__``), keeping the tensor alive."""
+
+    def __init__(self, tensor: Any, address: int, shape: tuple[int, ...], typestr: str) -> None:
+        self.tensor = tensor
+        self.__array_interface__ = {"data": (address, False), "shape": shape, "typestr": typestr, "version": 3}
+
+
+def empty_host_tensor(shape: tuple[int, ...], dtype: str) -> tuple[Any, Any] | None:
+    """A new, uninitialised TensorFlow tensor in host memory and a writable numpy view of its bytes.
+
+    Filling the view and then assigning the tensor lets the variable adopt the
+    tensor's buffer (``AssignVariableOp`` forwards an input nobody else holds),
+    so a tensor read from a file is copied once, into memory TensorFlow's own
+    allocator recycles from the variable's previous value. Built from public
+    calls: ``tf.raw_ops.Empty`` (``init=False``) and the tensor's DLPack export
+    (``np.from_dlpack``, TensorFlow 2.13+), which numpy marks read-only; the
+    writable view is made over the same address, which is sound only because
+    nobody else holds the new tensor. Drop the view before assigning: while it
+    lives, TensorFlow copies instead of adopting. ``None`` on other backends and
+    for dtypes DLPack cannot carry (bfloat16).
+    """
+    import numpy as np
+
+    if backend() != "tensorflow" or not int(np.prod(shape, dtype=np.int64)):
+        return None
+    tf = tensorflow("reading into a TensorFlow tensor")
+    try:
+        with tf.device("CPU:0"):
+            tensor = tf.raw_ops.Empty(shape=list(shape), dtype=tf.as_dtype(dtype), init=False)
+        exported = np.from_dlpack(tensor)  # read-only, same memory
+    except (RuntimeError, TypeError, ValueError, BufferError):  # a dtype DLPack or numpy cannot carry
+        return None
+    if exported.dtype != np.dtype(dtype) or not exported.flags.c_contiguous:
+        return None
+    address = exported.__array_interface__["data"][0]
+    return tensor, np.asarray(_Memory(tensor, address, tuple(shape), exported.dtype.str))
+
 
 # --------------------------------------------------------------------------- building
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class Target(Protocol):
     Matching only needs :meth:`describe` (keys in the checkpoint's namespace,
     computed the way the framework itself would write them), :meth:`layer_graph`
     and :meth:`layer_classes`; applying needs :meth:`variables`, :meth:`read`,
-    :meth:`assign`, :meth:`read_native`, :meth:`shards`, :meth:`assign_shards`,
+    :meth:`assign`, :meth:`assign_filled`, :meth:`read_native`, :meth:`shards`, :meth:`assign_shards`,
     :meth:`all_passed` and :meth:`freeze`; the CLI :meth:`save`.
     """
 
@@ -110,6 +110,15 @@ class Target(Protocol):
 
         A collective: when the model spans several processes, each calls it once per
         load, after its check pass, failed or not; with one process it returns ``passed``.
+        """
+        ...
+
+    def assign_filled(self, variable: TargetVariable, fill: Callable[[np.ndarray], None]) -> None:
+        """Give a variable the value ``fill`` writes into a new array of its shape and dtype.
+
+        The target chooses the memory: where it can, the variable's next buffer
+        itself, so a tensor read from a file is copied once. ``fill`` may raise;
+        the variable is then unchanged.
         """
         ...
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from regraft.entries import WEIGHT, SourceEntry, TargetVariable
 from regraft.errors import RegraftError, TargetError
 from regraft.keys import namespace as namespace_of
+from regraft.naming import dtype_of
 from regraft.sources.base import Source
 from regraft.targets.base import GraphLayer, LayerTable
 
@@ -160,6 +161,11 @@ class FileTarget:
 
     def all_passed(self, passed: bool) -> bool:
         return passed
+
+    def assign_filled(self, variable: TargetVariable, fill: Callable[[np.ndarray], None]) -> None:
+        array = np.empty(tuple(variable.shape), dtype_of(variable.dtype))
+        fill(array)
+        variable.variable.value = array  # new and filled once: no copy needed
 
     def read_native(self, prefix: str, name: str, dtype: str) -> Any | None:
         from regraft.sources._bundle import Bundle

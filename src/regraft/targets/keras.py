@@ -24,19 +24,21 @@ from __future__ import annotations
 import types
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from regraft.entries import NAMESPACES, TargetVariable
 from regraft.targets.base import GraphLayer, LayerTable
 from regraft.errors import TargetError
+from regraft.naming import dtype_of
 import regraft.targets._compat as _compat
 
 __all__ = [
     "describe",
     "describe_with_layers",
     "assign",
+    "assign_filled",
     "read_value",
     "restore_tensor",
     "shard_indices",
@@ -227,6 +229,26 @@ def _placement(target: TargetVariable) -> tuple[Any, list[tuple[Any, tuple[slice
         return None
     by_device = sharding.addressable_devices_indices_map(tuple(target.shape))
     return sharding, sorted(by_device.items(), key=lambda item: item[0].id)
+
+def assign_filled(target: TargetVariable, fill: Callable[[np.ndarray], None]) -> None:
+    """Give the variable the value ``fill`` writes into a new array of its shape and dtype.
+
+    On TensorFlow the array is the memory of a new host tensor that the variable
+    then adopts (:func:`_compat.empty_host_tensor`): the value is written once,
+    with no copy in memory and no array beside the variable's own. Elsewhere it
+    is a new numpy array, which the variable may wrap since nothing reuses it.
+    """
+    made = _compat.empty_host_tensor(tuple(target.shape), target.dtype)
+    if made is None:
+        out = np.empty(tuple(target.shape), dtype_of(target.dtype))
+        fill(out)
+        target.variable.assign(out)
+        return
+    tensor, memory = made
+    del made
+    fill(memory)
+    del memory  # while a view of its memory lives, TensorFlow would copy the tensor rather than adopt it
+    target.variable.assign(tensor)
 
 
 def restore_tensor(prefix: str, name: str, dtype: str) -> Any | None:
@@ -828,6 +850,9 @@ class KerasTarget:
 
     def assign(self, variable: TargetVariable, value: Any) -> None:
         assign(variable, value)
+
+    def assign_filled(self, variable: TargetVariable, fill: Callable[[np.ndarray], None]) -> None:
+        assign_filled(variable, fill)
 
     def read_native(self, prefix: str, name: str, dtype: str) -> Any | None:
         return restore_tensor(prefix, name, dtype)
