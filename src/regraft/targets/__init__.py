@@ -18,7 +18,6 @@ from regraft.targets.keras import (
     describe_with_layers,
     layer_graph,
     read_value,
-    restore_tensor,
     save_weights,
     unique_variables,
 )
@@ -35,7 +34,6 @@ __all__ = [
     "describe_with_layers",
     "layer_graph",
     "read_value",
-    "restore_tensor",
     "save_weights",
     "unique_variables",
 ]

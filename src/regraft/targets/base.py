@@ -53,7 +53,7 @@ class Target(Protocol):
     Matching only needs :meth:`describe` (keys in the checkpoint's namespace,
     computed the way the framework itself would write them), :meth:`layer_graph`
     and :meth:`layer_classes`; applying needs :meth:`variables`, :meth:`read`,
-    :meth:`assign`, :meth:`assign_filled`, :meth:`read_native`, :meth:`shards`, :meth:`assign_shards`,
+    :meth:`assign`, :meth:`assign_filled`, :meth:`shards`, :meth:`assign_shards`,
     :meth:`all_passed` and :meth:`freeze`; the CLI :meth:`save`.
     """
 
@@ -81,10 +81,10 @@ class Target(Protocol):
         ...
 
     def assign(self, variable: TargetVariable, value: Any) -> None:
-        """Give a variable a value of its shape and dtype (an array, or what :meth:`read_native` returned).
+        """Give a variable a value of its shape and dtype (a numpy array).
 
-        The caller reuses an array's memory for the next tensor once this returns:
-        the variable must hold a copy, never a view of ``value``.
+        The array may be a view of the source's memory, which is released after
+        the load: the variable must hold a copy, never a view of ``value``.
         """
         ...
 
@@ -120,10 +120,6 @@ class Target(Protocol):
         itself, so a tensor read from a file is copied once. ``fill`` may raise;
         the variable is then unchanged.
         """
-        ...
-
-    def read_native(self, prefix: str, name: str, dtype: str) -> Any | None:
-        """Read one TF-checkpoint tensor with the framework's own reader, or ``None`` if it has none."""
         ...
 
     def freeze(self, variable: TargetVariable) -> None:

@@ -92,7 +92,6 @@ class FileTarget:
         self._buffers = [_Buffer(e) for e in weights if e.key.startswith(self.root)]
         readable = self._readable_keys()
         self._variables = [self._variable(b, readable.get(b.entry.key)) for b in self._buffers]
-        self._bundles: dict[str, Any] = {}
 
     def _readable_keys(self) -> dict[str, str]:
         """``<layer name>/<role or index>`` (``head/kernel``, ``head/0``) where the file records every weight
@@ -166,13 +165,6 @@ class FileTarget:
         array = np.empty(tuple(variable.shape), dtype_of(variable.dtype))
         fill(array)
         variable.variable.value = array  # new and filled once: no copy needed
-
-    def read_native(self, prefix: str, name: str, dtype: str) -> Any | None:
-        from regraft.sources._bundle import Bundle
-
-        if prefix not in self._bundles:
-            self._bundles[prefix] = Bundle(prefix)
-        return self._bundles[prefix].read(name)  # regraft's reader (checksums verified): no framework needed
 
     def freeze(self, variable: TargetVariable) -> None:
         """Weights files keep no trainable flags: nothing to do."""

@@ -40,7 +40,6 @@ __all__ = [
     "assign",
     "assign_filled",
     "read_value",
-    "restore_tensor",
     "shard_indices",
     "assign_shard_blocks",
     "processes_agree",
@@ -158,10 +157,9 @@ def read_value(target: TargetVariable) -> np.ndarray:
 def assign(target: TargetVariable, value: Any) -> None:
     """Assign ``value`` (a numpy array or tensor of the variable's shape and dtype) to the variable.
 
-    A tensor read by :func:`restore_tensor` is adopted by the variable without a copy.
     A numpy array is copied into the variable's own buffer on TensorFlow; JAX and
-    PyTorch may instead wrap the array's memory (seen with JAX on the CPU), and the
-    caller reuses that memory for the next tensor, so there it is copied first.
+    PyTorch may instead wrap the array's memory (seen with JAX on the CPU), which
+    can be a view of a source's memory map, so there it is copied first.
     """
     if isinstance(value, np.ndarray) and _compat.backend() != "tensorflow":
         value = value.copy()
@@ -249,19 +247,6 @@ def assign_filled(target: TargetVariable, fill: Callable[[np.ndarray], None]) ->
     fill(memory)
     del memory  # while a view of its memory lives, TensorFlow would copy the tensor rather than adopt it
     target.variable.assign(tensor)
-
-
-def restore_tensor(prefix: str, name: str, dtype: str) -> Any | None:
-    """Read one tensor of a TF checkpoint with TensorFlow's own reader (checksum verified).
-
-    TensorFlow reads the bytes straight into a tensor buffer, which ``assign``
-    then hands to the variable: one copy from the file, none in memory. On
-    other Keras backends it returns ``None``: regraft's own reader serves.
-    """
-    if _compat.backend() != "tensorflow":
-        return None
-    tf = _compat.tensorflow("reading a tensor with TensorFlow")
-    return tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""], dtypes=[tf.as_dtype(dtype)])[0]
 
 
 def unique_variables(model: Any) -> list[Any]:
@@ -853,9 +838,6 @@ class KerasTarget:
 
     def assign_filled(self, variable: TargetVariable, fill: Callable[[np.ndarray], None]) -> None:
         assign_filled(variable, fill)
-
-    def read_native(self, prefix: str, name: str, dtype: str) -> Any | None:
-        return restore_tensor(prefix, name, dtype)
 
     def shards(self, variable: TargetVariable) -> list[tuple[slice, ...]] | None:
         return shard_indices(variable)
