@@ -257,7 +257,7 @@ def optimizer_model(width: int = 4, insert: bool = False, widths: tuple[int, ...
 
 
 def gradients(model) -> list:
-    """The gradients of the mean squared error on the fixed batch, on this backend (TensorFlow or JAX)."""
+    """The gradients of the mean squared error on the fixed batch, on this backend (TensorFlow, JAX or PyTorch)."""
     import keras
 
     backend = keras.backend.backend()
@@ -278,6 +278,14 @@ def gradients(model) -> list:
             return jnp.mean(jnp.square(outputs - Y2))
 
         return jax.grad(loss)([v.value for v in model.trainable_variables])
+    if backend == "torch":  # as Keras' torch trainer does: backward() fills each parameter's .grad
+        import torch
+
+        trainable = model.trainable_variables
+        for v in trainable:
+            v.value.grad = None
+        torch.mean(torch.square(model(X3) - torch.as_tensor(Y2))).backward()
+        return [v.value.grad for v in trainable]
     raise NotImplementedError(f"no gradient helper for the {backend} backend")
 
 

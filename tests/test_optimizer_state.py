@@ -58,7 +58,7 @@ def _slots(optimizer, variable) -> dict[str, np.ndarray]:
 
 
 def _gradients(model) -> list[np.ndarray]:
-    return [np.asarray(g) for g in backend_cases.gradients(model)]
+    return [keras.ops.convert_to_numpy(g) for g in backend_cases.gradients(model)]
 
 
 def _assert_same_loss_scale(old_opt, new_opt) -> None:
@@ -196,7 +196,7 @@ def test_widened_gradients_scale_as_derived_and_slots_follow(tmp_path):
         bumped = base.copy()
         bumped[0, j] += sign * eps
         kernel.assign(bumped.astype("float32"))
-        losses.append(float(np.mean((np.asarray(new(X), np.float64) - Y) ** 2)))
+        losses.append(float(np.mean((keras.ops.convert_to_numpy(new(X)).astype(np.float64) - Y) ** 2)))
     kernel.assign(base.astype("float32"))
     np.testing.assert_allclose((losses[0] - losses[1]) / (2 * eps), g_old[0][0, mapping[j]] / count[j], rtol=2e-2)
     # Slots: first moment like the gradient, second moment like its square.
