@@ -279,8 +279,11 @@ class TFCheckpoint(Source):
     def _object_entries(self, nodes: list) -> list[SourceEntry]:
         self._check_graph(nodes)
         optimizer_nodes = _optimizer_nodes(nodes)
-        paths = _paths(nodes, skip=optimizer_nodes)  # canonical: not through an optimizer
         all_paths = _paths(nodes, skip=set(), every=True)
+        # Canonical: the first path not through an optimizer. Without one, that is every node's
+        # first path of the same breadth-first walk: one walk of the graph, not two.
+        paths = _paths(nodes, skip=optimizer_nodes) if optimizer_nodes else {
+            node_id: found[:1] for node_id, found in all_paths.items()}
         slot_owner = _slot_owners(nodes, optimizer_nodes)
         keras2 = any(c.local_name.startswith("layer_with_weights-") for n in nodes for c in n.children)
         # Weightless items of layer lists (pooling, activation, input): empty nodes reached by a numbered edge.
