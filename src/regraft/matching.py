@@ -554,11 +554,22 @@ def _elsewhere_alike(layers: tuple[list[Node], list[Node]], ns: Namespace, decid
     s_layers, t_layers = layers
     owner = {id(c.leaf): node for node in s_layers for c in leaf_children(node)}
 
+    # Both are asked again and again for the same layers (every rival test): computed once each.
+    signatures: dict[int, tuple] = {}
+    containers: dict[str, str] = {}
+
     def signature(node: Node) -> tuple:
-        return tuple(sorted((c.path.rpartition("/")[2], c.shape) for c in leaf_children(node)))
+        found = signatures.get(id(node))
+        if found is None:
+            found = signatures[id(node)] = tuple(
+                sorted((c.path.rpartition("/")[2], c.shape) for c in leaf_children(node)))
+        return found
 
     def container(node: Node) -> str:
-        return ns.split(node.path + "/x")[0].rpartition("/")[0]
+        found = containers.get(node.path)
+        if found is None:
+            found = containers[node.path] = ns.split(node.path + "/x")[0].rpartition("/")[0]
+        return found
 
     free_sources: dict[tuple, list[Node]] = {}
     for node in s_layers:
