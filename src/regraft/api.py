@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import warnings
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 from regraft.applying import Progress, apply, interrupts_held
 from regraft.errors import LoadError
@@ -15,7 +13,7 @@ from regraft.optimizer_state import with_optimizer
 from regraft.plans import Plan
 from regraft.report import LoadReport
 from regraft.rules import parse_rules
-from regraft.sources import Source, open_source
+from regraft.sources import Source, open_source, without_gc
 from regraft.targets import target_for
 
 __all__ = ["open", "plan", "diff", "load", "convert"]
@@ -34,7 +32,7 @@ def open(path: PathLike, *, allow_outside_state: bool = False) -> Source:  # noq
         >>> with regraft.open("ckpts/run7") as src:          # doctest: +SKIP
         ...     for e in src.entries(): print(e.key, e.shape, e.dtype, e.kind)
     """
-    with _without_gc():
+    with without_gc():
         return open_source(path, allow_outside_state=allow_outside_state)
 
 
@@ -93,7 +91,7 @@ def plan(
         return _with_optimizer(
             _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order),
             model, source, optimizer)
-    with _without_gc():
+    with without_gc():
         opened = open_source(source, allow_outside_state=allow_outside_state)
     with opened:
         return _with_optimizer(
@@ -108,24 +106,10 @@ def _with_optimizer(the_plan: Plan, model: Any, source: Source, optimizer: Any) 
     return with_optimizer(the_plan, optimizer, model.trainable_variables, getattr(source, "config", None))
 
 
-@contextlib.contextmanager
-def _without_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector: planning builds ~10 small objects per variable,
-    none of them cyclic garbage, and at 10,000 variables the collector's repeated full
-    passes over them cost about as much as the planning itself."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _plan(model: Any, source: Source, rules: Rules, rename: Any, allow_missing: Iterable[str],
           allow_unused: Iterable[str], root: str | None, reshape: str = "error", noise: float = 0.0,
           accept_order: bool = False) -> Plan:
-    with _without_gc():
+    with without_gc():
         return _make(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
 
 
@@ -216,7 +200,7 @@ def load(
         >>> print(report.summary())                                    # doctest: +SKIP
         3 loaded, 0 shape-mismatch, 2 missing, 2 unused — 61.0% of parameters from the checkpoint
     """
-    with _without_gc():
+    with without_gc():
         source = open_source(path, allow_outside_state=allow_outside_state)
     with interrupts_held(), source:  # Ctrl-C after the first assignment is held back until load returns
         the_plan = _plan(model, source, rules, rename, allow_missing, allow_unused, root, reshape, noise, accept_order)
@@ -312,10 +296,10 @@ def convert_files(path: PathLike, like: PathLike, out: PathLike, *, rules: Rules
         raise RegraftError("convert cannot use reshape='preserve': function-preserving growth follows the new "
                            "model's layer graph, which a weights file does not record.",
                            hint="Use regraft.load with the new model's code, or reshape='fresh' / 'overlay'.")
-    with _without_gc():
+    with without_gc():
         like_source = open_source(like)
     with like_source:
-        with _without_gc():
+        with without_gc():
             source = open_source(path, allow_outside_state=allow_outside_state)
         with source:
             if source.namespace == like_source.namespace:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import os
 from collections import Counter
-from collections.abc import Iterator
 
 from regraft.cli.output import emit, info, progress_printer
 from regraft.errors import RegraftError
@@ -19,9 +16,9 @@ __all__ = ["inspect", "diff", "plan", "load", "apply", "convert", "demo"]
 
 def inspect(args: argparse.Namespace) -> int:
     """``regraft inspect CKPT``: every tensor's key, shape, dtype and kind, from metadata only."""
-    from regraft.sources import open_source
+    from regraft.sources import open_source, without_gc
 
-    with _gc_paused(), open_source(args.checkpoint, allow_outside_state=args.allow_outside_state) as source:
+    with without_gc(), open_source(args.checkpoint, allow_outside_state=args.allow_outside_state) as source:
         entries = source.entries()
         kinds = Counter(e.kind for e in entries)
         weights = [e for e in entries if e.kind == "weight"]
@@ -56,20 +53,6 @@ def inspect(args: argparse.Namespace) -> int:
         )
         emit(data, text, args.json)
     return 0
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while listing: opening a 10,000-tensor checkpoint
-    builds ~10 small objects a tensor, none of them cyclic garbage, and the collector's
-    repeated passes over them took about a third of the open (as in ``regraft.open``)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _options(args: argparse.Namespace) -> dict:
