@@ -54,6 +54,21 @@ def watch_assignments(monkeypatch, before=None, after=None):
         monkeypatch.setattr(KerasTarget, name, wrapped)
 
 
+def io_error_at(n, first=None):
+    """A ``before`` callback for :func:`watch_assignments`: the ``n``-th assignment raises
+    ``OSError(EIO)`` (after calling ``first()``, if given) instead of running."""
+    started = []
+
+    def before(key):
+        if len(started) == n - 1:
+            if first is not None:
+                first()
+            raise OSError(5, "Input/output error")
+        started.append(key)
+
+    return before
+
+
 def loaded_values(old, model) -> dict[int, np.ndarray]:
     return {id(t): value_of(s) for s, t in zip(old.weights, model.weights)}
 
@@ -187,14 +202,7 @@ def test_io_error_in_the_commit_names_what_was_assigned_and_how_to_recover(saved
     old, path = saved
     model = build("functional", seed=45)
     before = snapshot(model)
-    seen = []
-
-    def fail_fourth(key):
-        if len(seen) == 3:
-            raise OSError(5, "Input/output error")
-        seen.append(key)
-
-    watch_assignments(monkeypatch, before=fail_fourth)
+    watch_assignments(monkeypatch, before=io_error_at(4))
     with pytest.raises(LoadError) as info:
         regraft.load(model, path)
     assert str(info.value) == (
@@ -307,15 +315,7 @@ def test_read_failing_after_the_file_changed_names_both(saved, monkeypatch):
     old, path = saved
     model = build("functional", seed=50)
     data = data_file(path)
-    seen = []
-
-    def change_then_fail(key):
-        if len(seen) == 2:
-            touch(data)
-            raise OSError(5, "Input/output error")
-        seen.append(key)
-
-    watch_assignments(monkeypatch, before=change_then_fail)
+    watch_assignments(monkeypatch, before=io_error_at(3, first=lambda: touch(data)))
     with pytest.raises(LoadError) as info:
         regraft.load(model, path)
     assert str(info.value) == (
@@ -333,14 +333,7 @@ def test_partly_loaded_transformed_variable_asks_for_a_rebuilt_model(tmp_path, m
     old = dense_chain((4, 2))
     new = dense_chain((6, 2))
     path = save_tf(tmp_path / "ckpt", model=old)
-    seen = []
-
-    def fail_third(key):
-        if len(seen) == 2:
-            raise OSError(5, "Input/output error")
-        seen.append(key)
-
-    watch_assignments(monkeypatch, before=fail_third)
+    watch_assignments(monkeypatch, before=io_error_at(3))
     with pytest.raises(LoadError) as info:
         regraft.load(new, path, reshape="overlay")
     assert str(info.value).endswith(

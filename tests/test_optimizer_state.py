@@ -143,6 +143,28 @@ def test_legacy_tf_keras_slot_variables_follow_their_weights(tmp_path):
         assert same_bytes(slots["_velocities"], old_opt.get_slot(a, "v").numpy())
 
 
+MISSING = ("optimizer state missing from the checkpoint (9): optimizer/d{1..2}/bias/{momentums,velocities}, "
+           "optimizer/d{1..2}/kernel/{momentums,velocities}, optimizer/iterations — slots of loaded variables would "
+           "start fresh (")
+
+
+def _slots_refused_then_fresh(path: str, reason: str) -> None:
+    """Strict refuses ``path``'s optimizer state for ``reason``, leaving the model and a stepped Adam
+    unchanged; ``strict=False`` then starts every slot fresh and keeps the step count."""
+    new, opt = _model(), OPTIMIZERS["adam"]()
+    _step(new, opt)
+    before, opt_before = snapshot(new), {id(v): value_of(v) for v in opt.variables}
+    with pytest.raises(regraft.errors.LoadError) as info:
+        regraft.load(new, path, optimizer=opt)
+    assert info.value.problems == [f"{MISSING}{reason})"]
+    assert_state(new, before)
+    assert all(same_bytes(opt_before[id(v)], value_of(v)) for v in opt.variables)
+    report = regraft.load(new, path, optimizer=opt, strict=False)
+    assert _iterations(opt) == 1  # kept: nothing in the checkpoint is taken for the step count
+    assert "optimizer: 8 fresh, 1 kept" in report.summary()
+    assert all(not s.any() for v in new.trainable_variables for s in _slots(opt, v).values())
+
+
 @pytest.mark.parametrize("fmt", ["tf", "h5"])
 def test_a_checkpoint_without_optimizer_state_is_a_strict_problem(tmp_path, fmt):
     model = _model()
@@ -153,22 +175,7 @@ def test_a_checkpoint_without_optimizer_state_is_a_strict_problem(tmp_path, fmt)
     else:  # an uncompiled model's .weights.h5 holds no optimizer
         prefix = str(tmp_path / "weights_only.weights.h5")
         model.save_weights(prefix)
-    new, opt = _model(), OPTIMIZERS["adam"]()
-    _step(new, opt)
-    before, opt_before = snapshot(new), {id(v): value_of(v) for v in opt.variables}
-    with pytest.raises(regraft.errors.LoadError) as info:
-        regraft.load(new, prefix, optimizer=opt)
-    assert info.value.problems == [
-        "optimizer state missing from the checkpoint (9): optimizer/d{1..2}/bias/{momentums,velocities}, "
-        "optimizer/d{1..2}/kernel/{momentums,velocities}, optimizer/iterations — slots of loaded variables would "
-        "start fresh (a checkpoint without the optimizer, or slots that do not record their variable)"
-    ]
-    assert_state(new, before)
-    assert all(same_bytes(opt_before[id(v)], value_of(v)) for v in opt.variables)
-    report = regraft.load(new, prefix, optimizer=opt, strict=False)
-    assert _iterations(opt) == 1  # kept: the checkpoint has no step count
-    assert "optimizer: 8 fresh, 1 kept" in report.summary()
-    assert all(not s.any() for v in new.trainable_variables for s in _slots(opt, v).values())
+    _slots_refused_then_fresh(prefix, "a checkpoint without the optimizer, or slots that do not record their variable")
 
 
 def test_widened_gradients_scale_as_derived_and_slots_follow(tmp_path):
@@ -401,22 +408,8 @@ def test_keras_archive_whose_optimizer_was_built_for_other_variables_is_refused(
     old.compile(optimizer=old_opt, loss="mse")
     path = str(tmp_path / "frozen.keras")
     old.save(path)
-    new, opt = _model(), OPTIMIZERS["adam"]()
-    _step(new, opt)
-    before, opt_before = snapshot(new), {id(v): value_of(v) for v in opt.variables}
-    with pytest.raises(regraft.errors.LoadError) as info:
-        regraft.load(new, path, optimizer=opt)
-    assert info.value.problems == [
-        "optimizer state missing from the checkpoint (9): optimizer/d{1..2}/bias/{momentums,velocities}, "
-        "optimizer/d{1..2}/kernel/{momentums,velocities}, optimizer/iterations — slots of loaded variables would "
-        f"start fresh ({path} holds 10 optimizer variables; the Adam its config names, built for the model it "
-        "describes, has 6)"
-    ]
-    assert_state(new, before)
-    assert all(same_bytes(opt_before[id(v)], value_of(v)) for v in opt.variables)
-    report = regraft.load(new, path, optimizer=opt, strict=False)
-    assert "optimizer: 8 fresh, 1 kept" in report.summary() and _iterations(opt) == 1
-    assert all(not s.any() for v in new.trainable_variables for s in _slots(opt, v).values())
+    _slots_refused_then_fresh(
+        path, f"{path} holds 10 optimizer variables; the Adam its config names, built for the model it describes, has 6")
 
 
 def test_keras_archive_whose_optimizer_keras_cannot_rebuild_is_refused(tmp_path):
@@ -442,9 +435,7 @@ def test_keras_archive_whose_optimizer_keras_cannot_rebuild_is_refused(tmp_path)
         regraft.load(new, path, optimizer=opt)
     [problem] = info.value.problems
     assert problem.startswith(
-        "optimizer state missing from the checkpoint (9): optimizer/d{1..2}/bias/{momentums,velocities}, "
-        "optimizer/d{1..2}/kernel/{momentums,velocities}, optimizer/iterations — slots of loaded variables would "
-        f"start fresh (Cannot rebuild the model and optimizer of {path} from its config: Keras raised ValueError: ")
+        f"{MISSING}Cannot rebuild the model and optimizer of {path} from its config: Keras raised ValueError: ")
     assert "NoSuchOptimizer" in problem
     assert_state(new, before)
     report = regraft.load(new, path, optimizer=opt, strict=False)  # the weights still load
