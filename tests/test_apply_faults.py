@@ -359,6 +359,7 @@ STRESS = textwrap.dedent(
     want = [value_of(v) for v in old.weights]
     rng = random.Random(7)
     counts = {{"interrupted": 0, "finished": 0, "bad": 0}}
+    bad = []
     warnings.simplefilter("ignore")
     for trial in range({trials}):
         randomize(model, 1000 + trial)
@@ -377,9 +378,17 @@ STRESS = textwrap.dedent(
         except KeyboardInterrupt:
             pass  # fired after the load returned: not the load's business
         now = [value_of(v) for v in model.weights]
-        expected = want if outcome == "finished" else before
-        ok = all(same_bytes(a, b) for a, b in zip(now, expected))
+        as_loaded = sum(same_bytes(a, b) for a, b in zip(now, want))
+        as_before = sum(same_bytes(a, b) for a, b in zip(now, before))
+        whole = len(now)
+        # A load that returned holds the checkpoint. An interrupted one holds the old values,
+        # or all of the checkpoint when Ctrl-C surfaced after the load's last assignment (in
+        # the bytecodes between regraft's handler being put back and this frame): never a mix.
+        ok = as_loaded == whole if outcome == "finished" else whole in (as_loaded, as_before)
         counts[outcome if ok else "bad"] += 1
+        if not ok:
+            bad.append((trial, outcome, as_loaded, as_before, whole))
+    print("bad trials (trial, outcome, as loaded, as before, variables):", bad)
     print(counts)
     """
 )
@@ -394,7 +403,7 @@ def test_random_ctrl_c_during_loads_in_a_child_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     counts = eval(done.stdout.strip().splitlines()[-1])
-    assert counts["bad"] == 0, counts
+    assert counts["bad"] == 0, done.stdout[-3000:]
     assert counts["interrupted"] + counts["finished"] == 60
 
 
