@@ -30,6 +30,8 @@ visited set, so damaged bytes cannot make it loop or allocate more than the imag
 
 from __future__ import annotations
 
+import functools
+import operator
 import struct
 from typing import Any
 
@@ -59,6 +61,7 @@ _tree = struct.Struct("<4sBBHQQ").unpack_from  # signature, node type, level, en
 _entry = struct.Struct("<QQI4xQQ").unpack_from  # name offset, header address, cache type, scratch
 _block = struct.Struct("<QQ").unpack_from  # address and length (a continuation block, a symbol table)
 _layout = struct.Struct("<BBQQ").unpack_from  # version, class, address, size (contiguous)
+_snod = struct.Struct("<4sBxH").unpack_from  # signature, version, number of symbols
 _heap = struct.Struct("<4sB3xQQQ").unpack_from  # signature, version, data size, free list, data address
 
 
@@ -140,6 +143,7 @@ class _Reader:
         self.heaps: dict[int, bytes] = {}  # local heap address -> its data segment
         self.types: dict[bytes, np.dtype] = {}  # encoded datatype -> numpy dtype
         self.objects: dict[str, Group | Dataset] = {}  # every path -> its object
+        self.templates: dict[tuple, list[_Template]] = {}  # header prefix -> layouts of headers read before
 
     def tree(self) -> tuple[Group, dict[str, Group | Dataset]]:
         image = self.image
@@ -170,15 +174,26 @@ class _Reader:
               messages: dict[int, list[tuple[int, int]]] | None = None) -> Group:
         if depth > _MAX_DEPTH:
             raise NotHandled("groups nested too deep")
-        if messages is None:
-            messages = self.messages(header)
-        table = messages.get(_SYMBOL_TABLE)
-        if table is None or len(table) != 1 or table[0][1] < 16 or not _GROUP.issuperset(messages):
-            raise NotHandled(f"group '/{path}' is not a plain symbol-table group")
-        tree_address, heap_address = _block(self.image, table[0][0])
+        found = self.quick(header) if messages is None else None
+        if found is not None and found[0].kind == _SYMBOL_TABLE:
+            template, values = found
+            tree_address, heap_address = values[template.fields[0]], values[template.fields[1]]
+            attributes: dict[str, Attribute] = {}
+        else:
+            if messages is None:
+                messages = self.messages(header)
+            table = messages.get(_SYMBOL_TABLE)
+            if table is None or len(table) != 1 or table[0][1] < 16 or not _GROUP.issuperset(messages):
+                raise NotHandled(f"group '/{path}' is not a plain symbol-table group")
+            tree_address, heap_address = _block(self.image, table[0][0])
+            if _ATTRIBUTE in messages:
+                attributes = self.attributes(messages)
+            else:
+                attributes = {}
+                self.learn(header, messages)
         if cache == 1 and (btree, heap) != (tree_address, heap_address):
             raise NotHandled(f"group '/{path}': cached symbol table differs from its header's")
-        group = Group(path, self.attributes(messages) if _ATTRIBUTE in messages else {})
+        group = Group(path, attributes)
         prefix = path + "/" if path else ""
         members, objects = group.members, self.objects
         for name, (child, child_cache, child_btree, child_heap) in self.symbols(tree_address, self.local_heap(heap_address)):
@@ -192,10 +207,128 @@ class _Reader:
 
     def object(self, path: str, header: int, depth: int) -> Group | Dataset:
         """An object named by a symbol table entry without a cached group: a dataset, or a group after all."""
+        found = self.quick(header)
+        if found is not None:
+            template, values = found
+            if template.kind == _SYMBOL_TABLE:
+                return self.group(path, header, 1, values[template.fields[0]], values[template.fields[1]], depth)
+            return self.quick_dataset(path, template, values)
         messages = self.messages(header)
         if _SYMBOL_TABLE in messages:
             return self.group(path, header, 0, 0, 0, depth, messages)
-        return self.dataset(path, messages)
+        dataset = self.dataset(path, messages)
+        if dataset.offset is not None and not dataset.attributes:
+            self.learn(header, messages)
+        return dataset
+
+    # ------------------------------------------------------------------------ headers seen before
+
+    def quick(self, header: int) -> tuple[_Template, tuple] | None:
+        """The header's fields, when it is laid out like a header read before (same prefix, same
+        message types, sizes and flags at the same places, same constant fields); else ``None``."""
+        image = self.image
+        templates = self.templates.get(_header_v1(image, header))
+        if templates:
+            for template in templates:
+                try:
+                    values = template.unpack(image, header + 16)
+                except struct.error:
+                    return None
+                if template.constants(values) == template.expected:
+                    if header in self.seen:
+                        raise NotHandled(f"object header at byte {header} reached twice")
+                    self.seen.add(header)
+                    return template, values
+        return None
+
+    def learn(self, header: int, messages: dict[int, list[tuple[int, int]]]) -> None:
+        """Keep the layout of a header just read whole, for :meth:`quick`: a plain group or a contiguous dataset.
+
+        Every constant field (message headers, versions, flags, rank, fill value) must
+        then match exactly, so that a header read quickly passed the same checks.
+        """
+        prefix = _header_v1(self.image, header)
+        if sum(len(found) for found in messages.values()) != prefix[2] or _ATTRIBUTE in messages:
+            return  # a continuation block, or attributes
+        known = self.templates.setdefault(prefix, [])
+        if len(known) >= 8:
+            return
+        image, at = self.image, header + 16
+        items = sorted((start, kind, body) for kind, found in messages.items() for start, body in found)
+        fmt, expected, constants, fields = ["<"], [], [], {}
+        count = 0
+
+        def add(code: str, n: int, constant: bool) -> list[int]:
+            nonlocal count
+            fmt.append(code)
+            indices = list(range(count, count + n))
+            count += n
+            if constant:
+                constants.extend(indices)
+            return indices
+
+        kind_of = _DATASPACE
+        for start, kind, body in items:
+            if start != at + 8:
+                return
+            add("HHB3x", 3, True)
+            expected.extend(_message_v1(image, at))
+            if kind == _DATASPACE:
+                version, rank, flags = image[start], image[start + 1], image[start + 2]
+                head = 8 if version == 1 else 4
+                used = head + 8 * rank * (1 + (flags & 1))
+                add("BBBB" + "x" * (head - 4), 4, True)
+                expected.extend(image[start : start + 4])
+                fields["dims"] = add(f"{rank}Q", rank, False)
+                fields["maximum"] = add(f"{rank}Q", rank, False) if flags & 1 else []
+                fmt.append(f"{body - used}x")
+            elif kind == _DATATYPE:
+                fields["type"] = add(f"{body}s", 1, False)
+            elif kind == _FILL:
+                add(f"{body}s", 1, True)
+                expected.append(bytes(image[start : start + body]))
+            elif kind == _LAYOUT:
+                add("BB", 2, True)
+                expected.extend(image[start : start + 2])
+                fields["layout"] = add("QQ", 2, False)
+                fmt.append(f"{body - 18}x")
+            elif kind == _SYMBOL_TABLE:
+                kind_of = _SYMBOL_TABLE
+                fields["table"] = add("QQ", 2, False)
+                fmt.append(f"{body - 16}x")
+            elif kind == _NIL:
+                fmt.append(f"{body}x")
+            else:
+                return
+            at = start + body
+        if kind_of == _SYMBOL_TABLE:
+            if set(fields) != {"table"}:
+                return
+            order = fields["table"]
+        elif set(fields) == {"dims", "maximum", "type", "layout"}:
+            dims, maximum = fields["dims"], fields["maximum"]
+            order = [slice(dims[0], dims[0] + len(dims)) if dims else slice(0, 0),
+                     slice(maximum[0], maximum[0] + len(maximum)) if maximum else None, fields["type"], fields["layout"]]
+        else:
+            return
+        known.append(_Template(kind_of, struct.Struct("".join(fmt)).unpack_from, constants, expected, order))
+
+    def quick_dataset(self, path: str, template: _Template, values: tuple) -> Dataset:
+        dims, maximum, kind, (offset, size) = template.fields
+        shape = values[dims]
+        if maximum is not None and values[maximum] != shape:
+            raise NotHandled("dataspace with maximum dimensions")
+        encoded = values[kind[0]]
+        dtype = self.types.get(encoded)
+        if dtype is None:
+            dtype = self.types[encoded] = _numeric_type(encoded)
+        offset, size = values[offset], values[size]
+        declared = dtype.itemsize
+        for d in shape:
+            declared *= d
+        if offset == _UNDEFINED or size != declared or offset > self.size or size > self.size - offset:
+            raise NotHandled(f"'/{path}': contiguous storage not allocated or not the declared size")
+        return Dataset(path, shape, dtype, offset, size, None, {})
 
     def local_heap(self, address: int) -> bytes:
         """A local heap's data segment, where a group's member names are."""
@@ -225,6 +358,16 @@ class _Reader:
         here is one h5py would also find.
         """
         image, out = self.image, []
+        signature, kind, level, used, _, _ = _tree(image, address)
+        if signature == b"TREE" and not kind and not level and used == 1 and address not in self.seen:
+            # The common case, a group of up to 2K members: one leaf over one symbol table node.
+            self.seen.add(address)
+            low, child, high = _quads(3)(image, address + 24)
+            low, high = _name(heap, low), _name(heap, high)
+            names = self.symbol_node(child, heap, out)
+            if names[0] <= low or names[-1] > high:
+                raise NotHandled(f"symbol table node at byte {child}: names outside its B-tree keys")
+            return [(name.decode("utf-8"), entry) for name, entry in out]
         pending = [(address, None, None, -1)]  # node, its parent's keys around it (None: no bound), expected level
         while pending:
             node, low, high, level = pending.pop()
@@ -233,8 +376,9 @@ class _Reader:
             if signature != b"TREE" or kind or (level >= 0 and node_level != level) or used > 2 * self.node_k \
                     or (not used and (level >= 0 or node_level)):  # only an empty group's root node is empty
                 raise NotHandled(f"B-tree node at byte {node}")
-            keys = [_name(heap, _u64(image, node + 24 + 16 * i)[0]) for i in range(used + 1)]
-            children = [_u64(image, node + 32 + 16 * i)[0] for i in range(used)]
+            fields = _quads(2 * used + 1)(image, node + 24)  # key, child, key, ..., key
+            keys = [_name(heap, offset) for offset in fields[0::2]]
+            children = fields[1::2]
             if (low is not None and keys[0] != low) or (high is not None and keys[-1] != high):
                 raise NotHandled(f"B-tree node at byte {node}: its keys differ from its parent's")
             if any(a >= b for a, b in zip(keys, keys[1:])):
@@ -247,25 +391,26 @@ class _Reader:
                 names = self.symbol_node(child, heap, out)
                 if names[0] <= keys[i] or names[-1] > keys[i + 1]:
                     raise NotHandled(f"symbol table node at byte {child}: names outside its B-tree keys")
-        for (a, _), (b, _) in zip(out, out[1:]):
-            if a >= b:
-                raise NotHandled("group members out of name order")
+        # Each node's names are in order, within keys in order: so are all names.
         return [(name.decode("utf-8"), entry) for name, entry in out]
 
     def symbol_node(self, address: int, local_heap: bytes, out: list) -> list[bytes]:
         image = self.image
         self.claim(address, "symbol table node")
-        signature, version, count = struct.unpack_from("<4sBxH", image, address)
+        signature, version, count = _snod(image, address)
         if signature != b"SNOD" or version != 1 or not 0 < count <= 2 * self.leaf_k:
             raise NotHandled(f"symbol table node at byte {address}")
+        fields = _entries(count)(image, address + 8)
         names = []
-        for i in range(count):
-            name_offset, header, cache, btree, heap = _entry(image, address + 8 + 40 * i)
-            if cache not in (0, 1):
+        for i in range(0, 5 * count, 5):
+            name_offset, header, cache, btree, heap = fields[i : i + 5]
+            if cache > 1:
                 raise NotHandled("a soft link")  # cache type 2; external links need link messages
             name = _name(local_heap, name_offset)
             if not name or b"/" in name or name in (b".", b".."):
                 raise NotHandled("an empty or unusual link name")
+            if names and name <= names[-1]:
+                raise NotHandled(f"symbol table node at byte {address}: names out of order")
             names.append(name)
             out.append((name, (header, cache, btree, heap)))
         return names
@@ -414,6 +559,29 @@ class _Reader:
             raise NotHandled(f"'/{path}': chunked or virtual storage")
         attributes = self.attributes(messages) if _ATTRIBUTE in messages else {}
         return Dataset(path, shape, dtype, offset, size, compact, attributes)
+
+
+@functools.lru_cache(maxsize=None)
+def _quads(n: int) -> Any:
+    """Unpacks ``n`` little-endian 8-byte numbers (a B-tree node's keys and children)."""
+    return struct.Struct(f"<{n}Q").unpack_from
+
+
+@functools.lru_cache(maxsize=None)
+def _entries(n: int) -> Any:
+    """Unpacks ``n`` symbol table entries: name offset, header address, cache type, B-tree and heap addresses."""
+    return struct.Struct("<" + "QQI4xQQ" * n).unpack_from
+
+
+class _Template:
+    """The layout of an object header: how to unpack it, which fields must equal ``expected``, where the rest are."""
+
+    __slots__ = ("kind", "unpack", "constants", "expected", "fields")
+
+    def __init__(self, kind: int, unpack: Any, constants: list[int], expected: list, fields: list) -> None:
+        self.kind, self.unpack, self.fields = kind, unpack, fields
+        self.constants = operator.itemgetter(*constants)
+        self.expected = tuple(expected) if len(constants) > 1 else expected[0]
 
 
 def _fill_value(image: Any, at: int, body: int) -> None:
