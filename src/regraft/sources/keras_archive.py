@@ -3,10 +3,11 @@
 ``model.save("x.keras")`` writes a zip holding ``metadata.json``, ``config.json``
 and ``model.weights.h5`` (checked with Keras 3.15: members are *stored*, not
 compressed). The weights member has the layout of a ``.weights.h5`` file, so this
-is :class:`~regraft.sources.keras_h5.KerasH5` reading the member through a
-file object over the member's bytes in the archive: h5py reads only the bytes
-it needs, and nothing is extracted. A compressed member (an archive zipped again
-by another tool) is copied once into an unnamed temporary file, since h5py seeks
+is :class:`~regraft.sources.keras_h5.KerasH5` reading the member in place: its
+fast reader maps the zip and reads the image at the member's offset, and h5py
+(for files outside that reader's subset) reads through a file object over the
+member's bytes; nothing is extracted. A compressed member (an archive zipped again
+by another tool) is copied once into an unnamed temporary file, since both seek
 back and forth (``bench/bench_formats.py`` measures both).
 """
 

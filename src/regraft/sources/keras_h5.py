@@ -24,6 +24,12 @@ matching and applying is numbers of a known size stored in this file:
 * before the first variable-length string is decoded, the HDF5 global heap
   that holds such strings is walked with a bound: HDF5 loops forever, holding
   the GIL, on a heap object whose size is damaged to 0.
+
+Those checks are h5py's path. A file within what h5py writes by default (every
+Keras file) is first read by :mod:`regraft.sources._hdf5`, in pure Python and
+without h5py, about ten times faster; that reader only declines, never refuses,
+and a file it declines, or whose entries it cannot build without a refusal, is
+opened again through h5py, so the user sees the h5py path's message.
 """
 
 from __future__ import annotations
