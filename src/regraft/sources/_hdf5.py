@@ -61,6 +61,7 @@ _tree = struct.Struct("<4sBBHQQ").unpack_from  # signature, node type, level, en
 _entry = struct.Struct("<QQI4xQQ").unpack_from  # name offset, header address, cache type, scratch
 _block = struct.Struct("<QQ").unpack_from  # address and length (a continuation block, a symbol table)
 _layout = struct.Struct("<BBQQ").unpack_from  # version, class, address, size (contiguous)
+_attribute_head = struct.Struct("<BBHHH").unpack_from  # version, flags, name, datatype and dataspace sizes
 _snod = struct.Struct("<4sBxH").unpack_from  # signature, version, number of symbols
 _heap = struct.Struct("<4sB3xQQQ").unpack_from  # signature, version, data size, free list, data address
 
@@ -144,6 +145,7 @@ class _Reader:
         self.types: dict[bytes, np.dtype] = {}  # encoded datatype -> numpy dtype
         self.objects: dict[str, Group | Dataset] = {}  # every path -> its object
         self.templates: dict[tuple, list[_Template]] = {}  # header prefix -> layouts of headers read before
+        self.attribute_heads: dict[bytes, tuple] = {}  # an attribute message up to its value -> what it says
 
     def tree(self) -> tuple[Group, dict[str, Group | Dataset]]:
         image = self.image
@@ -395,24 +397,27 @@ class _Reader:
         return [(name.decode("utf-8"), entry) for name, entry in out]
 
     def symbol_node(self, address: int, local_heap: bytes, out: list) -> list[bytes]:
-        image = self.image
-        self.claim(address, "symbol table node")
+        """Append a symbol table node's entries to ``out`` as ``(name, (header, cache type, B-tree, heap))``; its names."""
+        image, seen = self.image, self.seen
+        if address in seen:
+            raise NotHandled(f"symbol table node at byte {address} reached twice")
+        seen.add(address)
         signature, version, count = _snod(image, address)
         if signature != b"SNOD" or version != 1 or not 0 < count <= 2 * self.leaf_k:
             raise NotHandled(f"symbol table node at byte {address}")
-        fields = _entries(count)(image, address + 8)
-        names = []
-        for i in range(0, 5 * count, 5):
-            name_offset, header, cache, btree, heap = fields[i : i + 5]
-            if cache > 1:
-                raise NotHandled("a soft link")  # cache type 2; external links need link messages
-            name = _name(local_heap, name_offset)
-            if not name or b"/" in name or name in (b".", b".."):
-                raise NotHandled("an empty or unusual link name")
-            if names and name <= names[-1]:
-                raise NotHandled(f"symbol table node at byte {address}: names out of order")
+        fields = iter(_entries(count)(image, address + 8))
+        names: list[bytes] = []
+        last, heap_size, find = b"", len(local_heap), local_heap.find
+        for name_offset, header, cache, btree, heap in zip(fields, fields, fields, fields, fields):
+            end = find(b"\0", name_offset)
+            if cache > 1 or end <= name_offset or name_offset >= heap_size:
+                raise NotHandled("a soft link, or an empty name or one outside its local heap")  # cache type 2: soft
+            name = local_heap[name_offset:end]
+            if name <= last or b"/" in name or name == b"." or name == b"..":
+                raise NotHandled(f"symbol table node at byte {address}: names out of order or unusual")
             names.append(name)
             out.append((name, (header, cache, btree, heap)))
+            last = name
         return names
 
     # --------------------------------------------------------------------------- object headers
@@ -461,43 +466,45 @@ class _Reader:
         image = self.image
         for at, body in messages.get(_ATTRIBUTE, ()):
             end = at + body
-            version, flags, name_size, type_size, space_size = struct.unpack_from("<BBHHH", image, at)
+            version, flags, name_size, type_size, space_size = _attribute_head(image, at)
             if version == 1:
-                at += 8
-                sizes = [_pad8(name_size), _pad8(type_size), _pad8(space_size)]
-            elif version in (2, 3):
-                if flags:
-                    raise NotHandled("attribute with a shared type or dataspace")
-                at += 8 if version == 2 else 9
-                sizes = [name_size, type_size, space_size]
+                sizes = (8, _pad8(name_size), _pad8(type_size), _pad8(space_size))
+            elif version in (2, 3) and not flags:  # flags: a shared type or dataspace
+                sizes = (8 if version == 2 else 9, name_size, type_size, space_size)
             else:
-                raise NotHandled(f"attribute message version {version}")
-            if not name_size:
-                raise NotHandled("attribute without a name")
-            raw_name = bytes(image[at : at + name_size - 1])
-            if len(raw_name) != name_size - 1 or b"\0" in raw_name or image[at + name_size - 1] != 0:
-                raise NotHandled("attribute name")
-            at += sizes[0]
-            datatype = bytes(image[at : at + type_size])
-            at += sizes[1]
-            if at + space_size > end:
-                raise NotHandled("attribute dataspace past the end of its message")
-            shape = self.dataspace(at, space_size)
-            at += sizes[2]
-            name = raw_name.decode("utf-8")
+                raise NotHandled(f"attribute message version {version} or flags {flags}")
+            head = sum(sizes)
+            if head > body:
+                raise NotHandled("attribute past the end of its message")
+            encoded = bytes(image[at : at + head])
+            decoded = self.attribute_heads.get(encoded)  # Keras writes the same name and type many times
+            if decoded is None:
+                decoded = self.attribute_heads[encoded] = self.attribute_head(encoded, sizes, name_size, type_size, space_size)
+            name, datatype, shape, size = decoded
             if name in out:
                 raise NotHandled(f"attribute '{name}' twice")
-            if len(datatype) != type_size or type_size < 8:
-                raise NotHandled("attribute datatype")
-            item = _u32(datatype, 4)[0]
-            count = 0 if shape is None else _count(shape)
-            if count * item > self.size:
-                raise NotHandled("attribute larger than the image")
-            data = bytes(image[at : at + count * item])
-            if len(data) != count * item or at + len(data) > end:
+            if size > end - at - head:
                 raise NotHandled("attribute value past the end of its message")
-            out[name] = Attribute(datatype, shape, data)
+            out[name] = Attribute(datatype, shape, bytes(image[at + head : at + head + size]))
         return out
+
+    def attribute_head(self, encoded: bytes, sizes: tuple[int, ...], name_size: int, type_size: int,
+                       space_size: int) -> tuple[str, bytes, tuple[int, ...] | None, int]:
+        """An attribute message's name, encoded datatype, shape and value size, from the bytes before its value."""
+        at = sizes[0]
+        if not name_size or encoded[at + name_size - 1] != 0 or b"\0" in encoded[at : at + name_size - 1]:
+            raise NotHandled("attribute name")
+        name = encoded[at : at + name_size - 1].decode("utf-8")
+        at += sizes[1]
+        datatype = encoded[at : at + type_size]
+        if type_size < 8:
+            raise NotHandled("attribute datatype")
+        at += sizes[2]
+        shape = _Reader(encoded).dataspace(at, space_size)
+        size = _u32(datatype, 4)[0] * (0 if shape is None else _count(shape))
+        if size > self.size:
+            raise NotHandled("attribute larger than the image")
+        return name, datatype, shape, size
 
     def dataspace(self, at: int, length: int) -> tuple[int, ...] | None:
         """A shape; ``None`` for a null dataspace."""

@@ -54,6 +54,7 @@ __all__ = ["KerasH5", "keras2_key"]
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _VAR = re.compile(r"(^|/)vars/\d+$")
+_COUNTER = re.compile(r"_\d+$")  # Keras' suffix for the n-th layer of a class in a list: dense_1
 _NUMERIC = "biufc"
 _MAX_BYTES = np.iinfo(np.intp).max  # numpy cannot hold a larger array
 _MAX_EXPANSION = 2048  # a compressed dataset may decode to at most this many times its stored bytes (deflate: 1032)
@@ -105,7 +106,7 @@ class KerasH5(Source):
         self._heaps_checked = False
         self._extents: dict[str, tuple[int, int] | None] = {}  # dataset path -> its contiguous bytes, once looked up
 
-    def _entries(self, path: str) -> list[SourceEntry]:
+    def _build_entries(self, path: str) -> list[SourceEntry]:
         """Every entry, from the objects of the open file (h5py's or the fast reader's); refuses what Keras does not write."""
         names = self._names
         layer_names = self._attribute_names(self._root, "/", "layer_names")
@@ -140,7 +141,7 @@ class KerasH5(Source):
                     self._view, self._size = view, size
                     root, objects = _hdf5.read_tree(view)
                     self._root, self._objects, self._names = root, objects, set(objects)
-                    entries = self._entries(path)
+                    entries = self._build_entries(path)
                     self._view = None
         except Exception:  # noqa: BLE001 - declined, damaged or not Keras: the h5py path decides and says why
             self._view = None
@@ -180,7 +181,7 @@ class KerasH5(Source):
                 self._names = self._hard_links()
             with self._reading("the root group"):
                 self._root = self._file["/"].id
-            return self._entries(path)
+            return self._build_entries(path)
         except BaseException:
             self._file.close()
             raise
@@ -675,15 +676,13 @@ class KerasH5(Source):
         out = []
         root = self._base()
         found: list[tuple[str, tuple[int, ...], str]] = []
-        objects = self._objects if self._file is None else None  # the fast reader's, by path
-        for name in sorted(names):
+        if self._file is None:  # the fast reader's datasets, by path (their order does not matter: sorted below)
+            for name, oid in self._objects.items():
+                if isinstance(oid, _hdf5.Dataset) and _VAR.search(name):
+                    self._datasets[name] = oid
+                    found.append((name, *self._describe(oid, "/" + name)))
+        for name in sorted(names) if self._file is not None else ():
             if _VAR.search(name):
-                if objects is not None:
-                    oid = objects[name]
-                    if isinstance(oid, _hdf5.Dataset):
-                        self._datasets[name] = oid
-                        found.append((name, *self._describe(oid, "/" + name)))
-                    continue
                 # The low-level handle gives shape and dtype 4x faster than file[name].
                 oid = self._open(root, name, "/" + name)
                 if self._is_dataset(oid):
@@ -697,7 +696,7 @@ class KerasH5(Source):
                 raise self._refuse("/" + name, "is a dataset where Keras writes the group of a layer's variables")
             layer_name = self._layer_name(oid, "/" + name)
             parent, _, segment = layer.rpartition("/")
-            kind = re.sub(r"_\d+$", "", segment) if parent.rpartition("/")[2] == "layers" else None
+            kind = _COUNTER.sub("", segment) if parent.rpartition("/")[2] == "layers" else None
             self._layers[layer] = (layer_name, kind)
         for name, shape, dtype in found:
             layer, marker, index = name.rpartition("/vars/")
