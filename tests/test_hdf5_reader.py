@@ -186,7 +186,7 @@ def _copy_with_h5py(source: str, target: str, **kwargs) -> None:
             if isinstance(obj, h5py.Group):
                 dst.require_group(name).attrs.update(obj.attrs)
             else:
-                dst.create_dataset(name, data=obj[()], **kwargs.get("dataset", {}))
+                dst.create_dataset(name, data=obj[()])
         src.visititems(copy)
 
 
