@@ -12,7 +12,7 @@ Specification (version 2/3 of the document) that h5py writes with its default
   (``SNOD``), names in a local heap (``HEAP``);
 * version-1 object headers and their continuation blocks, holding the messages
   dataspace, datatype, fill value (old and new), data layout (version 3 or 4,
-  contiguous or compact), modification time, symbol table and attribute (versions 1-3);
+  contiguous or compact), symbol table and attribute (versions 1-3);
 * datatypes: fixed-point (1, 2, 4, 8 bytes), IEEE floating point (2, 4, 8 bytes),
   opaque (Keras' bfloat16), and, for attributes only, fixed-length and
   variable-length strings, the latter read from global heap collections (``GCOL``).
@@ -43,14 +43,15 @@ _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _SUPERBLOCK_0 = bytes([0, 0, 0, 0, 0, 8, 8, 0])
 _UCHAR = bytes.fromhex("100000000100000000000800")  # the base type of a variable-length string: 1-byte unsigned
 _UNDEFINED = 0xFFFF_FFFF_FFFF_FFFF
+_SUPERBLOCK_END = 96  # a version-0 superblock with 8-byte offsets and its root group entry
 _MAX_DEPTH = 64  # group nesting; Keras nests a dozen levels at most
 
 # Object header message types (specification IV.A.2).
 _NIL, _DATASPACE, _DATATYPE, _FILL_OLD, _FILL, _LAYOUT = 0x0, 0x1, 0x3, 0x4, 0x5, 0x8
-_MTIME_OLD, _ATTRIBUTE, _CONTINUATION, _SYMBOL_TABLE, _MTIME = 0xE, 0xC, 0x10, 0x11, 0x12
-_IGNORED = frozenset({_NIL, _FILL_OLD, _MTIME_OLD, _MTIME})
-_DATASET = _IGNORED | {_DATASPACE, _DATATYPE, _FILL, _LAYOUT, _ATTRIBUTE}  # messages a plain dataset may hold
-_GROUP = _IGNORED | {_SYMBOL_TABLE, _ATTRIBUTE}
+_ATTRIBUTE, _CONTINUATION, _SYMBOL_TABLE = 0xC, 0x10, 0x11
+_IGNORED = frozenset({_NIL, _FILL_OLD})  # a modification time is declined: HDF5 checks its format when listing
+_DATASET = _IGNORED | {_DATASPACE, _DATATYPE, _FILL, _LAYOUT, _ATTRIBUTE, _CONTINUATION}  # messages a plain dataset may hold
+_GROUP = _IGNORED | {_SYMBOL_TABLE, _ATTRIBUTE, _CONTINUATION}
 
 _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
@@ -173,14 +174,16 @@ class _Reader:
     # -------------------------------------------------------------------------------------- groups
 
     def group(self, path: str, header: int, cache: int, btree: int, heap: int, depth: int = 0,
-              messages: dict[int, list[tuple[int, int]]] | None = None) -> Group:
+              messages: dict[int, list[tuple[int, int]]] | None = None, found: tuple | None = None) -> Group:
+        """The group whose header is at ``header`` (already read as ``messages`` or ``found``, or not yet)."""
         if depth > _MAX_DEPTH:
             raise NotHandled("groups nested too deep")
-        found = self.quick(header) if messages is None else None
+        if found is None and messages is None:
+            found = self.quick(header)
         if found is not None and found[0].kind == _SYMBOL_TABLE:
             template, values = found
             tree_address, heap_address = values[template.fields[0]], values[template.fields[1]]
-            attributes: dict[str, Attribute] = {}
+            attributes = template.attributes_of(values)
         else:
             if messages is None:
                 messages = self.messages(header)
@@ -188,11 +191,8 @@ class _Reader:
             if table is None or len(table) != 1 or table[0][1] < 16 or not _GROUP.issuperset(messages):
                 raise NotHandled(f"group '/{path}' is not a plain symbol-table group")
             tree_address, heap_address = _block(self.image, table[0][0])
-            if _ATTRIBUTE in messages:
-                attributes = self.attributes(messages)
-            else:
-                attributes = {}
-                self.learn(header, messages)
+            attributes = self.attributes(messages) if _ATTRIBUTE in messages else {}
+            self.learn(header, messages)
         if cache == 1 and (btree, heap) != (tree_address, heap_address):
             raise NotHandled(f"group '/{path}': cached symbol table differs from its header's")
         group = Group(path, attributes)
@@ -213,13 +213,13 @@ class _Reader:
         if found is not None:
             template, values = found
             if template.kind == _SYMBOL_TABLE:
-                return self.group(path, header, 1, values[template.fields[0]], values[template.fields[1]], depth)
+                return self.group(path, header, 0, 0, 0, depth, found=found)
             return self.quick_dataset(path, template, values)
         messages = self.messages(header)
         if _SYMBOL_TABLE in messages:
             return self.group(path, header, 0, 0, 0, depth, messages)
         dataset = self.dataset(path, messages)
-        if dataset.offset is not None and not dataset.attributes:
+        if dataset.offset is not None:
             self.learn(header, messages)
         return dataset
 
@@ -228,7 +228,7 @@ class _Reader:
     def quick(self, header: int) -> tuple[_Template, tuple] | None:
         """The header's fields, when it is laid out like a header read before (same prefix, same
         message types, sizes and flags at the same places, same constant fields); else ``None``."""
-        image = self.image
+        image, seen = self.image, self.seen
         templates = self.templates.get(_header_v1(image, header))
         if templates:
             for template in templates:
@@ -236,84 +236,62 @@ class _Reader:
                     values = template.unpack(image, header + 16)
                 except struct.error:
                     return None
-                if template.constants(values) == template.expected:
-                    if header in self.seen:
-                        raise NotHandled(f"object header at byte {header} reached twice")
-                    self.seen.add(header)
-                    return template, values
+                if template.constants(values) != template.expected:
+                    continue
+                block = template.block
+                if block is not None:  # the rest of the header is in a continuation block laid out like before
+                    address = values[template.link]
+                    try:
+                        values = block.unpack(image, address)
+                    except struct.error:
+                        return None
+                    if block.constants(values) != block.expected:
+                        continue
+                    if address in seen:
+                        raise NotHandled(f"continuation block at byte {address} reached twice")
+                    seen.add(address)
+                    template = block
+                if header in seen:
+                    raise NotHandled(f"object header at byte {header} reached twice")
+                seen.add(header)
+                return template, values
         return None
 
     def learn(self, header: int, messages: dict[int, list[tuple[int, int]]]) -> None:
         """Keep the layout of a header just read whole, for :meth:`quick`: a plain group or a contiguous dataset.
 
-        Every constant field (message headers, versions, flags, rank, fill value) must
-        then match exactly, so that a header read quickly passed the same checks.
+        Either every message is in the header's first block, or the first block holds a
+        single continuation message and its block all the others. Every constant field
+        (message headers, versions, flags, rank, fill value, an attribute up to its value,
+        a continuation block's length) must then match exactly, so that a header read
+        quickly passed the same checks.
         """
-        prefix = _header_v1(self.image, header)
-        if sum(len(found) for found in messages.values()) != prefix[2] or _ATTRIBUTE in messages:
-            return  # a continuation block, or attributes
+        image = self.image
+        prefix = _header_v1(image, header)
         known = self.templates.setdefault(prefix, [])
         if len(known) >= 8:
             return
-        image, at = self.image, header + 16
         items = sorted((start, kind, body) for kind, found in messages.items() for start, body in found)
-        fmt, expected, constants, fields = ["<"], [], [], {}
-        count = 0
-
-        def add(code: str, n: int, constant: bool) -> list[int]:
-            nonlocal count
-            fmt.append(code)
-            indices = list(range(count, count + n))
-            count += n
-            if constant:
-                constants.extend(indices)
-            return indices
-
-        kind_of = _DATASPACE
-        for start, kind, body in items:
-            if start != at + 8:
-                return
-            add("HHB3x", 3, True)
-            expected.extend(_message_v1(image, at))
-            if kind == _DATASPACE:
-                version, rank, flags = image[start], image[start + 1], image[start + 2]
-                head = 8 if version == 1 else 4
-                used = head + 8 * rank * (1 + (flags & 1))
-                add("BBBB" + "x" * (head - 4), 4, True)
-                expected.extend(image[start : start + 4])
-                fields["dims"] = add(f"{rank}Q", rank, False)
-                fields["maximum"] = add(f"{rank}Q", rank, False) if flags & 1 else []
-                fmt.append(f"{body - used}x")
-            elif kind == _DATATYPE:
-                fields["type"] = add(f"{body}s", 1, False)
-            elif kind == _FILL:
-                add(f"{body}s", 1, True)
-                expected.append(bytes(image[start : start + body]))
-            elif kind == _LAYOUT:
-                add("BB", 2, True)
-                expected.extend(image[start : start + 2])
-                fields["layout"] = add("QQ", 2, False)
-                fmt.append(f"{body - 18}x")
-            elif kind == _SYMBOL_TABLE:
-                kind_of = _SYMBOL_TABLE
-                fields["table"] = add("QQ", 2, False)
-                fmt.append(f"{body - 16}x")
-            elif kind == _NIL:
-                fmt.append(f"{body}x")
-            else:
-                return
-            at = start + body
-        if kind_of == _SYMBOL_TABLE:
-            if set(fields) != {"table"}:
-                return
-            order = fields["table"]
-        elif set(fields) == {"dims", "maximum", "type", "layout"}:
-            dims, maximum = fields["dims"], fields["maximum"]
-            order = [slice(dims[0], dims[0] + len(dims)) if dims else slice(0, 0),
-                     slice(maximum[0], maximum[0] + len(maximum)) if maximum else None, fields["type"], fields["layout"]]
-        else:
+        first, heads, group = header + 16, self.attribute_heads, _SYMBOL_TABLE in messages
+        continuation = messages.get(_CONTINUATION)
+        if continuation is None:
+            layout = _Layout(image, first, items, prefix[4], heads)
+            if layout.complete(group):
+                known.append(layout.template())
             return
-        known.append(_Template(kind_of, struct.Struct("".join(fmt)).unpack_from, constants, expected, order))
+        start = continuation[0][0]
+        if len(continuation) != 1 or start != first + 8 or prefix[4] != 24:
+            return  # not a first block holding a single continuation message
+        address, length = _block(image, start)
+        rest = [item for item in items if item[0] != start]
+        if any(not address < at < address + length for at, _, _ in rest):
+            return
+        link = _Layout(image, first, [(start, _CONTINUATION, 16)], prefix[4], heads)
+        block = _Layout(image, address, rest, length, heads)
+        if link.ok and block.complete(group):
+            template = link.template()
+            template.block, template.link = block.template(), link.fields["link"][0]
+            known.append(template)
 
     def quick_dataset(self, path: str, template: _Template, values: tuple) -> Dataset:
         dims, maximum, kind, (offset, size) = template.fields
@@ -330,7 +308,7 @@ class _Reader:
             declared *= d
         if offset == _UNDEFINED or size != declared or offset > self.size or size > self.size - offset:
             raise NotHandled(f"'/{path}': contiguous storage not allocated or not the declared size")
-        return Dataset(path, shape, dtype, offset, size, None, {})
+        return Dataset(path, shape, dtype, offset, size, None, template.attributes_of(values))
 
     def local_heap(self, address: int) -> bytes:
         """A local heap's data segment, where a group's member names are."""
@@ -347,7 +325,7 @@ class _Reader:
                 raise NotHandled(f"local heap at byte {address}: its free list")
             blocks.add(free)
             following, length = _block(known, free)
-            if length > size - free:
+            if not length or length > size - free:
                 raise NotHandled(f"local heap at byte {address}: its free list")
             free = following
         return known
@@ -360,8 +338,10 @@ class _Reader:
         here is one h5py would also find.
         """
         image, out = self.image, []
-        signature, kind, level, used, _, _ = _tree(image, address)
-        if signature == b"TREE" and not kind and not level and used == 1 and address not in self.seen:
+        node_end = 24 + 8 * (4 * self.node_k + 1)  # HDF5 reads whole nodes: 2K children and 2K + 1 keys
+        signature, kind, level, used, left, right = _tree(image, address)
+        if signature == b"TREE" and not kind and not level and used == 1 and address not in self.seen \
+                and left == right == _UNDEFINED and address + node_end <= self.size:
             # The common case, a group of up to 2K members: one leaf over one symbol table node.
             self.seen.add(address)
             low, child, high = _quads(3)(image, address + 24)
@@ -371,13 +351,19 @@ class _Reader:
                 raise NotHandled(f"symbol table node at byte {child}: names outside its B-tree keys")
             return [(name.decode("utf-8"), entry) for name, entry in out]
         pending = [(address, None, None, -1)]  # node, its parent's keys around it (None: no bound), expected level
+        previous: dict[int, tuple[int, int]] = {}  # level -> (address, right sibling) of the last node seen there
         while pending:
             node, low, high, level = pending.pop()
             self.claim(node, "B-tree node")
-            signature, kind, node_level, used, _, _ = _tree(image, node)
+            signature, kind, node_level, used, left, right = _tree(image, node)
             if signature != b"TREE" or kind or (level >= 0 and node_level != level) or used > 2 * self.node_k \
-                    or (not used and (level >= 0 or node_level)):  # only an empty group's root node is empty
-                raise NotHandled(f"B-tree node at byte {node}")
+                    or (not used and (level >= 0 or node_level)) or node + node_end > self.size:
+                raise NotHandled(f"B-tree node at byte {node}")  # only an empty group's root node is empty
+            # HDF5 walks each level by the sibling addresses: they must chain the nodes in order.
+            before = previous.get(node_level)
+            if left != (_UNDEFINED if before is None else before[0]) or (before is not None and before[1] != node):
+                raise NotHandled(f"B-tree node at byte {node}: its siblings")
+            previous[node_level] = (node, right)
             fields = _quads(2 * used + 1)(image, node + 24)  # key, child, key, ..., key
             keys = [_name(heap, offset) for offset in fields[0::2]]
             children = fields[1::2]
@@ -393,6 +379,8 @@ class _Reader:
                 names = self.symbol_node(child, heap, out)
                 if names[0] <= keys[i] or names[-1] > keys[i + 1]:
                     raise NotHandled(f"symbol table node at byte {child}: names outside its B-tree keys")
+        if any(right != _UNDEFINED for _, right in previous.values()):
+            raise NotHandled(f"B-tree at byte {address}: a sibling after the last node")
         # Each node's names are in order, within keys in order: so are all names.
         return [(name.decode("utf-8"), entry) for name, entry in out]
 
@@ -403,7 +391,8 @@ class _Reader:
             raise NotHandled(f"symbol table node at byte {address} reached twice")
         seen.add(address)
         signature, version, count = _snod(image, address)
-        if signature != b"SNOD" or version != 1 or not 0 < count <= 2 * self.leaf_k:
+        if signature != b"SNOD" or version != 1 or not 0 < count <= 2 * self.leaf_k \
+                or address + 8 + 80 * self.leaf_k > self.size:  # HDF5 reads the whole node: 2K entries
             raise NotHandled(f"symbol table node at byte {address}")
         fields = iter(_entries(count)(image, address + 8))
         names: list[bytes] = []
@@ -423,7 +412,8 @@ class _Reader:
     # --------------------------------------------------------------------------- object headers
 
     def messages(self, address: int) -> dict[int, list[tuple[int, int]]]:
-        """Message type -> (offset, size) of each such message's body, over the header and its continuation blocks."""
+        """Message type -> (offset, size) of each such message's body, over the header and its continuation blocks
+        (whose continuation messages are listed too)."""
         image, size, seen = self.image, self.size, self.seen
         if address in seen:
             raise NotHandled(f"object header at byte {address} reached twice")
@@ -445,14 +435,14 @@ class _Reader:
                     raise NotHandled("object header message past its block, or shared, shareable or unknown")
                 found += 1
                 if kind == _CONTINUATION:
-                    if body < 16:
-                        raise NotHandled("continuation message too short")
                     next_block, next_length = _block(image, at)
+                    if body != 16 or next_length < 8 or next_block < _SUPERBLOCK_END:
+                        raise NotHandled("continuation message")
                     if next_block in seen:
                         raise NotHandled(f"continuation block at byte {next_block} reached twice")
                     seen.add(next_block)
                     blocks.append((next_block, next_block + next_length))
-                elif kind in out:
+                if kind in out:
                     out[kind].append((at, body))
                 else:
                     out[kind] = [(at, body)]
@@ -568,27 +558,134 @@ class _Reader:
         return Dataset(path, shape, dtype, offset, size, compact, attributes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)
 def _quads(n: int) -> Any:
     """Unpacks ``n`` little-endian 8-byte numbers (a B-tree node's keys and children)."""
     return struct.Struct(f"<{n}Q").unpack_from
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)
 def _entries(n: int) -> Any:
     """Unpacks ``n`` symbol table entries: name offset, header address, cache type, B-tree and heap addresses."""
     return struct.Struct("<" + "QQI4xQQ" * n).unpack_from
 
 
 class _Template:
-    """The layout of an object header: how to unpack it, which fields must equal ``expected``, where the rest are."""
+    """The layout of (part of) an object header: how to unpack it, which fields must equal ``expected``,
+    where the others are (``fields``), its attributes, and, for a header continued elsewhere, the
+    layout of that block (``block``) and where its address is (``link``)."""
 
-    __slots__ = ("kind", "unpack", "constants", "expected", "fields")
+    __slots__ = ("kind", "unpack", "constants", "expected", "fields", "attributes", "block", "link")
 
-    def __init__(self, kind: int, unpack: Any, constants: list[int], expected: list, fields: list) -> None:
-        self.kind, self.unpack, self.fields = kind, unpack, fields
+    def __init__(self, kind: int, unpack: Any, constants: list[int], expected: list, fields: Any,
+                 attributes: list[tuple[str, bytes, tuple[int, ...] | None, int]]) -> None:
+        self.kind, self.unpack, self.fields, self.attributes = kind, unpack, fields, attributes
         self.constants = operator.itemgetter(*constants)
         self.expected = tuple(expected) if len(constants) > 1 else expected[0]
+        self.block: _Template | None = None
+        self.link = 0
+
+    def attributes_of(self, values: tuple) -> dict[str, Attribute]:
+        return {name: Attribute(datatype, shape, values[at]) for name, datatype, shape, at in self.attributes}
+
+
+class _Layout:
+    """Builds a :class:`_Template` from a run of messages read whole (``items``: offset, type, size)."""
+
+    def __init__(self, image: Any, at: int, items: list[tuple[int, int, int]], length: int,
+                 heads: dict[bytes, tuple]) -> None:
+        self.fmt, self.expected, self.constants, self.heads = ["<"], [], [], heads
+        self.fields: dict[str, list[int]] = {}
+        self.attributes: list[tuple[str, bytes, tuple[int, ...] | None, int]] = []
+        self.count, self.kind, self.ok = 0, _DATASPACE, False
+        end = at + length
+        for start, kind, body in items:
+            if start != at + 8 or not self._message(image, start, kind, body):
+                return
+            at = start + body
+        self.ok = bool(items) and at == end  # the messages fill the block
+
+    def _add(self, code: str, n: int, constant: bool) -> list[int]:
+        self.fmt.append(code)
+        indices = list(range(self.count, self.count + n))
+        self.count += n
+        if constant:
+            self.constants.extend(indices)
+        return indices
+
+    def _message(self, image: Any, start: int, kind: int, body: int) -> bool:
+        add, expected, fields = self._add, self.expected, self.fields
+        add("HHB3x", 3, True)
+        expected.extend(_message_v1(image, start - 8))
+        if kind == _DATASPACE:
+            version, rank, flags = image[start], image[start + 1], image[start + 2]
+            head = 8 if version == 1 else 4
+            add("BBBB" + "x" * (head - 4), 4, True)
+            expected.extend(image[start : start + 4])
+            fields["dims"] = add(f"{rank}Q", rank, False)
+            fields["maximum"] = add(f"{rank}Q", rank, False) if flags & 1 else []
+            self.fmt.append(f"{body - head - 8 * rank * (1 + (flags & 1))}x")
+        elif kind == _DATATYPE:
+            fields["type"] = add(f"{body}s", 1, False)
+        elif kind == _FILL:
+            add(f"{body}s", 1, True)
+            expected.append(bytes(image[start : start + body]))
+        elif kind == _LAYOUT:
+            add("BB", 2, True)
+            expected.extend(image[start : start + 2])
+            fields["layout"] = add("QQ", 2, False)
+            self.fmt.append(f"{body - 18}x")
+        elif kind == _SYMBOL_TABLE:
+            self.kind = _SYMBOL_TABLE
+            fields["table"] = add("QQ", 2, False)
+            self.fmt.append(f"{body - 16}x")
+        elif kind == _CONTINUATION:
+            self.kind = _CONTINUATION
+            fields["link"] = add("Q", 1, False)
+            add("Q", 1, True)  # the block's length
+            expected.append(_u64(image, start + 8)[0])
+            self.fmt.append(f"{body - 16}x")
+        elif kind == _ATTRIBUTE:
+            version, flags, name_size, type_size, space_size = _attribute_head(image, start)
+            if version == 1:
+                head = 8 + _pad8(name_size) + _pad8(type_size) + _pad8(space_size)
+            else:
+                head = (8 if version == 2 else 9) + name_size + type_size + space_size
+            encoded = bytes(image[start : start + head])
+            decoded = self.heads.get(encoded)  # as :meth:`_Reader.attributes` decoded it
+            if decoded is None:
+                return False
+            name, datatype, shape, size = decoded
+            add(f"{head}s", 1, True)
+            expected.append(encoded)
+            self.attributes.append((name, datatype, shape, add(f"{size}s", 1, False)[0]))
+            self.fmt.append(f"{body - head - size}x")
+        elif kind == _NIL:
+            self.fmt.append(f"{body}x")
+        else:
+            return False
+        return True
+
+    def complete(self, group: bool) -> bool:
+        """Whether the messages make a plain group or a contiguous dataset, all of whose fields are known."""
+        if not self.ok:
+            return False
+        if group:
+            return set(self.fields) == {"table"}
+        return set(self.fields) == {"dims", "maximum", "type", "layout"}
+
+    def template(self) -> _Template:
+        fields, kind = self.fields, self.kind
+        if kind == _SYMBOL_TABLE:
+            order: Any = fields["table"]
+        elif kind == _DATASPACE:
+            dims, maximum = fields["dims"], fields["maximum"]
+            order = [slice(dims[0], dims[0] + len(dims)) if dims else slice(0, 0),
+                     slice(maximum[0], maximum[0] + len(maximum)) if maximum else None, fields["type"], fields["layout"]]
+        else:
+            order = fields
+        return _Template(kind, struct.Struct("".join(self.fmt)).unpack_from, self.constants, self.expected, order,
+                         self.attributes)
 
 
 def _fill_value(image: Any, at: int, body: int) -> None:
@@ -649,9 +746,9 @@ def _numeric_type(encoded: bytes) -> np.dtype:
                 or (bits1, *fields[2:]) != expected:
             raise NotHandled("floating-point type other than IEEE half, single or double")
         return np.dtype(f"{order}f{size}")
-    if klass == 5:  # opaque: Keras' bfloat16 (h5py gives void)
-        if size < 1 or bits1 or bits2:
-            raise NotHandled("opaque type")
+    if klass == 5:  # opaque without a tag: Keras' bfloat16, which h5py gives as void
+        if size < 1 or bits0 or bits1 or bits2:  # h5py turns some tagged ones into other dtypes ("NUMPY:...")
+            raise NotHandled("opaque type with a tag")
         return np.dtype(f"V{size}")
     raise NotHandled(f"datatype class {klass}")
 
