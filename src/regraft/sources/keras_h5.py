@@ -677,10 +677,14 @@ class KerasH5(Source):
         root = self._base()
         found: list[tuple[str, tuple[int, ...], str]] = []
         if self._file is None:  # the fast reader's datasets, by path (their order does not matter: sorted below)
+            datasets = self._datasets
             for name, oid in self._objects.items():
-                if isinstance(oid, _hdf5.Dataset) and _VAR.search(name):
-                    self._datasets[name] = oid
-                    found.append((name, *self._describe(oid, "/" + name)))
+                if type(oid) is _hdf5.Dataset and _VAR.search(name):
+                    datasets[name] = oid
+                    if oid.dtype.kind in _NUMERIC:  # what _describe answers for the fast reader's numbers
+                        found.append((name, oid.shape, _dtype_name(oid.dtype)))
+                    else:
+                        found.append((name, *self._describe(oid, "/" + name)))
         for name in sorted(names) if self._file is not None else ():
             if _VAR.search(name):
                 # The low-level handle gives shape and dtype 4x faster than file[name].
