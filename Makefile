@@ -76,7 +76,7 @@ JAX_TESTS := tests/test_backends.py tests/test_align.py tests/test_structure.py 
 	tests/test_apply_faults.py tests/test_building.py tests/test_hardening_h5.py tests/test_progress.py \
 	tests/test_writers.py tests/test_convert.py tests/test_torch_layout.py \
 	tests/test_load.py tests/test_sources.py tests/test_cli.py tests/test_formats.py tests/test_zoo.py \
-	tests/test_sharded.py tests/test_optimizer_state.py
+	tests/test_sharded.py tests/test_optimizer_state.py tests/test_hdf5_reader.py
 # The test_verify ones write a TF checkpoint through regraft, which needs the TensorFlow backend by
 # design; the test_apply_faults one writes its checkpoint with TensorFlow in a child process; the
 # test_compat one pins TensorFlow's own `_trackable_children` (elsewhere regraft predicts the children).

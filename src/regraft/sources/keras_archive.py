@@ -3,10 +3,11 @@
 ``model.save("x.keras")`` writes a zip holding ``metadata.json``, ``config.json``
 and ``model.weights.h5`` (checked with Keras 3.15: members are *stored*, not
 compressed). The weights member has the layout of a ``.weights.h5`` file, so this
-is :class:`~regraft.sources.keras_h5.KerasH5` reading the member through a
-file object over the member's bytes in the archive: h5py reads only the bytes
-it needs, and nothing is extracted. A compressed member (an archive zipped again
-by another tool) is copied once into an unnamed temporary file, since h5py seeks
+is :class:`~regraft.sources.keras_h5.KerasH5` reading the member in place: its
+fast reader maps the zip and reads the image at the member's offset, and h5py
+(for files outside that reader's subset) reads through a file object over the
+member's bytes; nothing is extracted. A compressed member (an archive zipped again
+by another tool) is copied once into an unnamed temporary file, since both seek
 back and forth (``bench/bench_formats.py`` measures both).
 """
 
@@ -111,9 +112,32 @@ class KerasArchive(KerasH5):
         self.format = "keras-archive"
         self.config = self._read_config(path)
 
+    def _image_file(self, path: str) -> tuple[int, int, int] | None:
+        """The weights member for the fast reader: the zip itself at the member's offset when stored, else its copy."""
+        self._open_member(path)
+        member = self._member
+        if isinstance(member, _Window):
+            return member._fd, member._start, member._size
+        assert member is not None
+        return member.fileno(), 0, os.fstat(member.fileno()).st_size
+
+    def _close_image(self) -> None:
+        """Nothing: the member's descriptor is closed with the member."""
+
     def _open_h5(self, path: str) -> Any:
         import h5py
 
+        if self._member is None:
+            self._open_member(path)
+        try:
+            return h5py.File(self._member, "r")
+        except OSError as exc:
+            raise CorruptCheckpointError(
+                f"{path}: its {WEIGHTS_MEMBER} cannot be opened by h5py ({exc}).", hint=_RESAVE_HINT
+            ) from None
+
+    def _open_member(self, path: str) -> None:
+        """Open the zip and the weights member (in place when stored), refusing an archive without one."""
         try:
             self._zip = zipfile.ZipFile(path)
             names = set(self._zip.namelist())
@@ -144,12 +168,6 @@ class KerasArchive(KerasH5):
                 with self._zip.open(info) as src:
                     shutil.copyfileobj(src, self._member, 1 << 20)  # the CRC is checked at the end
                 self._member.seek(0)
-            try:
-                return h5py.File(self._member, "r")
-            except OSError as exc:
-                raise CorruptCheckpointError(
-                    f"{path}: its {WEIGHTS_MEMBER} cannot be opened by h5py ({exc}).", hint=_RESAVE_HINT
-                ) from None
         except zipfile.BadZipFile as exc:
             self.close()
             raise CorruptCheckpointError(

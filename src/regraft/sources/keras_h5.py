@@ -24,12 +24,19 @@ matching and applying is numbers of a known size stored in this file:
 * before the first variable-length string is decoded, the HDF5 global heap
   that holds such strings is walked with a bound: HDF5 loops forever, holding
   the GIL, on a heap object whose size is damaged to 0.
+
+Those checks are h5py's path. A file within what h5py writes by default (every
+Keras file) is first read by :mod:`regraft.sources._hdf5`, in pure Python and
+without h5py, about ten times faster; that reader only declines, never refuses,
+and a file it declines, or whose entries it cannot build without a refusal, is
+opened again through h5py, so the user sees the h5py path's message.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import os
 import re
 import struct
@@ -39,13 +46,15 @@ import numpy as np
 
 from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
 from regraft.errors import CorruptCheckpointError, RegraftError, SourceError, UnsupportedFormatError
+from regraft.sources import _hdf5
 from regraft.sources.base import Source
-from regraft.sources._slices import touched_bytes
+from regraft.sources._slices import read_block, touched_bytes
 
 __all__ = ["KerasH5", "keras2_key"]
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _VAR = re.compile(r"(^|/)vars/\d+$")
+_COUNTER = re.compile(r"_\d+$")  # Keras' suffix for the n-th layer of a class in a list: dense_1
 _NUMERIC = "biufc"
 _MAX_BYTES = np.iinfo(np.intp).max  # numpy cannot hold a larger array
 _MAX_EXPANSION = 2048  # a compressed dataset may decode to at most this many times its stored bytes (deflate: 1032)
@@ -73,38 +82,109 @@ class KerasH5(Source):
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.files = (path,)
+        self._file: Any = None  # the h5py file, when the fast reader declined this one
+        self._fd: int | None = None  # the fast reader's file: tensors are read from it with pread
+        self._start = 0  # where the HDF5 image starts in that file (a .keras member)
+        self._own_fd: int | None = None  # a descriptor this class opened (a subclass may lend its own)
+        self._view: memoryview | None = None  # the image, while the fast reader decodes attributes
+        self._objects: dict[str, _hdf5.Group | _hdf5.Dataset] = {}
+        self._global_heaps: dict[int, dict[int, tuple[int, int]]] = {}  # collections the fast reader walked
+        entries = self._open_fast(path)
+        #: Which reader decoded the metadata: ``"regraft"`` (:mod:`regraft.sources._hdf5`,
+        #: tensors then read with ``pread``) or ``"h5py"`` (a file outside its subset).
+        self.metadata_reader = "regraft"
+        if entries is None:
+            entries, self.metadata_reader = self._open_with_h5py(path), "h5py"
+        super().__init__(path, entries)
+
+    def _reset(self) -> None:
+        self._datasets: dict[str, _hdf5.Dataset] = {}  # HDF5 path -> dataset, from the fast reader
         self._layers: dict[str, tuple[str | None, str | None]] = {}  # layer key -> (Keras name, class)
         self._dataset_path: dict[str, str] = {}  # canonical key -> HDF5 dataset path
         self._names: set[str] = set()
         self._heaps_checked = False
         self._extents: dict[str, tuple[int, int] | None] = {}  # dataset path -> its contiguous bytes, once looked up
 
+    def _build_entries(self, path: str) -> list[SourceEntry]:
+        """Every entry, from the objects of the open file (h5py's or the fast reader's); refuses what Keras does not write."""
+        names = self._names
+        layer_names = self._attribute_names(self._root, "/", "layer_names")
+        if layer_names is not None:
+            self.format, self.namespace = "keras2-h5", "name"
+            return self._keras2_entries(layer_names)
+        if "layers" in names or "vars" in names:
+            self.format, self.namespace = "keras-h5", "h5"
+            return self._keras3_entries(names)
+        top = ", ".join(sorted(n for n in names if "/" not in n)[:6]) or "nothing"
+        raise UnsupportedFormatError(
+            f"{path} is an HDF5 file but not Keras weights: its top level holds {top}, "
+            "not the 'layers'/'vars' groups of model.save_weights() nor Keras 2's 'layer_names'.",
+            hint="Pass a file written by model.save_weights('x.weights.h5') or a TensorFlow checkpoint.",
+        )
+
+    def _open_fast(self, path: str) -> list[SourceEntry] | None:
+        """The entries read by :mod:`regraft.sources._hdf5` without h5py, or ``None`` when it declines the file.
+
+        Only a file the fast reader takes whole and that passes every check is opened
+        this way; any refusal is left to the h5py path, so that its message is the one
+        the user sees.
+        """
+        image = self._image_file(path)
+        if image is None:
+            return None
+        fd, start, size = image
+        self._reset()
+        try:
+            with mmap.mmap(fd, start + size, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as whole:
+                with whole[start : start + size] as view:
+                    self._view, self._size = view, size
+                    root, objects = _hdf5.read_tree(view)
+                    self._root, self._objects, self._names = root, objects, set(objects)
+                    entries = self._build_entries(path)
+                    self._view = None
+        except Exception:  # noqa: BLE001 - declined, damaged or not Keras: the h5py path decides and says why
+            self._view = None
+            self._close_image()
+            return None
+        except BaseException:
+            self._close_image()
+            raise
+        finally:
+            self._objects, self._global_heaps = {}, {}
+        self._fd, self._start = fd, start
+        return entries
+
+    def _image_file(self, path: str) -> tuple[int, int, int] | None:
+        """``(file descriptor, where the HDF5 image starts, its size)`` for the fast reader, or ``None``.
+
+        A subclass finds the image elsewhere (inside a zip); the descriptor is closed by :meth:`_close_image`.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None  # h5py says what is wrong
+        self._own_fd = fd
+        return fd, 0, os.fstat(fd).st_size
+
+    def _close_image(self) -> None:
+        fd, self._own_fd = getattr(self, "_own_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def _open_with_h5py(self, path: str) -> list[SourceEntry]:
+        self._reset()
         self._file = self._open_h5(path)
         self._size = self._file.id.get_filesize()  # the HDF5 image's size, also inside a .keras zip
-        self.files = (path,)
         try:
             with self._reading("its list of groups and datasets"):
-                names = self._names = self._hard_links()
+                self._names = self._hard_links()
             with self._reading("the root group"):
                 self._root = self._file["/"].id
-            layer_names = self._attribute_names(self._root, "/", "layer_names")
-            if layer_names is not None:
-                self.format, self.namespace = "keras2-h5", "name"
-                entries = self._keras2_entries(layer_names)
-            elif "layers" in names or "vars" in names:
-                self.format, self.namespace = "keras-h5", "h5"
-                entries = self._keras3_entries(names)
-            else:
-                top = ", ".join(sorted(n for n in names if "/" not in n)[:6]) or "nothing"
-                raise UnsupportedFormatError(
-                    f"{path} is an HDF5 file but not Keras weights: its top level holds {top}, "
-                    "not the 'layers'/'vars' groups of model.save_weights() nor Keras 2's 'layer_names'.",
-                    hint="Pass a file written by model.save_weights('x.weights.h5') or a TensorFlow checkpoint.",
-                )
+            return self._build_entries(path)
         except BaseException:
             self._file.close()
             raise
-        super().__init__(path, entries)
 
     def _open_h5(self, path: str) -> Any:
         """Open the HDF5 file read-only (a subclass opens it from elsewhere, e.g. inside a zip)."""
@@ -127,29 +207,72 @@ class KerasH5(Source):
     def read(self, key: str) -> np.ndarray:
         """Read one dataset by canonical key into a fresh array in native byte order."""
         where = self._dataset_path[key]
-        try:
-            # h5py returns a fresh array (a numpy scalar for shape ()): no second copy.
-            array = np.asarray(self._file[where][()])
-        except MemoryError:
-            entry = self._entries[key]
-            raise SourceError(
-                f"Not enough memory to read tensor '{key}' (dataset '/{where}', shape {entry.shape} of {entry.dtype}) "
-                f"from {self.path}.",
-                hint="Free memory, or load on a machine with more of it.",
-            ) from None
-        except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
-            raise CorruptCheckpointError(
-                f"Cannot read tensor '{key}' (dataset '/{where}') from {self.path}: {_reason(exc)}.",
-                hint="The file is damaged; save the weights again.",
-            ) from None
+        if self._file is None:
+            array = self._read_fast(key)
+        else:
+            array = self._read_h5py(key, where)
         if array.dtype.kind == "V":  # Keras stores bfloat16 as opaque bytes with a 'dtype' attribute
             from regraft.naming import dtype_of
 
             return array.view(dtype_of("bfloat16"))
         return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
+    def _read_fast(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """A dataset's bytes as the fast reader located them, into ``out`` or a fresh array of the file's dtype."""
+        where = self._dataset_path[key]
+        dataset = self._datasets[where]
+        if out is None:
+            try:
+                out = np.empty(dataset.shape, dtype=dataset.dtype)
+            except MemoryError:
+                raise self._no_memory(key, where) from None
+        flat = out.reshape(-1).view(np.uint8)
+        if dataset.compact is not None:
+            flat[:] = np.frombuffer(dataset.compact, dtype=np.uint8)
+            return out
+        view, done = memoryview(flat), 0
+        try:
+            while done < dataset.size:
+                got = os.preadv(self._fd, [view[done:]], self._start + dataset.offset + done)  # type: ignore[operator]
+                if not got:
+                    raise OSError(f"the file ends before byte {dataset.offset + dataset.size:,}, where the tensor ends")
+                done += got
+        except OSError as exc:
+            raise CorruptCheckpointError(
+                f"Cannot read tensor '{key}' (dataset '/{where}') from {self.path}: {_reason(exc)}.",
+                hint="The file is damaged; save the weights again.",
+            ) from None
+        return out
+
+    def _no_memory(self, key: str, where: str) -> SourceError:
+        entry = self._entries[key]
+        return SourceError(
+            f"Not enough memory to read tensor '{key}' (dataset '/{where}', shape {entry.shape} of {entry.dtype}) "
+            f"from {self.path}.",
+            hint="Free memory, or load on a machine with more of it.",
+        )
+
+    def _read_h5py(self, key: str, where: str) -> np.ndarray:
+        try:
+            # h5py returns a fresh array (a numpy scalar for shape ()): no second copy.
+            return np.asarray(self._file[where][()])
+        except MemoryError:
+            raise self._no_memory(key, where) from None
+        except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
+            raise CorruptCheckpointError(
+                f"Cannot read tensor '{key}' (dataset '/{where}') from {self.path}: {_reason(exc)}.",
+                hint="The file is damaged; save the weights again.",
+            ) from None
+
     def read_into(self, key: str, out: np.ndarray, checked: bool = False) -> None:
         """Read one dataset straight into ``out`` (no intermediate array) when the dtypes agree."""
+        if self._file is None:
+            fast = self._datasets[self._dataset_path[key]]
+            if fast.dtype != out.dtype or fast.shape != out.shape or not out.size or not out.flags.c_contiguous:
+                super().read_into(key, out)
+            else:
+                self._read_fast(key, out)
+            return
         dataset = self._file[self._dataset_path[key]]
         if dataset.dtype != out.dtype or tuple(dataset.shape) != out.shape or not out.size:
             super().read_into(key, out)
@@ -170,6 +293,8 @@ class KerasH5(Source):
         little more); a chunked or filtered one is read whole (:meth:`Source.read_slice`).
         """
         where = self._dataset_path[key]
+        if self._file is None:
+            return self._read_slice_fast(key, self._datasets[where], index)
         dataset = self._file[where]
         offset = dataset.id.get_offset() if dataset.chunks is None and dataset.dtype.kind in "fiubV" else None
         if offset is None or not dataset.shape:
@@ -188,13 +313,38 @@ class KerasH5(Source):
             return array.view(dtype_of("bfloat16"))
         return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
+    def _read_slice_fast(self, key: str, dataset: _hdf5.Dataset, index: tuple[slice, ...]) -> np.ndarray:
+        """One block of a contiguous dataset, copied out of a map of the file (only its pages are read)."""
+        if dataset.offset is None or not dataset.shape or dataset.dtype.kind not in "fiubV":
+            return super().read_slice(key, index)
+        start = self._start + dataset.offset
+        try:
+            with mmap.mmap(self._fd, start + dataset.size, access=mmap.ACCESS_READ) as mapped:  # type: ignore[arg-type]
+                array = read_block(mapped, start, dataset.dtype, dataset.shape, index)
+        except (OSError, ValueError) as exc:
+            raise CorruptCheckpointError(
+                f"Cannot read tensor '{key}' (dataset '/{dataset.path}') from {self.path}: {_reason(exc)}.",
+                hint="The file is damaged; save the weights again.",
+            ) from None
+        self.sliced_bytes_read += touched_bytes(dataset.offset, dataset.shape, dataset.dtype.itemsize, index)
+        if array.dtype.kind == "V":
+            from regraft.naming import dtype_of
+
+            return array.view(dtype_of("bfloat16"))
+        return array
+
     def verify(self, key: str) -> None:
         """Check a dataset can be read: from metadata alone for plain contiguous data, else by reading it.
 
         HDF5 stores no checksum for unfiltered data, so reading it would only
         prove the bytes are there; for a contiguous dataset without filters
-        that is the check that its byte range lies inside the file.
+        that is the check that its byte range lies inside the file (which the
+        fast reader made on open).
         """
+        if self._file is None:
+            if self._datasets[self._dataset_path[key]].dtype.kind not in "fiub":
+                self.read(key)
+            return
         dataset = self._file[self._dataset_path[key]]
         if dataset.chunks is None and dataset.dtype.kind in "fiub" and dataset.external is None:
             offset = dataset.id.get_offset()
@@ -208,7 +358,9 @@ class KerasH5(Source):
 
     def close(self) -> None:
         """Close the HDF5 file."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+        self._close_image()
 
     # ----------------------------------------------------------------------------------------- metadata
 
@@ -271,6 +423,8 @@ class KerasH5(Source):
         ``listed_in`` says which attribute named it (Keras 2), so that a missing
         object is told apart from a damaged one.
         """
+        if isinstance(base, _hdf5.Group):
+            return self._open_fast_object(base, name)
         import h5py
 
         with self._reading(f"'{where}'"):
@@ -285,8 +439,23 @@ class KerasH5(Source):
                     hint="The file is incomplete or was altered; save the weights again with model.save_weights().",
                 ) from None
 
+    def _open_fast_object(self, base: _hdf5.Group, name: str) -> _hdf5.Group | _hdf5.Dataset:
+        """The fast reader's object at ``name``, a path relative to ``base``.
+
+        The reader's paths hold no empty, ``.`` or ``..`` component, so a name that
+        HDF5 would resolve in another way (``/x``, ``a//b``, ``./a``) is not found and
+        left to h5py, like a missing one.
+        """
+        found = self._objects.get(f"{base.path}/{name}" if base.path else name)
+        if found is None:
+            raise _hdf5.NotHandled(f"no object '{name}' in '/{base.path}'")
+        return found
+
     def _attribute(self, oid: object, where: str, name: str) -> object:
         """One attribute of an object (a low-level id), or ``None`` when absent; only needed attributes are decoded."""
+        if isinstance(oid, (_hdf5.Group, _hdf5.Dataset)):
+            attribute = oid.attributes.get(name)
+            return None if attribute is None else _hdf5.attribute_value(self._view, attribute, self._global_heaps)
         import h5py
 
         with self._reading(f"attribute '{name}' of '{where}'"):
@@ -419,14 +588,22 @@ class KerasH5(Source):
 
     def _describe(self, oid: object, where: str) -> tuple[tuple[int, ...], str]:
         """Shape and dtype name of a dataset, refusing what is not numbers stored in this file."""
-        import h5py
+        if isinstance(oid, _hdf5.Dataset):
+            # The fast reader returns only contiguous or compact datasets without filters or external
+            # files, their declared size stored inside the image: the size checks below hold.
+            if oid.dtype.kind in _NUMERIC:
+                return oid.shape, _dtype_name(oid.dtype)
+            dtype, shape, virtual, external, filters, stored = oid.dtype, oid.shape, False, 0, 0, oid.size
+        else:
+            import h5py
 
-        with self._reading(f"dataset '{where}'"):
-            dtype, shape = _dtype(oid.get_type()), oid.shape  # type: ignore[attr-defined]
-            plist = oid.get_create_plist()  # type: ignore[attr-defined]
-            layout, external, filters = plist.get_layout(), plist.get_external_count(), plist.get_nfilters()
-            stored = int(oid.get_storage_size())  # type: ignore[attr-defined]
-            self._extent(oid, where, stored)
+            with self._reading(f"dataset '{where}'"):
+                dtype, shape = _dtype(oid.get_type()), oid.shape  # type: ignore[attr-defined]
+                plist = oid.get_create_plist()  # type: ignore[attr-defined]
+                virtual = plist.get_layout() == h5py.h5d.VIRTUAL
+                external, filters = plist.get_external_count(), plist.get_nfilters()
+                stored = int(oid.get_storage_size())  # type: ignore[attr-defined]
+                self._extent(oid, where, stored)
         if dtype.kind in _NUMERIC and dtype.fields is None and dtype.subdtype is None:
             name = _dtype_name(dtype)
         elif dtype.kind == "V" and dtype.fields is None and dtype.subdtype is None:
@@ -448,10 +625,10 @@ class KerasH5(Source):
         if shape is None:
             raise self._refuse(where, "holds no data (an HDF5 null dataspace), not an array")
         shape = tuple(int(d) for d in shape)
-        if layout == h5py.h5d.VIRTUAL or external:
+        if virtual or external:
             raise self._refuse(
                 where,
-                "keeps its bytes in other files (a virtual dataset)" if layout == h5py.h5d.VIRTUAL
+                "keeps its bytes in other files (a virtual dataset)" if virtual
                 else "keeps its bytes in external raw files",
                 hint="regraft reads only bytes stored in the weights file itself; "
                 "save the weights again with model.save_weights().",
@@ -475,28 +652,55 @@ class KerasH5(Source):
             )
         return shape, name
 
-    def _keras3_entries(self, names: set[str]) -> list[SourceEntry]:
+    def _base(self) -> object:
+        """Where paths are opened from: the fast reader's root group, or h5py's file id."""
+        return self._root if self._file is None else self._file.id
+
+    @staticmethod
+    def _is_dataset(oid: object) -> bool:
+        if isinstance(oid, _hdf5.Dataset):
+            return True
         import h5py
 
+        return isinstance(oid, h5py.h5d.DatasetID)
+
+    @staticmethod
+    def _is_group(oid: object) -> bool:
+        if isinstance(oid, _hdf5.Group):
+            return True
+        import h5py
+
+        return isinstance(oid, h5py.h5g.GroupID)
+
+    def _keras3_entries(self, names: set[str]) -> list[SourceEntry]:
         out = []
-        root = self._file.id
+        root = self._base()
         found: list[tuple[str, tuple[int, ...], str]] = []
-        for name in sorted(names):
+        if self._file is None:  # the fast reader's datasets, by path (their order does not matter: sorted below)
+            datasets = self._datasets
+            for name, oid in self._objects.items():
+                if type(oid) is _hdf5.Dataset and _VAR.search(name):
+                    datasets[name] = oid
+                    if oid.dtype.kind in _NUMERIC:  # what _describe answers for the fast reader's numbers
+                        found.append((name, oid.shape, _dtype_name(oid.dtype)))
+                    else:
+                        found.append((name, *self._describe(oid, "/" + name)))
+        for name in sorted(names) if self._file is not None else ():
             if _VAR.search(name):
                 # The low-level handle gives shape and dtype 4x faster than file[name].
                 oid = self._open(root, name, "/" + name)
-                if isinstance(oid, h5py.h5d.DatasetID):
+                if self._is_dataset(oid):
                     found.append((name, *self._describe(oid, "/" + name)))
         for name in sorted(n for n in names if n == "vars" or n.endswith("/vars")):
             layer = name[: -len("vars")].rstrip("/")
             if layer == "optimizer" or layer.startswith("optimizer/") or not layer:
                 continue
             oid = self._open(root, name, "/" + name)
-            if not isinstance(oid, h5py.h5g.GroupID):
+            if not self._is_group(oid):
                 raise self._refuse("/" + name, "is a dataset where Keras writes the group of a layer's variables")
             layer_name = self._layer_name(oid, "/" + name)
             parent, _, segment = layer.rpartition("/")
-            kind = re.sub(r"_\d+$", "", segment) if parent.rpartition("/")[2] == "layers" else None
+            kind = _COUNTER.sub("", segment) if parent.rpartition("/")[2] == "layers" else None
             self._layers[layer] = (layer_name, kind)
         for name, shape, dtype in found:
             layer, marker, index = name.rpartition("/vars/")
@@ -512,6 +716,20 @@ class KerasH5(Source):
             out.append(SourceEntry(name, shape, dtype, kind, layer, None, int(index), layer_name))
         order = {WEIGHT: 0, OPTIMIZER_SLOT: 1, BOOKKEEPING: 2}
         return sorted(out, key=lambda e: (order[e.kind], e.layer, e.index or 0))
+
+    def _path_of(self, dataset: object, where: str) -> str:
+        """The path a dataset was opened by, without the leading ``/``."""
+        if isinstance(dataset, _hdf5.Dataset):
+            return dataset.path
+        import h5py
+
+        with self._reading(f"the name of dataset '{where}'"):
+            return h5py.h5i.get_name(dataset).decode("utf-8").lstrip("/")  # type: ignore[arg-type]
+
+    def _note_dataset(self, path: str, dataset: object) -> None:
+        """Keep the fast reader's record of a dataset, from which it is read."""
+        if isinstance(dataset, _hdf5.Dataset):
+            self._datasets[path] = dataset
 
     def _layer_name(self, oid: object, where: str) -> str | None:
         """The ``name`` attribute Keras 3 writes on a ``vars`` group: a non-empty string, or absent."""
@@ -529,19 +747,17 @@ class KerasH5(Source):
         return text
 
     def _keras2_entries(self, layer_names: list[str]) -> list[SourceEntry]:
-        import h5py
-
         out = []  # keys are the weights' own names: no layers to add
         owner: dict[str, str] = {}
         for layer_name in layer_names:
             where = "/" + layer_name.lstrip("/")
-            group = self._open(self._file.id, layer_name, where, "the root's layer_names")
-            if not isinstance(group, h5py.h5g.GroupID):
+            group = self._open(self._base(), layer_name, where, "the root's layer_names")
+            if not self._is_group(group):
                 raise self._refuse(where, "is listed in the root's layer_names but is not a group")
             for index, weight_name in enumerate(self._attribute_names(group, where, "weight_names") or []):
                 path = where.rstrip("/") + "/" + weight_name
                 dataset = self._open(group, weight_name, path, f"the weight_names of '{where}'")
-                if not isinstance(dataset, h5py.h5d.DatasetID):
+                if not self._is_dataset(dataset):
                     raise self._refuse(path, f"is listed in the weight_names of '{where}' but is not a dataset")
                 shape, dtype = self._describe(dataset, path)
                 key = keras2_key(layer_name, weight_name)
@@ -553,8 +769,8 @@ class KerasH5(Source):
                     )
                 owner[key] = layer_name
                 parent, _, role = key.rpartition("/")
-                with self._reading(f"the name of dataset '{path}'"):
-                    self._dataset_path[key] = h5py.h5i.get_name(dataset).decode("utf-8").lstrip("/")
+                self._dataset_path[key] = self._path_of(dataset, path)
+                self._note_dataset(self._dataset_path[key], dataset)
                 out.append(SourceEntry(key, shape, dtype, WEIGHT, parent, role, index, layer_name))
         return out
 
