@@ -30,12 +30,15 @@ def inspect(args: argparse.Namespace) -> int:
             "objects": [r for r in source.roots() if r] if namespace(source.namespace).saved_objects else [],
             "counts": dict(kinds),
             "parameters": sum(e.size for e in weights),
-            "entries": [
+        }
+        if args.json:
+            data["entries"] = [
                 {"key": e.key, "shape": list(e.shape), "dtype": e.dtype, "kind": e.kind, "layer_name": e.layer_name,
                  "aliases": list(e.aliases), "slot_of": e.slot_of}
                 for e in entries
-            ],
-        }
+            ]
+            emit(data, "", as_json=True)
+            return 0
         shown = entries if args.all else weights
         header = ("KEY", "SHAPE", "DTYPE", "KIND", "LAYER NAME") + (("SLOT OF",) if args.all else ())
         rows = [header] + [
@@ -51,7 +54,7 @@ def inspect(args: argparse.Namespace) -> int:
             f"{kinds['optimizer_slot']} optimizer slots, {kinds['bookkeeping']} bookkeeping"
             + (" (not listed; --all lists them)" if hidden else "")
         )
-        emit(data, text, args.json)
+        emit(data, text, as_json=False)
     return 0
 
 

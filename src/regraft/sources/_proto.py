@@ -18,6 +18,7 @@ comes from the reference.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, cast
 
@@ -312,7 +313,7 @@ def parse_bundle_entry(buf: bytes) -> BundleEntryProto:
     """
     fast = _compiled_classes().get("Entry")
     if fast is not None:
-        found = fast(buf)
+        found = _usual_bundle_entry(buf) or fast(buf)
         if found is not None:
             return found
     dtype = shard_id = offset = size = crc = num_slices = 0
@@ -524,6 +525,52 @@ def _skip_field(buf: bytes, pos: int, end: int, tag: int) -> int:
 
 
 _ENTRY_VARINT_FIELDS = {0x08: 0, 0x18: 3, 0x20: 4, 0x28: 5}  # tag -> position in BundleEntryProto
+# What follows the shape in almost every entry: shard_id, offset, size (each absent when 0, as
+# proto3 writes them), then crc32c. Varints of at most 9 bytes are below 2**63.
+_ENTRY_TAIL = re.compile(
+    rb"(?:\x18([\x01-\x7f]))?(?:\x20([\x80-\xff]{0,8}[\x00-\x7f]))?(?:\x28([\x80-\xff]{0,8}[\x00-\x7f]))?\x35(....)",
+    re.DOTALL,
+)
+_ENTRY_HEADS: dict[bytes, tuple[int, tuple[int, ...], bool]] = {}  # dtype and shape bytes -> their values
+
+
+def _usual_bundle_entry(buf: bytes) -> BundleEntryProto | None:
+    """The commonest entry: dtype, shape, then what :data:`_ENTRY_TAIL` matches; else ``None``.
+
+    The 10,000 entries of a model share a few dtype-and-shape prefixes: each is
+    decoded once (by :func:`_fast_bundle_entry`) and looked up after that.
+    """
+    if len(buf) < 4 or buf[0] != 0x08 or buf[1] >= 0x80 or buf[2] != 0x12 or buf[3] >= 0x80:
+        return None  # not {1: a one-byte dtype, 2: a shape of under 128 bytes}
+    split = 4 + buf[3]
+    tail = _ENTRY_TAIL.fullmatch(buf, split) if split <= len(buf) else None
+    if tail is None:
+        return None
+    head = buf[:split]
+    known = _ENTRY_HEADS.get(head)
+    if known is None:
+        decoded = _fast_bundle_entry(head)
+        if decoded is None:
+            return None
+        if len(_ENTRY_HEADS) < 4096:
+            _ENTRY_HEADS[head] = decoded[:3]
+        known = decoded[:3]
+    shard, offset, size, crc = tail.groups()
+    return BundleEntryProto(
+        known[0], known[1], known[2], shard[0] if shard else 0,
+        _varint_bytes(offset) if offset else 0, _varint_bytes(size) if size else 0,
+        int.from_bytes(crc, "little"), 0,
+    )
+
+
+def _varint_bytes(raw: bytes) -> int:
+    """The value of one complete varint (``raw`` is exactly its bytes)."""
+    if len(raw) == 1:
+        return raw[0]
+    value = 0
+    for i, byte in enumerate(raw):
+        value |= (byte & 0x7F) << (7 * i)
+    return value
 
 
 def _fast_bundle_entry(buf: bytes) -> BundleEntryProto | None:
@@ -607,9 +654,7 @@ def _fast_object_graph(buf: bytes) -> list[ObjectNode] | None:
         node_end = pos + size
         if size < 0 or node_end > n:
             return None
-        children: list[ObjectReference] = []
-        attributes: list[SerializedTensor] = []
-        slots: list[SlotVariableReference] = []
+        parts: tuple[list[Any], list[Any], list[Any]] | None = None  # children, attributes, slots
         while pos < node_end:
             tag = buf[pos]
             if tag in (0x0A, 0x12, 0x1A):
@@ -629,16 +674,26 @@ def _fast_object_graph(buf: bytes) -> list[ObjectNode] | None:
                     found = _fast_submessage(buf, start, end, tag)
                     if found is None:
                         return None
-                (children if tag == 0x0A else attributes if tag == 0x12 else slots).append(found)
+                if parts is None:
+                    parts = ([], [], [])
+                parts[(tag >> 3) - 1].append(found)
                 pos = end
             elif 0x20 <= tag < 0x80:  # fields 4 to 15: skipped
-                pos = _skip_field(buf, pos + 1, node_end, tag)
-                if pos < 0:
-                    return None
+                if tag & 7 == LENGTH_DELIMITED and pos + 1 < node_end and buf[pos + 1] < 0x80:
+                    pos += 2 + buf[pos + 1]  # a short one (has_checkpoint_values, on most nodes)
+                    if pos > node_end:
+                        return None
+                else:
+                    pos = _skip_field(buf, pos + 1, node_end, tag)
+                    if pos < 0:
+                        return None
             else:
                 return None
-        nodes.append(ObjectNode(tuple(children), tuple(attributes), tuple(slots)))
+        nodes.append(_EMPTY_NODE if parts is None else ObjectNode(tuple(parts[0]), tuple(parts[1]), tuple(parts[2])))
     return nodes
+
+
+_EMPTY_NODE = ObjectNode((), (), ())
 
 
 def _usual_child(buf: bytes, pos: int, end: int) -> ObjectReference | None:
@@ -659,14 +714,19 @@ def _usual_child(buf: bytes, pos: int, end: int) -> ObjectReference | None:
 
 def _usual_tensor(buf: bytes, pos: int, end: int) -> SerializedTensor | None:
     """``{1: name, 2: full_name, 3: checkpoint_key}``, each under 128 bytes, in ``buf[pos:end]``, else ``None``."""
-    strings = []
-    for tag in (0x0A, 0x12, 0x1A):
-        if pos + 2 > end or buf[pos] != tag or buf[pos + 1] >= 0x80:
-            return None
-        after = pos + 2 + buf[pos + 1]
-        strings.append(buf[pos + 2 : after].decode("utf-8", "backslashreplace"))
-        pos = after
-    return SerializedTensor._make(strings) if pos == end else None
+    if end - pos < 6 or buf[pos] != 0x0A or buf[pos + 1] >= 0x80:
+        return None
+    name_end = pos + 2 + buf[pos + 1]
+    if name_end + 2 > end or buf[name_end] != 0x12 or buf[name_end + 1] >= 0x80:
+        return None
+    full_name_end = name_end + 2 + buf[name_end + 1]
+    if full_name_end + 2 > end or buf[full_name_end] != 0x1A or buf[full_name_end + 1] != end - full_name_end - 2:
+        return None
+    return SerializedTensor(
+        buf[pos + 2 : name_end].decode("utf-8", "backslashreplace"),
+        buf[name_end + 2 : full_name_end].decode("utf-8", "backslashreplace"),
+        buf[full_name_end + 2 : end].decode("utf-8", "backslashreplace"),
+    )
 
 
 # Per sub-message of a node: its fields' tags in order, and whether each is a string.
