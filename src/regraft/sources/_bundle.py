@@ -29,6 +29,7 @@ from regraft.sources._proto import (
     DecodeError,
     ObjectNode,
     decode_varint,
+    fast_bundle_entries,
     parse_bundle_entry,
     parse_bundle_header,
     parse_object_graph,
@@ -546,7 +547,8 @@ class Bundle:
         entries: dict[str, BundleEntry] = {}
         previous = b""
         num_shards = self.header.num_shards
-        for raw_key, value in table:
+        decoded = fast_bundle_entries([value for _, value in table])  # None where the reference must judge
+        for (raw_key, value), proto in zip(table, decoded):
             if raw_key <= previous:
                 raise CorruptCheckpointError(
                     f"{self.index_path}: key {raw_key!r} follows {previous!r}; expected "
@@ -565,12 +567,13 @@ class Bundle:
                     hint="Rename one of the two tensors in TensorFlow (tf.raw_ops.RestoreV2 reads by raw key) "
                     "and save the checkpoint again.",
                 )
-            try:
-                proto = parse_bundle_entry(value)
-            except DecodeError as exc:
-                raise CorruptCheckpointError(
-                    f"{self.index_path}: the entry of tensor {key!r} is garbled: {exc}", hint=DAMAGED_HINT
-                ) from None
+            if proto is None:
+                try:
+                    proto = parse_bundle_entry(value)
+                except DecodeError as exc:
+                    raise CorruptCheckpointError(
+                        f"{self.index_path}: the entry of tensor {key!r} is garbled: {exc}", hint=DAMAGED_HINT
+                    ) from None
             dtype, shape, unknown_rank, shard_id, offset, size, crc, num_slices = proto
             # The checks of _entry_problem, in one expression for the 10,000 entries that pass them.
             if unknown_rank or not 0 <= shard_id < num_shards or offset < 0 or size < 0 or (

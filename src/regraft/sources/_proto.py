@@ -31,6 +31,7 @@ __all__ = [
     "SerializedTensor",
     "SlotVariableReference",
     "decode_varint",
+    "fast_bundle_entries",
     "iter_fields",
     "parse_bundle_entry",
     "parse_bundle_header",
@@ -311,11 +312,9 @@ def parse_bundle_entry(buf: bytes) -> BundleEntryProto:
     Raises:
         DecodeError: the bytes are not a well-formed message.
     """
-    fast = _compiled_classes().get("Entry")
-    if fast is not None:
-        found = _usual_bundle_entry(buf) or fast(buf)
-        if found is not None:
-            return found
+    found = fast_bundle_entries([buf])[0]
+    if found is not None:
+        return found
     dtype = shard_id = offset = size = crc = num_slices = 0
     dims: list[int] = []
     unknown_rank = False
@@ -534,33 +533,40 @@ _ENTRY_TAIL = re.compile(
 _ENTRY_HEADS: dict[bytes, tuple[int, tuple[int, ...], bool]] = {}  # dtype and shape bytes -> their values
 
 
-def _usual_bundle_entry(buf: bytes) -> BundleEntryProto | None:
-    """The commonest entry: dtype, shape, then what :data:`_ENTRY_TAIL` matches; else ``None``.
+def fast_bundle_entries(values: list[bytes]) -> list[BundleEntryProto | None]:
+    """Many ``BundleEntryProto``s at once by the fast decoders; ``None`` where :func:`parse_bundle_entry` must judge.
 
-    The 10,000 entries of a model share a few dtype-and-shape prefixes: each is
-    decoded once (by :func:`_fast_bundle_entry`) and looked up after that.
+    The commonest entry is a one-byte dtype, a shape, then what :data:`_ENTRY_TAIL`
+    matches. The 10,000 entries of a model share a few dtype-and-shape prefixes:
+    each is decoded once (by :func:`_fast_bundle_entry`) and looked up after that.
     """
-    if len(buf) < 4 or buf[0] != 0x08 or buf[1] >= 0x80 or buf[2] != 0x12 or buf[3] >= 0x80:
-        return None  # not {1: a one-byte dtype, 2: a shape of under 128 bytes}
-    split = 4 + buf[3]
-    tail = _ENTRY_TAIL.fullmatch(buf, split) if split <= len(buf) else None
-    if tail is None:
-        return None
-    head = buf[:split]
-    known = _ENTRY_HEADS.get(head)
-    if known is None:
-        decoded = _fast_bundle_entry(head)
-        if decoded is None:
-            return None
-        if len(_ENTRY_HEADS) < 4096:
-            _ENTRY_HEADS[head] = decoded[:3]
-        known = decoded[:3]
-    shard, offset, size, crc = tail.groups()
-    return BundleEntryProto(
-        known[0], known[1], known[2], shard[0] if shard else 0,
-        _varint_bytes(offset) if offset else 0, _varint_bytes(size) if size else 0,
-        int.from_bytes(crc, "little"), 0,
-    )
+    one_entry = _compiled_classes().get("Entry")
+    if one_entry is None:
+        return [None] * len(values)
+    heads, tail_match, out = _ENTRY_HEADS, _ENTRY_TAIL.fullmatch, []
+    for buf in values:
+        found = None
+        if len(buf) >= 4 and buf[0] == 0x08 and buf[1] < 0x80 and buf[2] == 0x12 and buf[3] < 0x80:
+            split = 4 + buf[3]  # {1: dtype} {2: shape} end here
+            tail = tail_match(buf, split) if split <= len(buf) else None
+            if tail is not None:
+                head = buf[:split]
+                known = heads.get(head)
+                if known is None:
+                    decoded = one_entry(head)
+                    known = decoded[:3] if decoded is not None else None
+                    if known is not None and len(heads) < 4096:
+                        heads[head] = known
+                if known is not None:
+                    shard, offset, size, crc = tail.groups()
+                    found = BundleEntryProto(
+                        known[0], known[1], known[2], shard[0] if shard else 0,
+                        (offset[0] if len(offset) == 1 else _varint_bytes(offset)) if offset else 0,
+                        (size[0] if len(size) == 1 else _varint_bytes(size)) if size else 0,
+                        int.from_bytes(crc, "little"), 0,
+                    )
+        out.append(found or one_entry(buf))
+    return out
 
 
 def _varint_bytes(raw: bytes) -> int:
