@@ -131,6 +131,9 @@ class BundleEntry(NamedTuple):
         return _NUMPY_DTYPES.get(self.data_type) or _tf_dtype_name(self.data_type)
 
 
+_new_tuple = tuple.__new__  # a BundleEntry from a tuple of its fields, without NamedTuple's Python-level __new__
+
+
 def data_file_path(prefix: str, shard_id: int, num_shards: int) -> str:
     """Returns the path of one data shard, ``PREFIX.data-0000i-of-0000N``."""
     return f"{prefix}.data-{shard_id:05d}-of-{num_shards:05d}"
@@ -584,7 +587,8 @@ class Bundle:
                         f"{self.index_path}: the entry of tensor {key!r} is invalid: {problem}",
                         hint=DAMAGED_HINT,
                     )
-            entries[key] = BundleEntry(key, dtype, shape, shard_id, offset, size, crc, num_slices > 0, raw_key)
+            entries[key] = _new_tuple(BundleEntry, (key, dtype, shape, shard_id, offset, size, crc, num_slices > 0,
+                                                    raw_key))
         return entries
 
     def _entry_problem(self, proto: BundleEntryProto) -> str:

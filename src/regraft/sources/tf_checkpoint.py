@@ -375,9 +375,16 @@ def _positional_layer_names(full_names: dict[str, str]) -> dict[str, tuple[str |
     """
     scopes: dict[str, list[str]] = {}
     positional_nodes: dict[str, list[str]] = {}  # a key's parent -> the objects on its path reached by position
+    seen: set[tuple[str, str]] = set()
     for key, full_name in full_names.items():
-        scope = full_name.removesuffix(":0").split("/")[:-1]
+        full_name = full_name.removesuffix(":0")
         parent = key.rpartition("/")[0]
+        # A common prefix does not change when a scope comes again: each (parent, scope) counts once.
+        scope_text = full_name[: full_name.rfind("/") + 1]
+        if (parent, scope_text) in seen:
+            continue
+        seen.add((parent, scope_text))
+        scope = full_name.split("/")[:-1]
         nodes = positional_nodes.get(parent)
         if nodes is None:
             segments = parent.split("/") if parent else []
