@@ -561,7 +561,7 @@ class Bundle:
             previous = raw_key
             if raw_key.startswith(_SLICE_KEY_PREFIX):
                 continue
-            key = raw_key.decode("utf-8", errors="backslashreplace")
+            key = raw_key.decode("utf-8", "backslashreplace")
             if key in entries:  # b"w\xff" and the text "w\\xff" display alike: never let one stand for the other
                 raise UnsupportedFormatError(
                     f"{self.index_path}: the tensor keys {entries[key].raw_key!r} and {raw_key!r} are both "

@@ -659,7 +659,10 @@ def _fast_object_graph(buf: bytes) -> list[ObjectNode] | None:
     while pos < n:
         if buf[pos] != 0x0A:
             return None
-        size, pos = _short_varint(buf, pos + 1, n)
+        if pos + 2 < n and buf[pos + 1] >= 0x80 and buf[pos + 2] < 0x80:  # most nodes: 128 bytes to 16 KB
+            size, pos = (buf[pos + 1] & 0x7F) | (buf[pos + 2] << 7), pos + 3
+        else:
+            size, pos = _short_varint(buf, pos + 1, n)
         node_end = pos + size
         if size < 0 or node_end > n:
             return None
