@@ -10,7 +10,7 @@ input raises :class:`DecodeError`, never ``IndexError`` or similar.
 Two decoders read each message: a general one (``iter_fields`` and the
 ``_parse_*`` functions), which is the reference and says precisely what is wrong
 with bad bytes, and a fast one for the layout TensorFlow writes (fields in order,
-each once, short varints), about ten times quicker at 10,000 variables. The fast
+each once, short varints), about seven times quicker at 10,000 variables. The fast
 one gives up (returns ``None``) on anything else, and the general one decodes
 that message again: both give the same result on any input, and every error
 comes from the reference.
