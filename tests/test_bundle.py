@@ -535,6 +535,104 @@ def test_random_bytes_never_crash_the_parsers() -> None:
                 parse(data)
 
 
+def _mutations(data: bytes, rng: random.Random, count: int) -> list[bytes]:
+    """``count`` copies of ``data`` with one byte changed, inserted or deleted, or the end cut off."""
+    out = []
+    for _ in range(count):
+        b = bytearray(data)
+        edit, i = rng.randrange(4), rng.randrange(len(b) + 1)
+        if edit == 0 and i < len(b):
+            b[i] = rng.randrange(256)
+        elif edit == 1:
+            b.insert(i, rng.choice([0x00, 0x08, 0x12, 0x18, 0x35, 0x3A, 0x7F, 0x80, 0xFF, rng.randrange(256)]))
+        elif edit == 2 and i < len(b):
+            del b[i]
+        else:
+            del b[i:]
+        out.append(bytes(b))
+    return out
+
+
+def test_the_fast_decoders_agree_with_the_reference(tf: Any, v2_ckpt: str, v1_ckpt: str, sharded_ckpt: str,
+                                                    partitioned_ckpt: str, monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    """An oracle test: on real entries and graphs, and on thousands of damaged copies, the fast decoders
+    (TensorFlow's layout only) give what the reference decoder gives, or the same error."""
+    from regraft.sources import _proto
+
+    # More than 128 nodes: node ids of two varint bytes; a name of 200 bytes: a two-byte length.
+    many = tf.train.Checkpoint(items=[tf.Variable([float(i)]) for i in range(150)],
+                               **{"n" * 200: tf.Variable(1.0)})
+    many_prefix = many.save(str(tmp_path / "many"))
+
+    from tensorflow.core.protobuf import tensor_bundle_pb2
+
+    rng = random.Random(3)
+    cases = []
+    values = [value for prefix in (v2_ckpt, v1_ckpt, sharded_ckpt, partitioned_ckpt)
+              for _, value in _read_table(Path(prefix + ".index").read_bytes(), "x")[1:]]
+    for fields, dims, unknown_rank in [  # the corners of each field, written by protobuf itself
+        (dict(dtype=1, shard_id=3, offset=2**40, size=2**35, crc32c=0xFFFFFFFF), [0, 1, 127, 128, 2**62], False),
+        (dict(dtype=200, offset=1, size=1, crc32c=1), [], True),
+        (dict(dtype=1, shard_id=127, offset=127, size=128), [5, 0], True),
+        (dict(dtype=1, shard_id=128, offset=0, size=0), [-1, 3], False),
+        (dict(dtype=-1, shard_id=-2, offset=-3, size=-4), [2**63 - 1], False),
+        (dict(), [], False),
+    ]:
+        proto = tensor_bundle_pb2.BundleEntryProto(**fields)
+        for size in dims:
+            proto.shape.dim.add(size=size)
+        proto.shape.unknown_rank = unknown_rank
+        values.append(proto.SerializeToString())
+        proto.slices.add()
+        values.append(proto.SerializeToString())
+    for value in values:
+        cases += [(parse_bundle_entry, v) for v in [value, *_mutations(value, rng, 150)]]
+    written = [value for _, value in _read_table(Path(v2_ckpt + ".index").read_bytes(), "x")[1:]]
+    assert None not in _proto.fast_bundle_entries(written)  # TensorFlow's entries take the fast path
+    for prefix in (v2_ckpt, many_prefix):
+        graph = b"".join(Bundle(prefix).read_string(OBJECT_GRAPH_KEY))
+        fast_graph = _proto._fast_object_graph(graph)
+        assert fast_graph is not None
+        cases += [(parse_object_graph, g) for g in [graph, *_mutations(graph, rng, 300)]]
+    assert any(n.slot_variables for n in _proto._fast_object_graph(b"".join(Bundle(v2_ckpt).read_string(OBJECT_GRAPH_KEY))))
+    assert len(fast_graph) > 150
+
+    def outcome(parse: Any, data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return f"DecodeError: {exc}"
+
+    fast = [outcome(parse, data) for parse, data in cases]
+    monkeypatch.setattr(_proto, "_compiled_classes", lambda: {})
+    reference = [outcome(parse, data) for parse, data in cases]
+    assert len(fast) == len(reference) > 5000
+    for (parse, data), ours, expected in zip(cases, fast, reference):
+        assert ours == expected, (parse.__name__, data)
+    assert sum(isinstance(r, str) for r in reference) > 100  # damaged bytes were refused, and alike
+
+
+def test_dtype_names_are_numpy_names(v2_ckpt: str) -> None:
+    bundle = Bundle(v2_ckpt)
+    for entry in bundle.entries.values():
+        expected = entry.dtype if isinstance(entry.dtype, str) else entry.dtype.name
+        assert entry.dtype_name == expected
+
+
+def test_listing_a_checkpoint_imports_neither_numpy_nor_protobuf_nor_h5py(v2_ckpt: str) -> None:
+    code = (
+        "import sys, io, contextlib; from regraft.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out: assert main(['inspect', '--all', sys.argv[1]]) == 0\n"
+        "assert 'v_float32' in out.getvalue()\n"
+        "loaded = sorted(m for m in ('numpy', 'h5py', 'google.protobuf', 'importlib.metadata', 'zipfile', "
+        "'regraft.sources.keras_h5', 'regraft.api') if m in sys.modules)\n"
+        "assert not loaded, loaded"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    subprocess.run([sys.executable, "-c", code, v2_ckpt], check=True, env=env)
+
+
 # --- crc32c --------------------------------------------------------------------------------
 
 

@@ -593,3 +593,27 @@ def test_missing_path_message_is_exact(tmp_path):
     with pytest.raises(SourceError) as info:
         regraft.open(path)
     assert str(info.value) == f"{path} does not exist.\nHint: Check the path; {tmp_path} is where it was looked for."
+
+
+def test_builtin_formats_are_imported_only_where_they_could_answer(tmp_path):
+    """Each built-in format is listed by name with what lets the registry skip it without importing it
+    (its suffixes, files only, a signature); here each such shortcut is checked against the class itself."""
+    from regraft.sources import FORMATS, BuiltinFormat
+
+    folder, missing, hdf5, other = tmp_path / "d", tmp_path / "missing", tmp_path / "a.h5", tmp_path / "b.bin"
+    folder.mkdir()
+    with h5py.File(hdf5, "w"):
+        pass
+    other.write_bytes(b"\x89HDF\r\n\x1a" + b"\x00" * 100)  # one byte short of the signature
+    builtins = [f for f in FORMATS if isinstance(f, BuiltinFormat)]
+    assert len(builtins) == 7
+    for fmt in builtins:
+        cls = fmt.load()
+        assert fmt.suffixes == cls.suffixes
+        for path in (folder, missing, hdf5, other):
+            if cls.detect(str(path)):
+                assert fmt.may_detect(str(path)), (fmt.name, path)
+        if fmt.files_only:
+            assert not fmt.may_detect(str(folder)) and not fmt.may_detect(str(missing))
+    assert [f.name for f in builtins if f.may_detect(str(hdf5))][:1] == ["KerasH5"]
+    assert "KerasH5" not in [f.name for f in builtins if f.may_detect(str(other))]

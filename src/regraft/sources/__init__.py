@@ -3,22 +3,81 @@
 A format is one module with one :class:`~regraft.sources.base.Source` subclass,
 registered here with :func:`register_format`; :func:`open_source` asks each
 registered format, in order, whether it recognises the path.
+
+The built-in formats are registered by name (:class:`BuiltinFormat`) and their
+modules imported only when a path could be theirs: ``regraft inspect`` of a TF
+checkpoint imports neither h5py, numpy, nor the zip and JSON readers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import os
-from typing import Iterator
+from typing import Iterator, NamedTuple, Union
 
 from regraft.errors import SourceError, UnsupportedFormatError
-from regraft.sources import keras_archive, keras_h5, keras_sharded, npz, safetensors_file, saved_model, tf_checkpoint
 from regraft.sources.base import Source
 
-__all__ = ["Source", "open_source", "register_format", "FORMATS", "without_gc"]
+__all__ = ["Source", "open_source", "register_format", "FORMATS", "BuiltinFormat", "without_gc"]
 
-FORMATS: list[type[Source]] = []
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+class BuiltinFormat(NamedTuple):
+    """A built-in format named by module and class, imported when a path could be in it.
+
+    Attributes:
+        module: the module holding the class, e.g. ``"regraft.sources.npz"``.
+        name: the :class:`Source` subclass in it.
+        files_only: the format recognises only regular files, so a prefix or a
+            folder is not asked (nor its module imported).
+        signature: the first bytes every file of the format starts with, or ``b""``.
+        suffixes: the class's :attr:`Source.suffixes`, for the by-name fallback.
+    """
+
+    module: str
+    name: str
+    files_only: bool
+    signature: bytes = b""
+    suffixes: tuple[str, ...] = ()
+
+    def load(self) -> type[Source]:
+        """The :class:`Source` subclass (importing its module)."""
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def may_detect(self, path: str) -> bool:
+        """False when the format cannot recognise ``path``, judged without importing it.
+
+        Raises:
+            OSError: the path's first bytes cannot be read (as the format's own ``detect`` would).
+        """
+        if self.files_only and not os.path.isfile(path):
+            return False
+        if self.signature:
+            with open(path, "rb") as f:
+                return f.read(len(self.signature)) == self.signature
+        return True
+
+
+FORMATS: list[Union[type[Source], BuiltinFormat]] = [
+    # HDF5 signature first: cheap and unambiguous
+    BuiltinFormat("regraft.sources.keras_h5", "KerasH5", True, _HDF5_SIGNATURE),
+    # a zip with config.json and model.weights.h5
+    BuiltinFormat("regraft.sources.keras_archive", "KerasArchive", True, suffixes=(".keras",)),
+    # JSON: a weight_map to .weights.h5 shards
+    BuiltinFormat("regraft.sources.keras_sharded", "KerasSharded", True, suffixes=(".weights.json",)),
+    # a zip of .npy members
+    BuiltinFormat("regraft.sources.npz", "NpzFile", True, suffixes=(".npz",)),
+    # a bounded header length, then '{'; or an index JSON
+    BuiltinFormat("regraft.sources.safetensors_file", "SafetensorsFile", True,
+                  suffixes=(".safetensors", ".safetensors.index.json")),
+    # a folder with saved_model.pb: its variables/ bundle
+    BuiltinFormat("regraft.sources.saved_model", "SavedModel", False),
+    BuiltinFormat("regraft.sources.tf_checkpoint", "TFCheckpoint", False),
+]
+"""The formats :func:`open_source` asks, in order: :class:`Source` subclasses, or built-ins by name."""
 
 
 def register_format(cls: type[Source]) -> type[Source]:
@@ -28,13 +87,8 @@ def register_format(cls: type[Source]) -> type[Source]:
     return cls
 
 
-register_format(keras_h5.KerasH5)  # HDF5 signature first: cheap and unambiguous
-register_format(keras_archive.KerasArchive)  # a zip with config.json and model.weights.h5
-register_format(keras_sharded.KerasSharded)  # JSON: a weight_map to .weights.h5 shards
-register_format(npz.NpzFile)  # a zip of .npy members
-register_format(safetensors_file.SafetensorsFile)  # a bounded header length, then '{'; or an index JSON
-register_format(saved_model.SavedModel)  # a folder with saved_model.pb: its variables/ bundle
-register_format(tf_checkpoint.TFCheckpoint)
+def _load(fmt: Union[type[Source], BuiltinFormat]) -> type[Source]:
+    return fmt.load() if isinstance(fmt, BuiltinFormat) else fmt
 
 
 def open_source(path: str | os.PathLike[str], *, allow_outside_state: bool = False) -> Source:
@@ -56,13 +110,18 @@ def open_source(path: str | os.PathLike[str], *, allow_outside_state: bool = Fal
     path = os.fspath(path)
     for fmt in FORMATS:
         try:
-            found = fmt.detect(path)
+            if isinstance(fmt, BuiltinFormat) and not fmt.may_detect(path):
+                continue
+            cls = _load(fmt)
+            found = cls.detect(path)
         except OSError as exc:  # sniffing reads a few bytes: unreadable file, /proc/self/mem, a device
             raise _unreadable(path, exc) from None
         if found:
-            if fmt is tf_checkpoint.TFCheckpoint:
-                return fmt(path, allow_outside_state=allow_outside_state)
-            return fmt(path)
+            from regraft.sources.tf_checkpoint import TFCheckpoint
+
+            if cls is TFCheckpoint:
+                return cls(path, allow_outside_state=allow_outside_state)
+            return cls(path)
     if not os.path.exists(path) and not os.path.exists(path + ".index"):
         parent = os.path.dirname(path) or "."
         raise SourceError(
@@ -74,8 +133,10 @@ def open_source(path: str | os.PathLike[str], *, allow_outside_state: bool = Fal
     if os.path.isdir(path):
         listing = sorted(os.listdir(path))
         if os.path.isfile(os.path.join(path, "checkpoint")) or any(f.endswith(".index") for f in listing):
+            from regraft.sources.tf_checkpoint import resolve_prefix
+
             # raises its precise reason (stale state file, several prefixes, a state file pointing elsewhere)
-            tf_checkpoint.resolve_prefix(path, allow_outside_state)
+            resolve_prefix(path, allow_outside_state)
         shown = ", ".join(listing[:6]) + (" …" if len(listing) > 6 else "") if listing else "nothing"
         raise SourceError(
             f"{path} is a folder but holds no checkpoint (found: {shown}).",
@@ -83,7 +144,7 @@ def open_source(path: str | os.PathLike[str], *, allow_outside_state: bool = Fal
         )
     for fmt in FORMATS:
         if any(path.endswith(suffix) for suffix in fmt.suffixes):
-            return fmt(path)  # recognised by name only: its constructor says what is wrong with it
+            return _load(fmt)(path)  # recognised by name only: its constructor says what is wrong with it
     raise UnsupportedFormatError(
         f"{path} is in no format regraft reads.",
         hint="Pass a checkpoint prefix (dir/ckpt-3), a SavedModel folder, or a .weights.h5, .weights.json, "

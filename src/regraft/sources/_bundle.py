@@ -17,25 +17,26 @@ import os
 import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 from regraft.naming import dtype_of
 
 from regraft.errors import CorruptCheckpointError, SourceError, UnsupportedFormatError
 from regraft.sources._crc32c import crc32c, mask
-from regraft.sources._slices import read_block, touched_bytes
 from regraft.sources._proto import (
     BundleEntryProto,
     BundleHeader,
     DecodeError,
     ObjectNode,
     decode_varint,
+    fast_bundle_entries,
     parse_bundle_entry,
     parse_bundle_header,
     parse_object_graph,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["OBJECT_GRAPH_KEY", "Bundle", "BundleEntry", "data_file_path"]
 
@@ -57,22 +58,23 @@ _MAX_SHARDS_UNLISTED = 4096  # data files checked one by one when the folder can
 _MAX_ELEMENTS = (1 << 63) // 16  # numpy's limit on array bytes, for the widest dtype
 _MAX_NDIM = 64  # numpy's limit on dimensions; TensorFlow allows 254
 
-# tensorflow/core/framework/types.proto DataType -> numpy type (bfloat16 is lazy).
-_NUMPY_DTYPES: dict[int, type[np.generic]] = {
-    1: np.float32,
-    2: np.float64,
-    3: np.int32,
-    4: np.uint8,
-    5: np.int16,
-    6: np.int8,
-    8: np.complex64,
-    9: np.int64,
-    10: np.bool_,
-    17: np.uint16,
-    18: np.complex128,
-    19: np.float16,
-    22: np.uint32,
-    23: np.uint64,
+# tensorflow/core/framework/types.proto DataType -> numpy dtype name (bfloat16 needs ml_dtypes).
+# Names, not numpy types: opening a checkpoint lists it without importing numpy.
+_NUMPY_DTYPES: dict[int, str] = {
+    1: "float32",
+    2: "float64",
+    3: "int32",
+    4: "uint8",
+    5: "int16",
+    6: "int8",
+    8: "complex64",
+    9: "int64",
+    10: "bool",
+    17: "uint16",
+    18: "complex128",
+    19: "float16",
+    22: "uint32",
+    23: "uint64",
 }
 _DTYPE_NAMES = (
     "invalid", "float", "double", "int32", "uint8", "int16", "int8", "string", "complex64",
@@ -82,19 +84,17 @@ _DTYPE_NAMES = (
     "uint4", "int2", "uint2", "float4_e2m1fn",
 )  # fmt: skip
 
-EntryDType = np.dtype | str
+EntryDType = Union["np.dtype", str]
 """A numpy dtype, ``"string"``, or the TF name of a dtype regraft cannot read."""
 
 
-@dataclass(frozen=True)
-class BundleEntry:
+class BundleEntry(NamedTuple):
     """Where and how one tensor is stored in a bundle.
 
     Attributes:
         key: the tensor's checkpoint key, e.g. ``"dense/kernel/.ATTRIBUTES/VARIABLE_VALUE"``.
-        dtype: a numpy dtype; ``"string"`` for DT_STRING; for any other dtype
-            (e.g. ``"resource"``, ``"variant"``, or ``"bfloat16"`` when ml_dtypes
-            is not installed) its TensorFlow name.
+        data_type: the ``tensorflow.DataType`` enum value (1 = DT_FLOAT, ...);
+            :attr:`dtype` and :attr:`dtype_name` say it for numpy and for people.
         shape: dimension sizes, ``()`` for a scalar.
         shard_id: index of the data file holding the bytes.
         offset: byte offset in that data file.
@@ -107,7 +107,7 @@ class BundleEntry:
     """
 
     key: str
-    dtype: EntryDType
+    data_type: int
     shape: tuple[int, ...]
     shard_id: int
     offset: int
@@ -116,18 +116,45 @@ class BundleEntry:
     sliced: bool
     raw_key: bytes = b""
 
+    @property
+    def dtype(self) -> EntryDType:
+        """A numpy dtype; ``"string"`` for DT_STRING; for any other dtype (e.g. ``"resource"``,
+        ``"variant"``, or ``"bfloat16"`` when ml_dtypes is not installed) its TensorFlow name."""
+        found = _ENTRY_DTYPES.get(self.data_type)
+        if found is None:
+            found = _ENTRY_DTYPES[self.data_type] = _entry_dtype(self.data_type)
+        return found
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype's name (numpy's, e.g. ``"float32"``; TensorFlow's for the others), without numpy."""
+        return _NUMPY_DTYPES.get(self.data_type) or _tf_dtype_name(self.data_type)
+
+
+_new_tuple = tuple.__new__  # a BundleEntry from a tuple of its fields, without NamedTuple's Python-level __new__
+
 
 def data_file_path(prefix: str, shard_id: int, num_shards: int) -> str:
     """Returns the path of one data shard, ``PREFIX.data-0000i-of-0000N``."""
     return f"{prefix}.data-{shard_id:05d}-of-{num_shards:05d}"
 
 
+_ENTRY_DTYPES: dict[int, EntryDType] = {}  # enum -> its EntryDType, made on first use
+
+
 def _entry_dtype(enum: int) -> EntryDType:
     """Maps a ``tensorflow.DataType`` enum value to a :data:`EntryDType`."""
     if enum in _NUMPY_DTYPES:
+        import numpy as np
+
         return np.dtype(_NUMPY_DTYPES[enum])
     if enum == _DT_BFLOAT16:
         return dtype_of("bfloat16")
+    return _tf_dtype_name(enum)
+
+
+def _tf_dtype_name(enum: int) -> str:
+    """TensorFlow's name of a ``DataType`` enum value (``"bfloat16"``, ``"string"``, ``"resource"``...)."""
     if 0 <= enum < len(_DTYPE_NAMES):
         return _DTYPE_NAMES[enum]
     return f"DataType({enum})"
@@ -201,9 +228,13 @@ def _block_entries(block: bytes) -> list[tuple[bytes, bytes]]:
     key = b""
     pos = 0
     while pos < limit:
-        shared, pos = decode_varint(block, pos, limit)
-        non_shared, pos = decode_varint(block, pos, limit)
-        value_size, pos = decode_varint(block, pos, limit)
+        if pos + 3 <= limit and (block[pos] | block[pos + 1] | block[pos + 2]) < 0x80:  # three 1-byte varints
+            shared, non_shared, value_size = block[pos], block[pos + 1], block[pos + 2]
+            pos += 3
+        else:
+            shared, pos = decode_varint(block, pos, limit)
+            non_shared, pos = decode_varint(block, pos, limit)
+            value_size, pos = decode_varint(block, pos, limit)
         value_pos = pos + non_shared
         if shared > len(key) or value_pos + value_size > limit:
             raise DecodeError(f"entry at block byte {pos} overruns its block")
@@ -317,6 +348,8 @@ class Bundle:
             UnsupportedFormatError: a string, resource/variant, or partitioned tensor.
             CorruptCheckpointError: the data is truncated or fails its checksum.
         """
+        import numpy as np
+
         entry, dtype = self._sized_entry(key)
         with self._open_data(entry) as f:
             array = np.empty(entry.shape, dtype)
@@ -335,6 +368,8 @@ class Bundle:
         Raises:
             The same errors as :meth:`read`; ``out`` may then hold part of the bytes.
         """
+        import numpy as np
+
         entry, dtype = self._sized_entry(key)
         if out.dtype != dtype or out.shape != tuple(entry.shape) or not out.flags.c_contiguous:
             out[...] = self.read(key)
@@ -378,6 +413,10 @@ class Bundle:
         Raises:
             The errors of :meth:`read`, except a checksum mismatch.
         """
+        import numpy as np
+
+        from regraft.sources._slices import read_block, touched_bytes
+
         entry, dtype = self._sized_entry(key)
         with self._open_data(entry) as f:
             if entry.size == 0:
@@ -421,7 +460,7 @@ class Bundle:
         entry = self._entry(key)
         if entry.dtype != "string":
             raise UnsupportedFormatError(
-                f"{self.index_path}: tensor {key!r} has dtype {_dtype_name(entry.dtype)}, "
+                f"{self.index_path}: tensor {key!r} has dtype {entry.dtype_name}, "
                 "not string",
                 hint="Read numeric tensors with Bundle.read.",
             )
@@ -510,7 +549,9 @@ class Bundle:
         """Parses the tensor entries, skipping slice keys of partitioned variables."""
         entries: dict[str, BundleEntry] = {}
         previous = b""
-        for raw_key, value in table:
+        num_shards = self.header.num_shards
+        decoded = fast_bundle_entries([value for _, value in table])  # None where the reference must judge
+        for (raw_key, value), proto in zip(table, decoded):
             if raw_key <= previous:
                 raise CorruptCheckpointError(
                     f"{self.index_path}: key {raw_key!r} follows {previous!r}; expected "
@@ -520,7 +561,7 @@ class Bundle:
             previous = raw_key
             if raw_key.startswith(_SLICE_KEY_PREFIX):
                 continue
-            key = raw_key.decode("utf-8", errors="backslashreplace")
+            key = raw_key.decode("utf-8", "backslashreplace")
             if key in entries:  # b"w\xff" and the text "w\\xff" display alike: never let one stand for the other
                 raise UnsupportedFormatError(
                     f"{self.index_path}: the tensor keys {entries[key].raw_key!r} and {raw_key!r} are both "
@@ -529,34 +570,26 @@ class Bundle:
                     hint="Rename one of the two tensors in TensorFlow (tf.raw_ops.RestoreV2 reads by raw key) "
                     "and save the checkpoint again.",
                 )
-            entries[key] = self._make_entry(key, value, raw_key)
+            if proto is None:
+                try:
+                    proto = parse_bundle_entry(value)
+                except DecodeError as exc:
+                    raise CorruptCheckpointError(
+                        f"{self.index_path}: the entry of tensor {key!r} is garbled: {exc}", hint=DAMAGED_HINT
+                    ) from None
+            dtype, shape, unknown_rank, shard_id, offset, size, crc, num_slices = proto
+            # The checks of _entry_problem, in one expression for the 10,000 entries that pass them.
+            if unknown_rank or not 0 <= shard_id < num_shards or offset < 0 or size < 0 or (
+                    shape and (min(shape) < 0 or math.prod(shape) > _MAX_ELEMENTS or 0 in shape)):
+                problem = self._entry_problem(proto)
+                if problem:
+                    raise CorruptCheckpointError(
+                        f"{self.index_path}: the entry of tensor {key!r} is invalid: {problem}",
+                        hint=DAMAGED_HINT,
+                    )
+            entries[key] = _new_tuple(BundleEntry, (key, dtype, shape, shard_id, offset, size, crc, num_slices > 0,
+                                                    raw_key))
         return entries
-
-    def _make_entry(self, key: str, value: bytes, raw_key: bytes) -> BundleEntry:
-        """Parses and checks one BundleEntryProto."""
-        try:
-            proto = parse_bundle_entry(value)
-        except DecodeError as exc:
-            raise CorruptCheckpointError(
-                f"{self.index_path}: the entry of tensor {key!r} is garbled: {exc}", hint=DAMAGED_HINT
-            ) from None
-        problem = self._entry_problem(proto)
-        if problem:
-            raise CorruptCheckpointError(
-                f"{self.index_path}: the entry of tensor {key!r} is invalid: {problem}",
-                hint=DAMAGED_HINT,
-            )
-        return BundleEntry(
-            key=key,
-            dtype=_entry_dtype(proto.dtype),
-            shape=proto.shape,
-            shard_id=proto.shard_id,
-            offset=proto.offset,
-            size=proto.size,
-            crc32c=proto.crc32c,
-            sliced=proto.num_slices > 0,
-            raw_key=raw_key,
-        )
 
     def _entry_problem(self, proto: BundleEntryProto) -> str:
         """Returns what is wrong with an entry's fields, or ``""``."""
@@ -623,6 +656,8 @@ class Bundle:
 
     def _numeric_entry(self, key: str) -> tuple[BundleEntry, np.dtype]:
         """Returns the entry of ``key`` and its dtype, checking :meth:`read` can read it."""
+        import numpy as np
+
         entry = self._entry(key)
         if not isinstance(entry.dtype, np.dtype):
             if entry.dtype == "string":
@@ -700,11 +735,6 @@ class Bundle:
                 f"{actual:#010x}, expected {entry.crc32c:#010x}; its data is corrupted",
                 hint=DAMAGED_HINT,
             )
-
-
-def _dtype_name(dtype: EntryDType) -> str:
-    """Returns a display name for an entry dtype."""
-    return dtype if isinstance(dtype, str) else dtype.name
 
 
 def _num_elements(shape: tuple[int, ...]) -> int:

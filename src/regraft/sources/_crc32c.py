@@ -8,9 +8,10 @@ data that itself contains checksums stays well distributed.
 
 from __future__ import annotations
 
+import os
+import sys
+from types import ModuleType
 from typing import TYPE_CHECKING
-
-import crc32c as crc32c_package
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -34,6 +35,45 @@ def _make_table() -> tuple[int, ...]:
 
 
 _TABLE = _make_table()
+
+
+def _crc32c_extension() -> ModuleType:
+    """The ``crc32c`` package's C extension module, loaded without the package's ``__init__``.
+
+    That ``__init__`` reads its own version through ``importlib.metadata``, which
+    imports ``email``, ``csv``, ``zipfile`` and more: ~20 ms of every ``regraft``
+    command. The extension is what computes the checksums; it is loaded from the
+    package's folder under its own name (so that a later ``import crc32c`` reuses
+    it). Any surprise in that layout falls back to importing the package.
+    """
+    name = "crc32c._crc32c"
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader
+        from importlib.util import find_spec, module_from_spec, spec_from_file_location
+
+        package = find_spec("crc32c")  # finds the package's folder without running its __init__
+        for folder in (package.submodule_search_locations or []) if package else []:
+            for suffix in EXTENSION_SUFFIXES:
+                path = os.path.join(folder, "_crc32c" + suffix)
+                if os.path.isfile(path):
+                    spec = spec_from_file_location(name, path, loader=ExtensionFileLoader(name, path))
+                    if spec is None or spec.loader is None:
+                        break
+                    module = module_from_spec(spec)
+                    spec.loader.exec_module(module)
+                    if callable(getattr(module, "crc32c", None)):
+                        sys.modules[name] = module
+                        return module
+    except (ImportError, OSError):
+        pass
+    import crc32c as package_module
+
+    return package_module
+
+
+_EXTENSION = _crc32c_extension()
 
 
 def pure_python_crc32c(data: Buffer, value: int = 0) -> int:
@@ -63,7 +103,7 @@ def crc32c(data: Buffer, value: int = 0) -> int:
     Returns:
         The unsigned 32-bit checksum.
     """
-    return crc32c_package.crc32c(data, value=value)
+    return _EXTENSION.crc32c(data, value=value)
 
 
 def mask(crc: int) -> int:

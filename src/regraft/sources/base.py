@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterable
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterable
 
 from regraft.entries import WEIGHT, SourceEntry
 from regraft.errors import CorruptCheckpointError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["Source"]
 
@@ -113,6 +114,8 @@ class Source(ABC):
         counts all of its bytes in :attr:`sliced_bytes_read`; formats that can read a
         block alone override it and count what they touched.
         """
+        import numpy as np  # here, not at the top: listing a checkpoint (`regraft inspect`) needs no numpy
+
         value = self.read(key)
         self.sliced_bytes_read += value.nbytes
         return np.array(value[index], copy=True, order="C")
