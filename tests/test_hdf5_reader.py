@@ -10,8 +10,12 @@ layers), layer names and classes, and every tensor bit for bit through ``read``,
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -294,3 +298,47 @@ def test_the_reader_only_ever_declines_damaged_or_cut_images(tmp_path):
         except _hdf5.NotHandled:
             pass
     assert 100 < read < len(images) - 100  # guard: both outcomes are exercised
+
+
+def test_dataset_types_are_described_as_numpy_describes_them(tmp_path):
+    """The reader describes a dataset's type without numpy; each description is what numpy says of h5py's dtype."""
+    path = str(tmp_path / "types.h5")
+    codes = [f"{order}{kind}{size}" for order in "<>" for kind in "iu" for size in (1, 2, 4, 8)]
+    codes += [f"{order}f{size}" for order in "<>" for size in (2, 4, 8)] + ["V2", "V3"]
+    with h5py.File(path, "w") as f:
+        for n, code in enumerate(codes):
+            f.create_dataset(f"d{n}", data=np.zeros((2, 3), dtype=code))
+    with open(path, "rb") as file, h5py.File(path) as f:
+        _, objects = _hdf5.read_tree(memoryview(file.read()))
+        assert len(objects) == len(codes)  # guard: every dataset was read
+        for name, dataset in objects.items():
+            want = f[name].dtype
+            assert dataset.dtype == want and np.dtype(dataset.type.code) == want, name
+            assert (dataset.type.kind, dataset.type.itemsize, dataset.type.name) == (want.kind, want.itemsize, want.name)
+    assert {d.type.kind for d in objects.values()} == {"i", "u", "f", "V"}  # guard
+
+
+@pytest.mark.parametrize("name", ["functional", "archive"])
+def test_listing_a_keras3_file_imports_neither_numpy_nor_h5py_nor_the_tf_checkpoint_reader(
+        keras3_files, monkeypatch, capsys, name):
+    """``regraft inspect`` of a Keras 3 file (bfloat16 and optimizer variables included) in a fresh process
+    loads none of them, and prints what the h5py path prints."""
+    from regraft.cli.main import main
+
+    path = keras3_files[name]
+    code = (
+        "import sys, io, contextlib; from regraft.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    assert main(['inspect', '--all', sys.argv[1]]) == 0 and main(['inspect', '--json', sys.argv[1]]) == 0\n"
+        "loaded = sorted(m for m in ('numpy', 'h5py', 'regraft.sources.tf_checkpoint', 'regraft.sources._bundle', "
+        "'regraft.sources._slices') if m in sys.modules)\n"
+        "assert not loaded, loaded\n"
+        "sys.stdout.write(out.getvalue())"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    fresh = subprocess.run([sys.executable, "-c", code, path], check=True, env=env, capture_output=True, text=True)
+    _h5py_only(monkeypatch)
+    assert main(["inspect", "--all", path]) == 0 and main(["inspect", "--json", path]) == 0
+    want = capsys.readouterr().out
+    assert fresh.stdout == want
+    assert "bfloat16" in want and ("optimizer" in want or name != "archive")  # guard: what the files hold

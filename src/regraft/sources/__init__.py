@@ -15,6 +15,7 @@ import contextlib
 import gc
 import importlib
 import os
+import sys
 from typing import Iterator, NamedTuple, Union
 
 from regraft.errors import SourceError, UnsupportedFormatError
@@ -117,9 +118,10 @@ def open_source(path: str | os.PathLike[str], *, allow_outside_state: bool = Fal
         except OSError as exc:  # sniffing reads a few bytes: unreadable file, /proc/self/mem, a device
             raise _unreadable(path, exc) from None
         if found:
-            from regraft.sources.tf_checkpoint import TFCheckpoint
-
-            if cls is TFCheckpoint:
+            # TFCheckpoint is the one format with an option; a path found by another (an HDF5
+            # file) does not import it: it can be TFCheckpoint only once its module is loaded.
+            tf_checkpoint = sys.modules.get("regraft.sources.tf_checkpoint")
+            if tf_checkpoint is not None and cls is tf_checkpoint.TFCheckpoint:
                 return cls(path, allow_outside_state=allow_outside_state)
             return cls(path)
     if not os.path.exists(path) and not os.path.exists(path + ".index"):

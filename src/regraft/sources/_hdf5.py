@@ -33,11 +33,12 @@ from __future__ import annotations
 import functools
 import operator
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-__all__ = ["NotHandled", "Group", "Dataset", "Attribute", "read_tree"]
+__all__ = ["NotHandled", "Group", "Dataset", "DataType", "Attribute", "read_tree"]
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _SUPERBLOCK_0 = bytes([0, 0, 0, 0, 0, 8, 8, 0])
@@ -90,19 +91,51 @@ class Group:
         self.members: dict[str, Group | Dataset] = {}
 
 
-class Dataset:
-    """A dataset of numbers: shape, numpy dtype (file byte order; ``V<n>`` for opaque) and where its bytes are.
+class DataType(NamedTuple):
+    """A dataset's type, described without numpy (listing a file needs none).
 
-    ``offset`` is where a contiguous dataset's ``size`` bytes start in the image;
-    a compact dataset has ``offset`` ``None`` and its bytes in ``compact``.
+    Attributes:
+        code: the numpy type string h5py gives the dataset (file byte order; ``V<n>`` for opaque),
+            e.g. ``"<f4"``, ``">i8"``, ``"V2"``.
+        kind: numpy's kind character: ``"i"``, ``"u"``, ``"f"`` or ``"V"``.
+        itemsize: bytes per value.
+        name: numpy's name of that dtype (``"float32"``, ``"void16"``).
     """
 
-    __slots__ = ("path", "shape", "dtype", "offset", "size", "compact", "attributes")
+    code: str
+    kind: str
+    itemsize: int
+    name: str
 
-    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype, offset: int | None, size: int,
+
+_DTYPES: dict[str, np.dtype] = {}  # DataType.code -> numpy dtype, made when a tensor is read
+
+
+class Dataset:
+    """A dataset of numbers: shape, type (a :class:`DataType`) and where its bytes are.
+
+    ``offset`` is where a contiguous dataset's ``size`` bytes start in the image;
+    a compact dataset has ``offset`` ``None`` and its bytes in ``compact``. The numpy
+    dtype (:attr:`dtype`) is made only when asked, so that listing imports no numpy.
+    """
+
+    __slots__ = ("path", "shape", "type", "offset", "size", "compact", "attributes")
+
+    def __init__(self, path: str, shape: tuple[int, ...], datatype: DataType, offset: int | None, size: int,
                  compact: bytes | None, attributes: dict[str, Attribute]) -> None:
-        self.path, self.shape, self.dtype, self.offset, self.size = path, shape, dtype, offset, size
+        self.path, self.shape, self.type, self.offset, self.size = path, shape, datatype, offset, size
         self.compact, self.attributes = compact, attributes
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The numpy dtype h5py gives this dataset (imports numpy)."""
+        code = self.type.code
+        dtype = _DTYPES.get(code)
+        if dtype is None:
+            import numpy as np
+
+            dtype = _DTYPES[code] = np.dtype(code)
+        return dtype
 
 
 def read_tree(image: Any) -> tuple[Group, dict[str, Group | Dataset]]:
@@ -143,7 +176,7 @@ class _Reader:
         self.size = len(image)
         self.seen: set[int] = set()  # object headers, B-tree and symbol table nodes, continuation blocks
         self.heaps: dict[int, bytes] = {}  # local heap address -> its data segment
-        self.types: dict[bytes, np.dtype] = {}  # encoded datatype -> numpy dtype
+        self.types: dict[bytes, DataType] = {}  # encoded datatype -> its description
         self.objects: dict[str, Group | Dataset] = {}  # every path -> its object
         self.templates: dict[tuple, list[_Template]] = {}  # header prefix -> layouts of headers read before
         self.attribute_heads: dict[bytes, tuple] = {}  # an attribute message up to its value -> what it says
@@ -727,8 +760,8 @@ def _count(shape: tuple[int, ...]) -> int:
 _IEEE = {2: (15, 10, 5, 0, 10, 15), 4: (31, 23, 8, 0, 23, 127), 8: (63, 52, 11, 0, 52, 1023)}
 
 
-def _numeric_type(encoded: bytes) -> np.dtype:
-    """The numpy dtype h5py gives a dataset of this HDF5 type; only types with an exact numpy twin."""
+def _numeric_type(encoded: bytes) -> DataType:
+    """The numpy dtype h5py gives a dataset of this HDF5 type (described); only types with an exact numpy twin."""
     kind, bits0, bits1, bits2, size = struct.unpack_from("<BBBBI", encoded)
     klass, version = kind & 0x0F, kind >> 4
     if version != 1:
@@ -738,18 +771,19 @@ def _numeric_type(encoded: bytes) -> np.dtype:
         offset, precision = struct.unpack_from("<HH", encoded, 8)
         if bits0 & ~0x09 or bits1 or bits2 or size not in (1, 2, 4, 8) or offset or precision != 8 * size:
             raise NotHandled("fixed-point type with padding or an unusual size")
-        return np.dtype(f"{order}{'i' if bits0 & 0x08 else 'u'}{size}")
+        kind = "i" if bits0 & 0x08 else "u"
+        return DataType(f"{order}{kind}{size}", kind, size, f"{'int' if kind == 'i' else 'uint'}{8 * size}")
     if klass == 1:  # floating point
         fields = struct.unpack_from("<HHBBBBI", encoded, 8)
         expected = _IEEE.get(size)
         if (bits0 & ~0x01) != 0x20 or bits2 or expected is None or fields[:2] != (0, 8 * size) \
                 or (bits1, *fields[2:]) != expected:
             raise NotHandled("floating-point type other than IEEE half, single or double")
-        return np.dtype(f"{order}f{size}")
+        return DataType(f"{order}f{size}", "f", size, f"float{8 * size}")
     if klass == 5:  # opaque without a tag: Keras' bfloat16, which h5py gives as void
         if size < 1 or bits0 or bits1 or bits2:  # h5py turns some tagged ones into other dtypes ("NUMPY:...")
             raise NotHandled("opaque type with a tag")
-        return np.dtype(f"V{size}")
+        return DataType(f"V{size}", "V", size, f"void{8 * size}")
     raise NotHandled(f"datatype class {klass}")
 
 
@@ -765,10 +799,12 @@ def _decode_attribute(image: Any, attribute: Attribute, heaps: dict[int, dict[in
     count = _count(shape)
     if klass in (0, 1) and count == 0:  # tf-keras writes [] as an empty float array
         _numeric_type(datatype)
+        import numpy as np  # numpy only for tf-keras' arrays: a Keras 3 file is listed without it
         return np.zeros(shape, dtype=np.float64 if klass == 1 else np.int64)
     if klass == 3:  # fixed-length string
         if bits0 & 0x0F not in (0, 1) or bits0 >> 4 not in (0, 1) or bits1 or bits2 or not size:
             raise NotHandled("fixed-length string padding or character set")
+        import numpy as np
         array = np.frombuffer(data, dtype=f"S{size}").reshape(shape)
         if any(b"\0" in item for item in array.flat):  # h5py would cut at the first NUL
             raise NotHandled("fixed-length string with a NUL inside")
@@ -792,6 +828,7 @@ def _decode_attribute(image: Any, attribute: Attribute, heaps: dict[int, dict[in
             texts.append(raw.decode("utf-8", "surrogateescape"))
         if not shape:
             return texts[0]
+        import numpy as np
         return np.array(texts, dtype=object).reshape(shape)
     raise NotHandled(f"attribute of datatype class {klass}")
 

@@ -40,15 +40,16 @@ import mmap
 import os
 import re
 import struct
-from typing import IO, Any, Iterator
-
-import numpy as np
+import sys
+from typing import IO, TYPE_CHECKING, Any, Iterator
 
 from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
 from regraft.errors import CorruptCheckpointError, RegraftError, SourceError, UnsupportedFormatError
 from regraft.sources import _hdf5
 from regraft.sources.base import Source
-from regraft.sources._slices import read_block, touched_bytes
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["KerasH5", "keras2_key"]
 
@@ -56,7 +57,7 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _VAR = re.compile(r"(^|/)vars/\d+$")
 _COUNTER = re.compile(r"_\d+$")  # Keras' suffix for the n-th layer of a class in a list: dense_1
 _NUMERIC = "biufc"
-_MAX_BYTES = np.iinfo(np.intp).max  # numpy cannot hold a larger array
+_MAX_BYTES = sys.maxsize  # numpy cannot hold a larger array (the largest np.intp)
 _MAX_EXPANSION = 2048  # a compressed dataset may decode to at most this many times its stored bytes (deflate: 1032)
 _EXPANSION_FLOOR = 1 << 26  # below 64 MiB any ratio is allowed: a zero bias compresses very well
 _TYPE_CLASSES = {  # HDF5 type classes an attribute may not have (H5T_class_t)
@@ -219,6 +220,8 @@ class KerasH5(Source):
 
     def _read_fast(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         """A dataset's bytes as the fast reader located them, into ``out`` or a fresh array of the file's dtype."""
+        import numpy as np  # here, not at the top: listing a file (`regraft inspect`) needs no numpy
+
         where = self._dataset_path[key]
         dataset = self._datasets[where]
         if out is None:
@@ -253,6 +256,8 @@ class KerasH5(Source):
         )
 
     def _read_h5py(self, key: str, where: str) -> np.ndarray:
+        import numpy as np
+
         try:
             # h5py returns a fresh array (a numpy scalar for shape ()): no second copy.
             return np.asarray(self._file[where][()])
@@ -292,6 +297,10 @@ class KerasH5(Source):
         :func:`~regraft.sources._slices.touched_bytes` (HDF5's sieve buffer may read a
         little more); a chunked or filtered one is read whole (:meth:`Source.read_slice`).
         """
+        import numpy as np
+
+        from regraft.sources._slices import touched_bytes
+
         where = self._dataset_path[key]
         if self._file is None:
             return self._read_slice_fast(key, self._datasets[where], index)
@@ -315,7 +324,9 @@ class KerasH5(Source):
 
     def _read_slice_fast(self, key: str, dataset: _hdf5.Dataset, index: tuple[slice, ...]) -> np.ndarray:
         """One block of a contiguous dataset, copied out of a map of the file (only its pages are read)."""
-        if dataset.offset is None or not dataset.shape or dataset.dtype.kind not in "fiubV":
+        from regraft.sources._slices import read_block, touched_bytes
+
+        if dataset.offset is None or not dataset.shape or dataset.type.kind not in "fiubV":
             return super().read_slice(key, index)
         start = self._start + dataset.offset
         try:
@@ -342,7 +353,7 @@ class KerasH5(Source):
         fast reader made on open).
         """
         if self._file is None:
-            if self._datasets[self._dataset_path[key]].dtype.kind not in "fiub":
+            if self._datasets[self._dataset_path[key]].type.kind not in "fiub":
                 self.read(key)
             return
         dataset = self._file[self._dataset_path[key]]
@@ -569,6 +580,8 @@ class KerasH5(Source):
             parts.append((chunk, found))
         if not parts:
             return None
+        import numpy as np  # only tf-keras writes these lists
+
         out: list[str] = []
         for attr, value in parts:
             array = np.asarray(value)
@@ -591,9 +604,12 @@ class KerasH5(Source):
         if isinstance(oid, _hdf5.Dataset):
             # The fast reader returns only contiguous or compact datasets without filters or external
             # files, their declared size stored inside the image: the size checks below hold.
-            if oid.dtype.kind in _NUMERIC:
-                return oid.shape, _dtype_name(oid.dtype)
-            dtype, shape, virtual, external, filters, stored = oid.dtype, oid.shape, False, 0, 0, oid.size
+            # Its type is one of numpy's plain ones, described without numpy.
+            datatype = oid.type
+            if datatype.kind in _NUMERIC:
+                return oid.shape, datatype.name
+            dtype, kind, itemsize, plain = None, datatype.kind, datatype.itemsize, True
+            shape, virtual, external, filters, stored = oid.shape, False, 0, 0, oid.size
         else:
             import h5py
 
@@ -604,21 +620,22 @@ class KerasH5(Source):
                 external, filters = plist.get_external_count(), plist.get_nfilters()
                 stored = int(oid.get_storage_size())  # type: ignore[attr-defined]
                 self._extent(oid, where, stored)
-        if dtype.kind in _NUMERIC and dtype.fields is None and dtype.subdtype is None:
+            kind, itemsize, plain = dtype.kind, dtype.itemsize, dtype.fields is None and dtype.subdtype is None
+        if kind in _NUMERIC and plain:
             name = _dtype_name(dtype)
-        elif dtype.kind == "V" and dtype.fields is None and dtype.subdtype is None:
+        elif kind == "V" and plain:
             tag = self._attribute(oid, where, "dtype")
-            if _text(tag) != "bfloat16" or dtype.itemsize != 2:
+            if _text(tag) != "bfloat16" or itemsize != 2:
                 raise self._refuse(
                     where,
-                    f"holds opaque {dtype.itemsize}-byte values tagged dtype={_short(tag)}; "
+                    f"holds opaque {itemsize}-byte values tagged dtype={_short(tag)}; "
                     "regraft reads Keras' opaque type only as 2-byte values tagged 'bfloat16'",
                 )
             name = "bfloat16"
         else:
             raise self._refuse(
                 where,
-                f"holds {_dtype_words(dtype)}, not numbers",
+                f"holds {_dtype_words(oid.dtype if dtype is None else dtype)}, not numbers",
                 hint="regraft loads numeric weights only (bool, int, float, complex, bfloat16); "
                 "remove or convert this dataset, or save the weights again with model.save_weights().",
             )
@@ -633,7 +650,7 @@ class KerasH5(Source):
                 hint="regraft reads only bytes stored in the weights file itself; "
                 "save the weights again with model.save_weights().",
             )
-        declared = math.prod(shape) * dtype.itemsize
+        declared = math.prod(shape) * itemsize
         size = f"shape {shape} of {name} ({declared:,} bytes)"
         if declared > _MAX_BYTES:
             raise self._refuse(where, f"declares {size}, more than any array can hold")
@@ -681,8 +698,8 @@ class KerasH5(Source):
             for name, oid in self._objects.items():
                 if type(oid) is _hdf5.Dataset and _VAR.search(name):
                     datasets[name] = oid
-                    if oid.dtype.kind in _NUMERIC:  # what _describe answers for the fast reader's numbers
-                        found.append((name, oid.shape, _dtype_name(oid.dtype)))
+                    if oid.type.kind in _NUMERIC:  # what _describe answers for the fast reader's numbers
+                        found.append((name, oid.shape, oid.type.name))
                     else:
                         found.append((name, *self._describe(oid, "/" + name)))
         for name in sorted(names) if self._file is not None else ():
@@ -834,6 +851,7 @@ def _attribute_value(attribute: Any) -> object:
     ``h5py.Empty``. Reading through the id already open spares a second ``H5Aopen``.
     """
     import h5py
+    import numpy as np
 
     shape, dtype = attribute.shape, attribute.dtype
     if shape is None:
@@ -874,8 +892,11 @@ def keras2_key(group: str, weight_name: str) -> str:
 
 def _text(value: object) -> str | None:
     """A string attribute as ``str`` (h5py gives ``str``, ``bytes`` or a 0-d array); ``None`` otherwise."""
-    if isinstance(value, np.ndarray) and value.shape == ():
-        value = value.item()
+    if not isinstance(value, (str, bytes)) and "numpy" in sys.modules:  # no numpy array without numpy imported
+        import numpy as np
+
+        if isinstance(value, np.ndarray) and value.shape == ():
+            value = value.item()
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")
@@ -897,6 +918,8 @@ def _read(image: IO[bytes], size: int) -> bytes:
 
 
 def _short(value: object) -> str:
+    import numpy as np
+
     text = repr(value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value)
     return text if len(text) <= 60 else text[:57] + "..."
 
