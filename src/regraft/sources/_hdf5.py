@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["NotHandled", "Group", "Dataset", "DataType", "Attribute", "read_tree"]
+__all__ = ["NotHandled", "Group", "Dataset", "DataType", "Attribute", "read_tree", "attribute_value", "attribute_list"]
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _SUPERBLOCK_0 = bytes([0, 0, 0, 0, 0, 8, 8, 0])
@@ -163,6 +163,19 @@ def attribute_value(image: Any, attribute: Attribute, heaps: dict[int, dict[int,
     """
     try:
         return _decode_attribute(image, attribute, heaps)
+    except (struct.error, IndexError, ValueError, TypeError, OverflowError, UnicodeDecodeError) as exc:
+        raise NotHandled(f"{type(exc).__name__}: {exc}") from None
+
+
+def attribute_list(image: Any, attribute: Attribute, heaps: dict[int, dict[int, tuple[int, int]]]) -> list | None:
+    """A one-dimensional attribute's items as ``attribute_value(...).tolist()`` gives them, without numpy.
+
+    For the lists tf-keras writes (``layer_names``, ``weight_names``): strings, or an
+    empty numeric array (``[]``). ``None`` for any other shape (ask :func:`attribute_value`);
+    a type or value :func:`attribute_value` declines raises :class:`NotHandled` alike.
+    """
+    try:
+        return _attribute_list(image, attribute, heaps)
     except (struct.error, IndexError, ValueError, TypeError, OverflowError, UnicodeDecodeError) as exc:
         raise NotHandled(f"{type(exc).__name__}: {exc}") from None
 
@@ -799,38 +812,75 @@ def _decode_attribute(image: Any, attribute: Attribute, heaps: dict[int, dict[in
     count = _count(shape)
     if klass in (0, 1) and count == 0:  # tf-keras writes [] as an empty float array
         _numeric_type(datatype)
-        import numpy as np  # numpy only for tf-keras' arrays: a Keras 3 file is listed without it
+        import numpy as np  # numpy only for arrays (tf-keras' lists): a Keras 3 file is listed without it
+
         return np.zeros(shape, dtype=np.float64 if klass == 1 else np.int64)
     if klass == 3:  # fixed-length string
-        if bits0 & 0x0F not in (0, 1) or bits0 >> 4 not in (0, 1) or bits1 or bits2 or not size:
-            raise NotHandled("fixed-length string padding or character set")
+        _check_fixed_string(bits0, bits1, bits2, size)
         import numpy as np
+
         array = np.frombuffer(data, dtype=f"S{size}").reshape(shape)
         if any(b"\0" in item for item in array.flat):  # h5py would cut at the first NUL
             raise NotHandled("fixed-length string with a NUL inside")
         array = array.copy()
         return array[()] if array.ndim == 0 else array
     if klass == 9:  # variable-length: strings only
-        if bits0 & 0x0F != 1 or bits0 >> 4 > 1 or bits1 > 1 or bits2 or size != 16 or datatype[8:20] != _UCHAR:
-            raise NotHandled("variable-length type other than a string")
-        texts = []
-        for i in range(count):
-            length, collection, index = struct.unpack_from("<IQI", data, 16 * i)
-            objects = heaps.get(collection)
-            if objects is None:
-                objects = heaps[collection] = _global_heap(image, collection)
-            start, stored = objects.get(index, (0, -1))
-            if stored != length:
-                raise NotHandled("variable-length string not found whole in its global heap")
-            raw = bytes(image[start : start + length])
-            if b"\0" in raw:
-                raise NotHandled("variable-length string with a NUL inside")
-            texts.append(raw.decode("utf-8", "surrogateescape"))
+        texts = _strings(image, datatype, data, count, heaps)
         if not shape:
             return texts[0]
         import numpy as np
+
         return np.array(texts, dtype=object).reshape(shape)
     raise NotHandled(f"attribute of datatype class {klass}")
+
+
+def _attribute_list(image: Any, attribute: Attribute, heaps: dict[int, dict[int, tuple[int, int]]]) -> list | None:
+    datatype, shape, data = attribute.datatype, attribute.shape, attribute.data
+    if shape is None or len(shape) != 1:
+        return None
+    kind, bits0, bits1, bits2, size = struct.unpack_from("<BBBBI", datatype)
+    klass, count = kind & 0x0F, shape[0]
+    if klass in (0, 1) and count == 0:
+        _numeric_type(datatype)
+        return []
+    if klass == 3:  # numpy's fixed-length strings drop their trailing NULs
+        _check_fixed_string(bits0, bits1, bits2, size)
+        if len(data) != count * size:
+            raise NotHandled("fixed-length strings of another size than declared")
+        items = [data[at : at + size].rstrip(b"\0") for at in range(0, len(data), size)]
+        if any(b"\0" in item for item in items):  # h5py would cut at the first NUL
+            raise NotHandled("fixed-length string with a NUL inside")
+        return items
+    if klass == 9:
+        return _strings(image, datatype, data, count, heaps)
+    raise NotHandled(f"attribute of datatype class {klass}")
+
+
+def _check_fixed_string(bits0: int, bits1: int, bits2: int, size: int) -> None:
+    if bits0 & 0x0F not in (0, 1) or bits0 >> 4 not in (0, 1) or bits1 or bits2 or not size:
+        raise NotHandled("fixed-length string padding or character set")
+
+
+def _strings(image: Any, datatype: bytes, data: bytes, count: int,
+             heaps: dict[int, dict[int, tuple[int, int]]]) -> list[str]:
+    """The ``count`` variable-length strings whose references are ``data``, read from their global heaps."""
+    _, bits0, bits1, bits2, size = struct.unpack_from("<BBBBI", datatype)
+    if bits0 & 0x0F != 1 or bits0 >> 4 > 1 or bits1 > 1 or bits2 or size != 16 or datatype[8:20] != _UCHAR:
+        raise NotHandled("variable-length type other than a string")
+    texts = []
+    for i in range(count):
+        length, collection, index = struct.unpack_from("<IQI", data, 16 * i)
+        objects = heaps.get(collection)
+        if objects is None:
+            objects = heaps[collection] = _global_heap(image, collection)
+        start, stored = objects.get(index, (0, -1))
+        if stored != length:
+            raise NotHandled("variable-length string not found whole in its global heap")
+        raw = bytes(image[start : start + length])
+        if b"\0" in raw:
+            raise NotHandled("variable-length string with a NUL inside")
+        texts.append(raw.decode("utf-8", "surrogateescape"))
+    return texts
 
 
 def _global_heap(image: Any, address: int) -> dict[int, tuple[int, int]]:

@@ -462,11 +462,21 @@ class KerasH5(Source):
             raise _hdf5.NotHandled(f"no object '{name}' in '/{base.path}'")
         return found
 
-    def _attribute(self, oid: object, where: str, name: str) -> object:
-        """One attribute of an object (a low-level id), or ``None`` when absent; only needed attributes are decoded."""
+    def _attribute(self, oid: object, where: str, name: str, listed: bool = False) -> object:
+        """One attribute of an object (a low-level id), or ``None`` when absent; only needed attributes are decoded.
+
+        With ``listed``, the fast reader gives a one-dimensional attribute as a :class:`_Items`
+        list, without numpy (its ``tolist()``).
+        """
         if isinstance(oid, (_hdf5.Group, _hdf5.Dataset)):
             attribute = oid.attributes.get(name)
-            return None if attribute is None else _hdf5.attribute_value(self._view, attribute, self._global_heaps)
+            if attribute is None:
+                return None
+            if listed:
+                items = _hdf5.attribute_list(self._view, attribute, self._global_heaps)
+                if items is not None:
+                    return _Items(items)
+            return _hdf5.attribute_value(self._view, attribute, self._global_heaps)
         import h5py
 
         with self._reading(f"attribute '{name}' of '{where}'"):
@@ -570,26 +580,30 @@ class KerasH5(Source):
         tf-keras splits a list longer than an object header holds into ``name0``,
         ``name1``, ...; ``None`` when the attribute is absent.
         """
-        value = self._attribute(oid, where, name)
+        value = self._attribute(oid, where, name, listed=True)
         parts = [(name, value)] if value is not None else []
         while value is None:
             chunk = f"{name}{len(parts)}"
-            found = self._attribute(oid, where, chunk)
+            found = self._attribute(oid, where, chunk, listed=True)
             if found is None:
                 break
             parts.append((chunk, found))
         if not parts:
             return None
-        import numpy as np  # only tf-keras writes these lists
-
         out: list[str] = []
         for attr, value in parts:
-            array = np.asarray(value)
-            if array.size == 0 and array.ndim == 1:  # tf-keras writes [] as an empty float array
+            if type(value) is _Items:  # the fast reader's one-dimensional list
+                items, size, ndim = value, len(value), 1
+            else:
+                import numpy as np
+
+                array = np.asarray(value)
+                items, size, ndim = array.tolist(), array.size, array.ndim
+            if size == 0 and ndim == 1:  # tf-keras writes [] as an empty float array
                 continue
-            if array.ndim != 1 or not all(isinstance(v, (bytes, str)) for v in array.tolist()):
+            if ndim != 1 or not all(isinstance(v, (bytes, str)) for v in items):
                 raise self._refuse(where, f"has attribute '{attr}' = {_short(value)}; expected a list of names")
-            for item in array.tolist():
+            for item in items:
                 try:
                     text = item.decode("utf-8") if isinstance(item, bytes) else item
                 except UnicodeDecodeError:
@@ -790,6 +804,12 @@ class KerasH5(Source):
                 self._note_dataset(self._dataset_path[key], dataset)
                 out.append(SourceEntry(key, shape, dtype, WEIGHT, parent, role, index, layer_name))
         return out
+
+
+class _Items(list):
+    """A one-dimensional attribute's items, as the fast reader gives them without numpy (``array.tolist()``)."""
+
+    __slots__ = ()
 
 
 class _Reading:
