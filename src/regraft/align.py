@@ -88,7 +88,12 @@ class Node:
             if self.leaf is not None:
                 sig[(self.path.rpartition("/")[2], self.shape)] += 1
             for child in self.children.values():
-                sig.update(child.signature())
+                if child.leaf is not None and not child.children:
+                    # A variable: its one (segment, shape), counted here without a Counter of its own.
+                    item = (child.path.rpartition("/")[2], child.shape)
+                    sig[item] = sig.get(item, 0) + 1
+                else:
+                    sig.update(child.signature())
             self._signature = sig
         return self._signature
 
@@ -290,11 +295,11 @@ def _score(s: Node, t: Node) -> int:
     """How well source node ``s`` fits target node ``t``; 0 means they cannot be paired."""
     if s.kind and t.kind and s.kind != t.kind:
         return 0
-    s_sig, t_sig = s.signature(), t.signature()
     if s.leaf is not None or t.leaf is not None:
         if s.leaf is None or t.leaf is None:
             return 0
         return SAME_STRUCTURE if s.shape == t.shape else SAME_ROLES
+    s_sig, t_sig = s.signature(), t.signature()
     if not s_sig and not t_sig:
         base = LANDMARK if (not s.kind or not t.kind or s.kind == t.kind) else LANDMARK_OTHER_KIND
     elif s_sig == t_sig:
@@ -793,40 +798,52 @@ _NEG = np.iinfo(np.int64).min // 4
 
 
 def _band_forward(skew: np.ndarray, n: int, m: int, lo: int, want_moves: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Forward values (and move flags) of the band; ``skew[r, k]`` scores pair ``(r, r + lo + k)``."""
+    """Forward values (and move flags) of the band; ``skew[r, k]`` scores pair ``(r, r + lo + k)``.
+
+    Row ``i`` holds the cells ``j = i + lo + k`` that exist (``0 <= j <= m``): one run of
+    ``k``. Only the values need the row-by-row loop; the move flags are read off the
+    finished table in one pass.
+    """
     width = skew.shape[1]
     ks = np.arange(width, dtype=np.int64)
     gap_k = GAP * ks
     values = np.full((n + 1, width), _NEG, dtype=np.int64)
-    moves = np.zeros((n + 1, width), dtype=np.uint8) if want_moves else None
     j = lo + ks
     valid = (j >= 0) & (j <= m)
     values[0] = np.where(valid, -GAP * j, _NEG)
-    if moves is not None:
-        moves[0] = np.where(valid & (j > 0), LEFT, 0)
+    allowed = skew > 0
     up = np.empty(width, dtype=np.int64)
-    left = np.empty(width, dtype=np.int64)
+    up[-1] = _NEG
     for i in range(1, n + 1):
         prev = values[i - 1]
-        j = i + lo + ks
-        valid = (j >= 0) & (j <= m)
-        s = skew[i - 1]
-        diag = np.where(s > 0, prev + s, _NEG)
-        up[:-1] = prev[1:] - GAP
-        up[-1] = _NEG
+        first, last = min(max(0, -i - lo), width), max(-1, min(width - 1, m - i - lo))  # the valid run of k
+        diag = np.where(allowed[i - 1], prev + skew[i - 1], _NEG)
+        np.subtract(prev[1:], GAP, out=up[:-1])
         vertical = np.maximum(diag, up)
-        vertical[j == 0] = -GAP * i  # the first column holds only gaps
-        row = np.maximum.accumulate(vertical + gap_k) - gap_k
+        if first == -i - lo and first < width:
+            vertical[first] = -GAP * i  # the first column holds only gaps
+        row = values[i]
+        np.add(vertical, gap_k, out=row)
+        np.maximum.accumulate(row, out=row)
+        row -= gap_k
         np.maximum(row, _NEG, out=row)
-        row[~valid] = _NEG
-        values[i] = row
-        if moves is not None:
-            left[0] = _NEG
-            left[1:] = row[:-1] - GAP
-            flags = np.where(diag == row, DIAG, 0) | np.where(up == row, UP, 0) | np.where(left == row, LEFT, 0)
-            flags[j == 0] = UP
-            flags[~valid] = 0
-            moves[i] = flags
+        row[:first] = _NEG
+        row[last + 1:] = _NEG
+    if not want_moves:
+        return values, None
+    prev, rows = values[:-1], values[1:]
+    diag = np.where(allowed, prev + skew, _NEG)
+    up = np.full((n, width), _NEG, dtype=np.int64)
+    up[:, :-1] = prev[:, 1:] - GAP
+    left = np.full((n, width), _NEG, dtype=np.int64)
+    left[:, 1:] = rows[:, :-1] - GAP
+    moves = np.zeros((n + 1, width), dtype=np.uint8)
+    moves[0] = np.where(valid & (j > 0), LEFT, 0)
+    flags = (np.where(diag == rows, DIAG, 0) | np.where(up == rows, UP, 0) | np.where(left == rows, LEFT, 0))
+    jj = np.arange(1, n + 1, dtype=np.int64)[:, None] + lo + ks[None, :]
+    flags[jj == 0] = UP
+    flags[(jj < 0) | (jj > m)] = 0
+    moves[1:] = flags
     return values, moves
 
 
