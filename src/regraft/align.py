@@ -80,6 +80,7 @@ class Node:
     leaf: Any = None
     shape: tuple[int, ...] | None = None
     _signature: Counter | None = field(default=None, repr=False)
+    _leaves: list["Node"] | None = field(default=None, repr=False, compare=False)
 
     def signature(self) -> Counter:
         """Multiset of (leaf segment, shape) over the subtree — what a layer holds."""
@@ -161,8 +162,18 @@ def build_tree(
     for key, (name, kind) in sorted((layers or {}).items(), key=lambda kv: _natural(kv[0])):
         node = _ensure(root, key)
         node.name, node.kind = name, kind
+    parents: dict[str, Node] = {}  # a leaf's parent key -> its node: variables of one layer share it
     for key, record, shape in leaves:
-        node = _ensure(root, key)
+        if key:
+            parent_key, _, segment = key.rpartition("/")
+            parent = parents.get(parent_key)
+            if parent is None:
+                parent = parents[parent_key] = _ensure(root, parent_key)
+            node = parent.children.get(segment)
+            if node is None:
+                node = parent.children[segment] = Node(f"{parent.path}/{segment}" if parent.path else segment)
+        else:
+            node = root
         node.leaf, node.shape = record, tuple(shape)
     return root
 
@@ -275,8 +286,13 @@ def compatible_roles(a: set[str], b: set[str], kind: str | None = None) -> bool:
 
 
 def leaf_children(node: Node) -> list[Node]:
-    """A layer node's variables (under its ``vars`` group for ``.weights.h5`` keys)."""
-    return [c for c in node.children.get("vars", node).children.values() if c.leaf is not None]
+    """A layer node's variables (under its ``vars`` group for ``.weights.h5`` keys).
+
+    Computed once per node (trees are complete when alignment starts); do not change the list.
+    """
+    if node._leaves is None:
+        node._leaves = [c for c in node.children.get("vars", node).children.values() if c.leaf is not None]
+    return node._leaves
 
 
 def _holds_variables(node: Node) -> bool:
@@ -714,13 +730,14 @@ def leaf_layers(tree: Node) -> list[Node]:
     stack = [tree]
     while stack:
         node = stack.pop()
-        children = [node.children[k] for k in sorted(node.children, key=_natural)]
         holder = node.children.get("vars")
-        if any(c.leaf is not None for c in children) or (
+        if any(c.leaf is not None for c in node.children.values()) or (
             holder is not None and any(c.leaf is not None for c in holder.children.values())
         ):
             out.append(node)
-        stack.extend(reversed([c for c in children if c.leaf is None and c.path.rpartition("/")[2] != "vars"]))
+        inner = [k for k, c in node.children.items() if c.leaf is None and c.path.rpartition("/")[2] != "vars"]
+        if inner:
+            stack.extend(reversed([node.children[k] for k in sorted(inner, key=_natural)]))
     return out
 
 

@@ -122,10 +122,15 @@ def choose_root(source: Source, targets: list[TargetVariable], root: str | None)
     wanted = {t.keys[source.namespace] for t in targets if source.namespace in t.keys}
     keys = [e.key for e in source.entries() if e.kind == WEIGHT]
 
+    scores: dict[str, tuple[int, int, int]] = {}
+
     def score(candidate: str) -> tuple[int, int, int]:
-        prefix = candidate + "/" if candidate else ""
-        hits = sum(1 for k in keys if k.startswith(prefix) and k[len(prefix) :] in wanted)
-        return (hits, candidate == "model", candidate == "")
+        found = scores.get(candidate)
+        if found is None:
+            prefix = candidate + "/" if candidate else ""
+            hits = sum(1 for k in keys if k.startswith(prefix) and k[len(prefix) :] in wanted)
+            found = scores[candidate] = (hits, candidate == "model", candidate == "")
+        return found
 
     ranked = sorted(candidates, key=score, reverse=True)
     best = ranked[0]
@@ -191,6 +196,7 @@ def make_plan(
     available: dict[str, SourceEntry] = {}
     outside, optimizer, ignored = [], [], []
     rule_counts = {rule.number: 0 for rule in rules}
+    ignore_rules = [r for r in rules if r.kind == IGNORE]
     for entry in source.entries():
         if entry.kind != WEIGHT:
             optimizer.append(entry)
@@ -198,7 +204,7 @@ def make_plan(
             outside.append(entry)
         else:
             relative = entry.key[len(prefix) :]
-            rule = next((r for r in rules if r.kind == IGNORE and r.matches([relative, entry.key])), None)
+            rule = next((r for r in ignore_rules if r.matches([relative, entry.key])), None) if ignore_rules else None
             if rule is not None:
                 rule_counts[rule.number] += 1
                 ignored.append((entry, str(rule)))
@@ -207,8 +213,9 @@ def make_plan(
 
     decided: dict[str, Decision] = {}
     fresh: dict[str, tuple[str, str]] = {}  # target key -> (reason, allowed by)
-    for target in targets:
-        rule = next((r for r in rules if r.kind == INIT and r.matches([target.key, *target.keys.values()])), None)
+    init_rules = [r for r in rules if r.kind == INIT]
+    for target in targets if init_rules else ():
+        rule = next((r for r in init_rules if r.matches([target.key, *target.keys.values()])), None)
         if rule is not None:
             rule_counts[rule.number] += 1
             fresh[target.key] = (f"{rule}: left fresh on purpose", str(rule))
@@ -216,15 +223,17 @@ def make_plan(
     source_layers = {k[len(prefix) :]: v for k, v in source.layers().items() if k.startswith(prefix)}
     names = _Names(ns, source_layers, target_layers or {}, available, model_name, model_classes)
     open_targets = [t for t in targets if t.key not in fresh]
-    decided.update(_rename_stage(open_targets, available, namespace, rules, rule_counts))
-    used = {id(d[0]) for d in decided.values()}
-    decided.update(_rename_layers_stage([t for t in open_targets if t.key not in decided], available, ns,
-                                        rules, rule_counts, source_layers, used))
-    used = {id(d[0]) for d in decided.values()}
-    decided.update(_exact_stage([t for t in open_targets if t.key not in decided], available, ns, used, names))
-    used = {id(d[0]) for d in decided.values()}
-    decided.update(_name_stage([t for t in open_targets if t.key not in decided], available, ns, used, names))
-    used = {id(d[0]) for d in decided.values()}
+    used: set[int] = set()  # the entries decided so far; each stage decides only targets still open
+
+    def decide(stage: dict[str, Decision]) -> None:
+        decided.update(stage)
+        used.update(id(d[0]) for d in stage.values())
+
+    decide(_rename_stage(open_targets, available, namespace, rules, rule_counts))
+    decide(_rename_layers_stage([t for t in open_targets if t.key not in decided], available, ns,
+                                rules, rule_counts, source_layers, used))
+    decide(_exact_stage([t for t in open_targets if t.key not in decided], available, ns, used, names))
+    decide(_name_stage([t for t in open_targets if t.key not in decided], available, ns, used, names))
 
     source_tree, target_tree = _trees(targets, available, namespace, names)
     alignment = align_trees(source_tree, target_tree, ns)
@@ -235,10 +244,11 @@ def make_plan(
             continue
         decided[target.key] = _aligned_decision(pair, namespace, prefix, names)
         used.add(id(entry))
+    under = _by_layer_prefix(targets, namespace) if alignment.ambiguous else {}
     for layer, candidates in alignment.ambiguous.items():
-        for target in targets:
+        for target in under.get(layer, ()):
             key = target.keys.get(namespace, "")
-            if key.startswith(layer + "/") and target.key not in decided:
+            if target.key not in decided:
                 relative = key[len(layer) :]
                 found = [available[c + relative].key for c in candidates if c + relative in available]
                 # Every candidate holds this variable: name the tensors; otherwise the layers.
@@ -296,6 +306,22 @@ def make_plan(
         source_fingerprint=fingerprint_source(source.entries()),
         target_fingerprint=fingerprint_target(originals),
     )
+
+
+def _by_layer_prefix(targets: list[TargetVariable], namespace: str) -> dict[str, list[TargetVariable]]:
+    """Targets by every ``/``-ended head of their key in ``namespace`` (without the ``/``), in order.
+
+    ``out[layer]`` lists the targets whose key starts with ``layer + "/"``: one lookup
+    per ambiguous layer instead of a pass over every target.
+    """
+    out: dict[str, list[TargetVariable]] = {}
+    for target in targets:
+        key = target.keys.get(namespace, "")
+        end = key.find("/")
+        while end != -1:
+            out.setdefault(key[:end], []).append(target)
+            end = key.find("/", end + 1)
+    return out
 
 
 def _from_layout(a: Assignment, back: dict[str, tuple[TargetVariable, str | None]], layout: str) -> Assignment:
@@ -651,7 +677,7 @@ def _assignment(
     accept_order: bool = False,
     tied: bool = False,
 ) -> Assignment:
-    allowed = matches_any([target.key, *target.keys.values()], allow_missing)
+    allowed = matches_any([target.key, *target.keys.values()], allow_missing) if allow_missing else None
     if fresh is not None:
         return Assignment(target, None, MISSING, Stage.RULE, fresh[0], fresh[1], 1.0)
     if decision is None and tied:
@@ -705,9 +731,16 @@ def _exact_stage(
     if ns.keys_are_names:  # only there are keys names that two layers may share
         layer_names.update(ns.split(t.keys[ns.name])[0].rpartition("/")[2] for t in targets if ns.name in t.keys)
         layer_names.update(ns.split(k)[0].rpartition("/")[2] for k in available)
+    positional: dict[str, bool] = {}  # per layer: whether its key picks it by position (ns.is_positional)
     for target in targets:
         key = target.keys.get(ns.name)
-        if key is None or key not in available or id(available[key]) in used or ns.is_positional(key):
+        if key is None or key not in available or id(available[key]) in used:
+            continue
+        layer = ns.split(key)[0]
+        is_positional = positional.get(layer)
+        if is_positional is None:
+            is_positional = positional[layer] = ns.is_positional(key)
+        if is_positional:
             continue
         if ns.keys_are_names and names.auto_key(key):
             continue  # dense_3/kernel: the counter depends on what the program built first

@@ -26,6 +26,7 @@ sub-model and a head, ``Sequential`` made functional).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -58,8 +59,11 @@ _AUTO_BASES = frozenset(
 _COUNTER = re.compile(r"^(?P<base>.*?)(?:_(?P<n>\d+))?$")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def split_counter(name: str) -> tuple[str, int]:
     """A name's base and Keras-style counter: ``dense_3`` → (``dense``, 3), ``dense`` → (``dense``, 0).
+
+    Memoised: planning asks it of every layer name several times.
 
     Example:
         >>> split_counter("conv2d_12"), split_counter("conv1_conv")
@@ -80,10 +84,13 @@ def is_auto_name(name: str, kind: str | None = None, extra_bases: Iterable[str] 
         >>> is_auto_name("dense_3"), is_auto_name("conv1_conv"), is_auto_name("block_2", "block")
         (True, False, True)
     """
-    bases = {name, split_counter(name)[0]}
-    if kind and kind in bases:
+    base = split_counter(name)[0]
+    if kind and (kind == name or kind == base):
         return True
-    return bool(bases & _AUTO_BASES) or bool(bases & set(extra_bases))
+    if name in _AUTO_BASES or base in _AUTO_BASES:
+        return True
+    extra = extra_bases if isinstance(extra_bases, (set, frozenset)) else set(extra_bases)
+    return name in extra or base in extra
 
 
 @dataclass(frozen=True)
