@@ -159,6 +159,36 @@ def test_checkpoint_children_are_what_tf_train_checkpoint_saves(net):
     assert sorted(compat.checkpoint_children(net.block.inner)) == ["_kernel", "bias"]
 
 
+def test_checkpoint_children_read_directly_equal_tensorflows_method(net, two_inputs):
+    # checkpoint_children reads plain Keras layers' and optimizers' dependencies directly
+    # (_reads_dependencies); on every object of these graphs that must give exactly what
+    # TensorFlow's own _trackable_children(save_type="checkpoint") gives, in the same order.
+    if compat.backend() != "tensorflow":
+        pytest.skip("TensorFlow's _trackable_children exists on the TensorFlow backend only")
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(net.trainable_variables)
+    sequential = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4), keras.layers.BatchNormalization(),
+                                   keras.Sequential([keras.layers.Dense(2)])])
+    direct = 0
+    for root in (net, two_inputs, sequential, optimizer):
+        queue, seen = [root], {id(root)}
+        while queue:
+            obj = queue.pop(0)
+            if isinstance(obj, keras.Variable):
+                continue
+            children = compat.checkpoint_children(obj)
+            expected = dict(obj._trackable_children(save_type="checkpoint"))
+            assert list(children) == list(expected), type(obj).__name__
+            assert all(children[k] is expected[k] for k in expected)
+            direct += compat._reads_dependencies(type(obj))
+            for child in children.values():
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    queue.append(child)
+    assert direct > 10  # the layers and the optimizer took the direct read
+    assert not compat._reads_dependencies(type(net.heads))  # a list is another kind of object: its own method
+
+
 def test_inbound_layers_are_the_call_arguments_in_order(two_inputs):
     layer = {layer.name: layer for layer in two_inputs.layers}
     assert _names(compat.inbound_layers(layer["add"])) == ["d1", "d2"]
