@@ -446,18 +446,28 @@ def _dict_items(targets: list[TargetVariable], ns: Namespace) -> list[TargetVari
     is the only place the dict key shows.
     """
     out = []
+    held: dict[tuple[str, str], bool] = {}  # (layer key, readable layer key) -> held by a dict item: once per layer
     for target in targets:
         layer = ns.split(target.keys.get(ns.name, ""))[0]
-        parts = layer.split("/")
-        segments = [(seg, i > 0 and parts[i - 1] in ns.containers)
-                    for i, seg in enumerate(parts) if seg not in ns.containers]
-        readable = target.key.rpartition("/")[0].split("/")
-        if len(segments) != len(readable):
-            continue
-        if any(not under_layers and is_auto_name(seg) and name != seg and not name.isdigit()
-               for (seg, under_layers), name in zip(segments, readable)):
+        readable_layer = target.key.rpartition("/")[0]
+        found = held.get((layer, readable_layer))
+        if found is None:
+            found = held[(layer, readable_layer)] = _in_dict_item(layer, readable_layer, ns)
+        if found:
             out.append(target)
     return out
+
+
+def _in_dict_item(layer: str, readable_layer: str, ns: Namespace) -> bool:
+    """Whether a layer's ``.weights.h5`` key passes an auto-named item whose readable key names it otherwise."""
+    parts = layer.split("/")
+    segments = [(seg, i > 0 and parts[i - 1] in ns.containers)
+                for i, seg in enumerate(parts) if seg not in ns.containers]
+    readable = readable_layer.split("/")
+    if len(segments) != len(readable):
+        return False
+    return any(not under_layers and is_auto_name(seg) and name != seg and not name.isdigit()
+               for (seg, under_layers), name in zip(segments, readable))
 
 
 def _name_stage(targets: list[TargetVariable], available: dict[str, SourceEntry], ns: Namespace,
@@ -611,12 +621,16 @@ def _elsewhere_alike(layers: tuple[list[Node], list[Node]], ns: Namespace, decid
     sources_of: dict[str, set[str]] = {}
     targets_of: dict[str, set[str]] = {}
     for t_node in t_layers:
+        t_container = None
         for c in leaf_children(t_node):
             d = decided.get(c.leaf.key)
             s_node = owner.get(id(d.entry)) if d is not None else None
             if s_node is not None:
-                sources_of.setdefault(container(t_node), set()).add(container(s_node))
-                targets_of.setdefault(container(s_node), set()).add(container(t_node))
+                if t_container is None:
+                    t_container = container(t_node)
+                s_container = container(s_node)
+                sources_of.setdefault(t_container, set()).add(s_container)
+                targets_of.setdefault(s_container, set()).add(t_container)
     # ... or one whose other free layers could take free layers of the pair's own container.
     free_sigs_s: dict[str, set[tuple]] = {}
     for sig, nodes in free_sources.items():
@@ -627,18 +641,23 @@ def _elsewhere_alike(layers: tuple[list[Node], list[Node]], ns: Namespace, decid
         for node in nodes:
             free_sigs_t.setdefault(container(node), set()).add(sig)
     left: set[str] = set()
+    # A layer can have a rival only with as many variables as some free layer of the other side.
+    free_sizes_t = {len(sig) for sig in free_targets}
+    free_sizes_s = {len(sig) for sig in free_sources}
     for t_node in t_layers:
         children = leaf_children(t_node)
-        decisions = [decided[c.leaf.key] for c in children if c.leaf.key in decided]
+        decisions = [d for d in map(decided.get, [c.leaf.key for c in children]) if d is not None]
         if not decisions or any(not d.structural or d.order_only for d in decisions):
             continue  # rules, exact keys that name things and recorded names are not in question here
         s_node = owner.get(id(decisions[0].entry))
         if s_node is None:
             continue
-        rivals_t = [n for n in free_targets.get(signature(t_node), []) if container(n) != container(t_node)
+        rivals_t = [n for n in (free_targets.get(signature(t_node), [])
+                                if len(children) in free_sizes_t else []) if container(n) != container(t_node)
                     and (container(s_node) in sources_of.get(container(n), set())
                          or free_sigs_t.get(container(n), set()) & free_sigs_s.get(container(s_node), set()))]
-        rivals_s = [n for n in free_sources.get(signature(s_node), []) if container(n) != container(s_node)
+        rivals_s = [n for n in (free_sources.get(signature(s_node), [])
+                                if len(leaf_children(s_node)) in free_sizes_s else []) if container(n) != container(s_node)
                     and (container(t_node) in targets_of.get(container(n), set())
                          or free_sigs_s.get(container(n), set()) & free_sigs_t.get(container(t_node), set()))]
         if not rivals_t and not rivals_s:
