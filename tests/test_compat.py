@@ -133,6 +133,24 @@ def test_variable_shape_is_the_variables_shape_as_ints(net):
     assert compat.variable_shape(stand_in) == (2, 3)
 
 
+def test_variable_dtypes_are_what_the_dtype_property_gives():
+    dense = keras.layers.Dense(3, dtype="float16")
+    dense.build((None, 2))
+    mixed = keras.layers.Dense(3, dtype="mixed_float16")  # float32 variables, cast to float16 in an autocast scope
+    mixed.build((None, 2))
+    variables = [*dense.weights, *mixed.weights, keras.Variable(1, dtype="int32")]
+    assert compat.variable_dtypes(variables) == [v.dtype for v in variables] == [
+        "float16", "float16", "float32", "float32", "int32"]
+    from keras.src.backend.common.variables import AutocastScope
+
+    with AutocastScope("float16"):
+        assert compat.variable_dtypes(variables) == [v.dtype for v in variables]
+        assert compat.variable_dtypes(variables)[2] == "float16"
+    # Without the private field (another Keras), the public dtype serves.
+    stand_in = type("Variable", (), {"dtype": "float64"})()
+    assert compat.variable_dtypes([stand_in]) == ["float64"]
+
+
 def test_tracked_layers_are_the_direct_sub_layers_list_items_included(net):
     assert _names(compat.tracked_layers(net)) == ["block", "h0", "h1"]
     assert _names(compat.tracked_layers(net.block)) == ["inner"]

@@ -351,8 +351,17 @@ def _align_attributes(s: Node, t: Node, ns: Namespace, out: Alignment, by_order:
     if ns.keys_are_names:
         _align_auto_named(s_left, t_left, ns, out, by_order)
     for key in list(t_left):
-        if key in s_left and (s_left[key].leaf is None) == (t_left[key].leaf is None):
-            _align(s_left.pop(key), t_left.pop(key), ns, out, by_order, how)
+        s_node = s_left.get(key)
+        if s_node is None:
+            continue
+        t_node = t_left[key]
+        if s_node.leaf is not None and t_node.leaf is not None:  # two variables: _align's first case, inline
+            del s_left[key], t_left[key]
+            out.pairs.append(Pair(s_node.leaf, t_node.leaf, _parent(s_node.path), _parent(t_node.path),
+                                  _score(s_node, t_node), by_order, how))
+        elif (s_node.leaf is None) == (t_node.leaf is None):
+            del s_left[key], t_left[key]
+            _align(s_node, t_node, ns, out, by_order, how)
     if s_left and t_left:
         scores = {(sk, tk): _score(sn, tn) for sk, sn in s_left.items() for tk, tn in t_left.items()}
         for tk in list(t_left):
@@ -369,8 +378,9 @@ def _align_attributes(s: Node, t: Node, ns: Namespace, out: Alignment, by_order:
                 _align(s_left.pop(top[0]), t_left.pop(tk), ns, out, by_order, "structure")
             else:
                 out.ambiguous[t_left[tk].path] = sorted(s_left[sk].path for sk in top)
-    contested = {p for ps in out.ambiguous.values() for p in ps}
-    out.removed.extend(n.path for n in s_left.values() if n.signature() and n.path not in contested)
+    if s_left:
+        contested = {p for ps in out.ambiguous.values() for p in ps}
+        out.removed.extend(n.path for n in s_left.values() if n.signature() and n.path not in contested)
     out.inserted.extend(n.path for n in t_left.values() if n.signature() and n.path not in out.ambiguous)
 
 

@@ -446,13 +446,13 @@ def _dict_items(targets: list[TargetVariable], ns: Namespace) -> list[TargetVari
     is the only place the dict key shows.
     """
     out = []
-    held: dict[tuple[str, str], bool] = {}  # (layer key, readable layer key) -> held by a dict item: once per layer
+    held: dict[tuple[str, str], bool] = {}  # (key's parent, readable layer key) -> held by a dict item: once per layer
     for target in targets:
-        layer = ns.split(target.keys.get(ns.name, ""))[0]
-        readable_layer = target.key.rpartition("/")[0]
-        found = held.get((layer, readable_layer))
+        key = target.keys.get(ns.name, "")
+        parent, readable_layer = key.rpartition("/")[0], target.key.rpartition("/")[0]
+        found = held.get((parent, readable_layer))
         if found is None:
-            found = held[(layer, readable_layer)] = _in_dict_item(layer, readable_layer, ns)
+            found = held[(parent, readable_layer)] = _in_dict_item(ns.split(key)[0], readable_layer, ns)
         if found:
             out.append(target)
     return out
@@ -473,15 +473,16 @@ def _in_dict_item(layer: str, readable_layer: str, ns: Namespace) -> bool:
 def _name_stage(targets: list[TargetVariable], available: dict[str, SourceEntry], ns: Namespace,
                 used: set[int], names: _Names) -> dict[str, Decision]:
     """Pair layers by the strong names both sides record, then their variables by segment."""
+    split = _layer_splitter(ns)
     source_groups: dict[str, dict[str, SourceEntry]] = {}
     for key, entry in available.items():
         if id(entry) not in used:
-            layer, leaf = ns.split(key)
+            layer, leaf = split(key)
             source_groups.setdefault(layer, {})[leaf] = entry
     target_groups: dict[str, dict[str, TargetVariable]] = {}
     for target in targets:
         if ns.name in target.keys:
-            layer, leaf = ns.split(target.keys[ns.name])
+            layer, leaf = split(target.keys[ns.name])
             target_groups.setdefault(layer, {})[leaf] = target
     sources = [NamedLayer(k, names.path("source", k), frozenset(v), names.source_kinds.get(k))
                for k, v in source_groups.items()]
@@ -495,6 +496,20 @@ def _name_stage(targets: list[TargetVariable], available: dict[str, SourceEntry]
                 reason = f"same layer name '{token.text}' recorded in the checkpoint (layer {s_layer.key} -> {t_layer.key})"
                 out[target.key] = Decision(entry, Stage.NAME, reason, CONFIDENCE_NAME)
     return out
+
+
+def _layer_splitter(ns: Namespace) -> Any:
+    """``ns.split``, computing each layer once: the layer depends only on what precedes the key's last ``/``."""
+    layers: dict[str, str] = {}
+
+    def split(key: str) -> tuple[str, str]:
+        parent, _, leaf = key.rpartition("/")
+        layer = layers.get(parent)
+        if layer is None:
+            layer = layers[parent] = ns.split(key)[0]
+        return layer, leaf
+
+    return split
 
 
 def _trees(targets: list[TargetVariable], available: dict[str, SourceEntry], namespace: str,
@@ -755,10 +770,10 @@ def _exact_stage(
         key = target.keys.get(ns.name)
         if key is None or key not in available or id(available[key]) in used:
             continue
-        layer = ns.split(key)[0]
-        is_positional = positional.get(layer)
+        parent = key.rpartition("/")[0]  # the layer's key, with the variable group where there is one
+        is_positional = positional.get(parent)
         if is_positional is None:
-            is_positional = positional[layer] = ns.is_positional(key)
+            is_positional = positional[parent] = ns.is_positional(key)
         if is_positional:
             continue
         if ns.keys_are_names and names.auto_key(key):

@@ -42,6 +42,7 @@ __all__ = [
     "is_functional",
     "flatten_layers",
     "own_variables",
+    "variable_dtypes",
     "tracked_layers",
     "snake_case",
     "backend",
@@ -169,6 +170,28 @@ def variable_shape(variable: Any) -> tuple[int, ...]:
     if type(shape) is tuple and all(type(d) is int for d in shape):
         return shape
     return tuple(int(d) for d in variable.shape)
+
+
+def variable_dtypes(variables: list[Any]) -> list[Any]:
+    """Each variable's ``dtype``, exactly as ``variable.dtype`` gives it.
+
+    Outside an autocast scope (``keras.src.backend.common.variables.get_autocast_scope``,
+    Keras 3.0) ``KerasVariable.dtype`` is ``standardize_dtype(variable._dtype)``, and
+    ``_dtype`` (Keras 3.0) was standardised when the variable was made: read directly,
+    it costs a tenth of the property (which looks the scope up and standardises again
+    on every read). Inside a scope, or where ``_dtype`` is not a string, the property serves.
+    """
+    try:
+        from keras.src.backend.common.variables import get_autocast_scope
+    except ImportError:
+        return [variable.dtype for variable in variables]
+    if get_autocast_scope() is not None:
+        return [variable.dtype for variable in variables]
+    out = []
+    for variable in variables:
+        dtype = getattr(variable, "_dtype", None)
+        out.append(dtype if type(dtype) is str else variable.dtype)
+    return out
 
 
 def tracked_layers(layer: Any) -> list[Any]:

@@ -104,20 +104,27 @@ def describe_with_layers(
     used: dict[str, int] = {}
     dtype_names: dict[Any, str] = {}  # a variable's dtype -> its numpy name, converted once per dtype
     out = []
-    for variable in variables:
-        layer, layer_path, index = owners.get(id(variable), (None, "", 0))
-        key = _unique_key(readable.get(id(variable), variable.path), used)
-        layer_path = key.rpartition("/")[0] if id(variable) in readable else layer_path
+    by_namespace = list(tables.items())
+    for variable, dtype in zip(variables, _compat.variable_dtypes(variables)):
+        vid = id(variable)
+        layer, layer_path, index = owners.get(vid, (None, "", 0))
+        readable_key = readable.get(vid)
+        key = _unique_key(variable.path if readable_key is None else readable_key, used)
+        if readable_key is not None:
+            layer_path = key.rpartition("/")[0]
         keys = {"name": key}  # the readable key: unique, built from layer names (Keras 2 .h5, TF1)
-        for namespace, table in tables.items():
-            if id(variable) in table:
-                keys[namespace] = table[id(variable)]
+        for namespace, table in by_namespace:
+            found = table.get(vid)
+            if found is not None:
+                keys[namespace] = found
+        dtype_name = dtype_names.get(dtype)
+        if dtype_name is None:
+            dtype_name = dtype_names[dtype] = np.dtype(dtype).name
         out.append(
             TargetVariable(
                 key=key,
                 shape=_compat.variable_shape(variable),
-                dtype=dtype_names.get(variable.dtype) or dtype_names.setdefault(
-                    variable.dtype, np.dtype(variable.dtype).name),
+                dtype=dtype_name,
                 layer=layer_path,
                 layer_class=type(layer).__name__ if layer is not None else "",
                 role=variable.name,
