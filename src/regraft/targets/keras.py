@@ -521,7 +521,7 @@ def _walk_weights(model: Any, make: Any) -> None:
         for name, child in attributes(saveable):
             if isinstance(child, saveable_class):
                 save_state(child, _join(path, name))
-            elif isinstance(child, (list, dict, tuple)):
+            elif isinstance(child, (list, dict, tuple)) and leads_on(child):
                 save_container(child, _join(path, name), set())
 
     def save_container(container: Any, path: str, seen: set[int]) -> None:
@@ -533,7 +533,18 @@ def _walk_weights(model: Any, make: Any) -> None:
             if isinstance(item, saveable_class):
                 save_state(item, _join(path, _unique_name(_compat.snake_case(item.__class__.__name__), used)))
             elif isinstance(item, (list, dict, tuple)):
-                save_container(item, _join(path, _unique_name("container", used)), seen)
+                name = _unique_name("container", used)  # numbered even when not visited: the next ones count it
+                if leads_on(item):
+                    save_container(item, _join(path, name), seen)
+
+    def leads_on(container: Any) -> bool:
+        # Whether visiting the container could reach anything: a visit of one whose items are neither
+        # saveable nor containers does nothing (most are a layer's empty dicts and the (name, variable)
+        # references of its checkpoint dependencies).
+        for item in container.values() if isinstance(container, dict) else container:
+            if isinstance(item, saveable_class) or isinstance(item, (list, dict, tuple)):
+                return True
+        return False
 
     save_state(model, "")
 
