@@ -93,6 +93,11 @@ class Node:
                     # A variable: its one (segment, shape), counted here without a Counter of its own.
                     item = (child.path.rpartition("/")[2], child.shape)
                     sig[item] = sig.get(item, 0) + 1
+                elif child._signature is None and child.leaf is None and _only_variables(child):
+                    # A group of variables (.weights.h5 'vars'): counted the same way, in the same order.
+                    for grandchild in child.children.values():
+                        item = (grandchild.path.rpartition("/")[2], grandchild.shape)
+                        sig[item] = sig.get(item, 0) + 1
                 else:
                     sig.update(child.signature())
             self._signature = sig
@@ -104,6 +109,11 @@ class Node:
         for (role, _), n in self.signature().items():
             out[role] += n
         return out
+
+
+def _only_variables(node: Node) -> bool:
+    """A node whose children are all variables with nothing below them."""
+    return all(c.leaf is not None and not c.children for c in node.children.values())
 
 
 @dataclass(frozen=True)
