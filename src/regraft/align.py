@@ -391,7 +391,8 @@ def _align_attributes(s: Node, t: Node, ns: Namespace, out: Alignment, by_order:
     if s_left:
         contested = {p for ps in out.ambiguous.values() for p in ps}
         out.removed.extend(n.path for n in s_left.values() if n.signature() and n.path not in contested)
-    out.inserted.extend(n.path for n in t_left.values() if n.signature() and n.path not in out.ambiguous)
+    if t_left:
+        out.inserted.extend(n.path for n in t_left.values() if n.signature() and n.path not in out.ambiguous)
 
 
 def _align_auto_named(s_left: dict[str, Node], t_left: dict[str, Node], ns: Namespace, out: Alignment,
