@@ -81,13 +81,15 @@ def describe(model: Any, namespaces: tuple[str, ...] = NAMESPACES) -> list[Targe
 
 
 def describe_with_layers(
-    model: Any, namespaces: tuple[str, ...] = NAMESPACES
+    model: Any, namespaces: tuple[str, ...] = NAMESPACES, weights: list[Any] | None = None
 ) -> tuple[list[TargetVariable], dict[str, dict[str, tuple[str | None, str | None]]]]:
     """:func:`describe`, plus every layer's key per namespace with (Keras name, class in snake case).
 
-    Weightless layers are included: alignment uses them as landmarks.
+    Weightless layers are included: alignment uses them as landmarks. ``weights``:
+    ``model.weights`` as :func:`_check_model` just returned it, if the caller has it
+    (a 10,000-variable model takes 10 ms to list them).
     """
-    weights = _check_model(model)
+    weights = _check_model(model) if weights is None else weights
     variables = _unique(weights)
     owners = _owners(model, weights)
     readable = _readable_keys(model)
@@ -832,12 +834,14 @@ class KerasTarget:
     """A built Keras 3 model on any backend (TensorFlow, JAX, PyTorch): a :class:`~regraft.targets.base.Target`."""
 
     def __init__(self, model: Any) -> None:
-        _check_model(model)
+        self._checked = _check_model(model)  # model.weights, for the describe that follows (planning)
         self.model = model
         self.name = str(model.name)
 
     def describe(self, namespaces: tuple[str, ...]) -> tuple[list[TargetVariable], dict[str, LayerTable]]:
-        return describe_with_layers(self.model, namespaces)
+        # The weights listed by the check serve the first describe only; later ones list them anew.
+        weights, self._checked = self._checked, None
+        return describe_with_layers(self.model, namespaces, weights)
 
     def layer_graph(self) -> list[GraphLayer]:
         return layer_graph(self.model)
