@@ -469,15 +469,15 @@ def _band_sequence(s_items: list[Node], t_items: list[Node]) -> tuple[list[tuple
     takes the full table, which weighs the credited alignment against the plain one.
     """
     s_ids, t_ids, small = _structure_scores(s_items, t_items)
-    s_w = np.array([_widths(x) for x in s_items], dtype=np.int64).reshape(-1, 2)
-    t_w = np.array([_widths(x) for x in t_items], dtype=np.int64).reshape(-1, 2)
+    s_w = [_widths(x) for x in s_items]  # (input, output) per item, as Python ints
+    t_w = [_widths(x) for x in t_items]
     # Explained needs chain_s[i], chain_t[j], equal output and different input widths.
     chained_t: dict[int, set[int]] = {}
     for j in range(1, len(t_items)):
-        if t_w[j - 1, 1] == t_w[j, 0] and t_w[j, 0] >= 0:
-            chained_t.setdefault(int(t_w[j, 1]), set()).add(int(t_w[j, 0]))
+        if t_w[j - 1][1] == t_w[j][0] and t_w[j][0] >= 0:
+            chained_t.setdefault(t_w[j][1], set()).add(t_w[j][0])
     for i in range(1, len(s_items)):
-        if s_w[i - 1, 1] == s_w[i, 0] and s_w[i, 0] >= 0 and chained_t.get(int(s_w[i, 1]), set()) - {int(s_w[i, 0])}:
+        if s_w[i - 1][1] == s_w[i][0] and s_w[i][0] >= 0 and chained_t.get(s_w[i][1], set()) - {s_w[i][0]}:
             return None
     names_s = np.array([x.name or "" for x in s_items], dtype=object)
     names_t = np.array([x.name or "" for x in t_items], dtype=object)
@@ -507,17 +507,18 @@ def _band_sequence(s_items: list[Node], t_items: list[Node]) -> tuple[list[tuple
         for j, name in enumerate(other_names):
             if name:
                 namesakes.setdefault(name, set()).add(other_ids[j])
-        out = np.empty(len(ids), dtype=np.int64)
-        for i, (sid, name) in enumerate(zip(ids, names)):
+        any_best, unnamed_best = best_any.tolist(), best_unnamed.tolist()
+        out = []
+        for sid, name in zip(ids, names):
             if not name:
-                out[i] = best_any[sid]
+                out.append(any_best[sid])
                 continue
-            value = int(best_unnamed[sid])
+            value = unnamed_best[sid]
             for tid in namesakes.get(name, ()):
                 if table[sid, tid] > 0:
                     value = max(value, int(table[sid, tid]) + SAME_NAME)
-            out[i] = value
-        return out
+            out.append(value)
+        return np.array(out, dtype=np.int64).reshape(len(ids))
 
     rowmax = best_of(s_ids, names_s, t_ids, names_t, small)
     colmax = best_of(t_ids, names_t, s_ids, names_s, small.T)
