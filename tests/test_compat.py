@@ -133,6 +133,24 @@ def test_variable_shape_is_the_variables_shape_as_ints(net):
     assert compat.variable_shape(stand_in) == (2, 3)
 
 
+def test_variable_dtypes_are_what_the_dtype_property_gives():
+    dense = keras.layers.Dense(3, dtype="float16")
+    dense.build((None, 2))
+    mixed = keras.layers.Dense(3, dtype="mixed_float16")  # float32 variables, cast to float16 in an autocast scope
+    mixed.build((None, 2))
+    variables = [*dense.weights, *mixed.weights, keras.Variable(1, dtype="int32")]
+    assert compat.variable_dtypes(variables) == [v.dtype for v in variables] == [
+        "float16", "float16", "float32", "float32", "int32"]
+    from keras.src.backend.common.variables import AutocastScope
+
+    with AutocastScope("float16"):
+        assert compat.variable_dtypes(variables) == [v.dtype for v in variables]
+        assert compat.variable_dtypes(variables)[2] == "float16"
+    # Without the private field (another Keras), the public dtype serves.
+    stand_in = type("Variable", (), {"dtype": "float64"})()
+    assert compat.variable_dtypes([stand_in]) == ["float64"]
+
+
 def test_tracked_layers_are_the_direct_sub_layers_list_items_included(net):
     assert _names(compat.tracked_layers(net)) == ["block", "h0", "h1"]
     assert _names(compat.tracked_layers(net.block)) == ["inner"]
@@ -157,6 +175,36 @@ def test_checkpoint_children_are_what_tf_train_checkpoint_saves(net):
     children = compat.checkpoint_children(net.block)
     assert sorted(children) == ["count", "inner", "scale"] and children["inner"] is net.block.inner
     assert sorted(compat.checkpoint_children(net.block.inner)) == ["_kernel", "bias"]
+
+
+def test_checkpoint_children_read_directly_equal_tensorflows_method(net, two_inputs):
+    # checkpoint_children reads plain Keras layers' and optimizers' dependencies directly
+    # (_reads_dependencies); on every object of these graphs that must give exactly what
+    # TensorFlow's own _trackable_children(save_type="checkpoint") gives, in the same order.
+    if compat.backend() != "tensorflow":
+        pytest.skip("TensorFlow's _trackable_children exists on the TensorFlow backend only")
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(net.trainable_variables)
+    sequential = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4), keras.layers.BatchNormalization(),
+                                   keras.Sequential([keras.layers.Dense(2)])])
+    direct = 0
+    for root in (net, two_inputs, sequential, optimizer):
+        queue, seen = [root], {id(root)}
+        while queue:
+            obj = queue.pop(0)
+            if isinstance(obj, keras.Variable):
+                continue
+            children = compat.checkpoint_children(obj)
+            expected = dict(obj._trackable_children(save_type="checkpoint"))
+            assert list(children) == list(expected), type(obj).__name__
+            assert all(children[k] is expected[k] for k in expected)
+            direct += compat._reads_dependencies(type(obj))
+            for child in children.values():
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    queue.append(child)
+    assert direct > 10  # the layers and the optimizer took the direct read
+    assert not compat._reads_dependencies(type(net.heads))  # a list is another kind of object: its own method
 
 
 def test_inbound_layers_are_the_call_arguments_in_order(two_inputs):

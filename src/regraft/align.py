@@ -80,6 +80,7 @@ class Node:
     leaf: Any = None
     shape: tuple[int, ...] | None = None
     _signature: Counter | None = field(default=None, repr=False)
+    _leaves: list["Node"] | None = field(default=None, repr=False, compare=False)
 
     def signature(self) -> Counter:
         """Multiset of (leaf segment, shape) over the subtree — what a layer holds."""
@@ -88,7 +89,17 @@ class Node:
             if self.leaf is not None:
                 sig[(self.path.rpartition("/")[2], self.shape)] += 1
             for child in self.children.values():
-                sig.update(child.signature())
+                if child.leaf is not None and not child.children:
+                    # A variable: its one (segment, shape), counted here without a Counter of its own.
+                    item = (child.path.rpartition("/")[2], child.shape)
+                    sig[item] = sig.get(item, 0) + 1
+                elif child._signature is None and child.leaf is None and _only_variables(child):
+                    # A group of variables (.weights.h5 'vars'): counted the same way, in the same order.
+                    for grandchild in child.children.values():
+                        item = (grandchild.path.rpartition("/")[2], grandchild.shape)
+                        sig[item] = sig.get(item, 0) + 1
+                else:
+                    sig.update(child.signature())
             self._signature = sig
         return self._signature
 
@@ -98,6 +109,11 @@ class Node:
         for (role, _), n in self.signature().items():
             out[role] += n
         return out
+
+
+def _only_variables(node: Node) -> bool:
+    """A node whose children are all variables with nothing below them."""
+    return all(c.leaf is not None and not c.children for c in node.children.values())
 
 
 @dataclass(frozen=True)
@@ -156,8 +172,18 @@ def build_tree(
     for key, (name, kind) in sorted((layers or {}).items(), key=lambda kv: _natural(kv[0])):
         node = _ensure(root, key)
         node.name, node.kind = name, kind
+    parents: dict[str, Node] = {}  # a leaf's parent key -> its node: variables of one layer share it
     for key, record, shape in leaves:
-        node = _ensure(root, key)
+        if key:
+            parent_key, _, segment = key.rpartition("/")
+            parent = parents.get(parent_key)
+            if parent is None:
+                parent = parents[parent_key] = _ensure(root, parent_key)
+            node = parent.children.get(segment)
+            if node is None:
+                node = parent.children[segment] = Node(f"{parent.path}/{segment}" if parent.path else segment)
+        else:
+            node = root
         node.leaf, node.shape = record, tuple(shape)
     return root
 
@@ -270,8 +296,13 @@ def compatible_roles(a: set[str], b: set[str], kind: str | None = None) -> bool:
 
 
 def leaf_children(node: Node) -> list[Node]:
-    """A layer node's variables (under its ``vars`` group for ``.weights.h5`` keys)."""
-    return [c for c in node.children.get("vars", node).children.values() if c.leaf is not None]
+    """A layer node's variables (under its ``vars`` group for ``.weights.h5`` keys).
+
+    Computed once per node (trees are complete when alignment starts); do not change the list.
+    """
+    if node._leaves is None:
+        node._leaves = [c for c in node.children.get("vars", node).children.values() if c.leaf is not None]
+    return node._leaves
 
 
 def _holds_variables(node: Node) -> bool:
@@ -290,11 +321,11 @@ def _score(s: Node, t: Node) -> int:
     """How well source node ``s`` fits target node ``t``; 0 means they cannot be paired."""
     if s.kind and t.kind and s.kind != t.kind:
         return 0
-    s_sig, t_sig = s.signature(), t.signature()
     if s.leaf is not None or t.leaf is not None:
         if s.leaf is None or t.leaf is None:
             return 0
         return SAME_STRUCTURE if s.shape == t.shape else SAME_ROLES
+    s_sig, t_sig = s.signature(), t.signature()
     if not s_sig and not t_sig:
         base = LANDMARK if (not s.kind or not t.kind or s.kind == t.kind) else LANDMARK_OTHER_KIND
     elif s_sig == t_sig:
@@ -330,8 +361,17 @@ def _align_attributes(s: Node, t: Node, ns: Namespace, out: Alignment, by_order:
     if ns.keys_are_names:
         _align_auto_named(s_left, t_left, ns, out, by_order)
     for key in list(t_left):
-        if key in s_left and (s_left[key].leaf is None) == (t_left[key].leaf is None):
-            _align(s_left.pop(key), t_left.pop(key), ns, out, by_order, how)
+        s_node = s_left.get(key)
+        if s_node is None:
+            continue
+        t_node = t_left[key]
+        if s_node.leaf is not None and t_node.leaf is not None:  # two variables: _align's first case, inline
+            del s_left[key], t_left[key]
+            out.pairs.append(Pair(s_node.leaf, t_node.leaf, _parent(s_node.path), _parent(t_node.path),
+                                  _score(s_node, t_node), by_order, how))
+        elif (s_node.leaf is None) == (t_node.leaf is None):
+            del s_left[key], t_left[key]
+            _align(s_node, t_node, ns, out, by_order, how)
     if s_left and t_left:
         scores = {(sk, tk): _score(sn, tn) for sk, sn in s_left.items() for tk, tn in t_left.items()}
         for tk in list(t_left):
@@ -348,9 +388,11 @@ def _align_attributes(s: Node, t: Node, ns: Namespace, out: Alignment, by_order:
                 _align(s_left.pop(top[0]), t_left.pop(tk), ns, out, by_order, "structure")
             else:
                 out.ambiguous[t_left[tk].path] = sorted(s_left[sk].path for sk in top)
-    contested = {p for ps in out.ambiguous.values() for p in ps}
-    out.removed.extend(n.path for n in s_left.values() if n.signature() and n.path not in contested)
-    out.inserted.extend(n.path for n in t_left.values() if n.signature() and n.path not in out.ambiguous)
+    if s_left:
+        contested = {p for ps in out.ambiguous.values() for p in ps}
+        out.removed.extend(n.path for n in s_left.values() if n.signature() and n.path not in contested)
+    if t_left:
+        out.inserted.extend(n.path for n in t_left.values() if n.signature() and n.path not in out.ambiguous)
 
 
 def _align_auto_named(s_left: dict[str, Node], t_left: dict[str, Node], ns: Namespace, out: Alignment,
@@ -427,15 +469,15 @@ def _band_sequence(s_items: list[Node], t_items: list[Node]) -> tuple[list[tuple
     takes the full table, which weighs the credited alignment against the plain one.
     """
     s_ids, t_ids, small = _structure_scores(s_items, t_items)
-    s_w = np.array([_widths(x) for x in s_items], dtype=np.int64).reshape(-1, 2)
-    t_w = np.array([_widths(x) for x in t_items], dtype=np.int64).reshape(-1, 2)
+    s_w = [_widths(x) for x in s_items]  # (input, output) per item, as Python ints
+    t_w = [_widths(x) for x in t_items]
     # Explained needs chain_s[i], chain_t[j], equal output and different input widths.
     chained_t: dict[int, set[int]] = {}
     for j in range(1, len(t_items)):
-        if t_w[j - 1, 1] == t_w[j, 0] and t_w[j, 0] >= 0:
-            chained_t.setdefault(int(t_w[j, 1]), set()).add(int(t_w[j, 0]))
+        if t_w[j - 1][1] == t_w[j][0] and t_w[j][0] >= 0:
+            chained_t.setdefault(t_w[j][1], set()).add(t_w[j][0])
     for i in range(1, len(s_items)):
-        if s_w[i - 1, 1] == s_w[i, 0] and s_w[i, 0] >= 0 and chained_t.get(int(s_w[i, 1]), set()) - {int(s_w[i, 0])}:
+        if s_w[i - 1][1] == s_w[i][0] and s_w[i][0] >= 0 and chained_t.get(s_w[i][1], set()) - {s_w[i][0]}:
             return None
     names_s = np.array([x.name or "" for x in s_items], dtype=object)
     names_t = np.array([x.name or "" for x in t_items], dtype=object)
@@ -465,17 +507,18 @@ def _band_sequence(s_items: list[Node], t_items: list[Node]) -> tuple[list[tuple
         for j, name in enumerate(other_names):
             if name:
                 namesakes.setdefault(name, set()).add(other_ids[j])
-        out = np.empty(len(ids), dtype=np.int64)
-        for i, (sid, name) in enumerate(zip(ids, names)):
+        any_best, unnamed_best = best_any.tolist(), best_unnamed.tolist()
+        out = []
+        for sid, name in zip(ids, names):
             if not name:
-                out[i] = best_any[sid]
+                out.append(any_best[sid])
                 continue
-            value = int(best_unnamed[sid])
+            value = unnamed_best[sid]
             for tid in namesakes.get(name, ()):
                 if table[sid, tid] > 0:
                     value = max(value, int(table[sid, tid]) + SAME_NAME)
-            out[i] = value
-        return out
+            out.append(value)
+        return np.array(out, dtype=np.int64).reshape(len(ids))
 
     rowmax = best_of(s_ids, names_s, t_ids, names_t, small)
     colmax = best_of(t_ids, names_t, s_ids, names_s, small.T)
@@ -709,13 +752,14 @@ def leaf_layers(tree: Node) -> list[Node]:
     stack = [tree]
     while stack:
         node = stack.pop()
-        children = [node.children[k] for k in sorted(node.children, key=_natural)]
         holder = node.children.get("vars")
-        if any(c.leaf is not None for c in children) or (
+        if any(c.leaf is not None for c in node.children.values()) or (
             holder is not None and any(c.leaf is not None for c in holder.children.values())
         ):
             out.append(node)
-        stack.extend(reversed([c for c in children if c.leaf is None and c.path.rpartition("/")[2] != "vars"]))
+        inner = [k for k, c in node.children.items() if c.leaf is None and c.path.rpartition("/")[2] != "vars"]
+        if inner:
+            stack.extend(reversed([node.children[k] for k in sorted(inner, key=_natural)]))
     return out
 
 
@@ -793,40 +837,52 @@ _NEG = np.iinfo(np.int64).min // 4
 
 
 def _band_forward(skew: np.ndarray, n: int, m: int, lo: int, want_moves: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Forward values (and move flags) of the band; ``skew[r, k]`` scores pair ``(r, r + lo + k)``."""
+    """Forward values (and move flags) of the band; ``skew[r, k]`` scores pair ``(r, r + lo + k)``.
+
+    Row ``i`` holds the cells ``j = i + lo + k`` that exist (``0 <= j <= m``): one run of
+    ``k``. Only the values need the row-by-row loop; the move flags are read off the
+    finished table in one pass.
+    """
     width = skew.shape[1]
     ks = np.arange(width, dtype=np.int64)
     gap_k = GAP * ks
     values = np.full((n + 1, width), _NEG, dtype=np.int64)
-    moves = np.zeros((n + 1, width), dtype=np.uint8) if want_moves else None
     j = lo + ks
     valid = (j >= 0) & (j <= m)
     values[0] = np.where(valid, -GAP * j, _NEG)
-    if moves is not None:
-        moves[0] = np.where(valid & (j > 0), LEFT, 0)
+    allowed = skew > 0
     up = np.empty(width, dtype=np.int64)
-    left = np.empty(width, dtype=np.int64)
+    up[-1] = _NEG
     for i in range(1, n + 1):
         prev = values[i - 1]
-        j = i + lo + ks
-        valid = (j >= 0) & (j <= m)
-        s = skew[i - 1]
-        diag = np.where(s > 0, prev + s, _NEG)
-        up[:-1] = prev[1:] - GAP
-        up[-1] = _NEG
+        first, last = min(max(0, -i - lo), width), max(-1, min(width - 1, m - i - lo))  # the valid run of k
+        diag = np.where(allowed[i - 1], prev + skew[i - 1], _NEG)
+        np.subtract(prev[1:], GAP, out=up[:-1])
         vertical = np.maximum(diag, up)
-        vertical[j == 0] = -GAP * i  # the first column holds only gaps
-        row = np.maximum.accumulate(vertical + gap_k) - gap_k
+        if first == -i - lo and first < width:
+            vertical[first] = -GAP * i  # the first column holds only gaps
+        row = values[i]
+        np.add(vertical, gap_k, out=row)
+        np.maximum.accumulate(row, out=row)
+        row -= gap_k
         np.maximum(row, _NEG, out=row)
-        row[~valid] = _NEG
-        values[i] = row
-        if moves is not None:
-            left[0] = _NEG
-            left[1:] = row[:-1] - GAP
-            flags = np.where(diag == row, DIAG, 0) | np.where(up == row, UP, 0) | np.where(left == row, LEFT, 0)
-            flags[j == 0] = UP
-            flags[~valid] = 0
-            moves[i] = flags
+        row[:first] = _NEG
+        row[last + 1:] = _NEG
+    if not want_moves:
+        return values, None
+    prev, rows = values[:-1], values[1:]
+    diag = np.where(allowed, prev + skew, _NEG)
+    up = np.full((n, width), _NEG, dtype=np.int64)
+    up[:, :-1] = prev[:, 1:] - GAP
+    left = np.full((n, width), _NEG, dtype=np.int64)
+    left[:, 1:] = rows[:, :-1] - GAP
+    moves = np.zeros((n + 1, width), dtype=np.uint8)
+    moves[0] = np.where(valid & (j > 0), LEFT, 0)
+    flags = (np.where(diag == rows, DIAG, 0) | np.where(up == rows, UP, 0) | np.where(left == rows, LEFT, 0))
+    jj = np.arange(1, n + 1, dtype=np.int64)[:, None] + lo + ks[None, :]
+    flags[jj == 0] = UP
+    flags[(jj < 0) | (jj > m)] = 0
+    moves[1:] = flags
     return values, moves
 
 

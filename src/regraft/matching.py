@@ -122,10 +122,15 @@ def choose_root(source: Source, targets: list[TargetVariable], root: str | None)
     wanted = {t.keys[source.namespace] for t in targets if source.namespace in t.keys}
     keys = [e.key for e in source.entries() if e.kind == WEIGHT]
 
+    scores: dict[str, tuple[int, int, int]] = {}
+
     def score(candidate: str) -> tuple[int, int, int]:
-        prefix = candidate + "/" if candidate else ""
-        hits = sum(1 for k in keys if k.startswith(prefix) and k[len(prefix) :] in wanted)
-        return (hits, candidate == "model", candidate == "")
+        found = scores.get(candidate)
+        if found is None:
+            prefix = candidate + "/" if candidate else ""
+            hits = sum(1 for k in keys if k.startswith(prefix) and k[len(prefix) :] in wanted)
+            found = scores[candidate] = (hits, candidate == "model", candidate == "")
+        return found
 
     ranked = sorted(candidates, key=score, reverse=True)
     best = ranked[0]
@@ -191,6 +196,7 @@ def make_plan(
     available: dict[str, SourceEntry] = {}
     outside, optimizer, ignored = [], [], []
     rule_counts = {rule.number: 0 for rule in rules}
+    ignore_rules = [r for r in rules if r.kind == IGNORE]
     for entry in source.entries():
         if entry.kind != WEIGHT:
             optimizer.append(entry)
@@ -198,7 +204,7 @@ def make_plan(
             outside.append(entry)
         else:
             relative = entry.key[len(prefix) :]
-            rule = next((r for r in rules if r.kind == IGNORE and r.matches([relative, entry.key])), None)
+            rule = next((r for r in ignore_rules if r.matches([relative, entry.key])), None) if ignore_rules else None
             if rule is not None:
                 rule_counts[rule.number] += 1
                 ignored.append((entry, str(rule)))
@@ -207,8 +213,9 @@ def make_plan(
 
     decided: dict[str, Decision] = {}
     fresh: dict[str, tuple[str, str]] = {}  # target key -> (reason, allowed by)
-    for target in targets:
-        rule = next((r for r in rules if r.kind == INIT and r.matches([target.key, *target.keys.values()])), None)
+    init_rules = [r for r in rules if r.kind == INIT]
+    for target in targets if init_rules else ():
+        rule = next((r for r in init_rules if r.matches([target.key, *target.keys.values()])), None)
         if rule is not None:
             rule_counts[rule.number] += 1
             fresh[target.key] = (f"{rule}: left fresh on purpose", str(rule))
@@ -216,15 +223,17 @@ def make_plan(
     source_layers = {k[len(prefix) :]: v for k, v in source.layers().items() if k.startswith(prefix)}
     names = _Names(ns, source_layers, target_layers or {}, available, model_name, model_classes)
     open_targets = [t for t in targets if t.key not in fresh]
-    decided.update(_rename_stage(open_targets, available, namespace, rules, rule_counts))
-    used = {id(d[0]) for d in decided.values()}
-    decided.update(_rename_layers_stage([t for t in open_targets if t.key not in decided], available, ns,
-                                        rules, rule_counts, source_layers, used))
-    used = {id(d[0]) for d in decided.values()}
-    decided.update(_exact_stage([t for t in open_targets if t.key not in decided], available, ns, used, names))
-    used = {id(d[0]) for d in decided.values()}
-    decided.update(_name_stage([t for t in open_targets if t.key not in decided], available, ns, used, names))
-    used = {id(d[0]) for d in decided.values()}
+    used: set[int] = set()  # the entries decided so far; each stage decides only targets still open
+
+    def decide(stage: dict[str, Decision]) -> None:
+        decided.update(stage)
+        used.update(id(d[0]) for d in stage.values())
+
+    decide(_rename_stage(open_targets, available, namespace, rules, rule_counts))
+    decide(_rename_layers_stage([t for t in open_targets if t.key not in decided], available, ns,
+                                rules, rule_counts, source_layers, used))
+    decide(_exact_stage([t for t in open_targets if t.key not in decided], available, ns, used, names))
+    decide(_name_stage([t for t in open_targets if t.key not in decided], available, ns, used, names))
 
     source_tree, target_tree = _trees(targets, available, namespace, names)
     alignment = align_trees(source_tree, target_tree, ns)
@@ -235,10 +244,11 @@ def make_plan(
             continue
         decided[target.key] = _aligned_decision(pair, namespace, prefix, names)
         used.add(id(entry))
+    under = _by_layer_prefix(targets, namespace) if alignment.ambiguous else {}
     for layer, candidates in alignment.ambiguous.items():
-        for target in targets:
+        for target in under.get(layer, ()):
             key = target.keys.get(namespace, "")
-            if key.startswith(layer + "/") and target.key not in decided:
+            if target.key not in decided:
                 relative = key[len(layer) :]
                 found = [available[c + relative].key for c in candidates if c + relative in available]
                 # Every candidate holds this variable: name the tensors; otherwise the layers.
@@ -296,6 +306,22 @@ def make_plan(
         source_fingerprint=fingerprint_source(source.entries()),
         target_fingerprint=fingerprint_target(originals),
     )
+
+
+def _by_layer_prefix(targets: list[TargetVariable], namespace: str) -> dict[str, list[TargetVariable]]:
+    """Targets by every ``/``-ended head of their key in ``namespace`` (without the ``/``), in order.
+
+    ``out[layer]`` lists the targets whose key starts with ``layer + "/"``: one lookup
+    per ambiguous layer instead of a pass over every target.
+    """
+    out: dict[str, list[TargetVariable]] = {}
+    for target in targets:
+        key = target.keys.get(namespace, "")
+        end = key.find("/")
+        while end != -1:
+            out.setdefault(key[:end], []).append(target)
+            end = key.find("/", end + 1)
+    return out
 
 
 def _from_layout(a: Assignment, back: dict[str, tuple[TargetVariable, str | None]], layout: str) -> Assignment:
@@ -420,32 +446,43 @@ def _dict_items(targets: list[TargetVariable], ns: Namespace) -> list[TargetVari
     is the only place the dict key shows.
     """
     out = []
+    held: dict[tuple[str, str], bool] = {}  # (key's parent, readable layer key) -> held by a dict item: once per layer
     for target in targets:
-        layer = ns.split(target.keys.get(ns.name, ""))[0]
-        parts = layer.split("/")
-        segments = [(seg, i > 0 and parts[i - 1] in ns.containers)
-                    for i, seg in enumerate(parts) if seg not in ns.containers]
-        readable = target.key.rpartition("/")[0].split("/")
-        if len(segments) != len(readable):
-            continue
-        if any(not under_layers and is_auto_name(seg) and name != seg and not name.isdigit()
-               for (seg, under_layers), name in zip(segments, readable)):
+        key = target.keys.get(ns.name, "")
+        parent, readable_layer = key.rpartition("/")[0], target.key.rpartition("/")[0]
+        found = held.get((parent, readable_layer))
+        if found is None:
+            found = held[(parent, readable_layer)] = _in_dict_item(ns.split(key)[0], readable_layer, ns)
+        if found:
             out.append(target)
     return out
+
+
+def _in_dict_item(layer: str, readable_layer: str, ns: Namespace) -> bool:
+    """Whether a layer's ``.weights.h5`` key passes an auto-named item whose readable key names it otherwise."""
+    parts = layer.split("/")
+    segments = [(seg, i > 0 and parts[i - 1] in ns.containers)
+                for i, seg in enumerate(parts) if seg not in ns.containers]
+    readable = readable_layer.split("/")
+    if len(segments) != len(readable):
+        return False
+    return any(not under_layers and is_auto_name(seg) and name != seg and not name.isdigit()
+               for (seg, under_layers), name in zip(segments, readable))
 
 
 def _name_stage(targets: list[TargetVariable], available: dict[str, SourceEntry], ns: Namespace,
                 used: set[int], names: _Names) -> dict[str, Decision]:
     """Pair layers by the strong names both sides record, then their variables by segment."""
+    split = _layer_splitter(ns)
     source_groups: dict[str, dict[str, SourceEntry]] = {}
     for key, entry in available.items():
         if id(entry) not in used:
-            layer, leaf = ns.split(key)
+            layer, leaf = split(key)
             source_groups.setdefault(layer, {})[leaf] = entry
     target_groups: dict[str, dict[str, TargetVariable]] = {}
     for target in targets:
         if ns.name in target.keys:
-            layer, leaf = ns.split(target.keys[ns.name])
+            layer, leaf = split(target.keys[ns.name])
             target_groups.setdefault(layer, {})[leaf] = target
     sources = [NamedLayer(k, names.path("source", k), frozenset(v), names.source_kinds.get(k))
                for k, v in source_groups.items()]
@@ -459,6 +496,20 @@ def _name_stage(targets: list[TargetVariable], available: dict[str, SourceEntry]
                 reason = f"same layer name '{token.text}' recorded in the checkpoint (layer {s_layer.key} -> {t_layer.key})"
                 out[target.key] = Decision(entry, Stage.NAME, reason, CONFIDENCE_NAME)
     return out
+
+
+def _layer_splitter(ns: Namespace) -> Any:
+    """``ns.split``, computing each layer once: the layer depends only on what precedes the key's last ``/``."""
+    layers: dict[str, str] = {}
+
+    def split(key: str) -> tuple[str, str]:
+        parent, _, leaf = key.rpartition("/")
+        layer = layers.get(parent)
+        if layer is None:
+            layer = layers[parent] = ns.split(key)[0]
+        return layer, leaf
+
+    return split
 
 
 def _trees(targets: list[TargetVariable], available: dict[str, SourceEntry], namespace: str,
@@ -585,12 +636,16 @@ def _elsewhere_alike(layers: tuple[list[Node], list[Node]], ns: Namespace, decid
     sources_of: dict[str, set[str]] = {}
     targets_of: dict[str, set[str]] = {}
     for t_node in t_layers:
+        t_container = None
         for c in leaf_children(t_node):
             d = decided.get(c.leaf.key)
             s_node = owner.get(id(d.entry)) if d is not None else None
             if s_node is not None:
-                sources_of.setdefault(container(t_node), set()).add(container(s_node))
-                targets_of.setdefault(container(s_node), set()).add(container(t_node))
+                if t_container is None:
+                    t_container = container(t_node)
+                s_container = container(s_node)
+                sources_of.setdefault(t_container, set()).add(s_container)
+                targets_of.setdefault(s_container, set()).add(t_container)
     # ... or one whose other free layers could take free layers of the pair's own container.
     free_sigs_s: dict[str, set[tuple]] = {}
     for sig, nodes in free_sources.items():
@@ -601,18 +656,23 @@ def _elsewhere_alike(layers: tuple[list[Node], list[Node]], ns: Namespace, decid
         for node in nodes:
             free_sigs_t.setdefault(container(node), set()).add(sig)
     left: set[str] = set()
+    # A layer can have a rival only with as many variables as some free layer of the other side.
+    free_sizes_t = {len(sig) for sig in free_targets}
+    free_sizes_s = {len(sig) for sig in free_sources}
     for t_node in t_layers:
         children = leaf_children(t_node)
-        decisions = [decided[c.leaf.key] for c in children if c.leaf.key in decided]
+        decisions = [d for d in map(decided.get, [c.leaf.key for c in children]) if d is not None]
         if not decisions or any(not d.structural or d.order_only for d in decisions):
             continue  # rules, exact keys that name things and recorded names are not in question here
         s_node = owner.get(id(decisions[0].entry))
         if s_node is None:
             continue
-        rivals_t = [n for n in free_targets.get(signature(t_node), []) if container(n) != container(t_node)
+        rivals_t = [n for n in (free_targets.get(signature(t_node), [])
+                                if len(children) in free_sizes_t else []) if container(n) != container(t_node)
                     and (container(s_node) in sources_of.get(container(n), set())
                          or free_sigs_t.get(container(n), set()) & free_sigs_s.get(container(s_node), set()))]
-        rivals_s = [n for n in free_sources.get(signature(s_node), []) if container(n) != container(s_node)
+        rivals_s = [n for n in (free_sources.get(signature(s_node), [])
+                                if len(leaf_children(s_node)) in free_sizes_s else []) if container(n) != container(s_node)
                     and (container(t_node) in targets_of.get(container(n), set())
                          or free_sigs_s.get(container(n), set()) & free_sigs_t.get(container(t_node), set()))]
         if not rivals_t and not rivals_s:
@@ -651,7 +711,7 @@ def _assignment(
     accept_order: bool = False,
     tied: bool = False,
 ) -> Assignment:
-    allowed = matches_any([target.key, *target.keys.values()], allow_missing)
+    allowed = matches_any([target.key, *target.keys.values()], allow_missing) if allow_missing else None
     if fresh is not None:
         return Assignment(target, None, MISSING, Stage.RULE, fresh[0], fresh[1], 1.0)
     if decision is None and tied:
@@ -705,9 +765,16 @@ def _exact_stage(
     if ns.keys_are_names:  # only there are keys names that two layers may share
         layer_names.update(ns.split(t.keys[ns.name])[0].rpartition("/")[2] for t in targets if ns.name in t.keys)
         layer_names.update(ns.split(k)[0].rpartition("/")[2] for k in available)
+    positional: dict[str, bool] = {}  # per layer: whether its key picks it by position (ns.is_positional)
     for target in targets:
         key = target.keys.get(ns.name)
-        if key is None or key not in available or id(available[key]) in used or ns.is_positional(key):
+        if key is None or key not in available or id(available[key]) in used:
+            continue
+        parent = key.rpartition("/")[0]  # the layer's key, with the variable group where there is one
+        is_positional = positional.get(parent)
+        if is_positional is None:
+            is_positional = positional[parent] = ns.is_positional(key)
+        if is_positional:
             continue
         if ns.keys_are_names and names.auto_key(key):
             continue  # dense_3/kernel: the counter depends on what the program built first

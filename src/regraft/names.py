@@ -26,6 +26,7 @@ sub-model and a head, ``Sequential`` made functional).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -58,8 +59,11 @@ _AUTO_BASES = frozenset(
 _COUNTER = re.compile(r"^(?P<base>.*?)(?:_(?P<n>\d+))?$")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def split_counter(name: str) -> tuple[str, int]:
     """A name's base and Keras-style counter: ``dense_3`` → (``dense``, 3), ``dense`` → (``dense``, 0).
+
+    Memoised: planning asks it of every layer name several times.
 
     Example:
         >>> split_counter("conv2d_12"), split_counter("conv1_conv")
@@ -80,10 +84,13 @@ def is_auto_name(name: str, kind: str | None = None, extra_bases: Iterable[str] 
         >>> is_auto_name("dense_3"), is_auto_name("conv1_conv"), is_auto_name("block_2", "block")
         (True, False, True)
     """
-    bases = {name, split_counter(name)[0]}
-    if kind and kind in bases:
+    base = split_counter(name)[0]
+    if kind and (kind == name or kind == base):
         return True
-    return bool(bases & _AUTO_BASES) or bool(bases & set(extra_bases))
+    if name in _AUTO_BASES or base in _AUTO_BASES:
+        return True
+    extra = extra_bases if isinstance(extra_bases, (set, frozenset)) else set(extra_bases)
+    return name in extra or base in extra
 
 
 @dataclass(frozen=True)
@@ -129,9 +136,12 @@ def model_prefixes(source_names: Iterable[str], target_names: Iterable[str], tar
     def candidates(names: set[str], extra: str) -> set[str]:
         heads: Counter = Counter()
         for name in names:
-            words = name.split("_")
-            for k in range(1, min(4, len(words))):
-                heads["_".join(words[:k]) + "_"] += 1
+            end = name.find("_")
+            for _ in range(3):  # the heads of up to three words, each with its '_'
+                if end == -1:
+                    break
+                heads[name[:end + 1]] += 1
+                end = name.find("_", end + 1)
         found = {head for head, n in heads.items() if n >= 2 and 3 * n >= len(names)}
         if extra:
             found.add(extra + "_")
@@ -141,10 +151,12 @@ def model_prefixes(source_names: Iterable[str], target_names: Iterable[str], tar
         return {n[len(prefix):] if prefix and n.startswith(prefix) and len(n) > len(prefix) else n for n in names}
 
     best, best_score = ("", ""), len(source_names & target_names)
+    target_heads = sorted(candidates(target_names, target_model))
+    target_stripped = [stripped(target_names, q) for q in target_heads]
     for p in sorted(candidates(source_names, "")):
         s = stripped(source_names, p)
-        for q in sorted(candidates(target_names, target_model)):
-            score = len(s & stripped(target_names, q))
+        for q, t in zip(target_heads, target_stripped):
+            score = len(s & t)
             if score > best_score:
                 best, best_score = (p, q), score
     return best
@@ -174,20 +186,22 @@ def pair_by_names(sources: list[NamedLayer], targets: list[NamedLayer],
         >>> [(s.key, t.key) for s, t, _ in pair_by_names(old, new)]
         [('0', 'a/0')]
     """
-    longest = max((len(x.tokens) for x in (*sources, *targets)), default=0)
+    s_texts = [_texts(x) for x in sources]  # a name path's texts: its suffix of k levels is texts[-k:]
+    t_texts = [_texts(x) for x in targets]
+    longest = max((len(x) for x in (*s_texts, *t_texts)), default=0)
     counts: list[tuple[Counter, Counter]] = []
     by_suffix: dict[tuple[str, ...], NamedLayer] = {}
     for k in range(1, longest + 1):
-        s_count: Counter = Counter(_suffix(x, k) for x in sources if len(x.tokens) >= k)
-        t_count: Counter = Counter(_suffix(x, k) for x in targets if len(x.tokens) >= k)
+        s_count: Counter = Counter(x[-k:] for x in s_texts if len(x) >= k)
+        t_count: Counter = Counter(x[-k:] for x in t_texts if len(x) >= k)
         counts.append((s_count, t_count))
-        for x in sources:
-            if len(x.tokens) >= k and s_count[_suffix(x, k)] == 1:
-                by_suffix[_suffix(x, k)] = x
+        for x, texts in zip(sources, s_texts):
+            if len(texts) >= k and s_count[texts[-k:]] == 1:
+                by_suffix[texts[-k:]] = x
     out = []
-    for target in targets:
-        for k in range(1, len(target.tokens) + 1):
-            suffix = _suffix(target, k)
+    for target, texts in zip(targets, t_texts):
+        for k in range(1, len(texts) + 1):
+            suffix = texts[-k:]
             s_count, t_count = counts[k - 1]
             if t_count[suffix] > 1 or s_count[suffix] > 1:
                 continue  # not unique yet: look one level further out
@@ -202,5 +216,5 @@ def pair_by_names(sources: list[NamedLayer], targets: list[NamedLayer],
     return out
 
 
-def _suffix(layer: NamedLayer, k: int) -> tuple[str, ...]:
-    return tuple(t.text for t in layer.tokens[-k:])
+def _texts(layer: NamedLayer) -> tuple[str, ...]:
+    return tuple(t.text for t in layer.tokens)

@@ -42,6 +42,7 @@ __all__ = [
     "is_functional",
     "flatten_layers",
     "own_variables",
+    "variable_dtypes",
     "tracked_layers",
     "snake_case",
     "backend",
@@ -171,6 +172,28 @@ def variable_shape(variable: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in variable.shape)
 
 
+def variable_dtypes(variables: list[Any]) -> list[Any]:
+    """Each variable's ``dtype``, exactly as ``variable.dtype`` gives it.
+
+    Outside an autocast scope (``keras.src.backend.common.variables.get_autocast_scope``,
+    Keras 3.0) ``KerasVariable.dtype`` is ``standardize_dtype(variable._dtype)``, and
+    ``_dtype`` (Keras 3.0) was standardised when the variable was made: read directly,
+    it costs a tenth of the property (which looks the scope up and standardises again
+    on every read). Inside a scope, or where ``_dtype`` is not a string, the property serves.
+    """
+    try:
+        from keras.src.backend.common.variables import get_autocast_scope
+    except ImportError:
+        return [variable.dtype for variable in variables]
+    if get_autocast_scope() is not None:
+        return [variable.dtype for variable in variables]
+    out = []
+    for variable in variables:
+        dtype = getattr(variable, "_dtype", None)
+        out.append(dtype if type(dtype) is str else variable.dtype)
+    return out
+
+
 def tracked_layers(layer: Any) -> list[Any]:
     """The direct sub-layers Keras tracks on ``layer``: ``Layer._layers`` (Keras 3.0).
 
@@ -234,8 +257,42 @@ def checkpoint_children(obj: Any) -> dict[str, Any]:
     """
     if backend() != "tensorflow":
         return predicted_checkpoint_children(obj)
+    if _reads_dependencies(type(obj)) and hasattr(obj, "_self_unconditional_checkpoint_dependencies"):
+        return {name: ref for name, ref in obj._checkpoint_dependencies}
     method = _attribute(obj, "_trackable_children", "Trackable", "TensorFlow 2.x / Keras 3.0")
     return dict(method(save_type="checkpoint"))
+
+
+@functools.cache
+def _reads_dependencies(cls: type) -> bool:
+    """Whether ``_trackable_children(save_type="checkpoint")`` of a ``cls`` instance only lists its dependencies.
+
+    True when the classes along ``cls``'s MRO that define ``_trackable_children``
+    are Keras' TensorFlow-backend ``Layer`` (Keras 3.0: hands a checkpoint to
+    ``super()``), TensorFlow's ``AutoTrackable`` (likewise) and ``Trackable``
+    (TensorFlow 2.x), or a tail of that chain, and ``_checkpoint_dependencies``
+    and ``_maybe_initialize_trackable`` are ``Trackable``'s own. Then the children
+    of an initialised object are ``{name: ref for name, ref in obj._checkpoint_dependencies}``,
+    which :func:`checkpoint_children` reads directly: the method itself wraps each call
+    in two ``no_automatic_dependency_tracking`` toggles, four attribute writes that
+    Keras' ``Layer.__setattr__`` tracks (two thirds of describing a 10,000-variable
+    model's object keys). Anything else (an override, another TensorFlow) takes the
+    method; ``tests/test_compat.py`` checks both give the same children.
+    """
+    try:
+        from keras.src.backend.tensorflow.layer import TFLayer
+        from tensorflow.python.trackable.autotrackable import AutoTrackable
+        from tensorflow.python.trackable.base import Trackable
+    except ImportError:
+        return False
+
+    def definers(name: str) -> list[type]:
+        return [klass for klass in cls.__mro__ if name in vars(klass)]
+
+    chain = [TFLayer, AutoTrackable, Trackable]
+    return (definers("_trackable_children") in (chain, chain[1:], chain[2:])
+            and definers("_checkpoint_dependencies")[:1] == [Trackable]
+            and definers("_maybe_initialize_trackable")[:1] == [Trackable])
 
 
 def predicted_checkpoint_children(obj: Any) -> dict[str, Any]:

@@ -81,13 +81,15 @@ def describe(model: Any, namespaces: tuple[str, ...] = NAMESPACES) -> list[Targe
 
 
 def describe_with_layers(
-    model: Any, namespaces: tuple[str, ...] = NAMESPACES
+    model: Any, namespaces: tuple[str, ...] = NAMESPACES, weights: list[Any] | None = None
 ) -> tuple[list[TargetVariable], dict[str, dict[str, tuple[str | None, str | None]]]]:
     """:func:`describe`, plus every layer's key per namespace with (Keras name, class in snake case).
 
-    Weightless layers are included: alignment uses them as landmarks.
+    Weightless layers are included: alignment uses them as landmarks. ``weights``:
+    ``model.weights`` as :func:`_check_model` just returned it, if the caller has it
+    (a 10,000-variable model takes 10 ms to list them).
     """
-    weights = _check_model(model)
+    weights = _check_model(model) if weights is None else weights
     variables = _unique(weights)
     owners = _owners(model, weights)
     readable = _readable_keys(model)
@@ -104,20 +106,27 @@ def describe_with_layers(
     used: dict[str, int] = {}
     dtype_names: dict[Any, str] = {}  # a variable's dtype -> its numpy name, converted once per dtype
     out = []
-    for variable in variables:
-        layer, layer_path, index = owners.get(id(variable), (None, "", 0))
-        key = _unique_key(readable.get(id(variable), variable.path), used)
-        layer_path = key.rpartition("/")[0] if id(variable) in readable else layer_path
+    by_namespace = list(tables.items())
+    for variable, dtype in zip(variables, _compat.variable_dtypes(variables)):
+        vid = id(variable)
+        layer, layer_path, index = owners.get(vid, (None, "", 0))
+        readable_key = readable.get(vid)
+        key = _unique_key(variable.path if readable_key is None else readable_key, used)
+        if readable_key is not None:
+            layer_path = key.rpartition("/")[0]
         keys = {"name": key}  # the readable key: unique, built from layer names (Keras 2 .h5, TF1)
-        for namespace, table in tables.items():
-            if id(variable) in table:
-                keys[namespace] = table[id(variable)]
+        for namespace, table in by_namespace:
+            found = table.get(vid)
+            if found is not None:
+                keys[namespace] = found
+        dtype_name = dtype_names.get(dtype)
+        if dtype_name is None:
+            dtype_name = dtype_names[dtype] = np.dtype(dtype).name
         out.append(
             TargetVariable(
                 key=key,
                 shape=_compat.variable_shape(variable),
-                dtype=dtype_names.get(variable.dtype) or dtype_names.setdefault(
-                    variable.dtype, np.dtype(variable.dtype).name),
+                dtype=dtype_name,
                 layer=layer_path,
                 layer_class=type(layer).__name__ if layer is not None else "",
                 role=variable.name,
@@ -514,7 +523,7 @@ def _walk_weights(model: Any, make: Any) -> None:
         for name, child in attributes(saveable):
             if isinstance(child, saveable_class):
                 save_state(child, _join(path, name))
-            elif isinstance(child, (list, dict, tuple)):
+            elif isinstance(child, (list, dict, tuple)) and leads_on(child):
                 save_container(child, _join(path, name), set())
 
     def save_container(container: Any, path: str, seen: set[int]) -> None:
@@ -526,7 +535,18 @@ def _walk_weights(model: Any, make: Any) -> None:
             if isinstance(item, saveable_class):
                 save_state(item, _join(path, _unique_name(_compat.snake_case(item.__class__.__name__), used)))
             elif isinstance(item, (list, dict, tuple)):
-                save_container(item, _join(path, _unique_name("container", used)), seen)
+                name = _unique_name("container", used)  # numbered even when not visited: the next ones count it
+                if leads_on(item):
+                    save_container(item, _join(path, name), seen)
+
+    def leads_on(container: Any) -> bool:
+        # Whether visiting the container could reach anything: a visit of one whose items are neither
+        # saveable nor containers does nothing (most are a layer's empty dicts and the (name, variable)
+        # references of its checkpoint dependencies).
+        for item in container.values() if isinstance(container, dict) else container:
+            if isinstance(item, saveable_class) or isinstance(item, (list, dict, tuple)):
+                return True
+        return False
 
     save_state(model, "")
 
@@ -814,12 +834,14 @@ class KerasTarget:
     """A built Keras 3 model on any backend (TensorFlow, JAX, PyTorch): a :class:`~regraft.targets.base.Target`."""
 
     def __init__(self, model: Any) -> None:
-        _check_model(model)
+        self._checked = _check_model(model)  # model.weights, for the describe that follows (planning)
         self.model = model
         self.name = str(model.name)
 
     def describe(self, namespaces: tuple[str, ...]) -> tuple[list[TargetVariable], dict[str, LayerTable]]:
-        return describe_with_layers(self.model, namespaces)
+        # The weights listed by the check serve the first describe only; later ones list them anew.
+        weights, self._checked = self._checked, None
+        return describe_with_layers(self.model, namespaces, weights)
 
     def layer_graph(self) -> list[GraphLayer]:
         return layer_graph(self.model)
