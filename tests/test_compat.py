@@ -138,7 +138,7 @@ def test_variable_dtypes_are_what_the_dtype_property_gives():
     dense.build((None, 2))
     mixed = keras.layers.Dense(3, dtype="mixed_float16")  # float32 variables, cast to float16 in an autocast scope
     mixed.build((None, 2))
-    variables = [*dense.weights, *mixed.weights, keras.Variable(1, dtype="int32")]
+    variables = [*dense.weights, *mixed.weights, keras.Variable(1, dtype="int32", trainable=False)]  # torch: an int Parameter cannot require grad
     assert compat.variable_dtypes(variables) == [v.dtype for v in variables] == [
         "float16", "float16", "float32", "float32", "int32"]
     from keras.src.backend.common.variables import AutocastScope
