@@ -23,6 +23,8 @@ from regraft.sources.base import Source
 
 __all__ = ["Source", "open_source", "register_format", "FORMATS", "BuiltinFormat", "without_gc"]
 
+# sources/_hdf5.SIGNATURE, written out so that listing a TF checkpoint does not import the HDF5
+# reader; tests/test_sources.py checks each built-in shortcut against its class.
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 

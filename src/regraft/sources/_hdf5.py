@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["NotHandled", "Group", "Dataset", "DataType", "Attribute", "read_tree", "attribute_value", "attribute_list"]
 
-_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _SUPERBLOCK_0 = bytes([0, 0, 0, 0, 0, 8, 8, 0])
 _UCHAR = bytes.fromhex("100000000100000000000800")  # the base type of a variable-length string: 1-byte unsigned
 _UNDEFINED = 0xFFFF_FFFF_FFFF_FFFF
@@ -196,7 +196,7 @@ class _Reader:
 
     def tree(self) -> tuple[Group, dict[str, Group | Dataset]]:
         image = self.image
-        if self.size < 96 or image[:8] != _SIGNATURE:
+        if self.size < 96 or image[:8] != SIGNATURE:
             raise NotHandled("no superblock at byte 0")
         if image[8:16] != _SUPERBLOCK_0:  # versions 0 (superblock, free space, root entry, shared headers), 8-byte sizes
             raise NotHandled(f"superblock version {image[8]} or offsets and lengths other than 8 bytes")

@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 __all__ = ["KerasH5", "keras2_key"]
 
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _VAR = re.compile(r"(^|/)vars/\d+$")
 _COUNTER = re.compile(r"_\d+$")  # Keras' suffix for the n-th layer of a class in a list: dense_1
 _NUMERIC = "biufc"
@@ -79,7 +78,7 @@ class KerasH5(Source):
         if not os.path.isfile(path):
             return False
         with open(path, "rb") as f:
-            return f.read(8) == _HDF5_SIGNATURE
+            return f.read(len(_hdf5.SIGNATURE)) == _hdf5.SIGNATURE
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -212,11 +211,7 @@ class KerasH5(Source):
             array = self._read_fast(key)
         else:
             array = self._read_h5py(key, where)
-        if array.dtype.kind == "V":  # Keras stores bfloat16 as opaque bytes with a 'dtype' attribute
-            from regraft.naming import dtype_of
-
-            return array.view(dtype_of("bfloat16"))
-        return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+        return _native(array)
 
     def _read_fast(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         """A dataset's bytes as the fast reader located them, into ``out`` or a fresh array of the file's dtype."""
@@ -241,11 +236,14 @@ class KerasH5(Source):
                     raise OSError(f"the file ends before byte {dataset.offset + dataset.size:,}, where the tensor ends")
                 done += got
         except OSError as exc:
-            raise CorruptCheckpointError(
-                f"Cannot read tensor '{key}' (dataset '/{where}') from {self.path}: {_reason(exc)}.",
-                hint="The file is damaged; save the weights again.",
-            ) from None
+            raise self._unreadable(key, where, exc) from None
         return out
+
+    def _unreadable(self, key: str, where: str, exc: BaseException) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"Cannot read tensor '{key}' (dataset '/{where}') from {self.path}: {_reason(exc)}.",
+            hint="The file is damaged; save the weights again.",
+        )
 
     def _no_memory(self, key: str, where: str) -> SourceError:
         entry = self._entries[key]
@@ -264,10 +262,7 @@ class KerasH5(Source):
         except MemoryError:
             raise self._no_memory(key, where) from None
         except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
-            raise CorruptCheckpointError(
-                f"Cannot read tensor '{key}' (dataset '/{where}') from {self.path}: {_reason(exc)}.",
-                hint="The file is damaged; save the weights again.",
-            ) from None
+            raise self._unreadable(key, where, exc) from None
 
     def read_into(self, key: str, out: np.ndarray, checked: bool = False) -> None:
         """Read one dataset straight into ``out`` (no intermediate array) when the dtypes agree."""
@@ -285,10 +280,7 @@ class KerasH5(Source):
         try:
             dataset.read_direct(out)
         except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
-            raise CorruptCheckpointError(
-                f"Cannot read tensor '{key}' (dataset '/{self._dataset_path[key]}') from {self.path}: {_reason(exc)}.",
-                hint="The file is damaged; save the weights again.",
-            ) from None
+            raise self._unreadable(key, self._dataset_path[key], exc) from None
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
         """Read one block of a dataset through h5py's hyperslab selection (``dataset[index]``).
@@ -311,16 +303,9 @@ class KerasH5(Source):
         try:
             array = np.asarray(dataset[index])
         except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
-            raise CorruptCheckpointError(
-                f"Cannot read tensor '{key}' (dataset '/{where}') from {self.path}: {_reason(exc)}.",
-                hint="The file is damaged; save the weights again.",
-            ) from None
+            raise self._unreadable(key, where, exc) from None
         self.sliced_bytes_read += touched_bytes(offset, tuple(dataset.shape), dataset.dtype.itemsize, index)
-        if array.dtype.kind == "V":
-            from regraft.naming import dtype_of
-
-            return array.view(dtype_of("bfloat16"))
-        return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+        return _native(array)
 
     def _read_slice_fast(self, key: str, dataset: _hdf5.Dataset, index: tuple[slice, ...]) -> np.ndarray:
         """One block of a contiguous dataset, copied out of a map of the file (only its pages are read)."""
@@ -333,16 +318,9 @@ class KerasH5(Source):
             with mmap.mmap(self._fd, start + dataset.size, access=mmap.ACCESS_READ) as mapped:  # type: ignore[arg-type]
                 array = read_block(mapped, start, dataset.dtype, dataset.shape, index)
         except (OSError, ValueError) as exc:
-            raise CorruptCheckpointError(
-                f"Cannot read tensor '{key}' (dataset '/{dataset.path}') from {self.path}: {_reason(exc)}.",
-                hint="The file is damaged; save the weights again.",
-            ) from None
+            raise self._unreadable(key, dataset.path, exc) from None
         self.sliced_bytes_read += touched_bytes(dataset.offset, dataset.shape, dataset.dtype.itemsize, index)
-        if array.dtype.kind == "V":
-            from regraft.naming import dtype_of
-
-            return array.view(dtype_of("bfloat16"))
-        return array
+        return _native(array)
 
     def verify(self, key: str) -> None:
         """Check a dataset can be read: from metadata alone for plain contiguous data, else by reading it.
@@ -942,6 +920,17 @@ def _short(value: object) -> str:
 
     text = repr(value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """A tensor as read from the file, in the dtype regraft gives it: Keras stores bfloat16
+    as opaque bytes (with a 'dtype' attribute), viewed here as bfloat16; other data in
+    native byte order."""
+    if array.dtype.kind == "V":
+        from regraft.naming import dtype_of
+
+        return array.view(dtype_of("bfloat16"))
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
 
 def _dtype_words(dtype: np.dtype) -> str:
