@@ -134,6 +134,23 @@ class BundleEntry(NamedTuple):
 _new_tuple = tuple.__new__  # a BundleEntry from a tuple of its fields, without NamedTuple's Python-level __new__
 
 
+def _entry_problem(proto: BundleEntryProto, num_shards: int) -> str:
+    """Returns what is wrong with an entry's fields, or ``""``."""
+    shape = proto.shape
+    if not (proto.unknown_rank or not 0 <= proto.shard_id < num_shards or proto.offset < 0 or proto.size < 0 or (
+            shape and (min(shape) < 0 or 0 in shape or math.prod(shape) > _MAX_ELEMENTS))):
+        return ""  # every check below passes: one expression for the 10,000 entries that get here
+    if proto.unknown_rank or any(d < 0 for d in shape):
+        return f"shape {list(shape)} (unknown_rank={proto.unknown_rank}) is not fully defined"
+    if not 0 <= proto.shard_id < num_shards:
+        return f"shard {proto.shard_id}, expected 0 to {num_shards - 1}"
+    if proto.offset < 0 or proto.size < 0:
+        return f"offset {proto.offset} and size {proto.size} must not be negative"
+    if math.prod(d for d in shape if d) > _MAX_ELEMENTS:
+        return f"shape {list(shape)} has more elements than any array can hold"
+    return ""
+
+
 def data_file_path(prefix: str, shard_id: int, num_shards: int) -> str:
     """Returns the path of one data shard, ``PREFIX.data-0000i-of-0000N``."""
     return f"{prefix}.data-{shard_id:05d}-of-{num_shards:05d}"
@@ -578,30 +595,15 @@ class Bundle:
                         f"{self.index_path}: the entry of tensor {key!r} is garbled: {exc}", hint=DAMAGED_HINT
                     ) from None
             dtype, shape, unknown_rank, shard_id, offset, size, crc, num_slices = proto
-            # The checks of _entry_problem, in one expression for the 10,000 entries that pass them.
-            if unknown_rank or not 0 <= shard_id < num_shards or offset < 0 or size < 0 or (
-                    shape and (min(shape) < 0 or math.prod(shape) > _MAX_ELEMENTS or 0 in shape)):
-                problem = self._entry_problem(proto)
-                if problem:
-                    raise CorruptCheckpointError(
-                        f"{self.index_path}: the entry of tensor {key!r} is invalid: {problem}",
-                        hint=DAMAGED_HINT,
-                    )
+            problem = _entry_problem(proto, num_shards)
+            if problem:
+                raise CorruptCheckpointError(
+                    f"{self.index_path}: the entry of tensor {key!r} is invalid: {problem}",
+                    hint=DAMAGED_HINT,
+                )
             entries[key] = _new_tuple(BundleEntry, (key, dtype, shape, shard_id, offset, size, crc, num_slices > 0,
                                                     raw_key))
         return entries
-
-    def _entry_problem(self, proto: BundleEntryProto) -> str:
-        """Returns what is wrong with an entry's fields, or ``""``."""
-        if proto.unknown_rank or any(d < 0 for d in proto.shape):
-            return f"shape {list(proto.shape)} (unknown_rank={proto.unknown_rank}) is not fully defined"
-        if not 0 <= proto.shard_id < self.header.num_shards:
-            return f"shard {proto.shard_id}, expected 0 to {self.header.num_shards - 1}"
-        if proto.offset < 0 or proto.size < 0:
-            return f"offset {proto.offset} and size {proto.size} must not be negative"
-        if math.prod(d for d in proto.shape if d) > _MAX_ELEMENTS:
-            return f"shape {list(proto.shape)} has more elements than any array can hold"
-        return ""
 
     def _check_data_files(self) -> None:
         """Raises SourceError unless every data shard file exists.
