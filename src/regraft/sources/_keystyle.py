@@ -6,7 +6,7 @@ from typing import Iterable
 
 from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
 
-__all__ = ["TORCH_ROLES", "is_torch_style", "canonical_key", "numbered"]
+__all__ = ["TORCH_ROLES", "is_torch_style", "canonical_key", "entry_order", "numbered"]
 
 #: The leaf names PyTorch modules give their tensors (Linear, Conv, BatchNorm, LayerNorm, Embedding).
 TORCH_ROLES = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
@@ -33,6 +33,14 @@ def canonical_key(name: str, torch: bool) -> str:
     return name.replace(".", "/") if torch else name
 
 
+_KIND_ORDER = {WEIGHT: 0, OPTIMIZER_SLOT: 1, BOOKKEEPING: 2}
+
+
+def entry_order(e: SourceEntry) -> tuple[int, str]:
+    """The order a source lists its entries in: weights, then slots, then bookkeeping; by key within each."""
+    return (_KIND_ORDER[e.kind], e.key)
+
+
 def numbered(entries: list[SourceEntry]) -> list[SourceEntry]:
     """Number each layer's weights in order of appearance; weights first, then slots, then bookkeeping."""
     counters: dict[str, int] = {}
@@ -45,5 +53,4 @@ def numbered(entries: list[SourceEntry]) -> list[SourceEntry]:
         out.append(
             SourceEntry(e.key, e.shape, e.dtype, e.kind, e.layer, e.role, index, e.layer_name, e.aliases, e.slot_of)
         )
-    order = {WEIGHT: 0, OPTIMIZER_SLOT: 1, BOOKKEEPING: 2}
-    return sorted(out, key=lambda e: (order[e.kind], e.key))
+    return sorted(out, key=entry_order)

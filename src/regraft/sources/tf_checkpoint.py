@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from regraft.entries import BOOKKEEPING, OPTIMIZER_SLOT, WEIGHT, SourceEntry
 from regraft.errors import CorruptCheckpointError, SourceError
 from regraft.sources._bundle import DAMAGED_HINT, OBJECT_GRAPH_KEY, Bundle
-from regraft.sources._keystyle import numbered
+from regraft.sources._keystyle import entry_order, numbered
 from regraft.sources.base import Source
 
 if TYPE_CHECKING:
@@ -363,16 +363,10 @@ class TFCheckpoint(Source):
                                        aliases, slot_of))
         self._layer_names = landmarks
         self._pending_full_names = full_names
-        out.sort(key=_ENTRY_ORDER)  # as _keystyle.numbered orders them (each weight got its index above)
+        out.sort(key=entry_order)  # numbered()'s order; each weight got its index above, as numbered() gives it
         return out
 
 
-def _ENTRY_ORDER(e: SourceEntry) -> tuple[int, str]:
-    """Weights first, then slots, then bookkeeping; by key within each."""
-    return (_KIND_ORDER[e.kind], e.key)
-
-
-_KIND_ORDER = {WEIGHT: 0, OPTIMIZER_SLOT: 1, BOOKKEEPING: 2}
 _POSITIONAL_SEGMENT = re.compile(r"^(\d+|layer(_with_weights)?-\d+)$")
 
 
